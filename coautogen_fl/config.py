@@ -1,0 +1,319 @@
+"""The one configuration schema (omegaconf structured config), loaded and validated at start-up.
+
+Both front doors end here: `coautogen run` (a YAML from configs/ plus dotlist overrides) and
+`flwr run .` (Flower's flattened run-config, see :func:`config_from_run_config`). Every value is
+a plain scalar so that the same keys can live in `[tool.flwr.app.config]` of pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # "digits" (sklearn's bundled digits) or an ImageFolder path
+    image_size: int = 28
+    channels: int = 1
+    partitioner: str = "iid"  # iid | dirichlet
+    dirichlet_alpha: float = 0.5
+    real_per_label: int = 0  # cap of real images per label per site (-rvpl); 0 = no cap
+    test_fraction: float = 0.3  # held-out central real test split
+    site_test_fraction: float = 0.2  # each site's private test split
+    seed: int = 0
+
+
+@dataclass
+class GeneratorConfig:
+    name: str = "Glyph"  # -sgen
+    seed: int = 0
+    degree_start: float = 0.8
+    degree_end: float = 0.2
+    degree_step: float = 0.06
+
+
+@dataclass
+class EmbedderConfig:
+    name: str = "pixels"  # -cue: pixels | resnet18
+    weights: str = ""  # resnet18: a local .pth file; "" = torchvision's cache
+    random_weights: bool = False  # resnet18 without pretrained weights (tests only)
+    pixel_size: int = 14  # pixels: images are resized to this before flattening
+    batch_size: int = 256
+
+
+@dataclass
+class FeedbackConfig:
+    framework: str = "Feedback"  # -f: Gen | Feedback
+    rater: str = "PE"  # -r
+    rounds: int = 4  # -iter: voting rounds
+    candidates_per_label: int = 20  # pool size voted on per class and round
+    volume_per_label: int = 100  # -vpl: final synthetic images per class
+    k: int = 1  # nearest candidates each private sample votes for
+    selection: str = "rank"  # sample | rank
+    threshold: float = 1.0  # votes below threshold x aggregate noise std count as zero
+    task_type: str = "syn"  # -tt
+    task_mode: str = "I2I"  # -tm: I2I | T2I
+
+
+@dataclass
+class PrivacyConfig:
+    epsilon: float = 1.0  # -eps: total for the run, per site
+    delta: float = 1e-5
+    mode: str = "local"  # local | central
+    unit: str = "image"  # image | site
+
+
+@dataclass
+class FederationConfig:
+    num_hospitals: int = 10
+    fraction_train: float = 1.0
+    timeout_s: float = 600.0
+    client_num_cpus: int = 1
+    client_num_gpus: float = 0.0
+
+
+@dataclass
+class DownstreamConfig:
+    model: str = "cnn"  # -cmodel: cnn | resnet18
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    out_dir: str = "runs"  # run directories are created under it
+    run_name: str = ""  # "" = derived from the time and framework
+    run_dir: str = ""  # exact run directory; "" = <out_dir>/<run_name>
+    wandb_mode: str = "disabled"  # online | offline | disabled
+    wandb_project: str = "coautogen-fl"
+    wandb_entity: str = ""
+
+
+@dataclass
+class RunConfig:
+    device: str = "cpu"  # -dev: cpu | cuda | auto
+    device_id: int = 0  # -did
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("cpu", "cuda", "auto"),
+    "data.partitioner": ("iid", "dirichlet"),
+    "generator.name": ("Glyph",),
+    "embedder.name": ("pixels", "resnet18"),
+    "feedback.framework": ("Gen", "Feedback"),
+    "feedback.rater": ("PE",),
+    "feedback.selection": ("sample", "rank"),
+    "feedback.task_type": ("syn",),
+    "feedback.task_mode": ("I2I", "T2I"),
+    "privacy.mode": ("local", "central"),
+    "privacy.unit": ("image", "site"),
+    "downstream.model": ("cnn", "resnet18"),
+    "tracking.wandb_mode": ("online", "offline", "disabled"),
+}
+
+# (key, lower bound, inclusive?) for numbers; upper bounds follow below.
+_LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("data.image_size", 8, True),
+    ("data.dirichlet_alpha", 0, False),
+    ("data.real_per_label", 0, True),
+    ("embedder.pixel_size", 2, True),
+    ("embedder.batch_size", 1, True),
+    ("feedback.rounds", 1, True),
+    ("feedback.candidates_per_label", 1, True),
+    ("feedback.volume_per_label", 1, True),
+    ("feedback.k", 1, True),
+    ("feedback.threshold", 0, True),
+    ("privacy.epsilon", 0, False),
+    ("privacy.delta", 0, False),
+    ("federation.num_hospitals", 1, True),
+    ("federation.fraction_train", 0, False),
+    ("federation.timeout_s", 0, False),
+    ("federation.client_num_cpus", 1, True),
+    ("federation.client_num_gpus", 0, True),
+    ("downstream.epochs", 1, True),
+    ("downstream.lr", 0, False),
+    ("downstream.batch_size", 1, True),
+)
+_UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
+    ("data.test_fraction", 1.0),
+    ("data.site_test_fraction", 1.0),
+    ("privacy.delta", 1.0),
+)
+
+
+def config_keys(schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema, e.g. ``privacy.epsilon``."""
+    keys: list[str] = []
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        if is_dataclass(f.type) or (isinstance(f.default_factory, type) and is_dataclass(f.default_factory)):
+            keys.extend(config_keys(f.default_factory, f"{name}."))  # type: ignore[arg-type]
+        else:
+            keys.append(name)
+    return keys
+
+
+def flat_defaults() -> dict[str, Any]:
+    """The schema's defaults as a flat ``{dotted key: value}`` mapping."""
+    container = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+    return flatten(container)  # type: ignore[arg-type]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys (what Flower does to run-config tables)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`: ``{"privacy.epsilon": 2}`` -> ``{"privacy": {"epsilon": 2}}``."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    valid = ", ".join(config_keys())
+    return ConfigError(f"unknown config key '{key}'. Valid keys: {valid}")
+
+
+def _merge(base: DictConfig, update: Mapping[str, Any] | DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        raise _unknown_key_error(str(exc.full_key)) from None
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{source}: wrong type for '{exc.full_key}': {exc.msg.splitlines()[0]}"
+        ) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    flat_overrides: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Build a validated :class:`RunConfig`.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A YAML file (e.g. ``configs/default.yaml``); keys are merged onto the defaults.
+    overrides : sequence of str (default: ())
+        Dotlist overrides such as ``privacy.epsilon=2``, applied after the file.
+    flat_overrides : mapping, optional
+        ``{dotted key: value}`` overrides applied last (used by the Flower front door).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key, a wrong type or an invalid value; the message names the key.
+    """
+    cfg: DictConfig = OmegaConf.structured(RunConfig)
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}. Pass an existing YAML (see configs/)")
+        cfg = _merge(cfg, OmegaConf.load(file), str(file))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. privacy.epsilon=2)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    for key, value in (flat_overrides or {}).items():
+        cfg = _merge(cfg, unflatten({key: value}), f"run-config '{key}'")
+    run_config: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run_config)
+    return run_config
+
+
+def get_value(cfg: RunConfig, key: str) -> Any:
+    """Read a dotted key from a config object."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check choices and numeric ranges; raise :class:`ConfigError` naming the key."""
+    for key, choices in CHOICES.items():
+        value = get_value(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+    for key, low, inclusive in _LOWER_BOUNDS:
+        value = get_value(cfg, key)
+        bad = not math.isfinite(value) or (value < low if inclusive else value <= low)
+        if bad:
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key} must be {relation} {low} (got {value})")
+    for key, high in _UPPER_BOUNDS:
+        value = get_value(cfg, key)
+        if value >= high:
+            raise ConfigError(f"{key} must be < {high} (got {value})")
+    if cfg.feedback.volume_per_label < cfg.feedback.candidates_per_label:
+        raise ConfigError(
+            "feedback.volume_per_label must be >= feedback.candidates_per_label "
+            f"(got {cfg.feedback.volume_per_label} < {cfg.feedback.candidates_per_label})"
+        )
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build the config from Flower's flattened run-config (``context.run_config``).
+
+    ``config-file`` may name a YAML. Flower hands every key of ``[tool.flwr.app.config]`` to
+    the app, overridden or not, so only values that differ from the schema's defaults are
+    applied on top of the file (a file value can therefore be overridden by any other value).
+    """
+    defaults = flat_defaults()
+    file = str(run_config.get("config-file", "") or "")
+    changed: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if key == "config-file":
+            continue
+        if key not in defaults:
+            raise _unknown_key_error(key)
+        if value != defaults[key]:
+            changed[key] = value
+    return load_config(file or None, flat_overrides=changed)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a nested plain dict (for summary.json and W&B)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (what `coautogen run` hands to the ServerApp)."""
+    target = Path(path)
+    target.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return target

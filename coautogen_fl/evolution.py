@@ -1,0 +1,119 @@
+"""The server's frameworks without Flower: Gen (generate once) and Feedback (Private
+Evolution across sites). The strategy in ``strategies/`` only moves data in and out.
+
+Round numbering follows Flower: round ``r`` (1..T) votes on the pool born in round ``r - 1``
+(round 0 is the initial random population); the variations made after round ``r`` are born
+in round ``r`` and use the degree ``schedule.degree(r - 1)``. After the last round the
+variations of the voted parents, ``volume_per_label`` per class, are the final dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import FeedbackConfig
+from .embedding import Embedder
+from .generation.base import Candidate, Generator, stack_images
+from .generation.schedule import DegreeSchedule
+from .selection import select_parents, threshold_votes
+
+
+@dataclass
+class RoundOutcome:
+    """What one voting round decided."""
+
+    voted: list[Candidate]
+    children: list[Candidate]
+    kept: int  # candidates whose votes cleared the threshold
+    fallback_labels: list[int] = field(default_factory=list)
+    degree: float = 0.0
+
+
+class Evolution:
+    """The pool of candidates and how votes turn it into the next pool.
+
+    Parameters
+    ----------
+    generator : Generator
+        Draws and varies candidates.
+    embedder : Embedder
+        The public embedder both server and sites use.
+    num_classes : int
+        Labels are ``0 .. num_classes - 1``.
+    cfg : FeedbackConfig
+        Pool size, volume, selection mode and threshold.
+    schedule : DegreeSchedule
+        Degree of variation per round (annealed).
+    seed : int (default: 0)
+        Seed of the selection randomness.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        embedder: Embedder,
+        num_classes: int,
+        cfg: FeedbackConfig,
+        schedule: DegreeSchedule,
+        seed: int = 0,
+    ) -> None:
+        self.generator = generator
+        self.embedder = embedder
+        self.num_classes = num_classes
+        self.cfg = cfg
+        self.schedule = schedule
+        self.rng = np.random.default_rng(seed)
+        self.pool: list[Candidate] = []
+        self._payload: tuple[np.ndarray, np.ndarray] | None = None
+
+    def random_population(self, per_label: int) -> list[Candidate]:
+        """``per_label`` fresh candidates of every class (born in round 0)."""
+        return [c for label in range(self.num_classes) for c in self.generator.random(label, per_label)]
+
+    def start(self) -> list[Candidate]:
+        """Draw the initial pool that round 1 votes on."""
+        self._set_pool(self.random_population(self.cfg.candidates_per_label))
+        return self.pool
+
+    def _set_pool(self, pool: list[Candidate]) -> None:
+        self.pool = pool
+        self._payload = None
+
+    def payload(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float16 embeddings (N, D), int64 labels (N,)) of the pool, embedded once per round."""
+        if self._payload is None:
+            embeddings = self.embedder.embed(stack_images(self.pool)).astype(np.float16)
+            labels = np.array([c.label for c in self.pool], dtype=np.int64)
+            self._payload = (embeddings, labels)
+        return self._payload
+
+    def advance(self, server_round: int, votes: np.ndarray, noise_std: float, children_per_label: int) -> RoundOutcome:
+        """Record the summed noised votes on the pool and breed the next pool from them.
+
+        Parameters
+        ----------
+        server_round : int
+            The round the votes came from (1-based).
+        votes : np.ndarray
+            Aggregated noised votes, one per pool candidate.
+        noise_std : float
+            Std of the noise on ``votes`` (scales the threshold).
+        children_per_label : int
+            Size per class of the next pool (``volume_per_label`` after the last round).
+        """
+        if votes.shape != (len(self.pool),):
+            raise ValueError(f"votes have shape {votes.shape}, the pool has {len(self.pool)} candidates")
+        voted = self.pool
+        for candidate, value in zip(voted, votes):
+            candidate.votes = float(value)
+        kept = threshold_votes(votes, self.cfg.threshold, noise_std)
+        _, labels = self.payload()
+        selection = select_parents(kept, labels, children_per_label, self.cfg.selection, self.rng)
+        degree = self.schedule.degree(server_round - 1)
+        children = self.generator.vary([voted[i] for i in selection.parents], degree)
+        for child in children:
+            child.round = server_round
+        self._set_pool(children)
+        return RoundOutcome(voted, children, int((kept > 0).sum()), selection.fallback_labels, degree)

@@ -1,0 +1,76 @@
+"""The generator protocol and the candidate it produces.
+
+Every generator (procedural, diffusers, latent GAN, HTTP API) answers the same two calls:
+``random(label, n)`` draws fresh candidates of one class, ``vary(candidates, degree)``
+returns one child per parent, ``degree`` in [0, 1] scaling how far a child may move away.
+Every candidate carries the genotype its generator needs to vary (or re-render) it again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@dataclass
+class Candidate:
+    """One synthetic sample.
+
+    Parameters
+    ----------
+    candidate_id : str
+        Unique within a run; generators derive it from their seeded counter.
+    label : int
+        Class index into the run's class names.
+    image : np.ndarray
+        float32 in [0, 1], shape (H, W) for grayscale or (H, W, 3) for colour.
+    genotype : dict
+        JSON-serialisable parameters that made the image (enough to vary it again).
+    parent_id : str or None
+        The candidate this one was varied from; None for a fresh sample.
+    round : int
+        The Feedback round the candidate was born in (0 = initial population).
+    votes : float or None
+        The aggregated (noised) votes it received, once voted on.
+    """
+
+    candidate_id: str
+    label: int
+    image: np.ndarray
+    genotype: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    round: int = 0
+    votes: float | None = None
+
+    def index_entry(self) -> dict[str, Any]:
+        """The JSON-serialisable record of this candidate (everything but the pixels)."""
+        return {
+            "id": self.candidate_id,
+            "label": int(self.label),
+            "genotype": self.genotype,
+            "parent": self.parent_id,
+            "round": int(self.round),
+            "votes": None if self.votes is None else float(self.votes),
+        }
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What the Feedback loop needs from a generator."""
+
+    def random(self, label: int, n: int) -> list[Candidate]:
+        """Draw ``n`` fresh candidates of class ``label``."""
+        ...
+
+    def vary(self, candidates: Sequence[Candidate], degree: float) -> list[Candidate]:
+        """Return one child per parent; ``degree`` in [0, 1] scales the change."""
+        ...
+
+
+def stack_images(candidates: Sequence[Candidate]) -> np.ndarray:
+    """Stack candidate images into one float32 array of shape (N, H, W[, C])."""
+    if not candidates:
+        raise ValueError("stack_images needs at least one candidate")
+    return np.stack([np.asarray(c.image, dtype=np.float32) for c in candidates])

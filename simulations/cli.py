@@ -1,0 +1,149 @@
+"""The `coautogen` command.
+
+    coautogen run [--config FILE] [--num-hospitals N] [--out DIR] [seed flags] [key=value ...]
+
+runs one simulation through Flower's simulation engine and ends by printing the run
+directory and its summary. The seed project's short flags map onto config keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import IO, Sequence
+
+from coautogen_fl.config import ConfigError, RunConfig, load_config, save_config
+from coautogen_fl.rundir import resolve_run_dir
+
+from .launcher import SimulationError, run_simulation
+
+#: The seed project's short flags -> config keys.
+SHORT_FLAGS: dict[str, str] = {
+    "-f": "feedback.framework",
+    "-r": "feedback.rater",
+    "-eps": "privacy.epsilon",
+    "-rvpl": "data.real_per_label",
+    "-vpl": "feedback.volume_per_label",
+    "-sgen": "generator.name",
+    "-cue": "embedder.name",
+    "-cmodel": "downstream.model",
+    "-cdata": "data.name",
+    "-tt": "feedback.task_type",
+    "-tm": "feedback.task_mode",
+    "-iter": "feedback.rounds",
+    "-dev": "device",
+    "-did": "device_id",
+}
+LONG_ALIASES = {"-f": "--framework", "-r": "--rater"}
+
+#: Log lines worth showing live (the full stream goes to <run_dir>/flower.log).
+PROGRESS_MARKERS = ("round ", "site ", "accuracy", "federated evaluation", "downstream", "summary written",
+                    "run directory", "ERROR", "Error", "Traceback", "refused reply", "dropped reply")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coautogen", description="Federated, differentially private synthetic data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", allow_abbrev=False, help="run a simulation of N hospitals through Flower")
+    run.add_argument("--config", help="a YAML config (see configs/); defaults are the embedded digits run")
+    run.add_argument("--num-hospitals", type=int, help="simulated sites (federation.num_hospitals)")
+    run.add_argument("--out", help="parent folder of run directories (tracking.out_dir)")
+    run.add_argument("--name", help="run directory name (tracking.run_name)")
+    run.add_argument("--verbose", action="store_true", help="print Flower's full log stream")
+    for flag, key in SHORT_FLAGS.items():
+        names = [flag] + ([LONG_ALIASES[flag]] if flag in LONG_ALIASES else [])
+        run.add_argument(*names, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. privacy.epsilon=2")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """Short flags and named options first, then key=value pairs (which win)."""
+    overrides = [f"{key}={getattr(args, key)}" for key in SHORT_FLAGS.values() if getattr(args, key, None) is not None]
+    if args.num_hospitals is not None:
+        overrides.append(f"federation.num_hospitals={args.num_hospitals}")
+    if args.out is not None:
+        overrides.append(f"tracking.out_dir={Path(args.out).resolve()}")
+    if args.name is not None:
+        overrides.append(f"tracking.run_name={args.name}")
+    return overrides + list(args.overrides)
+
+
+class ProgressFilter:
+    """Writes every line to the log file and the progress lines (or all) to the terminal."""
+
+    def __init__(self, log: IO[str], terminal: IO[str], verbose: bool) -> None:
+        self.log, self.terminal, self.verbose = log, terminal, verbose
+
+    def write(self, line: str) -> None:
+        self.log.write(line)
+        if self.verbose or any(marker in line for marker in PROGRESS_MARKERS):
+            self.terminal.write(line)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+
+def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """Fix the run directory and write the resolved config the ServerApp and sites will read."""
+    run_dir = resolve_run_dir(cfg)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} exists and is not empty; choose another --name or --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.tracking.run_dir = str(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    return cfg, run_dir
+
+
+def print_summary(summary: dict, out: IO[str]) -> None:
+    keys = ("framework", "rater", "epsilon", "delta", "epsilon_spent_max", "rounds", "num_hospitals",
+            "num_synthetic", "accuracy_real_test", "accuracy_federated", "wall_time_s")
+    for key in keys:
+        value = summary.get(key)
+        out.write(f"  {key:20s} {value:.4g}\n" if isinstance(value, float) else f"  {key:20s} {value}\n")
+    unit = "per-image" if summary.get("privacy_unit") == "image" else "per-site"
+    for pid, site in summary.get("sites", {}).items():
+        refused = f", refused {len(site['refusals'])}" if site.get("refusals") else ""
+        out.write(f"  site {pid}: epsilon {site['epsilon_spent']:.3f} of {summary['epsilon']:g}, delta {summary['delta']:g}, "
+                  f"{site['rounds_answered']} rounds, {unit}{refused}\n")
+
+
+def command_run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
+    cfg = load_config(args.config, overrides_from_args(args))
+    cfg, run_dir = prepare_run(cfg)
+    out.write(f"coautogen: {cfg.feedback.framework} with {cfg.federation.num_hospitals} simulated hospitals, "
+              f"epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
+    with open(run_dir / "flower.log", "w") as log:
+        status = run_simulation(
+            {"config-file": str(run_dir / "config.yaml")},
+            cfg.federation.num_hospitals,
+            run_dir / "flower",
+            cfg.federation.client_num_cpus,
+            cfg.federation.client_num_gpus,
+            output=ProgressFilter(log, out, args.verbose),  # type: ignore[arg-type]
+        )
+    summary_file = run_dir / "summary.json"
+    if not status.completed or not summary_file.is_file():
+        out.write(f"coautogen: Flower run {status.run_id} ended as {status.status}; see {run_dir / 'flower.log'}\n")
+        return 1
+    out.write(f"\nrun directory: {run_dir}\n")
+    print_summary(json.loads(summary_file.read_text()), out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return command_run(args)
+    except (ConfigError, SimulationError) as exc:
+        print(f"coautogen: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The end of a run on the server: store the final dataset, train the downstream model on
+it, evaluate it on the central real test split, and keep what the summary reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.common import log
+
+from coautogen_fl.config import RunConfig
+from coautogen_fl.data import ImageSet
+from coautogen_fl.downstream import build_classifier, evaluate_classifier, state_dict_to_numpy, train_classifier
+from coautogen_fl.generation.base import Candidate, stack_images
+from coautogen_fl.store import SyntheticStore
+from coautogen_fl.tracking import RunTracker
+
+
+@dataclass
+class FinalStage:
+    """Server-side outputs of a run.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration (downstream model, device, data shape).
+    class_names : sequence of str
+        Class names in label order.
+    store : SyntheticStore
+        Where rounds and the final dataset are written.
+    tracker : RunTracker
+        metrics.jsonl and Weights & Biases.
+    real_test : ImageSet or None
+        The central real test split (simulation); None when the server holds no real data.
+    device : str
+        Torch device for downstream training.
+    """
+
+    cfg: RunConfig
+    class_names: Sequence[str]
+    store: SyntheticStore
+    tracker: RunTracker
+    real_test: ImageSet | None
+    device: str = "cpu"
+    model_arrays: ArrayRecord | None = None
+    accuracy_real_test: float | None = None
+    num_synthetic: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_round(self, server_round: int, metrics: dict[str, Any], voted: Sequence[Candidate]) -> None:
+        """Append the round to metrics.jsonl / W&B with a grid of the voted pool."""
+        self.tracker.log_round(server_round, metrics)
+        images = stack_images(voted)
+        labels = np.array([c.label for c in voted])
+        order = np.argsort([-(c.votes or 0.0) for c in voted], kind="stable")  # best voted first
+        self.tracker.log_image_grid("pool", images[order], labels[order], self.class_names, server_round)
+
+    def model_config(self) -> ConfigRecord:
+        """What a site needs to rebuild the downstream model."""
+        d = self.cfg.data
+        return ConfigRecord(
+            {"model": self.cfg.downstream.model, "num-classes": len(self.class_names), "channels": d.channels, "image-size": d.image_size}
+        )
+
+    def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
+        """Write the final dataset, train the downstream model on it, evaluate centrally."""
+        self.store.write_final(final)
+        self.num_synthetic = len(final)
+        images = stack_images(final)
+        labels = np.array([c.label for c in final], dtype=np.int64)
+        self.tracker.log_image_grid("synthetic", images, labels, self.class_names, server_round)
+        ds = self.cfg.downstream
+        d = self.cfg.data
+        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), ds.epochs)
+        model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
+        model = train_classifier(
+            model, images, labels, epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device
+        )
+        if self.real_test is not None and len(self.real_test):
+            self.accuracy_real_test, _ = evaluate_classifier(model, self.real_test.images, self.real_test.labels, device=self.device)
+            log(INFO, "downstream accuracy on the central real test split: %.4f", self.accuracy_real_test)
+        arrays = {name: Array(value) for name, value in state_dict_to_numpy(model).items()}
+        self.model_arrays = ArrayRecord(arrays)
+        return self.model_arrays

@@ -1,0 +1,106 @@
+"""The ServerApp: read the run config, build the run, drive the strategy, write the summary."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from coautogen_fl.config import RunConfig, config_from_run_config, save_config, to_dict
+from coautogen_fl.data import load_pool_and_test
+from coautogen_fl.device import resolve_device
+from coautogen_fl.embedding import build_embedder
+from coautogen_fl.evolution import Evolution
+from coautogen_fl.generation import build_generator
+from coautogen_fl.generation.schedule import DegreeSchedule
+from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
+from coautogen_fl.rundir import resolve_run_dir
+from coautogen_fl.store import SyntheticStore
+from coautogen_fl.tracking import RunTracker
+
+from .outcome import FinalStage
+from .strategy import CoAutoGenStrategy
+
+app = ServerApp()
+
+
+def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
+    """Everything the server needs, from the config alone."""
+    device = resolve_device(cfg.device, cfg.device_id)
+    pool, real_test = load_pool_and_test(cfg.data)
+    validate_epsilon_delta(cfg.privacy.epsilon, cfg.privacy.delta, num_private=max(1, len(pool)))
+    class_names = pool.class_names
+    g = cfg.generator
+    generator = build_generator(g, class_names, cfg.data.image_size, cfg.data.channels, device)
+    schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
+    evolution = Evolution(generator, build_embedder(cfg.embedder, device), len(class_names), cfg.feedback, schedule, g.seed)
+    t = cfg.tracking
+    tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
+    final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device)
+    feedback = cfg.feedback.framework == "Feedback"
+    sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, cfg.feedback.rounds) if feedback else 0.0
+    return CoAutoGenStrategy(cfg, evolution, final, sigma)
+
+
+def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall_time_s: float) -> dict[str, Any]:
+    """The summary.json of a run."""
+    sites = {
+        str(s.partition_id): {"epsilon_spent": s.epsilon_spent, "rounds_answered": s.rounds_answered, "refusals": s.refusals}
+        for s in sorted(strategy.sites.values(), key=lambda s: s.partition_id)
+    }
+    return {
+        "framework": cfg.feedback.framework,
+        "rater": cfg.feedback.rater,
+        "generator": cfg.generator.name,
+        "embedder": cfg.embedder.name,
+        "epsilon": cfg.privacy.epsilon,
+        "delta": cfg.privacy.delta,
+        "privacy_mode": cfg.privacy.mode,
+        "privacy_unit": cfg.privacy.unit,
+        "noise_multiplier": strategy.noise_multiplier,
+        "epsilon_spent_max": max((s["epsilon_spent"] for s in sites.values()), default=0.0),
+        "sites": sites,
+        "rounds": strategy.rounds if strategy.is_feedback else 0,
+        "num_hospitals": cfg.federation.num_hospitals,
+        "num_synthetic": strategy.final.num_synthetic,
+        "accuracy_real_test": strategy.final.accuracy_real_test,
+        "accuracy_federated": strategy.federated_accuracy,
+        "dropped_replies": strategy.dropped,
+        "wall_time_s": wall_time_s,
+        "run_dir": str(run_dir),
+    }
+
+
+def spend_lines(summary: dict[str, Any]) -> list[str]:
+    """One human-readable privacy line per site."""
+    unit = "per-image" if summary["privacy_unit"] == "image" else "per-site"
+    return [
+        f"site {pid}: epsilon {s['epsilon_spent']:.3f} of {summary['epsilon']:g}, delta {summary['delta']:g}, "
+        f"{s['rounds_answered']} rounds, {unit}" + (f", refused {len(s['refusals'])}" if s["refusals"] else "")
+        for pid, s in summary["sites"].items()
+    ]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the Gen or Feedback framework configured by the run config."""
+    started = time.time()
+    cfg = config_from_run_config(context.run_config)
+    run_dir = resolve_run_dir(cfg, context.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log(INFO, "coautogen-fl run directory: %s", run_dir)
+    strategy = build_strategy(cfg, run_dir)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=cfg.federation.timeout_s)
+    summary = run_summary(cfg, strategy, run_dir, time.time() - started)
+    strategy.final.tracker.write_summary(summary)
+    strategy.final.tracker.finish()
+    for line in spend_lines(summary):
+        log(INFO, line)
+    log(INFO, "accuracy_real_test %s, accuracy_federated %s", summary["accuracy_real_test"], summary["accuracy_federated"])
+    log(INFO, "summary written to %s", run_dir / "summary.json")

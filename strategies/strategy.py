@@ -1,0 +1,244 @@
+"""CoAutoGenStrategy: the Gen and Feedback frameworks as a Flower Message-API strategy.
+
+One Flower round is one voting round. ``configure_train`` sends every sampled site the pool's
+embeddings; ``aggregate_train`` validates the vote replies, sums them (adding the noise
+itself in central mode), thresholds and breeds the next pool; after the last round it writes
+the final dataset, trains the downstream model and hands it to ``configure_evaluate``, which
+asks every site to evaluate it on its private test split.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from coautogen_fl import protocol as P
+from coautogen_fl.config import RunConfig
+from coautogen_fl.evolution import Evolution
+from coautogen_fl.privacy import GaussianMechanism, aggregate_noise_std
+from coautogen_fl.rater import normalise_site_vector
+
+from .outcome import FinalStage
+
+
+@dataclass
+class SiteRecord:
+    """What the server knows of one site: its partition id and its own reported spend."""
+
+    partition_id: int
+    epsilon_spent: float = 0.0
+    rounds_answered: int = 0
+    refusals: list[str] = field(default_factory=list)
+
+
+class CoAutoGenStrategy(Strategy):
+    """Private Evolution across sites (``Feedback``) or one-shot generation (``Gen``).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The validated run configuration.
+    evolution : Evolution
+        The pool and its breeding rules.
+    final_stage : FinalStage
+        Stores rounds, trains and evaluates the downstream model, tracks metrics.
+    noise_multiplier : float
+        The per-round noise multiplier calibrated for the run's (epsilon, delta); 0 for Gen.
+    """
+
+    def __init__(self, cfg: RunConfig, evolution: Evolution, final_stage: FinalStage, noise_multiplier: float) -> None:
+        self.cfg = cfg
+        self.evolution = evolution
+        self.final = final_stage
+        self.noise_multiplier = noise_multiplier
+        self.rounds = 1 if cfg.feedback.framework == "Gen" else cfg.feedback.rounds
+        self.sites: dict[int, SiteRecord] = {}
+        self.dropped: list[dict[str, Any]] = []
+        self.federated_accuracy: float | None = None
+        self.rng = np.random.default_rng(cfg.generator.seed + 7919)  # central-mode noise
+        self._node_rng = random.Random(cfg.generator.seed)
+        self._round_start = time.time()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_feedback(self) -> bool:
+        return self.cfg.feedback.framework == "Feedback"
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        p = self.cfg.privacy
+        log(INFO, "\t├──> Framework: %s, rater %s, %d round(s)", self.cfg.feedback.framework, self.cfg.feedback.rater, self.rounds)
+        log(INFO, "\t├──> Pool: %d per label, final volume %d per label", self.cfg.feedback.candidates_per_label, self.cfg.feedback.volume_per_label)
+        log(INFO, "\t└──> Privacy: epsilon %.3g, delta %.3g, mode %s, unit %s, noise multiplier %.4g", p.epsilon, p.delta, p.mode, p.unit, self.noise_multiplier)
+
+    def _sample_nodes(self, grid: Grid) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        count = max(1, int(round(len(nodes) * self.cfg.federation.fraction_train)))
+        # random.Random, not numpy: node ids are unsigned 64-bit ints numpy would mangle.
+        return sorted(self._node_rng.sample(nodes, min(count, len(nodes))))
+
+    def _train_config(self, server_round: int) -> ConfigRecord:
+        p = self.cfg.privacy
+        return ConfigRecord(
+            {
+                "round": server_round,
+                "rater": self.cfg.feedback.rater,
+                "k": self.cfg.feedback.k,
+                P.NOISE_MULTIPLIER: float(self.noise_multiplier),
+                "privacy-mode": p.mode,
+                "privacy-unit": p.unit,
+                "delta": float(p.delta),
+            }
+        )
+
+    # ------------------------------------------------------------------ train
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the pool's embeddings to every sampled site (none in the Gen framework)."""
+        self._round_start = time.time()
+        if not self.is_feedback:
+            return []
+        if server_round == 1:
+            self.evolution.start()
+        embeddings, labels = self.evolution.payload()
+        candidates = ArrayRecord({P.EMBEDDINGS: Array(embeddings), P.LABELS: Array(labels)})
+        content = RecordDict({P.CANDIDATES: candidates, P.CONFIG: self._train_config(server_round)})
+        nodes = self._sample_nodes(grid)
+        log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
+        return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+    def _parse_vote_reply(self, msg: Message, noise_std: float) -> P.VoteReply:
+        content = msg.content
+        if P.VOTES not in content.array_records or P.METRICS not in content.metric_records:
+            raise P.ReplyError(f"reply lacks the '{P.VOTES}' ArrayRecord or the '{P.METRICS}' MetricRecord")
+        record = content.array_records[P.VOTES]
+        if P.VOTES not in record:
+            raise P.ReplyError(f"the '{P.VOTES}' ArrayRecord lacks the '{P.VOTES}' array")
+        votes = np.asarray(record[P.VOTES].numpy(), dtype=np.float64)
+        metrics = content.metric_records[P.METRICS]
+        num_examples = float(metrics.get(P.NUM_EXAMPLES, -1))
+        P.validate_votes(votes, len(self.evolution.pool), num_examples, noise_std, self.cfg.feedback.k)
+        return P.VoteReply(votes, int(num_examples), float(metrics.get(P.EPSILON_SPENT, 0.0)), int(metrics.get(P.PARTITION_ID, -1)))
+
+    def _site(self, msg: Message, partition_id: int = -1) -> SiteRecord:
+        node = msg.metadata.src_node_id
+        record = self.sites.setdefault(node, SiteRecord(partition_id))
+        if partition_id >= 0:
+            record.partition_id = partition_id
+        return record
+
+    def _drop(self, server_round: int, msg: Message, reason: str, refused: bool = False) -> None:
+        node = msg.metadata.src_node_id
+        log(WARNING, "round %d: %s reply of node %d: %s", server_round, "refused" if refused else "dropped", node, reason)
+        self.dropped.append({"round": server_round, "node": node, "refused": refused, "reason": reason})
+        if refused:
+            self._site(msg).refusals.append(f"round {server_round}: {reason}")
+
+    def collect_votes(self, server_round: int, replies: Iterable[Message]) -> tuple[np.ndarray, int]:
+        """Validate and sum the vote replies; returns (summed votes, number of valid replies)."""
+        per_site_std = self.noise_multiplier if self.cfg.privacy.mode == "local" else 0.0
+        total = np.zeros(len(self.evolution.pool), dtype=np.float64)
+        valid = 0
+        for msg in replies:
+            if msg.has_error():
+                refused = msg.error.code == P.ERROR_BUDGET_EXCEEDED
+                self._drop(server_round, msg, str(msg.error.reason), refused=refused)
+                continue
+            try:
+                reply = self._parse_vote_reply(msg, per_site_std)
+            except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
+                self._drop(server_round, msg, str(exc))
+                continue
+            votes = reply.votes
+            if self.cfg.privacy.mode == "central" and self.cfg.privacy.unit == "site":
+                votes = normalise_site_vector(votes)  # a site the server trusts may still send more
+            total += votes
+            valid += 1
+            site = self._site(msg, reply.partition_id)
+            site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
+            site.rounds_answered += 1
+        return total, valid
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Sum the votes, breed the next pool; after the last round build the final dataset."""
+        replies = list(replies)
+        last = server_round == self.rounds
+        if not self.is_feedback:
+            final = self.evolution.random_population(self.cfg.feedback.volume_per_label)
+            return self.final.finish(final, server_round), MetricRecord({"num-synthetic": len(final)})
+        votes, valid = self.collect_votes(server_round, replies)
+        noise_std = aggregate_noise_std(self.noise_multiplier, 1.0, max(valid, 1), self.cfg.privacy.mode)
+        if self.cfg.privacy.mode == "central" and valid:
+            votes = GaussianMechanism(self.noise_multiplier, 1.0).apply(votes, self.rng)
+        if valid == 0:
+            log(WARNING, "round %d: no valid vote reply; every class falls back to uniform parents", server_round)
+            votes = np.zeros_like(votes)
+        per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label
+        outcome = self.evolution.advance(server_round, votes, noise_std, per_label)
+        self.final.store.write_round(server_round, outcome.voted)
+        metrics = self._round_metrics(server_round, len(replies), valid, noise_std, outcome)
+        self.final.log_round(server_round, metrics, outcome.voted)
+        arrays = self.final.finish(outcome.children, server_round) if last else None
+        return arrays, MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def _round_metrics(self, server_round: int, sent: int, valid: int, noise_std: float, outcome: Any) -> dict[str, Any]:
+        spends = [s.epsilon_spent for s in self.sites.values()]
+        metrics = {
+            "replies": sent,
+            "votes_received": valid,
+            "dropped": sum(1 for d in self.dropped if d["round"] == server_round),
+            "noise_multiplier": float(self.noise_multiplier),
+            "aggregate_noise_std": float(noise_std),
+            "votes_total": float(sum(c.votes or 0.0 for c in outcome.voted)),
+            "kept": outcome.kept,
+            "fallback_labels": outcome.fallback_labels,
+            "degree": outcome.degree,
+            "epsilon_spent_max": max(spends) if spends else 0.0,
+            "epsilon_spent": {str(s.partition_id): s.epsilon_spent for s in self.sites.values()},
+            "round_time_s": time.time() - self._round_start,
+        }
+        log(
+            INFO,
+            "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max) %.4f of %.4g",
+            server_round, self.rounds, valid, sent, outcome.kept, metrics["epsilon_spent_max"], self.cfg.privacy.epsilon,
+        )
+        return metrics
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """After the last round, send the downstream model to every site for evaluation."""
+        if server_round != self.rounds or self.final.model_arrays is None:
+            return []
+        content = RecordDict({P.ARRAYS: self.final.model_arrays, P.CONFIG: self.final.model_config()})
+        return [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in sorted(grid.get_node_ids())]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean of the sites' private test accuracies (released without noise)."""
+        correct, count = 0.0, 0
+        for msg in replies:
+            if msg.has_error() or P.METRICS not in msg.content.metric_records:
+                reason = msg.error.reason if msg.has_error() else "no metrics record"
+                self._drop(server_round, msg, f"evaluation: {reason}")
+                continue
+            metrics = msg.content.metric_records[P.METRICS]
+            n = int(metrics.get(P.NUM_EXAMPLES, 0))
+            accuracy = float(metrics.get(P.ACCURACY, float("nan")))
+            if n < 0 or not 0.0 <= accuracy <= 1.0:
+                self._drop(server_round, msg, f"evaluation: accuracy {accuracy} over {n} examples is invalid")
+                continue
+            correct += accuracy * n
+            count += n
+        if count == 0:
+            return None
+        self.federated_accuracy = correct / count
+        log(INFO, "federated evaluation: accuracy %.4f over %d private test images", self.federated_accuracy, count)
+        return MetricRecord({P.ACCURACY: self.federated_accuracy, P.NUM_EXAMPLES: count})
