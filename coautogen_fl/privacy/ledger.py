@@ -1,0 +1,234 @@
+"""A site's own, persisted record of the privacy it has spent.
+
+A site never trusts the server's schedule: before it releases noised votes it charges the
+release to this ledger, which refuses anything that would exceed the site's budget. The
+ledger lives in a JSON file under the site's state directory and survives restarts; it is
+written atomically so a crash can never leave a half-written (or silently empty) record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .accountant import (
+    PrivacyError,
+    _check_int,
+    _check_noise,
+    epsilon_for_noise,
+    validate_epsilon_delta,
+)
+
+LEDGER_VERSION = 1
+# Calibrated schedules land exactly on the budget up to float rounding in the root finders.
+BUDGET_RTOL = 1e-6
+
+
+class BudgetExceededError(RuntimeError):
+    """A charge would exceed the site's epsilon budget; nothing was recorded.
+
+    Attributes
+    ----------
+    requested : float
+        Total epsilon the site would have spent after the refused charge.
+    spent : float
+        Epsilon already spent (unchanged).
+    budget : float
+        The site's epsilon budget.
+    """
+
+    def __init__(self, message: str, requested: float, spent: float, budget: float) -> None:
+        super().__init__(message)
+        self.requested, self.spent, self.budget = requested, spent, budget
+
+
+class LedgerCorruptError(RuntimeError):
+    """The ledger file exists but cannot be read; it is never reset automatically."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One charged release: its noise multiplier, round, run id and UTC ISO timestamp."""
+
+    noise_multiplier: float
+    round: int
+    run_id: str
+    timestamp: str
+
+
+class PrivacyLedger:
+    """Persistent (epsilon, delta) budget of one site, composed exactly with Gaussian DP.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        JSON file of the ledger. Loaded if it exists; otherwise the ledger starts empty and
+        the file (and its directory) is created on the first charge.
+    epsilon_budget : float
+        Maximum total epsilon the site will ever spend through this ledger, > 0.
+    delta : float
+        Delta at which all spending is measured, 0 < delta < 1. Fixed for the life of the
+        file: an existing ledger created with another delta is refused.
+
+    Raises
+    ------
+    PrivacyError
+        On invalid budget/delta, or if the file was created with a different delta.
+    LedgerCorruptError
+        If the file exists but is not a valid ledger.
+    """
+
+    def __init__(self, path: str | os.PathLike, epsilon_budget: float, delta: float) -> None:
+        validate_epsilon_delta(epsilon_budget, delta)
+        self.path = Path(path)
+        self.epsilon_budget = float(epsilon_budget)
+        self.delta = float(delta)
+        self._entries: list[LedgerEntry] = []
+        if self.path.exists():
+            self._load()
+
+    def _corrupt(self, reason: str) -> LedgerCorruptError:
+        return LedgerCorruptError(
+            f"privacy ledger {str(self.path)!r} is corrupt ({reason}). It is NOT reset "
+            "automatically because the site's privacy depends on it: restore it from a "
+            "backup, or, if this site's data has never been used, delete the file or use a "
+            "new state dir."
+        )
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._corrupt(f"cannot read JSON: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+            raise self._corrupt("expected an object with an 'entries' list")
+        stored_delta = data.get("delta")
+        if not isinstance(stored_delta, (int, float)) or not 0 < stored_delta < 1:
+            raise self._corrupt(f"invalid delta {stored_delta!r}")
+        if not math.isclose(stored_delta, self.delta, rel_tol=1e-12):
+            # Spending measured at one delta cannot be re-read at another: that would let
+            # a site re-spend budget by switching delta.
+            raise PrivacyError(
+                f"privacy ledger {str(self.path)!r} was created with delta={stored_delta!r} "
+                f"but privacy.delta={self.delta!r} was given; keep privacy.delta="
+                f"{stored_delta!r} for this site, or use a new state dir for a new ledger"
+            )
+        entries = []
+        for i, raw in enumerate(data["entries"]):
+            try:
+                entry = LedgerEntry(
+                    noise_multiplier=_check_noise(raw["noise_multiplier"]),
+                    round=_check_int(raw["round"], "round", 0, "fix the entry"),
+                    run_id=str(raw["run_id"]),
+                    timestamp=str(raw["timestamp"]),
+                )
+            except (TypeError, KeyError, ValueError) as exc:
+                raise self._corrupt(f"entry {i} is invalid: {exc!r}") from exc
+            entries.append(entry)
+        self._entries = entries
+
+    @property
+    def entries(self) -> list[LedgerEntry]:
+        """All charged releases, oldest first (a copy)."""
+        return list(self._entries)
+
+    @property
+    def rounds_charged(self) -> int:
+        """Number of releases charged so far (across all runs)."""
+        return len(self._entries)
+
+    def spent_epsilon(self) -> float:
+        """Epsilon spent so far at the ledger's delta (exact GDP composition)."""
+        return epsilon_for_noise([e.noise_multiplier for e in self._entries], self.delta)
+
+    def remaining_epsilon(self) -> float:
+        """Budget left (never negative)."""
+        return max(0.0, self.epsilon_budget - self.spent_epsilon())
+
+    def epsilon_after(self, noise_multiplier: float) -> float:
+        """Total epsilon that would be spent after one more release at ``noise_multiplier``."""
+        noises = [e.noise_multiplier for e in self._entries]
+        return epsilon_for_noise(noises + [_check_noise(noise_multiplier)], self.delta)
+
+    def charge(self, noise_multiplier: float, round: int, run_id: str = "") -> float:
+        """Record one release, or refuse it if it would exceed the budget.
+
+        Parameters
+        ----------
+        noise_multiplier : float
+            Noise multiplier of the release about to be made, > 0.
+        round : int
+            Round number reported by the server (for the record only; the budget check
+            never trusts it).
+        run_id : str (default: "")
+            Identifier of the run requesting the release.
+
+        Returns
+        -------
+        float
+            Total epsilon spent after this charge.
+
+        Raises
+        ------
+        BudgetExceededError
+            If the new total exceeds ``epsilon_budget * (1 + 1e-6)``; nothing is written.
+        """
+        round = _check_int(round, "round", 0, "pass the server's round number")
+        spent = self.spent_epsilon()
+        new_total = self.epsilon_after(noise_multiplier)
+        if new_total > self.epsilon_budget * (1.0 + BUDGET_RTOL):
+            raise BudgetExceededError(
+                f"privacy budget exceeded: round {round} (run {run_id!r}) at noise_multiplier "
+                f"{float(noise_multiplier):g} would bring this site's epsilon to "
+                f"{new_total:.6g} (requested), above its budget {self.epsilon_budget:.6g} "
+                f"(already spent {spent:.6g} over {self.rounds_charged} releases, delta "
+                f"{self.delta:g}); the release was refused and nothing was recorded",
+                requested=new_total,
+                spent=spent,
+                budget=self.epsilon_budget,
+            )
+        entry = LedgerEntry(
+            noise_multiplier=float(noise_multiplier),
+            round=round,
+            run_id=str(run_id),
+            timestamp=datetime.now(timezone.utc).isoformat(),
+        )
+        # Persist first: if the write fails, memory must not claim a charge the file lacks.
+        self._write(self._entries + [entry])
+        self._entries.append(entry)
+        return new_total
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
+        data = {
+            "version": LEDGER_VERSION,
+            "delta": self.delta,
+            "epsilon_budget": self.epsilon_budget,  # informational; the caller's value rules
+            "entries": [asdict(e) for e in entries],
+        }
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # Temp file in the same directory so os.replace is an atomic rename on one filesystem.
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        # fsync the directory too so the rename itself survives a power loss (POSIX only).
+        if hasattr(os, "O_DIRECTORY"):
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
