@@ -117,6 +117,7 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("cpu", "cuda", "auto"),
+    "data.channels": (1, 3),
     "data.partitioner": ("iid", "dirichlet"),
     "generator.name": ("Glyph",),
     "embedder.name": ("pixels", "resnet18"),
@@ -135,6 +136,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("data.image_size", 8, True),
     ("data.dirichlet_alpha", 0, False),
+    ("data.test_fraction", 0, False),
+    ("data.site_test_fraction", 0, False),
+    ("generator.degree_end", 0, True),
+    ("generator.degree_step", 0, True),
     ("data.real_per_label", 0, True),
     ("embedder.pixel_size", 2, True),
     ("embedder.batch_size", 1, True),
@@ -158,6 +163,8 @@ _UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
     ("data.test_fraction", 1.0),
     ("data.site_test_fraction", 1.0),
     ("privacy.delta", 1.0),
+    ("federation.fraction_train", 1.0 + 1e-12),
+    ("generator.degree_start", 1.0 + 1e-12),
 )
 
 
@@ -213,9 +220,9 @@ def _merge(base: DictConfig, update: Mapping[str, Any] | DictConfig, source: str
     except ConfigKeyError as exc:
         raise _unknown_key_error(str(exc.full_key)) from None
     except ValidationError as exc:
-        raise ConfigError(
-            f"{source}: wrong type for '{exc.full_key}': {exc.msg.splitlines()[0]}"
-        ) from None
+        key = exc.full_key or ", ".join(str(k) for k in (update.keys() if hasattr(update, "keys") else []))
+        detail = (exc.msg or str(exc) or "type mismatch").splitlines()[0]
+        raise ConfigError(f"{source}: wrong type for '{key}': {detail}") from None
 
 
 def load_config(
@@ -269,7 +276,7 @@ def validate(cfg: RunConfig) -> None:
     for key, choices in CHOICES.items():
         value = get_value(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
     for key, low, inclusive in _LOWER_BOUNDS:
         value = get_value(cfg, key)
         bad = not math.isfinite(value) or (value < low if inclusive else value <= low)
@@ -280,6 +287,9 @@ def validate(cfg: RunConfig) -> None:
         value = get_value(cfg, key)
         if value >= high:
             raise ConfigError(f"{key} must be < {high} (got {value})")
+    g = cfg.generator
+    if not g.degree_end <= g.degree_start:
+        raise ConfigError(f"generator.degree_end ({g.degree_end}) must be <= generator.degree_start ({g.degree_start})")
     if cfg.feedback.volume_per_label < cfg.feedback.candidates_per_label:
         raise ConfigError(
             "feedback.volume_per_label must be >= feedback.candidates_per_label "

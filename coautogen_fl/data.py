@@ -125,8 +125,8 @@ def central_split(data: ImageSet, cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     return data.subset(np.sort(pool)), data.subset(np.sort(test))
 
 
-def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig) -> list[np.ndarray]:
-    """Indices of each site's share of the private pool (flwr-datasets partitioners)."""
+def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig, partition_id: int) -> np.ndarray:
+    """Indices of site ``partition_id``'s share of the private pool (flwr-datasets partitioners)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -145,7 +145,13 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig) 
             seed=cfg.seed,
         )
     partitioner.dataset = table
-    return [np.array(partitioner.load_partition(p)["index"], dtype=np.int64) for p in range(num_partitions)]
+    try:
+        return np.array(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
+    except (IndexError, ValueError) as exc:
+        raise DataError(
+            f"cannot split {labels.shape[0]} private images across {num_partitions} sites ({exc}). "
+            "Use fewer hospitals (federation.num_hospitals) or more data"
+        ) from None
 
 
 def cap_per_label(labels: np.ndarray, cap: int) -> np.ndarray:
@@ -160,7 +166,7 @@ def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: 
     """Site ``partition_id``'s private train and test splits of the pool."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions}); check the node config")
-    share = pool.subset(partition_indices(pool.labels, num_partitions, cfg)[partition_id])
+    share = pool.subset(partition_indices(pool.labels, num_partitions, cfg, partition_id))
     if len(share) < 2:
         raise DataError(
             f"site {partition_id} holds {len(share)} private images, too few to vote and evaluate. "

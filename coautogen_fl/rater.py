@@ -10,11 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _squared_distances(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Pairwise squared L2 distances, (Q, D) x (K, D) -> (Q, K), in float64."""
+def _squared_distances(queries: np.ndarray, keys: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Pairwise squared L2 distances, (Q, D) x (K, D) -> (Q, K), in float64.
+
+    Each row is computed from its own query alone (no shared matrix product, whose rounding
+    depends on the batch): otherwise adding one private sample could flip another sample's
+    nearest candidate at a tie and move the histogram by more than the declared sensitivity.
+    """
     q = queries.astype(np.float64)
     k = keys.astype(np.float64)
-    return (q * q).sum(1)[:, None] - 2.0 * q @ k.T + (k * k).sum(1)[None, :]
+    rows = [((q[i : i + chunk, None, :] - k[None, :, :]) ** 2).sum(-1) for i in range(0, q.shape[0], chunk)]
+    return np.concatenate(rows) if rows else np.zeros((0, k.shape[0]))
 
 
 def vote_histogram(

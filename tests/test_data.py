@@ -1,0 +1,317 @@
+"""Tests of the private data: digits, ImageFolder, the central split and the site partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coautogen_fl.config import DataConfig
+from coautogen_fl.data import (
+    DataError,
+    ImageSet,
+    cap_per_label,
+    central_split,
+    load_digits_dataset,
+    load_image_folder,
+    load_real_dataset,
+    partition_indices,
+    site_partition,
+)
+
+NUM_SITES = 10
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageSet:
+    return load_digits_dataset()
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+    return central_split(digits, DataConfig())
+
+
+def all_partitions(labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
+    return [partition_indices(labels, NUM_SITES, cfg, p) for p in range(NUM_SITES)]
+
+
+@pytest.fixture(scope="module")
+def iid_parts(split):
+    pool, _ = split
+    return all_partitions(pool.labels, DataConfig())
+
+
+@pytest.fixture(scope="module")
+def dirichlet_parts(split):
+    pool, _ = split
+    return all_partitions(pool.labels, DataConfig(partitioner="dirichlet", dirichlet_alpha=0.1))
+
+
+# --- digits ---------------------------------------------------------------------------------
+
+
+def test_digits_shape_range_and_classes(digits):
+    assert len(digits) == 1797
+    assert digits.images.shape == (1797, 28, 28)
+    assert digits.images.dtype == np.float32
+    assert digits.images.min() == 0.0
+    assert digits.images.max() == 1.0
+    assert digits.class_names == tuple(str(d) for d in range(10))
+    assert set(np.unique(digits.labels)) == set(range(10))
+    assert digits.labels.dtype == np.int64
+    # ink is bright on a dark background: the mean is well below one half
+    assert digits.images.mean() < 0.4
+
+
+def test_digits_match_sklearn_scans_after_downsampling(digits):
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images / 16.0
+    # image_size 8 is the scans themselves (up to uint8 quantisation)
+    small = load_digits_dataset(image_size=8)
+    np.testing.assert_allclose(small.images, raw, atol=1 / 255 + 1e-6)
+    np.testing.assert_array_equal(small.labels, digits.labels)
+
+
+def test_digits_three_channels():
+    rgb = load_digits_dataset(image_size=16, channels=3)
+    assert rgb.images.shape == (1797, 16, 16, 3)
+    np.testing.assert_array_equal(rgb.images[..., 0], rgb.images[..., 2])
+
+
+def test_load_real_dataset_dispatches_on_name(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        load_real_dataset(DataConfig(name=str(tmp_path / "no_such_folder")))
+
+
+# --- central split --------------------------------------------------------------------------
+
+
+def test_central_split_is_the_reference_protocol(digits, split):
+    from sklearn.model_selection import train_test_split
+
+    pool, test = split
+    assert len(test) == 540
+    assert len(pool) == 1257
+    ref_pool, ref_test = train_test_split(np.arange(1797), test_size=0.3, stratify=digits.labels, random_state=0)
+    np.testing.assert_array_equal(test.labels, digits.labels[np.sort(ref_test)])
+    np.testing.assert_array_equal(pool.images, digits.images[np.sort(ref_pool)])
+
+
+def test_central_split_is_disjoint_and_stratified(digits, split):
+    pool, test = split
+    all_counts = np.bincount(digits.labels, minlength=10)
+    test_counts = np.bincount(test.labels, minlength=10)
+    pool_counts = np.bincount(pool.labels, minlength=10)
+    np.testing.assert_array_equal(test_counts + pool_counts, all_counts)
+    # stratified: each class holds ~30 % of its images in the test split (rounding only)
+    assert np.all(np.abs(test_counts - 0.3 * all_counts) <= 1.0)
+    # disjoint: no image appears in both (compare raw bytes of the images)
+    pool_keys = {img.tobytes() + bytes([lbl]) for img, lbl in zip(pool.images, pool.labels)}
+    test_keys = {img.tobytes() + bytes([lbl]) for img, lbl in zip(test.images, test.labels)}
+    assert len({img.tobytes() for img in digits.images}) == 1797  # all images are distinct
+    assert pool_keys.isdisjoint(test_keys)
+
+
+def test_central_split_depends_on_seed(digits, split):
+    other_pool, other_test = central_split(digits, DataConfig(seed=1))
+    assert len(other_test) == 540
+    assert not np.array_equal(other_test.images, split[1].images)
+
+
+# --- partitions -----------------------------------------------------------------------------
+
+
+def test_iid_partition_covers_the_pool_disjointly(split, iid_parts):
+    pool, _ = split
+    assert len(iid_parts) == NUM_SITES
+    everything = np.concatenate(iid_parts)
+    assert everything.size == len(pool)
+    np.testing.assert_array_equal(np.sort(everything), np.arange(len(pool)))
+    sizes = [p.size for p in iid_parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_iid_partition_is_not_sorted_by_label(split, iid_parts):
+    pool, _ = split
+    for part in iid_parts:
+        counts = np.bincount(pool.labels[part], minlength=10)
+        assert counts.min() >= 3  # every site sees every digit
+
+
+def test_partition_is_deterministic(split, iid_parts):
+    pool, _ = split
+    again = all_partitions(pool.labels, DataConfig())
+    for a, b in zip(iid_parts, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def _label_skew(pool_labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each site's label distribution and the pool's."""
+    overall = np.bincount(pool_labels, minlength=10) / pool_labels.size
+    distances = []
+    for part in parts:
+        if part.size == 0:
+            continue
+        site = np.bincount(pool_labels[part], minlength=10) / part.size
+        distances.append(0.5 * np.abs(site - overall).sum())
+    return float(np.mean(distances))
+
+
+def test_dirichlet_partition_is_label_skewed(split, iid_parts, dirichlet_parts):
+    pool, _ = split
+    everything = np.concatenate(dirichlet_parts)
+    np.testing.assert_array_equal(np.sort(everything), np.arange(len(pool)))
+    iid_skew = _label_skew(pool.labels, iid_parts)
+    dirichlet_skew = _label_skew(pool.labels, dirichlet_parts)
+    assert iid_skew < 0.15
+    assert dirichlet_skew > 0.4
+    # alpha 0.1: a typical site misses several digits entirely
+    missing = [int((np.bincount(pool.labels[p], minlength=10) == 0).sum()) for p in dirichlet_parts]
+    assert np.mean(missing) >= 2
+
+
+def test_site_partition_train_and_test_are_disjoint(split, iid_parts):
+    pool, _ = split
+    cfg = DataConfig()
+    site = site_partition(pool, 3, NUM_SITES, cfg)
+    share = iid_parts[3]
+    assert site.partition_id == 3
+    assert len(site.train) + len(site.test) == share.size
+    assert len(site.test) == int(np.ceil(share.size * cfg.site_test_fraction))
+    # each image of the share lands in exactly one of train/test
+    share_images = pool.images[share].reshape(share.size, -1)
+    train_rows = {r.tobytes() for r in site.train.images.reshape(len(site.train), -1)}
+    test_rows = {r.tobytes() for r in site.test.images.reshape(len(site.test), -1)}
+    assert train_rows.isdisjoint(test_rows)
+    assert train_rows | test_rows == {r.tobytes() for r in share_images}
+    np.testing.assert_array_equal(
+        np.bincount(site.train.labels, minlength=10) + np.bincount(site.test.labels, minlength=10),
+        np.bincount(pool.labels[share], minlength=10),
+    )
+
+
+def test_site_partitions_of_different_sites_are_disjoint(split):
+    pool, _ = split
+    a = site_partition(pool, 0, NUM_SITES, DataConfig())
+    b = site_partition(pool, 1, NUM_SITES, DataConfig())
+    rows_a = {r.tobytes() for r in a.train.images.reshape(len(a.train), -1)}
+    rows_b = {r.tobytes() for r in b.train.images.reshape(len(b.train), -1)}
+    assert rows_a.isdisjoint(rows_b)  # the 1,797 digits are pairwise distinct images
+
+
+def test_real_per_label_cap_is_respected(split):
+    pool, _ = split
+    uncapped = site_partition(pool, 2, NUM_SITES, DataConfig())
+    capped = site_partition(pool, 2, NUM_SITES, DataConfig(real_per_label=3))
+    counts = np.bincount(capped.train.labels, minlength=10)
+    assert counts.max() == 3
+    np.testing.assert_array_equal(counts, np.minimum(np.bincount(uncapped.train.labels, minlength=10), 3))
+    # the cap applies to the voting (train) split only
+    np.testing.assert_array_equal(capped.test.labels, uncapped.test.labels)
+
+
+def test_cap_per_label_keeps_the_first_samples_in_order():
+    labels = np.array([0, 1, 0, 0, 2, 1, 0])
+    np.testing.assert_array_equal(cap_per_label(labels, 2), [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(cap_per_label(labels, 0), np.arange(7))
+
+
+def test_partition_id_out_of_range_is_refused(split):
+    pool, _ = split
+    with pytest.raises(DataError, match=r"partition-id 10 is outside \[0, 10\)"):
+        site_partition(pool, 10, NUM_SITES, DataConfig())
+
+
+def test_site_with_fewer_than_two_images_is_refused(digits):
+    pool = digits.subset(np.arange(15))  # 10 sites: five hold 2 images, five hold 1
+    with pytest.raises(DataError) as info:
+        site_partition(pool, 9, NUM_SITES, DataConfig())
+    assert "site 9 holds 1 private images" in str(info.value)
+    assert "federation.num_hospitals" in str(info.value)
+
+
+def test_more_sites_than_images_is_a_data_error(digits):
+    # 5 images over 10 sites: some sites get nothing. This must be the same helpful DataError
+    # (mentioning federation.num_hospitals), not an IndexError from the partitioner.
+    pool = digits.subset(np.arange(5))
+    with pytest.raises(DataError, match="federation.num_hospitals"):
+        site_partition(pool, 0, NUM_SITES, DataConfig())
+
+
+# --- ImageFolder ----------------------------------------------------------------------------
+
+
+def _write_folder(root, per_class: int = 3):
+    rng = np.random.default_rng(0)
+    for name, value in (("cat", 40), ("dog", 200)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((12, 10), value, dtype=np.uint8)
+            pixels[0, 0] = rng.integers(0, 255)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "cat" / "notes.txt").write_text("not an image, ignored")
+    (root / ".hidden").mkdir()
+
+
+def test_image_folder_loads_classes_sorted_with_labels(tmp_path):
+    _write_folder(tmp_path)
+    data = load_image_folder(tmp_path, image_size=16)
+    assert data.class_names == ("cat", "dog")
+    assert data.images.shape == (6, 16, 16)
+    np.testing.assert_array_equal(data.labels, [0, 0, 0, 1, 1, 1])
+    # resized uniform images keep their grey level, scaled to [0, 1]
+    np.testing.assert_allclose(data.images[0, 8, 8], 40 / 255, atol=1e-6)
+    np.testing.assert_allclose(data.images[3, 8, 8], 200 / 255, atol=1e-6)
+    rgb = load_image_folder(tmp_path, image_size=8, channels=3)
+    assert rgb.images.shape == (6, 8, 8, 3)
+
+
+def test_image_folder_through_load_real_dataset_and_site_split(tmp_path):
+    from coautogen_fl.data import load_site_from_folder
+
+    _write_folder(tmp_path, per_class=5)
+    cfg = DataConfig(name=str(tmp_path), image_size=8)
+    assert len(load_real_dataset(cfg)) == 10
+    site = load_site_from_folder(tmp_path, cfg, partition_id=4)
+    assert site.partition_id == 4
+    assert len(site.train) + len(site.test) == 10
+    assert len(site.test) == 2
+
+
+def test_corrupt_image_raises_data_error_naming_the_file(tmp_path):
+    _write_folder(tmp_path)
+    bad = tmp_path / "dog" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(DataError) as info:
+        load_image_folder(tmp_path)
+    assert str(bad) in str(info.value)
+    assert "cannot read image" in str(info.value)
+
+
+def test_truncated_image_raises_data_error_naming_the_file(tmp_path):
+    _write_folder(tmp_path)
+    good = tmp_path / "cat" / "0.png"
+    big = tmp_path / "cat" / "big.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)).save(big)
+    big.write_bytes(big.read_bytes()[: len(big.read_bytes()) // 2])
+    assert good.is_file()
+    with pytest.raises(DataError, match="big.png"):
+        load_image_folder(tmp_path)
+
+
+def test_missing_folder_is_a_data_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as info:
+        load_image_folder(missing)
+    assert str(missing) in str(info.value)
+    assert "data.name" in str(info.value)
+
+
+def test_folder_with_one_class_is_refused(tmp_path):
+    (tmp_path / "only").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "only" / "a.png")
+    with pytest.raises(DataError, match="1 class folders and 1 images"):
+        load_image_folder(tmp_path)

@@ -1,0 +1,156 @@
+"""Tests of the embedders (pixels, ResNet-18) and the weights resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coautogen_fl.config import EmbedderConfig
+from coautogen_fl.embedding import (
+    RESNET18_FILE,
+    Embedder,
+    EmbedderError,
+    PixelEmbedder,
+    ResNet18Embedder,
+    build_embedder,
+    resolve_resnet18_weights,
+    to_nchw,
+)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).random((5, 28, 28)).astype(np.float32)
+
+
+# --- pixels ---------------------------------------------------------------------------------
+
+
+def test_pixel_embedder_shape_and_block_means(images):
+    emb = PixelEmbedder(14)
+    out = emb.embed(images)
+    assert out.shape == (5, 14 * 14)
+    assert out.dtype == np.float32
+    # 28 -> 14 is an exact 2x2 average
+    blocks = images.reshape(5, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(5, -1)
+    np.testing.assert_allclose(out, blocks, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [2, 7, 10])
+def test_pixel_embedder_sizes(images, size):
+    out = PixelEmbedder(size).embed(images)
+    assert out.shape == (5, size * size)
+    # area averaging preserves each image's mean brightness when the size divides 28
+    if 28 % size == 0:
+        np.testing.assert_allclose(out.mean(1), images.reshape(5, -1).mean(1), atol=1e-5)
+
+
+def test_pixel_embedder_three_channel_input(images):
+    rgb = np.stack([images, images * 0.5, np.zeros_like(images)], axis=-1)
+    out = PixelEmbedder(7).embed(rgb)
+    assert out.shape == (5, 3 * 7 * 7)
+    per_channel = out.reshape(5, 3, 7 * 7)  # channel-major: (C, size, size) flattened
+    grey = PixelEmbedder(7).embed(images)
+    np.testing.assert_allclose(per_channel[:, 0], grey, atol=1e-6)
+    np.testing.assert_allclose(per_channel[:, 1], grey * 0.5, atol=1e-6)
+    np.testing.assert_array_equal(per_channel[:, 2], 0.0)
+
+
+def test_pixel_embedder_is_robust_to_one_pixel_shifts(images):
+    emb = PixelEmbedder(7)
+    shifted = np.roll(images, 1, axis=2)
+    near = np.linalg.norm(emb.embed(images) - emb.embed(shifted), axis=1)
+    raw = np.linalg.norm((images - shifted).reshape(5, -1), axis=1)
+    assert np.all(near < 0.5 * raw)
+
+
+def test_to_nchw_rejects_bad_shapes():
+    assert to_nchw(np.zeros((2, 4, 4))).shape == (2, 1, 4, 4)
+    assert to_nchw(np.zeros((2, 4, 4, 3))).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"got \(4, 4\)"):
+        to_nchw(np.zeros((4, 4)))
+
+
+def test_build_embedder_pixels_and_unknown():
+    emb = build_embedder(EmbedderConfig(name="pixels", pixel_size=5))
+    assert isinstance(emb, PixelEmbedder)
+    assert isinstance(emb, Embedder)
+    assert emb.size == 5
+    with pytest.raises(EmbedderError, match="unknown embedder 'clip'"):
+        build_embedder(EmbedderConfig(name="clip"))
+
+
+# --- ResNet-18 ------------------------------------------------------------------------------
+
+
+def test_resnet18_random_weights_gives_512_features(images):
+    emb = ResNet18Embedder(random_weights=True, batch_size=2)  # batches of 2: 3 chunks for 5 images
+    assert isinstance(emb, Embedder)
+    out = emb.embed(images)
+    assert out.shape == (5, 512)
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+    # chunking does not change features: each image embeds the same alone (eval mode)
+    np.testing.assert_allclose(emb.embed(images[2:3])[0], out[2], rtol=1e-4, atol=1e-5)
+    rgb = np.repeat(images[..., None], 3, axis=-1)
+    np.testing.assert_allclose(emb.embed(rgb), out, rtol=1e-4, atol=1e-5)  # grey = 3 equal channels
+
+
+def test_missing_weights_path_names_path_and_key(tmp_path):
+    missing = tmp_path / "weights" / "resnet.pth"
+    with pytest.raises(EmbedderError) as info:
+        resolve_resnet18_weights(str(missing))
+    assert str(missing) in str(info.value)
+    assert "embedder.weights" in str(info.value)
+    with pytest.raises(EmbedderError, match="embedder.weights"):
+        build_embedder(EmbedderConfig(name="resnet18", weights=str(missing)))
+
+
+def test_default_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    expected = tmp_path / "checkpoints" / RESNET18_FILE
+    with pytest.raises(EmbedderError) as info:
+        resolve_resnet18_weights("")
+    assert str(expected) in str(info.value)
+    expected.parent.mkdir()
+    expected.write_bytes(b"")
+    assert resolve_resnet18_weights("") == expected
+
+
+def test_weights_file_loads_through_the_real_path(tmp_path, images):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(123)
+    reference = resnet18(weights=None)
+    state = reference.state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+
+    emb = build_embedder(EmbedderConfig(name="resnet18", weights=str(path), batch_size=4))
+    assert isinstance(emb, ResNet18Embedder)
+    features = emb.embed(images)
+
+    # the same state dict built by hand, with the documented preprocessing
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    batch = torch.as_tensor(images).unsqueeze(1).expand(-1, 3, -1, -1)
+    batch = F.interpolate(batch, size=64, mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference((batch - mean) / std).numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
+
+    # and the loaded weights matter: another initialisation embeds differently
+    torch.manual_seed(7)
+    other = ResNet18Embedder(random_weights=True).embed(images)
+    assert np.abs(other - features).max() > 1e-2
+
+
+def test_a_file_that_is_not_a_resnet18_state_dict_is_refused(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(RuntimeError):
+        ResNet18Embedder(weights=str(path))

@@ -1,0 +1,256 @@
+"""End-to-end runs through Flower: the `coautogen run` command and a 10-site `flwr run`.
+
+Each test starts a private SuperLink (simulations.launcher) and must leave no process behind.
+A watcher thread records, while the test runs, every process it started: descendants of the
+root it launched (the SuperLink, `coautogen`, and through them SuperExec, the simulation
+runtime and Ray's processes) and processes whose command line names the test's tmp folder.
+Afterwards the SuperLink PID must be gone and the recorded processes must exit; any that
+did not are killed by PID (matched with their start time, so a recycled PID is never hit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from coautogen_fl.config import load_config, save_config
+from simulations.launcher import FlowerSimulation, app_dir
+
+pytestmark = pytest.mark.flower
+
+SUMMARY_KEYS = ("framework", "rater", "epsilon", "delta", "epsilon_spent_max", "rounds", "num_hospitals",
+                "num_synthetic", "accuracy_real_test", "accuracy_federated", "wall_time_s")
+TINY = ["feedback.rounds=2", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=2"]
+EXIT_GRACE_S = 20.0  # Ray and the simulation runtime shut down asynchronously
+
+
+# ---------------------------------------------------------------------------------- processes
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    if fields[0] == "Z":  # a zombie has exited; only its parent's wait() is missing
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _alive(key: tuple[int, int]) -> bool:
+    stat = _stat(key[0])
+    return stat is not None and stat[1] == key[1]
+
+
+def processes_naming(marker: str) -> list[tuple[int, str]]:
+    """Live processes (but this one) whose command line contains ``marker``."""
+    found = []
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        command = _cmdline(pid)
+        if marker in command and _stat(pid) is not None:
+            found.append((pid, command))
+    return found
+
+
+class ProcessWatch:
+    """Records the processes a test started, for the check and the cleanup afterwards.
+
+    Parameters
+    ----------
+    marker : str
+        A path unique to the test (its tmp folder): processes naming it are the test's.
+    """
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.roots: set[tuple[int, int]] = set()
+        self.seen: dict[tuple[int, int], str] = {}  # (pid, start time) -> command line
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def add_root(self, pid: int) -> None:
+        stat = _stat(pid)
+        if stat is not None:
+            with self._lock:
+                self.roots.add((pid, stat[1]))
+            self.scan()
+
+    def scan(self) -> None:
+        with self._lock:
+            table = {}
+            for pid in _pids():
+                stat = _stat(pid)
+                if stat is not None:
+                    table[pid] = stat
+            tracked = set(self.roots) | set(self.seen)
+            changed = True
+            while changed:  # children of tracked processes are tracked, transitively
+                changed = False
+                for pid, (ppid, start) in table.items():
+                    key = (pid, start)
+                    if key in tracked or pid == os.getpid():
+                        continue
+                    parent = table.get(ppid)
+                    if (parent is not None and (ppid, parent[1]) in tracked) or self.marker in _cmdline(pid):
+                        tracked.add(key)
+                        self.seen[key] = _cmdline(pid)
+                        changed = True
+            for key in self.roots:
+                self.seen.setdefault(key, _cmdline(key[0]))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self.scan()
+
+    def __enter__(self) -> "ProcessWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def alive(self) -> dict[tuple[int, int], str]:
+        return {key: command for key, command in self.seen.items() if _alive(key)}
+
+    def wait_all_gone(self, timeout: float) -> dict[tuple[int, int], str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return {}
+            time.sleep(0.25)
+        return self.alive()
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL, by PID, every recorded process that is still the same process."""
+        for key in list(self.alive()):
+            try:
+                os.kill(key[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def assert_pid_gone(pid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def assert_nothing_left(watch: ProcessWatch, superlink_pid: int, marker: str) -> None:
+    """The SuperLink is gone now; everything else the test started exits within the grace."""
+    assert_pid_gone(superlink_pid)
+    leftovers = watch.wait_all_gone(EXIT_GRACE_S)
+    assert not leftovers, f"processes still running {EXIT_GRACE_S:.0f} s after the run: {leftovers}"
+    assert processes_naming(marker) == []
+
+
+def superlink_pid_of(watch: ProcessWatch, flwr_home: Path) -> int:
+    pids = [key[0] for key, command in watch.seen.items() if "flower-superlink" in command and str(flwr_home) in command]
+    assert len(pids) == 1, f"expected one SuperLink under {flwr_home}: {watch.seen}"
+    return pids[0]
+
+
+# ---------------------------------------------------------------------------------- (a) the CLI
+def test_coautogen_run_command(tmp_path):
+    out = tmp_path / "runs"
+    run_dir = out / "e2e"
+    command = [str(Path(sys.executable).parent / "coautogen"), "run", "--out", str(out), "--name", "e2e",
+               "--num-hospitals", "3", *TINY]
+    started = time.monotonic()
+    with ProcessWatch(str(tmp_path)) as watch:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            watch.add_root(proc.pid)
+            stdout, stderr = proc.communicate(timeout=240)
+            watch.scan()
+            superlink = superlink_pid_of(watch, run_dir / "flower")
+            assert_nothing_left(watch, superlink, str(tmp_path))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            watch.kill_leftovers()
+    elapsed = time.monotonic() - started
+
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}\nflower.log:\n{_tail(run_dir / 'flower.log')}"
+    assert f"run directory: {run_dir}" in stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    for key in SUMMARY_KEYS:
+        assert f"  {key}" in stdout  # the printed summary
+    assert summary["framework"] == "Feedback" and summary["rater"] == "PE"
+    assert summary["epsilon"] == 1.0 and summary["delta"] == 1e-5
+    assert summary["rounds"] == 2 and summary["num_hospitals"] == 3
+    assert abs(summary["epsilon_spent_max"] - summary["epsilon"]) < 1e-3
+    assert summary["epsilon_spent_max"] <= summary["epsilon"] + 1e-9
+    assert summary["num_synthetic"] == 100
+    assert 0.0 <= summary["accuracy_real_test"] <= 1.0 and 0.0 <= summary["accuracy_federated"] <= 1.0
+    assert 0 < summary["wall_time_s"] < elapsed
+    assert sorted(summary["sites"]) == ["0", "1", "2"]
+    assert all(site["rounds_answered"] == 2 and not site["refusals"] for site in summary["sites"].values())
+    assert summary["dropped_replies"] == []
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    classes = sorted(p for p in (run_dir / "synthetic").iterdir() if p.is_dir())
+    assert len(classes) == 10
+    assert all(len(list(c.glob("*.png"))) == 10 for c in classes)
+    # Every site kept its own ledger under the run directory.
+    for pid in range(3):
+        ledger = json.loads((run_dir / "sites" / f"site-{pid}" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(missing)"
+
+
+# ---------------------------------------------------------------------------------- (b) flwr run, 10 sites
+def test_flwr_run_with_ten_supernodes(tmp_path):
+    flwr_home = tmp_path / "flwr-home"
+    run_dir = tmp_path / "run"
+    cfg = load_config(overrides=[*TINY, "federation.num_hospitals=10", f"tracking.run_dir={run_dir}"])
+    config_file = save_config(cfg, tmp_path / "config.yaml")
+    log = tmp_path / "flwr-run.log"
+    superlink = None
+    with ProcessWatch(str(tmp_path)) as watch:
+        try:
+            with FlowerSimulation(flwr_home) as simulation, open(log, "w") as output:
+                superlink = simulation.process.pid
+                watch.add_root(superlink)
+                status = simulation.run(app_dir(), {"config-file": str(config_file)}, num_supernodes=10, output=output)
+            assert_nothing_left(watch, superlink, str(tmp_path))
+        finally:
+            watch.kill_leftovers()
+
+    assert status.completed, f"run {status.run_id} ended as {status.status}:\n{_tail(log)}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_hospitals"] == 10
+    assert sorted(summary["sites"], key=int) == [str(i) for i in range(10)]
+    assert all(site["rounds_answered"] == 2 for site in summary["sites"].values())
+    assert abs(summary["epsilon_spent_max"] - 1.0) < 1e-3 and summary["epsilon_spent_max"] <= 1.0 + 1e-9
+    assert summary["num_synthetic"] == 100 and summary["dropped_replies"] == []
+    assert (flwr_home / "config.toml").is_file()
