@@ -160,6 +160,8 @@ def assert_pid_gone(pid: int) -> None:
 
 def assert_nothing_left(watch: ProcessWatch, superlink_pid: int, marker: str) -> None:
     """The SuperLink is gone now; everything else the test started exits within the grace."""
+    commands = " ".join(watch.seen.values())
+    assert "flower-superexec" in commands and "flwr-simulation" in commands  # the watch saw the tree
     assert_pid_gone(superlink_pid)
     leftovers = watch.wait_all_gone(EXIT_GRACE_S)
     assert not leftovers, f"processes still running {EXIT_GRACE_S:.0f} s after the run: {leftovers}"

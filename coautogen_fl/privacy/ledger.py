@@ -8,10 +8,13 @@ written atomically so a crash can never leave a half-written (or silently empty)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -179,6 +182,30 @@ class PrivacyLedger:
             If the new total exceeds ``epsilon_budget * (1 + 1e-6)``; nothing is written.
         """
         round = _check_int(round, "round", 0, "pass the server's round number")
+        _check_noise(noise_multiplier)  # bad arguments touch nothing, not even the lock file
+        with self._exclusive_lock():
+            return self._charge_locked(noise_multiplier, round, run_id)
+
+    @contextmanager
+    def _exclusive_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``<ledger>.lock`` and re-read the file under it.
+
+        The file, not this object, is the record: several processes (simulation workers, a
+        restarted site) may serve the same site, and a stale in-memory copy must never be
+        written back over charges another process made.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                self._entries = []
+                if self.path.exists():
+                    self._load()
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _charge_locked(self, noise_multiplier: float, round: int, run_id: str) -> float:
         spent = self.spent_epsilon()
         new_total = self.epsilon_after(noise_multiplier)
         if new_total > self.epsilon_budget * (1.0 + BUDGET_RTOL):
