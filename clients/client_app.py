@@ -19,7 +19,7 @@ from coautogen_fl import protocol as P
 from coautogen_fl.config import config_from_run_config
 from coautogen_fl.data import DataError
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict
-from coautogen_fl.privacy import BudgetExceededError, PrivacyError
+from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, PrivacyError
 
 from .site import Site
 
@@ -55,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
         return error_reply(msg, P.ERROR_BUDGET_EXCEEDED, str(exc))
     except DataError as exc:
         return error_reply(msg, P.ERROR_NO_DATA, str(exc))
+    except LedgerCorruptError as exc:
+        return error_reply(msg, P.ERROR_BUDGET_EXCEEDED, str(exc))  # cannot prove budget left: release nothing
     except (KeyError, ValueError, TypeError, PrivacyError) as exc:
         return error_reply(msg, P.ERROR_BAD_REQUEST, f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=3)}")
     metrics = MetricRecord(

@@ -14,7 +14,7 @@ from coautogen_fl.config import RunConfig
 from coautogen_fl.data import SitePartition, load_pool_and_test, load_site_from_folder, site_partition
 from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
-from coautogen_fl.privacy import GaussianMechanism, PrivacyLedger
+from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.rater import build_rater, normalise_site_vector
 from coautogen_fl.rundir import default_site_state_dir
 
@@ -36,7 +36,8 @@ class Site:
     node_config : mapping
         The SuperNode's own settings: ``partition-id`` and ``num-partitions`` (simulation) or
         ``data-path`` (a real site's ImageFolder), ``state-dir`` (ledger folder) and
-        ``site-epsilon`` (its own budget, default the run's epsilon; the server cannot raise it).
+        ``site-epsilon`` (its own budget, default the run's epsilon; the server cannot raise it),
+        ``trust-server`` (whether it sends clean votes in central mode; default: the run's mode).
     run_id : int or str
         The Flower run id (names the default state dir).
     """
@@ -50,6 +51,10 @@ class Site:
         self.embeddings = self.embedder.embed(self.data.train.images) if len(self.data.train) else np.zeros((0, 1))
         state_dir = Path(str(node_config.get("state-dir", "") or default_site_state_dir(cfg, run_id, self.partition_id)))
         budget = float(node_config.get("site-epsilon", cfg.privacy.epsilon))
+        # Central mode sends clean votes: only to a server the site trusts. Default: what the
+        # run's own config (chosen by whoever launched the simulation) says.
+        trust = node_config.get("trust-server", cfg.privacy.mode == "central")
+        self.trusts_server = str(trust).lower() in ("1", "true", "yes")
         self.ledger = PrivacyLedger(state_dir.expanduser() / "privacy_ledger.json", budget, cfg.privacy.delta)
 
     def _load_data(self, cfg: RunConfig, node_config: Mapping[str, Any]) -> SitePartition:
@@ -69,12 +74,18 @@ class Site:
         The ledger is charged before anything leaves the site; a charge past the site's
         budget raises ``BudgetExceededError`` and nothing is released.
         """
+        mode, unit = str(request["privacy-mode"]), str(request["privacy-unit"])
+        if mode not in ("local", "central") or unit not in ("image", "site"):
+            # Never guess: an unknown mode could mean "release clean votes".
+            raise PrivacyError(f"privacy-mode {mode!r} / privacy-unit {unit!r} not understood; expected local|central and image|site")
+        if mode == "central" and not self.trusts_server:
+            raise PrivacyError("the server asked for central mode (clean votes) but this site's node config says trust-server=false")
         rater = build_rater(str(request["rater"]), int(request["k"]))
         votes = rater.score(self.embeddings, self.data.train.labels, embeddings.astype(np.float32), labels)
-        if request["privacy-unit"] == "site":
+        if unit == "site":
             votes = normalise_site_vector(votes)
         sigma = float(request["noise-multiplier"])
-        if request["privacy-mode"] == "local":
+        if mode == "local":
             # OS entropy, never a configured seed: the server must not be able to predict the noise.
             votes = GaussianMechanism(sigma, rater.sensitivity).apply(votes, np.random.default_rng())
         spent = self.ledger.charge(sigma, round=int(request["round"]), run_id=str(request.get("run-id", "")))

@@ -111,7 +111,8 @@ def print_summary(summary: dict, out: IO[str]) -> None:
                   f"{site['rounds_answered']} rounds, {unit}{refused}\n")
 
 
-def command_run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
+def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout  # resolved per call, so callers can redirect stdout
     cfg = load_config(args.config, overrides_from_args(args))
     cfg, run_dir = prepare_run(cfg)
     out.write(f"coautogen: {cfg.feedback.framework} with {cfg.federation.num_hospitals} simulated hospitals, "

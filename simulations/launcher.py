@@ -45,6 +45,45 @@ def app_dir() -> Path:
     return root
 
 
+def _ppid_and_state(pid: int) -> tuple[int, str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[0]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """PIDs of every live process below ``root`` (from /proc; empty where /proc is absent)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit() and (info := _ppid_and_state(int(entry))) is not None:
+            children.setdefault(info[0], []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    info = _ppid_and_state(pid)
+    return info is not None and info[1] != "Z"
+
+
+def _signal(pid: int, sig: int, own_group: int) -> None:
+    """Signal a process and, unless it is ours, its process group."""
+    try:
+        group = os.getpgid(pid)
+        if group != own_group:
+            os.killpg(group, sig)
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,17 +161,30 @@ class FlowerSimulation:
         self.stop()
         raise SimulationError(f"flower-superlink did not answer within {timeout:.0f} s; see {self.log_file}")
 
-    def stop(self) -> None:
-        """Stop the SuperLink's process group (SuperExec, simulation runtime) by PID."""
-        if self.process is None or self.process.poll() is not None:
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the SuperLink and every process under it, by PID.
+
+        SuperExec starts a session of its own, and the simulation runtime and Ray workers live
+        in it, so the SuperLink's process group alone is not enough: collect the whole tree
+        first (children are re-parented once their parent dies), then terminate each process
+        and its group, and kill whatever is still alive after ``timeout`` seconds.
+        """
+        if self.process is None:
             return
+        tree = [self.process.pid, *descendants(self.process.pid)]
+        own_group = os.getpgrp()
+        for pid in tree:
+            _signal(pid, signal.SIGTERM, own_group)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in tree):
+            self.process.poll()  # reap the SuperLink, our own child
+            time.sleep(0.2)
+        for pid in tree:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL, own_group)
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=5)
-        except ProcessLookupError:
+        except subprocess.TimeoutExpired:
             pass
 
     def __enter__(self) -> "FlowerSimulation":

@@ -50,8 +50,8 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
 def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall_time_s: float) -> dict[str, Any]:
     """The summary.json of a run."""
     sites = {
-        str(s.partition_id): {"epsilon_spent": s.epsilon_spent, "rounds_answered": s.rounds_answered, "refusals": s.refusals}
-        for s in sorted(strategy.sites.values(), key=lambda s: s.partition_id)
+        s.name: {"epsilon_spent": s.epsilon_spent, "rounds_answered": s.rounds_answered, "refusals": s.refusals}
+        for s in sorted(strategy.sites.values(), key=lambda s: (s.partition_id < 0, s.partition_id, s.node_id))
     }
     return {
         "framework": cfg.feedback.framework,

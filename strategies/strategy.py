@@ -36,9 +36,15 @@ class SiteRecord:
     """What the server knows of one site: its partition id and its own reported spend."""
 
     partition_id: int
+    node_id: int = 0
     epsilon_spent: float = 0.0
     rounds_answered: int = 0
     refusals: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The partition id once the site has said it; its node id until then."""
+        return str(self.partition_id) if self.partition_id >= 0 else f"node-{self.node_id}"
 
 
 class CoAutoGenStrategy(Strategy):
@@ -127,11 +133,14 @@ class CoAutoGenStrategy(Strategy):
         metrics = content.metric_records[P.METRICS]
         num_examples = float(metrics.get(P.NUM_EXAMPLES, -1))
         P.validate_votes(votes, len(self.evolution.pool), num_examples, noise_std, self.cfg.feedback.k)
-        return P.VoteReply(votes, int(num_examples), float(metrics.get(P.EPSILON_SPENT, 0.0)), int(metrics.get(P.PARTITION_ID, -1)))
+        spent = float(metrics.get(P.EPSILON_SPENT, 0.0))
+        if not (np.isfinite(spent) and spent >= 0):
+            raise P.ReplyError(f"epsilon-spent is {spent}, expected a finite non-negative number")
+        return P.VoteReply(votes, int(num_examples), spent, int(metrics.get(P.PARTITION_ID, -1)))
 
     def _site(self, msg: Message, partition_id: int = -1) -> SiteRecord:
         node = msg.metadata.src_node_id
-        record = self.sites.setdefault(node, SiteRecord(partition_id))
+        record = self.sites.setdefault(node, SiteRecord(partition_id, node))
         if partition_id >= 0:
             record.partition_id = partition_id
         return record
@@ -203,7 +212,7 @@ class CoAutoGenStrategy(Strategy):
             "fallback_labels": outcome.fallback_labels,
             "degree": outcome.degree,
             "epsilon_spent_max": max(spends) if spends else 0.0,
-            "epsilon_spent": {str(s.partition_id): s.epsilon_spent for s in self.sites.values()},
+            "epsilon_spent": {s.name: s.epsilon_spent for s in self.sites.values()},
             "round_time_s": time.time() - self._round_start,
         }
         log(
@@ -230,8 +239,12 @@ class CoAutoGenStrategy(Strategy):
                 self._drop(server_round, msg, f"evaluation: {reason}")
                 continue
             metrics = msg.content.metric_records[P.METRICS]
-            n = int(metrics.get(P.NUM_EXAMPLES, 0))
-            accuracy = float(metrics.get(P.ACCURACY, float("nan")))
+            try:
+                n = int(metrics.get(P.NUM_EXAMPLES, 0))
+                accuracy = float(metrics.get(P.ACCURACY, float("nan")))  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                self._drop(server_round, msg, f"evaluation: unreadable metrics ({exc})")
+                continue
             if n < 0 or not 0.0 <= accuracy <= 1.0:
                 self._drop(server_round, msg, f"evaluation: accuracy {accuracy} over {n} examples is invalid")
                 continue

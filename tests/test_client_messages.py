@@ -280,13 +280,12 @@ def test_bad_requests_yield_error_replies(tmp_path, breakage):
         assert "embedding dimensions differ" in reply.error.reason
 
 
-@pytest.mark.xfail(strict=True, reason="Site.vote releases clean votes for any privacy-mode other than 'local'")
 @pytest.mark.parametrize("mode", ["Local", "none", ""])
 def test_unknown_privacy_mode_is_refused(tmp_path, mode):
     context = make_context(tmp_path)
     embeddings, labels = candidates(context)
     reply = client_app.train(train_request(embeddings, labels, mode=mode), context)
-    assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST  # fails: clean votes come back
+    assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
 
 
 def test_partition_outside_the_federation_is_a_no_data_error(tmp_path):
