@@ -48,6 +48,7 @@ class EmbedderConfig:
     weights: str = ""  # resnet18: a local .pth file; "" = torchvision's cache
     random_weights: bool = False  # resnet18 without pretrained weights (tests only)
     pixel_size: int = 14  # pixels: images are resized to this before flattening
+    standardize: bool = True  # pixels: zero mean, unit norm per image (votes by shape, not ink)
     batch_size: int = 256
 
 
@@ -55,12 +56,16 @@ class EmbedderConfig:
 class FeedbackConfig:
     framework: str = "Feedback"  # -f: Gen | Feedback
     rater: str = "PE"  # -r
-    rounds: int = 4  # -iter: voting rounds
-    candidates_per_label: int = 20  # pool size voted on per class and round
+    rounds: int = 2  # -iter: voting rounds
+    evolve: str = "distribution"  # distribution: votes refit the generator's sampling distribution;
+    # candidates: Private Evolution, voted candidates are varied into the next pool
+    candidates_per_label: int = 50  # pool size voted on per class and round
     volume_per_label: int = 100  # -vpl: final synthetic images per class
     k: int = 1  # nearest candidates each private sample votes for
     selection: str = "rank"  # sample | rank
-    threshold: float = 1.0  # votes below threshold x aggregate noise std count as zero
+    threshold: float = 1.0  # candidates mode: votes below threshold x aggregate noise std count as zero
+    distribution_mix: float = 0.8  # distribution mode: weight of this round's moments vs the previous
+    min_spread: float = 0.08  # distribution mode: smallest std (fraction of each range)
     task_type: str = "syn"  # -tt
     task_mode: str = "I2I"  # -tm: I2I | T2I
 
@@ -124,6 +129,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feedback.framework": ("Gen", "Feedback"),
     "feedback.rater": ("PE",),
     "feedback.selection": ("sample", "rank"),
+    "feedback.evolve": ("distribution", "candidates"),
     "feedback.task_type": ("syn",),
     "feedback.task_mode": ("I2I", "T2I"),
     "privacy.mode": ("local", "central"),
@@ -148,6 +154,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("feedback.volume_per_label", 1, True),
     ("feedback.k", 1, True),
     ("feedback.threshold", 0, True),
+    ("feedback.distribution_mix", 0, False),
+    ("feedback.min_spread", 0, True),
     ("privacy.epsilon", 0, False),
     ("privacy.delta", 0, False),
     ("federation.num_hospitals", 1, True),
@@ -164,6 +172,8 @@ _UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
     ("data.site_test_fraction", 1.0),
     ("privacy.delta", 1.0),
     ("federation.fraction_train", 1.0 + 1e-12),
+    ("feedback.distribution_mix", 1.0 + 1e-12),
+    ("feedback.min_spread", 0.5),
     ("generator.degree_start", 1.0 + 1e-12),
 )
 

@@ -47,18 +47,25 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
 class PixelEmbedder:
     """Raw pixels, area-downsampled to ``size`` x ``size`` (default 14) and flattened.
 
-    Downsampling first makes nearest-neighbour votes robust to one-pixel shifts.
+    Downsampling first makes nearest-neighbour votes robust to one-pixel shifts. With
+    ``standardize`` (default True) each vector is centred and scaled to unit norm, so that a
+    vote goes to the candidate of the most similar *shape*: raw L2 favours faint, blurry blobs
+    that sit near the mean image of every class.
     """
 
     name = "pixels"
 
-    def __init__(self, size: int = 14) -> None:
+    def __init__(self, size: int = 14, standardize: bool = True) -> None:
         self.size = size
+        self.standardize = standardize
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         batch = to_nchw(images)
-        small = F.adaptive_avg_pool2d(batch, self.size)
-        return small.flatten(1).numpy().astype(np.float32)
+        features = F.adaptive_avg_pool2d(batch, self.size).flatten(1)
+        if self.standardize:
+            features = features - features.mean(1, keepdim=True)
+            features = features / (features.norm(dim=1, keepdim=True) + 1e-8)
+        return features.numpy().astype(np.float32)
 
 
 def resolve_resnet18_weights(weights: str) -> Path:
@@ -107,7 +114,7 @@ class ResNet18Embedder:
 def build_embedder(cfg: EmbedderConfig, device: str = "cpu") -> Embedder:
     """The embedder named by ``embedder.name`` (``-cue``)."""
     if cfg.name == "pixels":
-        return PixelEmbedder(cfg.pixel_size)
+        return PixelEmbedder(cfg.pixel_size, cfg.standardize)
     if cfg.name == "resnet18":
         return ResNet18Embedder(cfg.weights, cfg.random_weights, device, cfg.batch_size)
     raise EmbedderError(f"unknown embedder '{cfg.name}'; choose pixels or resnet18")

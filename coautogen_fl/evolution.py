@@ -1,6 +1,11 @@
 """The server's frameworks without Flower: Gen (generate once) and Feedback (Private
 Evolution across sites). The strategy in ``strategies/`` only moves data in and out.
 
+Two ways to evolve (``feedback.evolve``): ``candidates`` is Private Evolution (voted candidates
+are selected and varied into the next pool); ``distribution`` lets the votes refit the
+generator's sampling distribution over genotypes and draws the next pool fresh from it, which
+averages the per-candidate noise over the whole pool (see generation/distribution.py).
+
 Round numbering follows Flower: round ``r`` (1..T) votes on the pool born in round ``r - 1``
 (round 0 is the initial random population); the variations made after round ``r`` are born
 in round ``r`` and use the degree ``schedule.degree(r - 1)``. After the last round the
@@ -16,6 +21,7 @@ import numpy as np
 from .config import FeedbackConfig
 from .embedding import Embedder
 from .generation.base import Candidate, Generator, stack_images
+from .generation.distribution import vote_weights
 from .generation.schedule import DegreeSchedule
 from .selection import select_parents, threshold_votes
 
@@ -65,6 +71,11 @@ class Evolution:
         self.cfg = cfg
         self.schedule = schedule
         self.rng = np.random.default_rng(seed)
+        if cfg.evolve == "distribution" and not callable(getattr(generator, "fit", None)):
+            raise ValueError(
+                f"feedback.evolve=distribution needs a generator with a fit() method; "
+                f"{type(generator).__name__} has none: set feedback.evolve=candidates"
+            )
         self.pool: list[Candidate] = []
         self._payload: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -108,8 +119,10 @@ class Evolution:
         voted = self.pool
         for candidate, value in zip(voted, votes):
             candidate.votes = float(value)
-        kept = threshold_votes(votes, self.cfg.threshold, noise_std)
         _, labels = self.payload()
+        if self.cfg.evolve == "distribution":
+            return self._refit(server_round, voted, votes, labels, children_per_label)
+        kept = threshold_votes(votes, self.cfg.threshold, noise_std)
         selection = select_parents(kept, labels, children_per_label, self.cfg.selection, self.rng)
         degree = self.schedule.degree(server_round - 1)
         children = self.generator.vary([voted[i] for i in selection.parents], degree)
@@ -117,3 +130,15 @@ class Evolution:
             child.round = server_round
         self._set_pool(children)
         return RoundOutcome(voted, children, int((kept > 0).sum()), selection.fallback_labels, degree)
+
+    def _refit(self, server_round: int, voted: list[Candidate], votes: np.ndarray, labels: np.ndarray, per_label: int) -> RoundOutcome:
+        """Distribution evolution: the votes refit the generator's sampling distribution and
+        the next pool (or the final dataset) is drawn fresh from it."""
+        weights = vote_weights(votes, labels)
+        self.generator.fit(voted, weights, self.cfg.distribution_mix, self.cfg.min_spread)  # type: ignore[attr-defined]
+        children = self.random_population(per_label)
+        for child in children:
+            child.round = server_round
+        self._set_pool(children)
+        fallback = [int(c) for c in np.unique(labels) if weights[labels == c].sum() <= 0]
+        return RoundOutcome(voted, children, int((weights > 0).sum()), fallback, 0.0)

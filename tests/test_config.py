@@ -36,7 +36,8 @@ def test_defaults_load_without_file_and_equal_the_dataclass_defaults():
     assert cfg == RunConfig()
     assert cfg.privacy.epsilon == 1.0
     assert cfg.privacy.delta == 1e-5
-    assert cfg.feedback.candidates_per_label == 20
+    assert cfg.feedback.candidates_per_label == 50
+    assert cfg.feedback.evolve == "distribution"
     assert cfg.feedback.volume_per_label == 100
 
 

@@ -29,7 +29,7 @@ def images() -> np.ndarray:
 
 
 def test_pixel_embedder_shape_and_block_means(images):
-    emb = PixelEmbedder(14)
+    emb = PixelEmbedder(14, standardize=False)
     out = emb.embed(images)
     assert out.shape == (5, 14 * 14)
     assert out.dtype == np.float32
@@ -40,7 +40,7 @@ def test_pixel_embedder_shape_and_block_means(images):
 
 @pytest.mark.parametrize("size", [2, 7, 10])
 def test_pixel_embedder_sizes(images, size):
-    out = PixelEmbedder(size).embed(images)
+    out = PixelEmbedder(size, standardize=False).embed(images)
     assert out.shape == (5, size * size)
     # area averaging preserves each image's mean brightness when the size divides 28
     if 28 % size == 0:
@@ -49,17 +49,17 @@ def test_pixel_embedder_sizes(images, size):
 
 def test_pixel_embedder_three_channel_input(images):
     rgb = np.stack([images, images * 0.5, np.zeros_like(images)], axis=-1)
-    out = PixelEmbedder(7).embed(rgb)
+    out = PixelEmbedder(7, standardize=False).embed(rgb)
     assert out.shape == (5, 3 * 7 * 7)
     per_channel = out.reshape(5, 3, 7 * 7)  # channel-major: (C, size, size) flattened
-    grey = PixelEmbedder(7).embed(images)
+    grey = PixelEmbedder(7, standardize=False).embed(images)
     np.testing.assert_allclose(per_channel[:, 0], grey, atol=1e-6)
     np.testing.assert_allclose(per_channel[:, 1], grey * 0.5, atol=1e-6)
     np.testing.assert_array_equal(per_channel[:, 2], 0.0)
 
 
 def test_pixel_embedder_is_robust_to_one_pixel_shifts(images):
-    emb = PixelEmbedder(7)
+    emb = PixelEmbedder(7, standardize=False)
     shifted = np.roll(images, 1, axis=2)
     near = np.linalg.norm(emb.embed(images) - emb.embed(shifted), axis=1)
     raw = np.linalg.norm((images - shifted).reshape(5, -1), axis=1)
@@ -154,3 +154,15 @@ def test_a_file_that_is_not_a_resnet18_state_dict_is_refused(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(RuntimeError):
         ResNet18Embedder(weights=str(path))
+
+
+def test_standardized_pixels_have_zero_mean_unit_norm_and_ignore_ink_intensity():
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 28, 28)).astype(np.float32)
+    emb = PixelEmbedder(14, standardize=True)
+    out = emb.embed(images)
+    np.testing.assert_allclose(out.mean(1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # a fainter copy of the same shape embeds to the same vector (votes follow shape, not ink)
+    np.testing.assert_allclose(emb.embed(0.4 * images + 0.1), out, atol=1e-5)
+    assert not np.allclose(PixelEmbedder(14, standardize=False).embed(0.4 * images), PixelEmbedder(14, standardize=False).embed(images))

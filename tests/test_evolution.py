@@ -20,7 +20,7 @@ PER_LABEL = 4
 
 
 def make_evolution(selection: str = "rank", per_label: int = PER_LABEL, seed: int = 0) -> Evolution:
-    cfg = FeedbackConfig(candidates_per_label=per_label, volume_per_label=2 * per_label, selection=selection, threshold=1.0)
+    cfg = FeedbackConfig(candidates_per_label=per_label, volume_per_label=2 * per_label, selection=selection, threshold=1.0, evolve="candidates")
     return Evolution(
         GlyphGenerator(CLASSES, image_size=IMAGE_SIZE, seed=seed),
         PixelEmbedder(PIXELS),

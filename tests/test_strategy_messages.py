@@ -164,7 +164,11 @@ def test_valid_replies_are_summed_and_the_round_is_stored(strategy, tmp_path):
         assert (tmp_path / "rounds" / "round_001" / entry["file"]).is_file()
     # The next pool is bred from the voted one.
     assert len(strategy.evolution.pool) == POOL
-    assert all(c.round == 1 and c.parent_id in voted_ids for c in strategy.evolution.pool)
+    assert all(c.round == 1 for c in strategy.evolution.pool)
+    # distribution mode (default): the votes refit the generator's distribution, the next
+    # pool is drawn fresh from it; candidates mode keeps parent links (tested in test_evolution)
+    assert not strategy.evolution.generator.distribution.is_prior
+    assert set(voted_ids).isdisjoint(c.candidate_id for c in strategy.evolution.pool)
     # What the server knows of each site comes from its own metrics.
     assert {n: (s.partition_id, s.rounds_answered) for n, s in strategy.sites.items()} == {11: (0, 1), 12: (1, 1), 13: (2, 1)}
     assert strategy.sites[13].epsilon_spent == pytest.approx(0.2)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from coautogen_fl.generation.base import Candidate
+from coautogen_fl.generation.distribution import GenotypeDistribution
 from coautogen_fl.generation.fonts import load_font, select_fonts
 from coautogen_fl.generation.schedule import check_degree
 
@@ -33,18 +34,18 @@ from coautogen_fl.generation.schedule import check_degree
 #:   size: a generator uses its own image_size as the upper bound (``parameter_ranges``).
 #: - contrast: ink intensity (1 = pure white). background_noise: std of additive sensor noise.
 PARAMETER_RANGES: dict[str, tuple[float, float]] = {
-    "font_size": (0.6, 1.0),
-    "stroke_width": (0.0, 0.06),
-    "rotation": (-15.0, 15.0),
-    "translate_x": (-0.1, 0.1),
-    "translate_y": (-0.1, 0.1),
-    "scale_x": (0.7, 1.25),
-    "scale_y": (0.8, 1.2),
-    "shear": (-0.3, 0.3),
-    "blur": (0.0, 1.0),
-    "resolution": (8, 28),
-    "contrast": (0.6, 1.0),
-    "background_noise": (0.0, 0.06),
+    "font_size": (0.4, 1.0),
+    "stroke_width": (0.0, 0.1),
+    "rotation": (-30.0, 30.0),
+    "translate_x": (-0.2, 0.2),
+    "translate_y": (-0.2, 0.2),
+    "scale_x": (0.5, 1.4),
+    "scale_y": (0.6, 1.2),
+    "shear": (-0.5, 0.5),
+    "blur": (0.0, 2.0),
+    "resolution": (5, 28),
+    "contrast": (0.3, 1.0),
+    "background_noise": (0.0, 0.2),
 }
 
 #: Parameters stored as integers (stepped on a continuous scale, then rounded).
@@ -218,13 +219,22 @@ class GlyphGenerator:
         self.parameter_ranges = {**PARAMETER_RANGES, "resolution": scan}
         self._rng = np.random.default_rng(seed)
         self._counter = 0
+        # Broad on purpose: the server cannot look at the private data, so the prior covers
+        # many looks and the votes (feedback.evolve=distribution) narrow it down.
+        self.distribution = GenotypeDistribution(self.parameter_ranges, self.fonts, "font", INTEGER_PARAMETERS)
+
+    def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
+        """Move the sampling distribution toward the vote-weighted genotypes of ``candidates``
+        (see ``GenotypeDistribution.fitted``); later ``random`` calls draw from it."""
+        genotypes = [c.genotype for c in candidates]
+        self.distribution = self.distribution.fitted(genotypes, np.asarray(weights, dtype=np.float64), mix, min_spread)
 
     def render(self, genotype: dict[str, Any], text: str) -> np.ndarray:
         """Re-render a genotype at this generator's image size (see ``render_glyph``)."""
         return render_glyph(genotype, text, self.image_size)
 
     def random(self, label: int, n: int) -> list[Candidate]:
-        """Draw ``n`` fresh candidates of class ``label`` (parameters uniform in their ranges).
+        """Draw ``n`` fresh candidates of class ``label`` from the current distribution.
 
         Parameters
         ----------
@@ -273,15 +283,9 @@ class GlyphGenerator:
         return children
 
     def _sample_genotype(self) -> dict[str, Any]:
-        """Uniform draw of every parameter (fixed draw order keeps runs reproducible)."""
-        rng = self._rng
-        genotype: dict[str, Any] = {"font": self.fonts[int(rng.integers(len(self.fonts)))]}
-        for name, (low, high) in self.parameter_ranges.items():
-            if name in INTEGER_PARAMETERS:
-                genotype[name] = int(rng.integers(int(low), int(high) + 1))
-            else:
-                genotype[name] = float(rng.uniform(low, high))
-        genotype["noise_seed"] = int(rng.integers(2**31 - 1))
+        """A draw from the current distribution (uniform prior until ``fit``), fixed draw order."""
+        genotype = self.distribution.sample(self._rng)
+        genotype["noise_seed"] = int(self._rng.integers(2**31 - 1))
         return genotype
 
     def _mutate(self, parent: dict[str, Any], degree: float) -> dict[str, Any]:
