@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .atomic import fsync_dir
 from .generation.base import Candidate
 
 
@@ -32,14 +33,6 @@ def safe_dirname(name: str) -> str:
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SyntheticStore:
@@ -92,7 +85,7 @@ class SyntheticStore:
         if target.exists():
             shutil.rmtree(target)  # a re-run of the same round replaces it whole
         os.replace(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
 

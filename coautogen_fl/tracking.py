@@ -6,14 +6,14 @@ before ``log_round`` returns and a crash never loses a finished round.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .atomic import write_text_atomic
 
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -75,16 +75,6 @@ def _save_png(grid: np.ndarray, path: Path) -> None:
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     Image.fromarray(pixels).save(path, format="PNG")
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; directories cannot be fsynced everywhere: best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class RunTracker:
@@ -201,19 +191,8 @@ class RunTracker:
         Path
             The summary file; readers see either the old or the new content, never half.
         """
-        path = self.run_dir / SUMMARY_FILE
         text = json.dumps(summary, indent=2, sort_keys=True, default=_json_default)
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".summary.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.run_dir)
+        path = write_text_atomic(self.run_dir / SUMMARY_FILE, text + "\n")
         if self._run is not None:
             self._run.summary.update(json.loads(text))
         return path

@@ -215,6 +215,9 @@ class CoAutoGenStrategy(Strategy):
             "epsilon_spent": {s.name: s.epsilon_spent for s in self.sites.values()},
             "round_time_s": time.time() - self._round_start,
         }
+        distribution = getattr(self.evolution.generator, "distribution", None)
+        if self.cfg.feedback.evolve == "distribution" and distribution is not None:
+            metrics["distribution"] = distribution.describe()  # where the votes moved the generator
         log(
             INFO,
             "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max) %.4f of %.4g",

@@ -12,13 +12,13 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from .accountant import (
     PrivacyError,
     _check_int,
@@ -237,25 +237,4 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,  # informational; the caller's value rules
             "entries": [asdict(e) for e in entries],
         }
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        # Temp file in the same directory so os.replace is an atomic rename on one filesystem.
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        # fsync the directory too so the rename itself survives a power loss (POSIX only).
-        if hasattr(os, "O_DIRECTORY"):
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_text_atomic(self.path, json.dumps(data, indent=2) + "\n")
