@@ -73,7 +73,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the downstream model on this site's private test split."""
+    """Evaluate the downstream model on this site's private test split.
+
+    When the request carries an evaluation noise multiplier > 0, the correct count and the
+    test count are released through the Gaussian mechanism (one test image moves both by 1:
+    L2 sensitivity sqrt(2)) and the release is charged to the site's ledger first.
+    """
     try:
         site = get_site(context)
         config = msg.content.config_records[P.CONFIG]
@@ -81,9 +86,15 @@ def evaluate(msg: Message, context: Context) -> Message:
         arrays = msg.content.array_records[P.ARRAYS]
         load_numpy_state_dict(model, {name: arrays[name].numpy() for name in arrays})
         accuracy, count = evaluate_classifier(model, site.data.test.images, site.data.test.labels)
+        sigma = float(config.get(P.EVALUATION_NOISE, 0.0))  # type: ignore[arg-type]
+        values = site.release_counts(accuracy * count, count, sigma, int(config.get("round", 0)), str(context.run_id))  # type: ignore[arg-type]
+    except BudgetExceededError as exc:
+        return error_reply(msg, P.ERROR_BUDGET_EXCEEDED, str(exc))
     except DataError as exc:
         return error_reply(msg, P.ERROR_NO_DATA, str(exc))
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (KeyError, ValueError, TypeError, RuntimeError, PrivacyError) as exc:
         return error_reply(msg, P.ERROR_BAD_REQUEST, f"{exc.__class__.__name__}: {exc}")
-    metrics = MetricRecord({P.ACCURACY: float(accuracy), P.NUM_EXAMPLES: int(count), P.PARTITION_ID: site.partition_id})
-    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+    metrics = {**values, P.PARTITION_ID: site.partition_id}
+    if sigma == 0:
+        metrics[P.ACCURACY] = float(accuracy)
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

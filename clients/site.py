@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from coautogen_fl import protocol as P
 from coautogen_fl.config import RunConfig
 from coautogen_fl.data import SitePartition, load_pool_and_test, load_site_from_folder, site_partition
 from coautogen_fl.device import resolve_device
@@ -90,3 +91,12 @@ class Site:
             votes = GaussianMechanism(sigma, rater.sensitivity).apply(votes, np.random.default_rng())
         spent = self.ledger.charge(sigma, round=int(request["round"]), run_id=str(request.get("run-id", "")))
         return VoteResult(votes, spent, sigma)
+
+    def release_counts(self, correct: float, count: int, sigma: float, round: int, run_id: str = "") -> dict[str, float]:
+        """The evaluation release: exact counts when ``sigma`` is 0 (documented as released
+        without noise), else both counts noised (L2 sensitivity sqrt(2)) and charged first."""
+        if sigma <= 0:
+            return {P.CORRECT: float(correct), P.NUM_EXAMPLES: int(count)}
+        spent = self.ledger.charge(sigma, round=round, run_id=run_id)
+        noised = GaussianMechanism(sigma, float(np.sqrt(2.0))).apply(np.array([correct, count], dtype=np.float64), np.random.default_rng())
+        return {P.CORRECT: float(noised[0]), P.NUM_EXAMPLES: float(noised[1]), P.EPSILON_SPENT: spent}

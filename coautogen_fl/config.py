@@ -76,6 +76,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     mode: str = "local"  # local | central
     unit: str = "image"  # image | site
+    evaluation: str = "clear"  # clear: test accuracy released without noise; noised: Gaussian, accounted
 
 
 @dataclass
@@ -134,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feedback.task_mode": ("I2I", "T2I"),
     "privacy.mode": ("local", "central"),
     "privacy.unit": ("image", "site"),
+    "privacy.evaluation": ("clear", "noised"),
     "downstream.model": ("cnn", "resnet18"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
 }

@@ -9,8 +9,11 @@ privacy-unit, delta}. Reply: ArrayRecord ``votes`` {``votes`` float64 (N,)} and 
 ``metrics`` {num-examples, epsilon-spent, partition-id, noise-multiplier}.
 
 EVALUATE (server -> site): ArrayRecord ``arrays`` (the downstream model's state dict) and
-ConfigRecord ``config`` {model, num-classes, channels, image-size}. Reply: MetricRecord
-``metrics`` {accuracy, num-examples, partition-id}.
+ConfigRecord ``config`` {model, num-classes, channels, image-size, evaluation-noise-multiplier,
+round}. Reply: MetricRecord ``metrics`` {correct, num-examples, partition-id, epsilon-spent} and,
+when the evaluation noise multiplier is 0 (released in the clear), ``accuracy``; otherwise
+``correct`` and ``num-examples`` carry Gaussian noise (sensitivity sqrt(2): one test image moves
+both by 1) and are charged to the site's ledger.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ EPSILON_SPENT = "epsilon-spent"
 PARTITION_ID = "partition-id"
 NOISE_MULTIPLIER = "noise-multiplier"
 ACCURACY = "accuracy"
+CORRECT = "correct"
+EVALUATION_NOISE = "evaluation-noise-multiplier"
 
 # Error codes of error replies a site sends instead of crashing.
 ERROR_BUDGET_EXCEEDED = 1001

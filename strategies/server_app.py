@@ -43,7 +43,9 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
     final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device)
     feedback = cfg.feedback.framework == "Feedback"
-    sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, cfg.feedback.rounds) if feedback else 0.0
+    # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
+    releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
+    sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
     return CoAutoGenStrategy(cfg, evolution, final, sigma)
 
 
@@ -62,6 +64,7 @@ def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall
         "delta": cfg.privacy.delta,
         "privacy_mode": cfg.privacy.mode,
         "privacy_unit": cfg.privacy.unit,
+        "privacy_evaluation": cfg.privacy.evaluation,
         "noise_multiplier": strategy.noise_multiplier,
         "epsilon_spent_max": max((s["epsilon_spent"] for s in sites.values()), default=0.0),
         "sites": sites,

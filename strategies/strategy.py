@@ -230,31 +230,56 @@ class CoAutoGenStrategy(Strategy):
         """After the last round, send the downstream model to every site for evaluation."""
         if server_round != self.rounds or self.final.model_arrays is None:
             return []
-        content = RecordDict({P.ARRAYS: self.final.model_arrays, P.CONFIG: self.final.model_config()})
+        config = self.final.model_config()
+        noised = self.cfg.privacy.evaluation == "noised"
+        config[P.EVALUATION_NOISE] = float(self.noise_multiplier) if noised else 0.0
+        config["round"] = server_round + 1 if noised else server_round
+        content = RecordDict({P.ARRAYS: self.final.model_arrays, P.CONFIG: config})
         return [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in sorted(grid.get_node_ids())]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Weighted mean of the sites' private test accuracies (released without noise)."""
-        correct, count = 0.0, 0
+        """Count-weighted mean of the sites' private test accuracies.
+
+        With ``privacy.evaluation=clear`` the sites' accuracies and counts are exact; with
+        ``noised`` the sites send Gaussian-noised correct counts and test counts, and the
+        ratio of their sums is the estimate (clipped to [0, 1]).
+        """
+        correct, count = 0.0, 0.0
+        noised = self.cfg.privacy.evaluation == "noised"
         for msg in replies:
-            if msg.has_error() or P.METRICS not in msg.content.metric_records:
-                reason = msg.error.reason if msg.has_error() else "no metrics record"
-                self._drop(server_round, msg, f"evaluation: {reason}")
-                continue
-            metrics = msg.content.metric_records[P.METRICS]
             try:
-                n = int(metrics.get(P.NUM_EXAMPLES, 0))
-                accuracy = float(metrics.get(P.ACCURACY, float("nan")))  # type: ignore[arg-type]
-            except (TypeError, ValueError) as exc:
-                self._drop(server_round, msg, f"evaluation: unreadable metrics ({exc})")
+                c, n = self._parse_evaluation(msg, noised)
+            except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
+                self._drop(server_round, msg, f"evaluation: {exc}")
                 continue
-            if n < 0 or not 0.0 <= accuracy <= 1.0:
-                self._drop(server_round, msg, f"evaluation: accuracy {accuracy} over {n} examples is invalid")
-                continue
-            correct += accuracy * n
+            correct += c
             count += n
-        if count == 0:
+        if count <= 0:
             return None
-        self.federated_accuracy = correct / count
-        log(INFO, "federated evaluation: accuracy %.4f over %d private test images", self.federated_accuracy, count)
-        return MetricRecord({P.ACCURACY: self.federated_accuracy, P.NUM_EXAMPLES: count})
+        self.federated_accuracy = min(max(correct / count, 0.0), 1.0)
+        log(INFO, "federated evaluation: accuracy %.4f over %.0f private test images%s", self.federated_accuracy, count, " (noised)" if noised else "")
+        return MetricRecord({P.ACCURACY: self.federated_accuracy, P.NUM_EXAMPLES: float(count)})
+
+    def _parse_evaluation(self, msg: Message, noised: bool) -> tuple[float, float]:
+        """(correct, count) of one evaluation reply; raises ReplyError when unusable."""
+        if msg.has_error():
+            refused = msg.error.code == P.ERROR_BUDGET_EXCEEDED
+            if refused:
+                self._site(msg).refusals.append(f"evaluation: {msg.error.reason}")
+            raise P.ReplyError(str(msg.error.reason))
+        if P.METRICS not in msg.content.metric_records:
+            raise P.ReplyError("no metrics record")
+        metrics = msg.content.metric_records[P.METRICS]
+        n = float(metrics.get(P.NUM_EXAMPLES, -1))  # type: ignore[arg-type]
+        if noised:
+            c = float(metrics.get(P.CORRECT, float("nan")))  # type: ignore[arg-type]
+            bound = 10.0 * self.noise_multiplier * np.sqrt(2.0) + 1.0
+            if not (np.isfinite(c) and np.isfinite(n) and n > -bound and -bound < c < n + bound):
+                raise P.ReplyError(f"noised correct {c} / count {n} outside plausible bounds")
+            site = self._site(msg, int(metrics.get(P.PARTITION_ID, -1)))  # type: ignore[arg-type]
+            site.epsilon_spent = max(site.epsilon_spent, float(metrics.get(P.EPSILON_SPENT, 0.0)))  # type: ignore[arg-type]
+            return c, n
+        accuracy = float(metrics.get(P.ACCURACY, float("nan")))  # type: ignore[arg-type]
+        if n < 0 or not 0.0 <= accuracy <= 1.0:
+            raise P.ReplyError(f"accuracy {accuracy} over {int(n)} examples is invalid")
+        return accuracy * n, n

@@ -312,10 +312,13 @@ def test_corrupt_ledger_is_never_reset(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- evaluate
-def evaluate_request(model_arrays: dict, image_size=28) -> Message:
+def evaluate_request(model_arrays: dict, image_size=28, sigma: float = 0.0, server_round: int = ROUNDS + 1) -> Message:
+    config = {"model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": image_size}
+    if sigma:
+        config.update({P.EVALUATION_NOISE: sigma, "round": server_round})
     content = RecordDict({
         P.ARRAYS: ArrayRecord({k: Array(v) for k, v in model_arrays.items()}),
-        P.CONFIG: ConfigRecord({"model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": image_size}),
+        P.CONFIG: ConfigRecord(config),
     })
     return Message(content=content, dst_node_id=NODE_ID, message_type=MessageType.EVALUATE)
 
@@ -333,6 +336,30 @@ def test_evaluate_returns_accuracy_and_the_test_count(tmp_path):
     assert metrics[P.PARTITION_ID] == 2
     assert not reply.content.array_records  # the model does not come back
     assert not ledger_path(context).exists()  # evaluation is not charged to the vote budget
+
+
+def test_noised_evaluation_releases_noised_counts_and_charges_the_ledger(tmp_path):
+    """privacy.evaluation=noised: the site plans T votes + 1 evaluation at one sigma, so the
+    whole run spends exactly the budget and a second evaluation is refused."""
+    context = make_context(tmp_path, partition_id=2)
+    sigma = noise_multiplier_for_epsilon(EPSILON, DELTA, ROUNDS + 1)
+    ledger = PrivacyLedger(ledger_path(context), EPSILON, DELTA)
+    for r in range(1, ROUNDS + 1):
+        ledger.charge(sigma, round=r)
+    model = state_dict_to_numpy(build_classifier("cnn", NUM_CLASSES, 1, 28))
+    reply = client_app.evaluate(evaluate_request(model, sigma=sigma), context)
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content.metric_records[P.METRICS]
+    site = client_app.get_site(context)
+    assert P.ACCURACY not in metrics  # no exact accuracy leaves the site
+    assert metrics[P.NUM_EXAMPLES] != len(site.data.test)  # noised count (a float)
+    assert abs(metrics[P.NUM_EXAMPLES] - len(site.data.test)) < 8 * sigma * np.sqrt(2)
+    assert metrics[P.EPSILON_SPENT] == pytest.approx(EPSILON, abs=1e-6)
+    assert len(PrivacyLedger(ledger_path(context), EPSILON, DELTA).entries) == ROUNDS + 1
+    before = ledger_path(context).read_bytes()
+    again = client_app.evaluate(evaluate_request(model, sigma=sigma, server_round=ROUNDS + 2), context)
+    assert again.has_error() and again.error.code == P.ERROR_BUDGET_EXCEEDED
+    assert ledger_path(context).read_bytes() == before
 
 
 def test_evaluate_with_mismatched_arrays_is_an_error_reply(tmp_path):

@@ -375,7 +375,10 @@ def test_last_round_builds_the_dataset_and_the_model_goes_to_every_node(tmp_path
     for m in evaluations:
         assert m.metadata.message_type == MessageType.EVALUATE
         config = m.content.config_records[P.CONFIG]
-        assert dict(config) == {"model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": 28}
+        assert dict(config) == {
+            "model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": 28,
+            P.EVALUATION_NOISE: 0.0, "round": 2,  # privacy.evaluation=clear: no noise, no charge
+        }
         sent = m.content.array_records[P.ARRAYS]
         for name in arrays:
             np.testing.assert_array_equal(sent[name].numpy(), arrays[name].numpy())
@@ -504,3 +507,21 @@ def test_aggregate_evaluate_survives_a_list_valued_metric(strategy):
     odd = Message(content=RecordDict({P.METRICS: MetricRecord({P.ACCURACY: [0.5], P.NUM_EXAMPLES: 10})}), reply_to=m[11])
     result = strategy.aggregate_evaluate(2, [odd, eval_reply(m[12], 0.5, 10)])
     assert result[P.ACCURACY] == pytest.approx(0.5) and [d["node"] for d in strategy.dropped] == [11]
+
+
+def test_noised_evaluation_is_planned_into_the_noise_and_aggregated_from_noised_counts(tmp_path):
+    s = build_strategy(small_config("privacy.evaluation=noised"), tmp_path)
+    cfg = s.cfg
+    # the rounds and the evaluation release share the budget: T + 1 releases at one sigma
+    assert s.noise_multiplier == pytest.approx(noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, cfg.feedback.rounds + 1))
+    m = evaluate_messages([11, 12, 13])
+    metrics = [
+        {P.CORRECT: 30.4, P.NUM_EXAMPLES: 41.0, P.PARTITION_ID: 0, P.EPSILON_SPENT: 1.0},
+        {P.CORRECT: 9.7, P.NUM_EXAMPLES: 19.2, P.PARTITION_ID: 1, P.EPSILON_SPENT: 1.0},
+        {P.CORRECT: float("nan"), P.NUM_EXAMPLES: 10.0, P.PARTITION_ID: 2, P.EPSILON_SPENT: 1.0},
+    ]
+    replies = [Message(content=RecordDict({P.METRICS: MetricRecord(x)}), reply_to=m[n]) for n, x in zip([11, 12, 13], metrics)]
+    result = s.aggregate_evaluate(2, replies)
+    assert result[P.ACCURACY] == pytest.approx((30.4 + 9.7) / (41.0 + 19.2))
+    assert [d["node"] for d in s.dropped] == [13]
+    assert s.sites[11].epsilon_spent == pytest.approx(1.0)
