@@ -296,18 +296,17 @@ def start_superlink(port: int, env: Mapping[str, str], cwd: Path, log: Path, wat
 
 
 def start_supernode(superlink_port: int, port: int, node_config: str, env: Mapping[str, str], cwd: Path, log: Path,
-                    watch: ProcessWatch | None = None, timeout: float = 60.0) -> tuple[FlowerProcess, int]:
-    """A SuperNode connected to the SuperLink; returns it and its node id once registered."""
+                    watch: ProcessWatch | None = None) -> FlowerProcess:
+    """A SuperNode of the SuperLink on ``127.0.0.1:superlink_port``; see :func:`node_id_of`."""
     command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
                "--port", str(port), "--node-config", node_config]
-    node = FlowerProcess(f"flower-supernode ({node_config})", command, env, cwd, log, watch)
-    try:
-        out = node.wait_for_output("SuperNode ID:", timeout)
-    except BaseException:
-        node.stop()
-        raise
-    node_id = int(out.split("SuperNode ID:", 1)[1].split()[0])
-    return node, node_id
+    return FlowerProcess(f"flower-supernode ({node_config})", command, env, cwd, log, watch)
+
+
+def node_id_of(node: FlowerProcess, timeout: float = 60.0) -> int:
+    """The SuperNode's Flower node id, once it has registered with the SuperLink."""
+    out = node.wait_for_output("SuperNode ID:", timeout)
+    return int(out.split("SuperNode ID:", 1)[1].split()[0])
 
 
 def tail(text: str, lines: int = 60) -> str:
