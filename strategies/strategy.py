@@ -270,13 +270,13 @@ class CoAutoGenStrategy(Strategy):
         if P.METRICS not in msg.content.metric_records:
             raise P.ReplyError("no metrics record")
         metrics = msg.content.metric_records[P.METRICS]
+        site = self._site(msg, int(metrics.get(P.PARTITION_ID, -1)))  # type: ignore[arg-type]  # names a site that refused every vote
         n = float(metrics.get(P.NUM_EXAMPLES, -1))  # type: ignore[arg-type]
         if noised:
             c = float(metrics.get(P.CORRECT, float("nan")))  # type: ignore[arg-type]
             bound = 10.0 * self.noise_multiplier * np.sqrt(2.0) + 1.0
             if not (np.isfinite(c) and np.isfinite(n) and n > -bound and -bound < c < n + bound):
                 raise P.ReplyError(f"noised correct {c} / count {n} outside plausible bounds")
-            site = self._site(msg, int(metrics.get(P.PARTITION_ID, -1)))  # type: ignore[arg-type]
             site.epsilon_spent = max(site.epsilon_spent, float(metrics.get(P.EPSILON_SPENT, 0.0)))  # type: ignore[arg-type]
             return c, n
         accuracy = float(metrics.get(P.ACCURACY, float("nan")))  # type: ignore[arg-type]

@@ -446,7 +446,9 @@ def test_gen_framework_sends_no_train_message_and_builds_the_dataset(tmp_path):
     assert not (tmp_path / "rounds").exists()
     assert s.federated_accuracy == pytest.approx(0.25)
     summary = run_summary(s.cfg, s, tmp_path, 1.0)
-    assert summary["rounds"] == 0 and summary["num_synthetic"] == 50 and summary["sites"] == {}
+    assert summary["rounds"] == 0 and summary["num_synthetic"] == 50
+    # sites appear through their evaluation replies, having spent nothing
+    assert all(site["epsilon_spent"] == 0.0 and site["rounds_answered"] == 0 for site in summary["sites"].values())
     assert summary["epsilon_spent_max"] == 0.0
 
 
