@@ -1,6 +1,7 @@
 """The `coautogen` command.
 
     coautogen run [--config FILE] [--num-hospitals N] [--out DIR] [seed flags] [key=value ...]
+    coautogen privacy (--epsilon E | --noise S) [--delta D] [--rounds T] [--mode M --sites K] [--json]
 
 runs one simulation through Flower's simulation engine and ends by printing the run
 directory and its summary. The seed project's short flags map onto config keys.
@@ -18,6 +19,7 @@ from coautogen_fl.config import ConfigError, RunConfig, load_config, save_config
 from coautogen_fl.rundir import resolve_run_dir
 
 from .launcher import SimulationError, run_simulation
+from .privacy_cli import add_privacy_parser, command_privacy
 
 #: The seed project's short flags -> config keys.
 SHORT_FLAGS: dict[str, str] = {
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         names = [flag] + ([LONG_ALIASES[flag]] if flag in LONG_ALIASES else [])
         run.add_argument(*names, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. privacy.epsilon=2")
+    add_privacy_parser(commands)
     return parser
 
 
@@ -140,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return command_run(args)
+        if args.command == "privacy":
+            return command_privacy(args)
     except (ConfigError, SimulationError) as exc:
         print(f"coautogen: error: {exc}", file=sys.stderr)
         return 2
