@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from coautogen_fl.config import load_config, save_config
+from flower_processes import ProcessWatch, processes_naming
 from simulations.launcher import FlowerSimulation, app_dir
 
 pytestmark = pytest.mark.flower
@@ -30,127 +29,6 @@ SUMMARY_KEYS = ("framework", "rater", "epsilon", "delta", "epsilon_spent_max", "
                 "num_synthetic", "accuracy_real_test", "accuracy_federated", "wall_time_s")
 TINY = ["feedback.rounds=2", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=2"]
 EXIT_GRACE_S = 20.0  # Ray and the simulation runtime shut down asynchronously
-
-
-# ---------------------------------------------------------------------------------- processes
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a live process, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    if fields[0] == "Z":  # a zombie has exited; only its parent's wait() is missing
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _alive(key: tuple[int, int]) -> bool:
-    stat = _stat(key[0])
-    return stat is not None and stat[1] == key[1]
-
-
-def processes_naming(marker: str) -> list[tuple[int, str]]:
-    """Live processes (but this one) whose command line contains ``marker``."""
-    found = []
-    for pid in _pids():
-        if pid == os.getpid():
-            continue
-        command = _cmdline(pid)
-        if marker in command and _stat(pid) is not None:
-            found.append((pid, command))
-    return found
-
-
-class ProcessWatch:
-    """Records the processes a test started, for the check and the cleanup afterwards.
-
-    Parameters
-    ----------
-    marker : str
-        A path unique to the test (its tmp folder): processes naming it are the test's.
-    """
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-        self.roots: set[tuple[int, int]] = set()
-        self.seen: dict[tuple[int, int], str] = {}  # (pid, start time) -> command line
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def add_root(self, pid: int) -> None:
-        stat = _stat(pid)
-        if stat is not None:
-            with self._lock:
-                self.roots.add((pid, stat[1]))
-            self.scan()
-
-    def scan(self) -> None:
-        with self._lock:
-            table = {}
-            for pid in _pids():
-                stat = _stat(pid)
-                if stat is not None:
-                    table[pid] = stat
-            tracked = set(self.roots) | set(self.seen)
-            changed = True
-            while changed:  # children of tracked processes are tracked, transitively
-                changed = False
-                for pid, (ppid, start) in table.items():
-                    key = (pid, start)
-                    if key in tracked or pid == os.getpid():
-                        continue
-                    parent = table.get(ppid)
-                    if (parent is not None and (ppid, parent[1]) in tracked) or self.marker in _cmdline(pid):
-                        tracked.add(key)
-                        self.seen[key] = _cmdline(pid)
-                        changed = True
-            for key in self.roots:
-                self.seen.setdefault(key, _cmdline(key[0]))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.25):
-            self.scan()
-
-    def __enter__(self) -> "ProcessWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def alive(self) -> dict[tuple[int, int], str]:
-        return {key: command for key, command in self.seen.items() if _alive(key)}
-
-    def wait_all_gone(self, timeout: float) -> dict[tuple[int, int], str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                return {}
-            time.sleep(0.25)
-        return self.alive()
-
-    def kill_leftovers(self) -> None:
-        """SIGKILL, by PID, every recorded process that is still the same process."""
-        for key in list(self.alive()):
-            try:
-                os.kill(key[0], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def assert_pid_gone(pid: int) -> None:
@@ -165,7 +43,7 @@ def assert_nothing_left(watch: ProcessWatch, superlink_pid: int, marker: str) ->
     assert_pid_gone(superlink_pid)
     leftovers = watch.wait_all_gone(EXIT_GRACE_S)
     assert not leftovers, f"processes still running {EXIT_GRACE_S:.0f} s after the run: {leftovers}"
-    assert processes_naming(marker) == []
+    assert processes_naming([marker]) == []
 
 
 def superlink_pid_of(watch: ProcessWatch, flwr_home: Path) -> int:
@@ -181,7 +59,7 @@ def test_coautogen_run_command(tmp_path):
     command = [str(Path(sys.executable).parent / "coautogen"), "run", "--out", str(out), "--name", "e2e",
                "--num-hospitals", "3", *TINY]
     started = time.monotonic()
-    with ProcessWatch(str(tmp_path)) as watch:
+    with ProcessWatch([str(tmp_path)]) as watch:
         proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             watch.add_root(proc.pid)
@@ -238,7 +116,7 @@ def test_flwr_run_with_ten_supernodes(tmp_path):
     config_file = save_config(cfg, tmp_path / "config.yaml")
     log = tmp_path / "flwr-run.log"
     superlink = None
-    with ProcessWatch(str(tmp_path)) as watch:
+    with ProcessWatch([str(tmp_path)]) as watch:
         try:
             with FlowerSimulation(flwr_home) as simulation, open(log, "w") as output:
                 superlink = simulation.process.pid
