@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO, Mapping
 
 import httpx
 
@@ -251,7 +251,6 @@ def run_simulation(
     num_cpus: int = 1,
     num_gpus: float = 0.0,
     output: IO[str] | None = None,
-    extra_args: Sequence[str] = (),
 ) -> RunStatus:
     """Start a private SuperLink, run the app once, stop the SuperLink."""
     with FlowerSimulation(flwr_home) as simulation:

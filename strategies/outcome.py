@@ -4,7 +4,7 @@ it, evaluate it on the central real test split, and keep what the summary report
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO
 from typing import Any, Sequence
 
@@ -49,7 +49,6 @@ class FinalStage:
     model_arrays: ArrayRecord | None = None
     accuracy_real_test: float | None = None
     num_synthetic: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def log_round(self, server_round: int, metrics: dict[str, Any], voted: Sequence[Candidate]) -> None:
         """Append the round to metrics.jsonl / W&B with a grid of the voted pool."""
