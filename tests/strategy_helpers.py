@@ -1,0 +1,90 @@
+"""Shared pieces of the Message-level strategy tests: a fake Grid, a small config, replies
+built the way a ClientApp builds them (``Message(..., reply_to=msg)``)."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from coautogen_fl import protocol as P
+from coautogen_fl.config import load_config
+from strategies.server_app import build_strategy
+
+
+NODES = [11, 12, 13]
+NUM_CLASSES = 10
+SMALL = [
+    "feedback.rounds=2",
+    "feedback.candidates_per_label=3",
+    "feedback.volume_per_label=5",
+    "downstream.epochs=1",
+    "federation.num_hospitals=3",
+]
+POOL = 3 * NUM_CLASSES  # candidates_per_label x classes
+DIM = 14 * 14  # the pixels embedder at its default pixel_size
+
+
+class FakeGrid:
+    """The part of a Grid the strategy's configure_* methods use."""
+
+    def __init__(self, nodes=NODES) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages read the run/node/task identity of the process, as inside a ServerApp."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 4242)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+def small_config(*overrides: str):
+    return load_config(overrides=[*SMALL, *overrides])
+
+
+@pytest.fixture
+def strategy(tmp_path):
+    return build_strategy(small_config(), tmp_path)
+
+
+def vote_reply(msg: Message, votes, num_examples=100, epsilon_spent=0.5, partition_id=0) -> Message:
+    """A site's TRAIN reply, built like clients.client_app.train builds it."""
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: num_examples,
+            P.EPSILON_SPENT: float(epsilon_spent),
+            P.PARTITION_ID: partition_id,
+            P.NOISE_MULTIPLIER: 1.0,
+        }
+    )
+    votes = ArrayRecord({P.VOTES: Array(np.asarray(votes, dtype=np.float64))})
+    return Message(content=RecordDict({P.VOTES: votes, P.METRICS: metrics}), reply_to=msg)
+
+
+def eval_reply(msg: Message, accuracy, num_examples, partition_id=0) -> Message:
+    metrics = MetricRecord({P.ACCURACY: float(accuracy), P.NUM_EXAMPLES: int(num_examples), P.PARTITION_ID: partition_id})
+    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+
+def train_messages(strategy, server_round, grid=None):
+    return list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid or FakeGrid()))
+
+
+def by_node(messages):
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def integer_votes(seed, size=POOL, total=60):
+    """A plausible clean vote vector: ``total`` private samples, one vote each."""
+    rng = np.random.default_rng(seed)
+    return np.bincount(rng.integers(0, size, total), minlength=size).astype(np.float64)
+
+
