@@ -114,9 +114,32 @@ def print_summary(summary: dict, out: IO[str]) -> None:
                   f"{site['rounds_answered']} rounds, {unit}{refused}\n")
 
 
+class PreflightError(RuntimeError):
+    """The run would fail inside Flower; caught before anything starts."""
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Load the data, split it across the sites and build the embedder, in this process.
+
+    A wrong data folder, a site left without data or missing embedder weights would otherwise
+    surface only as a failed Flower run after the SuperLink started; here they cost a second.
+    """
+    from coautogen_fl.data import DataError, load_pool_and_test, site_partition
+    from coautogen_fl.embedding import EmbedderError, build_embedder
+
+    try:
+        pool, _ = load_pool_and_test(cfg.data)
+        for partition_id in range(cfg.federation.num_hospitals):
+            site_partition(pool, partition_id, cfg.federation.num_hospitals, cfg.data)
+        build_embedder(cfg.embedder)
+    except (DataError, EmbedderError) as exc:
+        raise PreflightError(str(exc)) from None
+
+
 def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout  # resolved per call, so callers can redirect stdout
     cfg = load_config(args.config, overrides_from_args(args))
+    preflight(cfg)
     cfg, run_dir = prepare_run(cfg)
     out.write(f"coautogen: {cfg.feedback.framework} with {cfg.federation.num_hospitals} simulated hospitals, "
               f"epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
@@ -145,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(args)
         if args.command == "privacy":
             return command_privacy(args)
-    except (ConfigError, SimulationError) as exc:
+    except (ConfigError, PreflightError, SimulationError) as exc:
         print(f"coautogen: error: {exc}", file=sys.stderr)
         return 2
     return 0

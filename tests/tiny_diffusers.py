@@ -1,0 +1,115 @@
+"""Build a tiny random-weight Stable Diffusion pipeline in code and save it to a folder.
+
+Used by the diffusers generator tests: nothing is downloaded, and the saved folder goes through
+the same ``from_pretrained(local_files_only=True)`` path as a real model. Not a test module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tiny_tokenizer(folder: Path) -> Path:
+    """A CLIP BPE vocabulary of single bytes (with and without ``</w>``) plus a few merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = [("a", "t"), ("p", "h"), ("o", "f</w>"), ("t", "o</w>")]
+    tokens += [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight ``StableDiffusionPipeline`` (sample size 32) to ``folder``.
+
+    Parameters
+    ----------
+    folder : str or Path
+        Target directory (created); it ends up in diffusers' ``save_pretrained`` layout.
+    seed : int, default 0
+        torch seed for the random weights.
+
+    Returns
+    -------
+    Path
+        The folder, loadable with ``StableDiffusionPipeline.from_pretrained(folder)``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        pad_token_id=1,
+        vocab_size=1000,
+        max_position_embeddings=77,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder.parent / f"{folder.name}-tokenizer")))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
