@@ -33,10 +33,25 @@ class DataConfig:
     seed: int = 0
 
 
+#: The seed project's generator names and the hub ids they stand for (-sgen).
+GENERATOR_ALIASES: dict[str, str] = {
+    "StableDiffusion": "runwayml/stable-diffusion-v1-5",
+    "StableDiffusion2": "stabilityai/stable-diffusion-2-1-base",
+    "StableDiffusionXL": "stabilityai/stable-diffusion-xl-base-1.0",
+    "OpenJourney": "prompthero/openjourney",
+    "FLUX": "black-forest-labs/FLUX.1-schnell",
+}
+
+
 @dataclass
 class GeneratorConfig:
-    name: str = "Glyph"  # -sgen
+    name: str = "Glyph"  # -sgen: Glyph, a GENERATOR_ALIASES name, a hub id or a local diffusers folder
     seed: int = 0
+    prompt_template: str = "a photo of {name}"  # diffusers: the class prompt
+    steps: int = 25  # diffusers: inference steps
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    safety_checker: bool = False
     degree_start: float = 0.8
     degree_end: float = 0.2
     degree_step: float = 0.06
@@ -125,7 +140,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("cpu", "cuda", "auto"),
     "data.channels": (1, 3),
     "data.partitioner": ("iid", "dirichlet"),
-    "generator.name": ("Glyph",),
     "embedder.name": ("pixels", "resnet18"),
     "feedback.framework": ("Gen", "Feedback"),
     "feedback.rater": ("PE",),
@@ -149,6 +163,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("generator.degree_end", 0, True),
     ("generator.degree_step", 0, True),
     ("data.real_per_label", 0, True),
+    ("generator.steps", 1, True),
+    ("generator.batch_size", 1, True),
     ("embedder.pixel_size", 2, True),
     ("embedder.batch_size", 1, True),
     ("feedback.rounds", 1, True),
@@ -300,6 +316,13 @@ def validate(cfg: RunConfig) -> None:
         if value >= high:
             raise ConfigError(f"{key} must be < {high} (got {value})")
     g = cfg.generator
+    if g.name != "Glyph" and g.name not in GENERATOR_ALIASES and "/" not in g.name and not g.name.startswith((".", "~")):
+        raise ConfigError(
+            f"generator.name={g.name!r} is not valid; use Glyph, one of {', '.join(GENERATOR_ALIASES)}, "
+            "a hub id (owner/name) or a local diffusers folder (./models/sd15)"
+        )
+    if "{name}" not in g.prompt_template:
+        raise ConfigError(f"generator.prompt_template must contain {{name}} (got {g.prompt_template!r})")
     if not g.degree_end <= g.degree_start:
         raise ConfigError(f"generator.degree_end ({g.degree_end}) must be <= generator.degree_start ({g.degree_start})")
     if cfg.feedback.volume_per_label < cfg.feedback.candidates_per_label:

@@ -36,7 +36,7 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     validate_epsilon_delta(cfg.privacy.epsilon, cfg.privacy.delta, num_private=max(1, len(pool)))
     class_names = pool.class_names
     g = cfg.generator
-    generator = build_generator(g, class_names, cfg.data.image_size, cfg.data.channels, device)
+    generator = build_generator(g, class_names, cfg.data.image_size, cfg.data.channels, device, cfg.feedback.task_mode)
     schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
     evolution = Evolution(generator, build_embedder(cfg.embedder, device), len(class_names), cfg.feedback, schedule, g.seed)
     t = cfg.tracking

@@ -212,3 +212,32 @@ def test_noised_evaluation_is_planned_into_the_noise_and_aggregated_from_noised_
     assert [d["node"] for d in s.dropped] == [13]
     assert s.sites[11].epsilon_spent == pytest.approx(1.0)
 
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_folder(tmp_path_factory):
+    from tiny_diffusers import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.mark.parametrize("task_mode", ["I2I", "T2I"])
+def test_feedback_run_with_a_diffusers_generator(tmp_path, monkeypatch, tiny_pipeline_folder, task_mode):
+    """The whole Feedback loop with real ClientApp handlers and a (tiny, random-weight)
+    Stable Diffusion pipeline loaded from a local folder through the real loading path."""
+    from clients import client_app
+
+    monkeypatch.setattr(client_app, "_SITES", {})
+    cfg = small_config(
+        f"generator.name={tiny_pipeline_folder}", "generator.steps=2", "generator.batch_size=10",
+        "feedback.evolve=candidates", f"feedback.task_mode={task_mode}", "data.image_size=32",
+    )
+    s = build_strategy(cfg, tmp_path / "run")
+    s.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
+    assert s.dropped == [] and all(site.rounds_answered == 2 for site in s.sites.values())
+    final = json.loads((tmp_path / "run" / "synthetic" / "index.jsonl").read_text().splitlines()[0])
+    genotype = final["genotype"]
+    assert final["parent"] is not None and genotype["prompt"] == "a photo of " + ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"][final["label"]]
+    assert genotype["mode"] == ("i2i" if task_mode == "I2I" else "t2i")
+    assert len(list((tmp_path / "run" / "synthetic").rglob("*.png"))) == 5 * NUM_CLASSES
+    assert 0.0 <= s.federated_accuracy <= 1.0

@@ -38,6 +38,50 @@ def write_tiny_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def make_vae_near_identity(vae) -> None:
+    """Set a tiny ``AutoencoderKL``'s weights so decode(encode(x)) keeps x's spatial structure.
+
+    Random VAE weights map every image to much the same texture, so image-to-image could not
+    stay near its parent. Here every residual branch and attention output is zeroed (identity
+    blocks), shortcuts, up/down-sampling and in/out convolutions copy the first channels (a 2x2
+    box average when downsampling), and the posterior's log-variance is -30 (sampling = mean).
+    Only the GroupNorm + SiLU before each ``conv_out`` stays non-linear (monotone per channel).
+    """
+    import torch
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    def copy_channels(conv: torch.nn.Conv2d, taps: list[tuple[int, int]]) -> None:
+        n = min(conv.in_channels, conv.out_channels)
+        for c in range(n):
+            for i, j in taps:
+                conv.weight[c, c, i, j] = 1.0 / len(taps)
+
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D) and module.conv_shortcut is not None:
+                copy_channels(module.conv_shortcut, [(0, 0)])
+            elif isinstance(module, Downsample2D) and module.conv is not None:
+                copy_channels(module.conv, [(0, 0), (0, 1), (1, 0), (1, 1)])
+            elif isinstance(module, Upsample2D) and module.conv is not None:
+                copy_channels(module.conv, [(1, 1)])
+        center = [(1, 1)]
+        copy_channels(vae.encoder.conv_in, center)
+        copy_channels(vae.decoder.conv_in, center)
+        copy_channels(vae.decoder.conv_out, center)
+        latent = vae.config.latent_channels
+        for c in range(latent):
+            vae.encoder.conv_out.weight[c, c, 1, 1] = 1.0
+        vae.encoder.conv_out.bias[latent:] = -30.0  # log-variance: a deterministic posterior
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            if conv is not None:
+                copy_channels(conv, [(0, 0)])
+
+
 def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny random-weight ``StableDiffusionPipeline`` (sample size 32) to ``folder``.
 
@@ -78,21 +122,26 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
         norm_num_groups=32,
+        scaling_factor=1.0,
     )
+    make_vae_near_identity(vae)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tiny_tokenizer(folder.parent / f"{folder.name}-tokenizer")), model_max_length=77
+    )
+    vocab_size_special = (tokenizer.bos_token_id, tokenizer.eos_token_id)
     text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
+        bos_token_id=vocab_size_special[0],
+        eos_token_id=vocab_size_special[1],
         hidden_size=32,
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
         num_hidden_layers=2,
-        pad_token_id=1,
+        pad_token_id=vocab_size_special[1],
         vocab_size=1000,
         max_position_embeddings=77,
     )
     text_encoder = CLIPTextModel(text_config)
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder.parent / f"{folder.name}-tokenizer")))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
