@@ -74,3 +74,12 @@ def stack_images(candidates: Sequence[Candidate]) -> np.ndarray:
     if not candidates:
         raise ValueError("stack_images needs at least one candidate")
     return np.stack([np.asarray(c.image, dtype=np.float32) for c in candidates])
+
+
+def check_int(name: str, value: int, low: int, high: int | None = None) -> int:
+    """Validate an integer argument of a generator, naming it and the accepted range in the error."""
+    valid = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not valid or value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return int(value)

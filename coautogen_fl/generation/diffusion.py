@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from coautogen_fl.generation.base import Candidate
+from coautogen_fl.generation.base import Candidate, check_int
 from coautogen_fl.generation.diffusers_loading import GeneratorLoadError, load_text2image
 from coautogen_fl.generation.schedule import check_degree
 
@@ -127,7 +127,7 @@ class DiffusersGenerator:
         names = tuple(str(c) for c in class_names)
         if not names or any(not c.strip() for c in names):
             raise ValueError(f"class_names must be a non-empty sequence of non-blank names, got {list(class_names)!r}")
-        _check_int("image_size", image_size, 8)
+        check_int("image_size", image_size, 8)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if task_mode not in TASK_MODES:
@@ -138,8 +138,8 @@ class DiffusersGenerator:
             raise ValueError(
                 f"prompt_template must be a format string whose only field is {{name}}, got {prompt_template!r}"
             ) from exc
-        _check_int("num_inference_steps", num_inference_steps, 1)
-        _check_int("batch_size", batch_size, 1)
+        check_int("num_inference_steps", num_inference_steps, 1)
+        check_int("batch_size", batch_size, 1)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.model = model
@@ -235,7 +235,7 @@ class DiffusersGenerator:
 
     def prompt(self, label: int) -> str:
         """The prompt of class ``label``."""
-        label = _check_int("label", label, 0, len(self.class_names) - 1)
+        label = check_int("label", label, 0, len(self.class_names) - 1)
         return self.prompt_template.format(name=self.class_names[label])
 
     def random(self, label: int, n: int) -> list[Candidate]:
@@ -254,7 +254,7 @@ class DiffusersGenerator:
             Candidates with ``parent_id=None``, ``round=0`` and t2i genotypes, each with its own seed.
         """
         prompt = self.prompt(label)
-        n = _check_int("n", n, 0)
+        n = check_int("n", n, 0)
         genotypes = [self._genotype(prompt, "t2i") for _ in range(n)]
         images = self._run(genotypes, None)
         return [self._make(int(label), g, img, None, 0) for g, img in zip(genotypes, images)]
@@ -282,7 +282,7 @@ class DiffusersGenerator:
         degree = check_degree(degree)
         prompts = []
         for parent in candidates:
-            _check_int(f"label of candidate {parent.candidate_id}", parent.label, 0, len(self.class_names) - 1)
+            check_int(f"label of candidate {parent.candidate_id}", parent.label, 0, len(self.class_names) - 1)
             prompt = parent.genotype.get("prompt") if isinstance(parent.genotype, dict) else None
             prompts.append(str(prompt) if prompt else self.prompt(parent.label))
         if self.task_mode == "T2I":
@@ -375,15 +375,6 @@ class DiffusersGenerator:
         candidate_id = f"diffusers-{self._counter:07d}"
         self._counter += 1
         return Candidate(candidate_id, label, image, genotype, parent_id, round_index)
-
-
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> int:
-    """Validate an integer argument, naming it and the accepted range in the error."""
-    valid = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not valid or value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {span}, got {value!r}")
-    return int(value)
 
 
 __all__ = ["DiffusersGenerator", "GeneratorLoadError", "load_text2image", "GENOTYPE_KEYS", "TASK_MODES", "MIN_STRENGTH"]

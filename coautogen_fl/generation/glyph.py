@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from coautogen_fl.generation.base import Candidate
+from coautogen_fl.generation.base import Candidate, check_int
 from coautogen_fl.generation.distribution import GenotypeDistribution
 from coautogen_fl.generation.fonts import load_font, select_fonts
 from coautogen_fl.generation.schedule import check_degree
@@ -80,7 +80,7 @@ def render_glyph(genotype: dict[str, Any], text: str, image_size: int = 28) -> n
     np.ndarray
         float32, shape (image_size, image_size), values in [0, 1], white ink on black.
     """
-    _check_count("image_size", image_size, 8)
+    check_int("image_size", image_size, 8)
     _require_genotype(genotype, "genotype")
     if not text or not text.strip():
         raise ValueError(f"text must contain a visible character, got {text!r}")
@@ -164,15 +164,6 @@ def _require_genotype(genotype: dict[str, Any], owner: str) -> None:
                          f"only genotypes made by a GlyphGenerator (keys {list(GENOTYPE_KEYS)})")
 
 
-def _check_count(name: str, value: int, low: int, high: int | None = None) -> int:
-    """Validate an integer argument, naming it and the accepted range in the error."""
-    valid = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not valid or value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {span}, got {value!r}")
-    return int(value)
-
-
 class GlyphGenerator:
     """Domain-randomised text glyphs; implements the ``Generator`` protocol.
 
@@ -209,7 +200,7 @@ class GlyphGenerator:
                 f"class_names must be a non-empty sequence of unique, non-blank texts, got "
                 f"{list(class_names)!r}; for digits pass [str(d) for d in range(10)]"
             )
-        _check_count("image_size", image_size, 8)
+        check_int("image_size", image_size, 8)
         self.fonts = select_fonts(names, fonts)
         self.class_names = names
         self.image_size = int(image_size)
@@ -248,8 +239,8 @@ class GlyphGenerator:
         list[Candidate]
             Candidates with ``parent_id=None`` and ``round=0``.
         """
-        label = _check_count("label", label, 0, len(self.class_names) - 1)
-        n = _check_count("n", n, 0)
+        label = check_int("label", label, 0, len(self.class_names) - 1)
+        n = check_int("n", n, 0)
         return [self._make(label, self._sample_genotype(), None, 0) for _ in range(n)]
 
     def vary(self, candidates: Sequence[Candidate], degree: float) -> list[Candidate]:
@@ -275,7 +266,7 @@ class GlyphGenerator:
         degree = check_degree(degree)
         children = []
         for parent in candidates:
-            label = _check_count(f"label of candidate {parent.candidate_id}", parent.label, 0,
+            label = check_int(f"label of candidate {parent.candidate_id}", parent.label, 0,
                                  len(self.class_names) - 1)  # fmt: skip
             _require_genotype(parent.genotype, f"genotype of candidate {parent.candidate_id}")
             genotype = self._mutate(parent.genotype, degree)
