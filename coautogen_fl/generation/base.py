@@ -13,6 +13,13 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from coautogen_fl.hub import ModelLoadError
+
+
+class GeneratorLoadError(ModelLoadError):
+    """A generator's model could not be loaded (missing locally, unusable device, bad folder,
+    unreachable or misbehaving API); the message names the model and the fix."""
+
 
 @dataclass
 class Candidate:

@@ -15,10 +15,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from coautogen_fl.generation.base import Candidate, check_int
-from coautogen_fl.generation.diffusers_loading import GeneratorLoadError, load_text2image
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int
+from coautogen_fl.generation.diffusers_loading import load_text2image
+from coautogen_fl.generation.imageops import resize as _resize
+from coautogen_fl.generation.imageops import to_output as _to_output
 from coautogen_fl.generation.schedule import check_degree
 
 #: Task modes of ``vary``: "I2I" = image-to-image from the parent's pixels, "T2I" = the parent's
@@ -34,29 +35,6 @@ GENOTYPE_KEYS = ("prompt", "seed", "steps", "guidance", "mode", "model")
 
 #: Per-image seeds are drawn from [0, _SEED_HIGH).
 _SEED_HIGH = 2**31 - 1
-
-
-def _to_output(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
-    """(H, W, 3) float in [0, 1] -> float32 (image_size, image_size[, 3]) in [0, 1]."""
-    rgb = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    if rgb.shape[0] != image_size or rgb.shape[1] != image_size:
-        rgb = _resize(rgb, image_size)
-    if channels == 1:
-        gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.clip(gray, 0.0, 1.0).astype(np.float32)
-    return rgb
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (H, W) or (H, W, C) float image channel by channel (bicubic, clipped to [0, 1])."""
-    image = np.asarray(image, dtype=np.float32)
-    planes = image[..., None] if image.ndim == 2 else image
-    out = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c]), mode="F").resize((size, size), Image.Resampling.BICUBIC))
-        for c in range(planes.shape[-1])
-    ]
-    resized = np.clip(np.stack(out, axis=-1), 0.0, 1.0).astype(np.float32)
-    return resized[..., 0] if image.ndim == 2 else resized
 
 
 def _i2i_steps(steps: int, strength: float) -> int:
