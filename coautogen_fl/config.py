@@ -42,12 +42,27 @@ GENERATOR_ALIASES: dict[str, str] = {
     "FLUX": "black-forest-labs/FLUX.1-schnell",
 }
 
+#: -sllm: the seed project's LLM names and their hub ids.
+LLM_ALIASES: dict[str, str] = {
+    "Llama2": "meta-llama/Llama-2-7b-chat-hf",
+    "Llama3": "meta-llama/Meta-Llama-3-8B-Instruct",
+}
+
+#: -scap: the seed project's captioner names and their hub ids.
+CAPTIONER_ALIASES: dict[str, str] = {
+    "BlipBase": "Salesforce/blip-image-captioning-base",
+    "BlipLarge": "Salesforce/blip-image-captioning-large",
+    "LLaVA": "llava-hf/llava-1.5-7b-hf",
+}
+
 
 @dataclass
 class GeneratorConfig:
-    name: str = "Glyph"  # -sgen: Glyph, a GENERATOR_ALIASES name, a hub id or a local diffusers folder
+    # -sgen: Glyph | Latent | HTTP | a GENERATOR_ALIASES name | a diffusers hub id (owner/name) or local
+    # folder (./models/sd15) | a name registered under the "coautogen_fl.generators" entry point | "pkg.module:Class"
+    name: str = "Glyph"
     seed: int = 0
-    prompt_template: str = "a photo of {name}"  # diffusers: the class prompt
+    prompt_template: str = "a photo of {name}"  # diffusers/HTTP: the class prompt
     steps: int = 25  # diffusers: inference steps
     guidance_scale: float = 7.5
     batch_size: int = 8
@@ -55,11 +70,27 @@ class GeneratorConfig:
     degree_start: float = 0.8
     degree_end: float = 0.2
     degree_step: float = 0.06
+    inpaint: float = 0.0  # diffusers I2I: probability that a variation inpaints a random region instead
+    inpaint_model: str = ""  # diffusers: a dedicated inpainting pipeline; "" = the generator's own weights
+    model: str = ""  # Latent: TorchScript file, state dict (with factory) or trusted pickle
+    factory: str = ""  # Latent: "pkg.module:callable" building the module a state dict loads into
+    trust_pickle: bool = False  # Latent: allow a pickled module (pickles run code: only files you trust)
+    latent_dim: int = 0  # Latent: size of z; 0 = the module's latent_dim / z_dim / nz attribute
+    output_low: float = -1.0  # Latent: the range G's output lives in (mapped to [0, 1])
+    output_high: float = 1.0
+    perturb_scale: float = 1.0  # Latent: z step at degree 1, in units of the prior std
+    api_url: str = ""  # HTTP: the image endpoint to POST to
+    api_key_env: str = "COAUTOGEN_API_KEY"  # HTTP: environment variable holding the API key; "" = no key
+    api_timeout_s: float = 60.0
+    api_retries: int = 3
+    api_backoff_s: float = 1.0
+    api_requests_per_minute: float = 60.0  # 0 = no limit
 
 
 @dataclass
 class EmbedderConfig:
-    name: str = "pixels"  # -cue: pixels | resnet18
+    name: str = "pixels"  # -cue: pixels | resnet18 | clip | an entry-point name | "pkg.module:Class"
+    model: str = "openai/clip-vit-base-patch32"  # clip: hub id (in the local cache) or local folder
     weights: str = ""  # resnet18: a local .pth file; "" = torchvision's cache
     random_weights: bool = False  # resnet18 without pretrained weights (tests only)
     pixel_size: int = 14  # pixels: images are resized to this before flattening
@@ -72,7 +103,8 @@ class FeedbackConfig:
     framework: str = "Feedback"  # -f: Gen | Feedback
     rater: str = "PE"  # -r
     rounds: int = 2  # -iter: voting rounds
-    evolve: str = "distribution"  # distribution: votes refit the generator's sampling distribution;
+    evolve: str = "auto"  # auto: distribution when the generator can fit(), else candidates.
+    # distribution: votes refit the generator's sampling distribution;
     # candidates: Private Evolution, voted candidates are varied into the next pool
     candidates_per_label: int = 50  # pool size voted on per class and round
     volume_per_label: int = 100  # -vpl: final synthetic images per class
@@ -83,6 +115,36 @@ class FeedbackConfig:
     min_spread: float = 0.08  # distribution mode: smallest std (fraction of each range)
     task_type: str = "syn"  # -tt
     task_mode: str = "I2I"  # -tm: I2I | T2I
+
+
+@dataclass
+class PromptsConfig:
+    llm: str = ""  # -sllm: Llama2 | Llama3 | hub id | local folder; "" = templates only
+    per_class: int = 10  # LLM descriptions per class (GenLLM and the initial pool)
+    evolve: bool = True  # T2I Feedback: the LLM rewrites voted parents' prompts
+    max_new_tokens: int = 40
+    temperature: float = 0.9
+    top_p: float = 0.95
+    captioner: str = ""  # -scap: BlipBase | BlipLarge | LLaVA | hub id | local folder | "pkg.module:Class"
+    reference: str = ""  # captioner: ImageFolder of public reference images to caption into prompts
+    captions_per_class: int = 20
+
+
+@dataclass
+class PostprocessConfig:
+    domain: bool = False  # domain randomisation of every candidate (any generator)
+    lighting: float = 0.3  # domain: strengths in [0, 1]; 0 disables the effect
+    texture: float = 0.2
+    camera: float = 0.2
+    backgrounds: str = ""  # domain: folder of background images; "" = no background swap
+    background_probability: float = 0.5
+    upscaler: str = ""  # diffusers super-resolution or image-to-image pipeline; "" = no upscaling
+    upscale_on: str = "final"  # final: the final dataset only | rounds: every round's candidates too
+    upscale_steps: int = 20
+    upscale_strength: float = 0.3  # image-to-image upscalers: how much the refinement may change
+    clip_filter: bool = False  # drop candidates CLIP does not place in their class (p > 1/#classes)
+    clip_model: str = ""  # "" = embedder.model
+    max_draws: int = 4  # filter: redraws before the best-scoring rejected candidates fill the gap
 
 
 @dataclass
@@ -130,6 +192,8 @@ class RunConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
@@ -140,11 +204,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("cpu", "cuda", "auto"),
     "data.channels": (1, 3),
     "data.partitioner": ("iid", "dirichlet"),
-    "embedder.name": ("pixels", "resnet18"),
-    "feedback.framework": ("Gen", "Feedback"),
+    "feedback.framework": ("Gen", "GenLLM", "Feedback"),
     "feedback.rater": ("PE",),
     "feedback.selection": ("sample", "rank"),
-    "feedback.evolve": ("distribution", "candidates"),
+    "feedback.evolve": ("auto", "distribution", "candidates"),
+    "postprocess.upscale_on": ("final", "rounds"),
     "feedback.task_type": ("syn",),
     "feedback.task_mode": ("I2I", "T2I"),
     "privacy.mode": ("local", "central"),
@@ -182,6 +246,25 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("federation.client_num_cpus", 1, True),
     ("federation.client_num_gpus", 0, True),
     ("downstream.epochs", 1, True),
+    ("generator.inpaint", 0, True),
+    ("generator.latent_dim", 0, True),
+    ("generator.perturb_scale", 0, True),
+    ("generator.api_timeout_s", 0, False),
+    ("generator.api_retries", 0, True),
+    ("generator.api_backoff_s", 0, True),
+    ("generator.api_requests_per_minute", 0, True),
+    ("prompts.per_class", 1, True),
+    ("prompts.max_new_tokens", 1, True),
+    ("prompts.temperature", 0, False),
+    ("prompts.top_p", 0, False),
+    ("prompts.captions_per_class", 1, True),
+    ("postprocess.lighting", 0, True),
+    ("postprocess.texture", 0, True),
+    ("postprocess.camera", 0, True),
+    ("postprocess.background_probability", 0, True),
+    ("postprocess.upscale_steps", 1, True),
+    ("postprocess.upscale_strength", 0, True),
+    ("postprocess.max_draws", 1, True),
     ("downstream.lr", 0, False),
     ("downstream.batch_size", 1, True),
 )
@@ -193,6 +276,13 @@ _UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
     ("feedback.distribution_mix", 1.0 + 1e-12),
     ("feedback.min_spread", 0.5),
     ("generator.degree_start", 1.0 + 1e-12),
+    ("generator.inpaint", 1.0 + 1e-12),
+    ("prompts.top_p", 1.0 + 1e-12),
+    ("postprocess.lighting", 1.0 + 1e-12),
+    ("postprocess.texture", 1.0 + 1e-12),
+    ("postprocess.camera", 1.0 + 1e-12),
+    ("postprocess.background_probability", 1.0 + 1e-12),
+    ("postprocess.upscale_strength", 1.0 + 1e-12),
 )
 
 
@@ -316,11 +406,13 @@ def validate(cfg: RunConfig) -> None:
         if value >= high:
             raise ConfigError(f"{key} must be < {high} (got {value})")
     g = cfg.generator
-    if g.name != "Glyph" and g.name not in GENERATOR_ALIASES and "/" not in g.name and not g.name.startswith((".", "~")):
-        raise ConfigError(
-            f"generator.name={g.name!r} is not valid; use Glyph, one of {', '.join(GENERATOR_ALIASES)}, "
-            "a hub id (owner/name) or a local diffusers folder (./models/sd15)"
-        )
+    from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
+
+    check_names(cfg)
+    if not g.output_low < g.output_high:
+        raise ConfigError(f"generator.output_low ({g.output_low}) must be < generator.output_high ({g.output_high})")
+    if cfg.feedback.framework == "GenLLM" and not cfg.prompts.llm:
+        raise ConfigError("feedback.framework=GenLLM needs an LLM: set prompts.llm (-sllm Llama3, a hub id or a local folder)")
     if "{name}" not in g.prompt_template:
         raise ConfigError(f"generator.prompt_template must contain {{name}} (got {g.prompt_template!r})")
     if not g.degree_end <= g.degree_start:

@@ -1,7 +1,8 @@
 """The server's frameworks without Flower: Gen (generate once) and Feedback (Private
 Evolution across sites). The strategy in ``strategies/`` only moves data in and out.
 
-Two ways to evolve (``feedback.evolve``): ``candidates`` is Private Evolution (voted candidates
+Two ways to evolve (``feedback.evolve``, default ``auto`` = distribution when the generator has a
+``fit`` method, else candidates): ``candidates`` is Private Evolution (voted candidates
 are selected and varied into the next pool); ``distribution`` lets the votes refit the
 generator's sampling distribution over genotypes and draws the next pool fresh from it, which
 averages the per-candidate noise over the whole pool (see generation/distribution.py).
@@ -71,7 +72,10 @@ class Evolution:
         self.cfg = cfg
         self.schedule = schedule
         self.rng = np.random.default_rng(seed)
-        if cfg.evolve == "distribution" and not callable(getattr(generator, "fit", None)):
+        can_fit = callable(getattr(generator, "fit", None))
+        #: The evolution mode in effect: ``auto`` becomes distribution when the generator can fit().
+        self.evolve = ("distribution" if can_fit else "candidates") if cfg.evolve == "auto" else cfg.evolve
+        if self.evolve == "distribution" and not can_fit:
             raise ValueError(
                 f"feedback.evolve=distribution needs a generator with a fit() method; "
                 f"{type(generator).__name__} has none: set feedback.evolve=candidates"
@@ -120,8 +124,11 @@ class Evolution:
         for candidate, value in zip(voted, votes):
             candidate.votes = float(value)
         _, labels = self.payload()
-        if self.cfg.evolve == "distribution":
+        if self.evolve == "distribution":
             return self._refit(server_round, voted, votes, labels, children_per_label)
+        observe = getattr(self.generator, "observe_votes", None)
+        if callable(observe):  # e.g. latent generators estimate attribute directions from the votes
+            observe(voted)
         kept = threshold_votes(votes, self.cfg.threshold, noise_std)
         selection = select_parents(kept, labels, children_per_label, self.cfg.selection, self.rng)
         degree = self.schedule.degree(server_round - 1)

@@ -30,6 +30,8 @@ SHORT_FLAGS: dict[str, str] = {
     "-vpl": "feedback.volume_per_label",
     "-sgen": "generator.name",
     "-cue": "embedder.name",
+    "-sllm": "prompts.llm",
+    "-scap": "prompts.captioner",
     "-cmodel": "downstream.model",
     "-cdata": "data.name",
     "-tt": "feedback.task_type",
@@ -119,20 +121,25 @@ class PreflightError(RuntimeError):
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Load the data, split it across the sites and build the embedder, in this process.
+    """Load the data, split it across the sites, build the embedder and check that every model
+    the run names is there (without loading generator weights), in this process.
 
-    A wrong data folder, a site left without data or missing embedder weights would otherwise
+    A wrong data folder, a site left without data, missing weights or a missing GPU would otherwise
     surface only as a failed Flower run after the SuperLink started; here they cost a second.
     """
     from coautogen_fl.data import DataError, load_pool_and_test, site_partition
-    from coautogen_fl.embedding import EmbedderError, build_embedder
+    from coautogen_fl.device import DeviceError, resolve_device
+    from coautogen_fl.embedding import build_embedder
+    from coautogen_fl.generation.pipeline import check_model_sources
+    from coautogen_fl.hub import ModelLoadError
 
     try:
         pool, _ = load_pool_and_test(cfg.data)
         for partition_id in range(cfg.federation.num_hospitals):
             site_partition(pool, partition_id, cfg.federation.num_hospitals, cfg.data)
         build_embedder(cfg.embedder)
-    except (DataError, EmbedderError) as exc:
+        check_model_sources(cfg, resolve_device(cfg.device, cfg.device_id))
+    except (DataError, ModelLoadError, DeviceError) as exc:
         raise PreflightError(str(exc)) from None
 
 

@@ -38,6 +38,8 @@ class FinalStage:
         The central real test split (simulation); None when the server holds no real data.
     device : str
         Torch device for downstream training.
+    upscaler : stage or None
+        Applied to the final dataset before it is stored (``postprocess.upscale_on=final``).
     """
 
     cfg: RunConfig
@@ -46,6 +48,7 @@ class FinalStage:
     tracker: RunTracker
     real_test: ImageSet | None
     device: str = "cpu"
+    upscaler: Any = None
     model_arrays: ArrayRecord | None = None
     accuracy_real_test: float | None = None
     num_synthetic: int = 0
@@ -67,6 +70,9 @@ class FinalStage:
 
     def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
         """Write the final dataset, train the downstream model on it, evaluate centrally."""
+        if self.upscaler is not None:
+            log(INFO, "upscaling the final dataset (%d images) with %s", len(final), self.cfg.postprocess.upscaler)
+            final = self.upscaler.apply(final)
         self.store.write_final(final)
         self.num_synthetic = len(final)
         images = stack_images(final)

@@ -17,6 +17,7 @@ from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.evolution import Evolution
 from coautogen_fl.generation import build_generator
+from coautogen_fl.generation.pipeline import build_upscaler
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
 from coautogen_fl.rundir import resolve_run_dir
@@ -36,12 +37,14 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     validate_epsilon_delta(cfg.privacy.epsilon, cfg.privacy.delta, num_private=max(1, len(pool)))
     class_names = pool.class_names
     g = cfg.generator
-    generator = build_generator(g, class_names, cfg.data.image_size, cfg.data.channels, device, cfg.feedback.task_mode)
+    generator = build_generator(cfg, class_names, device)
     schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
     evolution = Evolution(generator, build_embedder(cfg.embedder, device), len(class_names), cfg.feedback, schedule, g.seed)
     t = cfg.tracking
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
-    final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device)
+    upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"
+    final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device,
+                       upscaler=build_upscaler(cfg, device) if upscale_final else None)  # fmt: skip
     feedback = cfg.feedback.framework == "Feedback"
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)

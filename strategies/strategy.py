@@ -67,7 +67,7 @@ class CoAutoGenStrategy(Strategy):
         self.evolution = evolution
         self.final = final_stage
         self.noise_multiplier = noise_multiplier
-        self.rounds = 1 if cfg.feedback.framework == "Gen" else cfg.feedback.rounds
+        self.rounds = cfg.feedback.rounds if cfg.feedback.framework == "Feedback" else 1  # Gen, GenLLM: one round
         self.sites: dict[int, SiteRecord] = {}
         self.dropped: list[dict[str, Any]] = []
         self.federated_accuracy: float | None = None
@@ -216,7 +216,7 @@ class CoAutoGenStrategy(Strategy):
             "round_time_s": time.time() - self._round_start,
         }
         distribution = getattr(self.evolution.generator, "distribution", None)
-        if self.cfg.feedback.evolve == "distribution" and distribution is not None:
+        if self.evolution.evolve == "distribution" and distribution is not None:
             metrics["distribution"] = distribution.describe()  # where the votes moved the generator
         log(
             INFO,

@@ -37,7 +37,7 @@ def test_defaults_load_without_file_and_equal_the_dataclass_defaults():
     assert cfg.privacy.epsilon == 1.0
     assert cfg.privacy.delta == 1e-5
     assert cfg.feedback.candidates_per_label == 50
-    assert cfg.feedback.evolve == "distribution"
+    assert cfg.feedback.evolve == "auto"  # distribution for generators that can fit(), else candidates
     assert cfg.feedback.volume_per_label == 100
 
 
@@ -313,7 +313,7 @@ def test_generator_names_accepted(name):
 
 
 def test_unknown_generator_name_lists_what_is_accepted():
-    with pytest.raises(ConfigError, match=r"generator.name='Dalle' is not valid; use Glyph, one of StableDiffusion"):
+    with pytest.raises(ConfigError, match=r"generator.name='Dalle' is not valid; use one of Glyph, Latent, HTTP, StableDiffusion"):
         load_config(overrides=["generator.name=Dalle"])
     with pytest.raises(ConfigError, match=r"prompt_template must contain \{name\}"):
         load_config(overrides=["generator.prompt_template=a photo"])

@@ -14,12 +14,27 @@ from .resnet import RESNET18_FILE, ResNet18Embedder, resolve_resnet18_weights
 
 
 def build_embedder(cfg: EmbedderConfig, device: str = "cpu") -> Embedder:
-    """The embedder named by ``embedder.name`` (``-cue``)."""
-    if cfg.name == "pixels":
+    """The embedder named by ``embedder.name`` (``-cue``): pixels, resnet18, clip, or a plug-in
+    (an entry point in the ``coautogen_fl.embedders`` group or ``"pkg.module:Class"``, called with
+    ``from_config(cfg, {"device": device})``, ``Class(device=device)`` or ``fn(cfg, {"device": device})``)."""
+    from coautogen_fl.registry import RegistryError, call_plugin, resolve
+
+    try:
+        resolved = resolve("embedder", cfg.name)
+    except RegistryError as exc:
+        raise EmbedderError(str(exc)) from None
+    if resolved.value == "pixels":
         return PixelEmbedder(cfg.pixel_size, cfg.standardize)
-    if cfg.name == "resnet18":
+    if resolved.value == "resnet18":
         return ResNet18Embedder(cfg.weights, cfg.random_weights, device, cfg.batch_size)
-    raise EmbedderError(f"unknown embedder '{cfg.name}'; choose pixels or resnet18")
+    if resolved.value == "clip":
+        from .clip import CLIPEmbedder
+
+        return CLIPEmbedder(cfg.model, device=device, batch_size=cfg.batch_size)
+    embedder = call_plugin(resolved.value, cfg, {"device": device})  # type: ignore[arg-type]
+    if not callable(getattr(embedder, "embed", None)):
+        raise EmbedderError(f"embedder.name={cfg.name!r} built {type(embedder).__name__}, which has no embed(images) method")
+    return embedder
 
 
 __all__ = ["Embedder", "EmbedderError", "PixelEmbedder", "ResNet18Embedder", "RESNET18_FILE", "build_embedder",

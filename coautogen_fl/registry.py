@@ -1,0 +1,184 @@
+"""Names of generators, embedders and captioners, and how users plug in their own.
+
+A name in the config (``generator.name`` / ``-sgen``, ``embedder.name`` / ``-cue``,
+``prompts.captioner`` / ``-scap``) is one of:
+
+- a built-in name (``Glyph``, ``Latent``, ``HTTP``; ``pixels``, ``resnet18``, ``clip``),
+- one of the seed project's aliases, mapped to its usual hub id (``StableDiffusion``, ``BlipBase``, ...),
+- a hub id (``owner/name``, read from the local cache only) or a local model folder,
+- a name another installed package registers under the entry-point group of its kind
+  (``coautogen_fl.generators``, ``coautogen_fl.embedders``, ``coautogen_fl.captioners``), or
+- ``"pkg.module:Attr"``, imported directly.
+
+A plugged-in object is called as follows (``cfg`` is the whole :class:`~coautogen_fl.config.RunConfig`
+for generators and captioners, the ``EmbedderConfig`` for embedders, which sites build too):
+if it has ``from_config``, ``obj.from_config(cfg, context)``; otherwise a class is called with the
+context as keyword arguments and a function as ``obj(cfg, context)``. ``context`` is a
+:class:`GeneratorContext` for generators and ``{"device": ...}`` for embedders and captioners.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+#: Entry-point group of each kind.
+GROUPS: dict[str, str] = {
+    "generator": "coautogen_fl.generators",
+    "embedder": "coautogen_fl.embedders",
+    "captioner": "coautogen_fl.captioners",
+}
+
+#: Built-in names of each kind (models by hub id / folder come on top for generators and captioners).
+BUILTIN: dict[str, tuple[str, ...]] = {
+    "generator": ("Glyph", "Latent", "HTTP"),
+    "embedder": ("pixels", "resnet18", "clip"),
+    "captioner": (),
+}
+
+_CONFIG_KEY = {"generator": "generator.name", "embedder": "embedder.name", "captioner": "prompts.captioner"}
+_OBJECT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class RegistryError(ValueError):
+    """A name resolves to nothing (or to something that cannot be imported)."""
+
+
+@dataclass(frozen=True)
+class GeneratorContext:
+    """What every generator factory is told about the run."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int
+    device: str = "cpu"
+    task_mode: str = "I2I"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a name stands for: ``kind`` is "builtin", "model" (a hub id or folder) or "plugin"."""
+
+    kind: str
+    value: Any
+
+
+def aliases(kind: str) -> dict[str, str]:
+    """The seed project's names of ``kind`` and the hub ids they stand for."""
+    if kind == "generator":
+        from .config import GENERATOR_ALIASES
+
+        return GENERATOR_ALIASES
+    if kind == "captioner":
+        from .config import CAPTIONER_ALIASES
+
+        return CAPTIONER_ALIASES
+    return {}
+
+
+def load_object(spec: str, key: str) -> Any:
+    """Import ``"pkg.module:Attr"`` (``Attr`` may be dotted), naming ``key`` when it fails."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RegistryError(f"{key}={spec!r}: cannot import module '{module_name}' ({exc}); install the package that provides it") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RegistryError(f"{key}={spec!r}: module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+def plugins(kind: str) -> dict[str, Any]:
+    """Entry points registered for ``kind``, by name (not yet loaded)."""
+    return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
+
+
+def _looks_like_model(name: str) -> bool:
+    """A hub id ("owner/name") or a filesystem path."""
+    from .hub import is_path_like
+
+    return "/" in name or "\\" in name or name.startswith((".", "~")) or (is_path_like(name) and ":" not in name)
+
+
+def resolve(kind: str, name: str) -> Resolved:
+    """What ``name`` means for ``kind`` (see the module docstring).
+
+    Raises
+    ------
+    RegistryError
+        The name is empty, unknown, or names an object that cannot be imported.
+    """
+    key = _CONFIG_KEY[kind]
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError(f"{key} must not be empty")
+    if name in BUILTIN[kind]:
+        return Resolved("builtin", name)
+    known = aliases(kind)
+    if name in known:
+        return Resolved("model", known[name])
+    registered = plugins(kind)
+    if name in registered:
+        try:
+            return Resolved("plugin", registered[name].load())
+        except Exception as exc:
+            raise RegistryError(f"{key}={name!r}: entry point {registered[name].value!r} failed to load ({exc})") from None
+    if _OBJECT_SPEC.match(name):
+        return Resolved("plugin", load_object(name, key))
+    if kind != "embedder" and _looks_like_model(name):
+        return Resolved("model", name)
+    options = [*BUILTIN[kind], *known, *registered]
+    extra = ", a hub id (owner/name) or a local folder (./models/x)" if kind != "embedder" else ""
+    raise RegistryError(f"{key}={name!r} is not valid; use one of {', '.join(options) or '(none built in)'}{extra}, "
+                        f"a name registered under the '{GROUPS[kind]}' entry point, or 'pkg.module:Class'")  # fmt: skip
+
+
+def call_plugin(obj: Any, cfg: RunConfig, context: GeneratorContext | dict[str, Any]) -> Any:
+    """Build a plugged-in component (see the module docstring for the calling convention)."""
+    if hasattr(obj, "from_config"):
+        return obj.from_config(cfg, context)
+    if isinstance(obj, type):
+        kwargs = asdict(context) if isinstance(context, GeneratorContext) else dict(context)
+        try:
+            return obj(**kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"plug-in class {obj.__module__}.{obj.__qualname__} cannot be built from ({', '.join(kwargs)}): {exc}; "
+                "accept these keyword arguments or define a from_config(cfg, context) classmethod"
+            ) from None
+    if callable(obj):
+        return obj(cfg, context)
+    raise RegistryError(f"plugged-in object {obj!r} is neither a class nor a callable")
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Validate every component name of a config at start-up (raises ``ConfigError``)."""
+    from .config import ConfigError
+
+    try:
+        resolve("generator", cfg.generator.name)
+        resolve("embedder", cfg.embedder.name)
+        if cfg.prompts.captioner:
+            resolve("captioner", cfg.prompts.captioner)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    g = cfg.generator
+    if g.name == "Latent" and not g.model:
+        raise ConfigError("generator.name=Latent needs generator.model (a TorchScript file, or a state dict with generator.factory)")
+    if g.name == "HTTP" and not g.api_url:
+        raise ConfigError("generator.name=HTTP needs generator.api_url (the endpoint images are POSTed to)")
+    if cfg.postprocess.upscale_on == "rounds" and not cfg.postprocess.upscaler:
+        raise ConfigError("postprocess.upscale_on=rounds needs postprocess.upscaler (a diffusers pipeline folder or hub id)")
+
+
+def names(kind: str) -> Sequence[str]:
+    """Every name of ``kind`` usable without a path or hub id (for help texts)."""
+    return [*BUILTIN[kind], *aliases(kind), *plugins(kind)]

@@ -1,0 +1,139 @@
+"""Names in the config -> components: built-ins, seed aliases, hub ids / folders, entry points and
+"pkg.module:Class" plug-ins; and the server's generator assembled from a config."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint
+
+import numpy as np
+import pytest
+
+from coautogen_fl import registry
+from coautogen_fl.config import ConfigError, load_config
+from coautogen_fl.embedding import EmbedderError, build_embedder
+from coautogen_fl.evolution import Evolution
+from coautogen_fl.generation import build_generator
+from coautogen_fl.generation.base import GeneratorLoadError
+from coautogen_fl.generation.glyph import GlyphGenerator
+from coautogen_fl.generation.pipeline import check_model_sources
+from coautogen_fl.generation.schedule import DegreeSchedule
+from plugin_pkg.components import MeanEmbedder, SolidGenerator
+
+NAMES = [str(i) for i in range(3)]
+
+
+def test_builtin_alias_model_and_spec_names_resolve() -> None:
+    assert registry.resolve("generator", "Glyph") == registry.Resolved("builtin", "Glyph")
+    assert registry.resolve("generator", "StableDiffusionXL").value == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert registry.resolve("generator", "./models/sd15") == registry.Resolved("model", "./models/sd15")
+    assert registry.resolve("generator", "runwayml/stable-diffusion-v1-5").kind == "model"
+    assert registry.resolve("captioner", "BlipLarge").value == "Salesforce/blip-image-captioning-large"
+    assert registry.resolve("generator", "plugin_pkg.components:SolidGenerator").value is SolidGenerator
+    assert registry.resolve("embedder", "clip") == registry.Resolved("builtin", "clip")
+
+
+def test_seed_flags_map_to_config_keys() -> None:
+    from simulations.cli import SHORT_FLAGS
+
+    assert SHORT_FLAGS["-sllm"] == "prompts.llm" and SHORT_FLAGS["-scap"] == "prompts.captioner"
+    cfg = load_config(overrides=["prompts.llm=Llama3", "prompts.captioner=BlipBase", "prompts.reference=/data/ref"])
+    assert cfg.prompts.llm == "Llama3" and cfg.prompts.captioner == "BlipBase"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("generator.name", "pkg_that_does_not_exist:Gen", "cannot import module 'pkg_that_does_not_exist'"),
+    ("generator.name", "plugin_pkg.components:Missing", "has no attribute 'Missing'"),
+    ("embedder.name", "clipp", "embedder.name='clipp' is not valid; use one of pixels, resnet18, clip"),
+    ("prompts.captioner", "Blip", "prompts.captioner='Blip' is not valid; use one of BlipBase, BlipLarge, LLaVA"),
+])
+def test_bad_names_are_one_clear_line(key, value, message) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=[f"{key}={value}", "prompts.reference=/x"])
+    assert "\n" not in str(info.value)
+
+
+def test_entry_points_are_found_and_called(monkeypatch) -> None:
+    points = {
+        "coautogen_fl.generators": [EntryPoint("solid", "plugin_pkg.components:solid_factory", "coautogen_fl.generators")],
+        "coautogen_fl.embedders": [EntryPoint("mean", "plugin_pkg.components:MeanEmbedder", "coautogen_fl.embedders")],
+    }
+    monkeypatch.setattr(registry, "entry_points", lambda group: points.get(group, []))
+    cfg = load_config(overrides=["generator.name=solid", "embedder.name=mean", "generator.seed=5"])
+    generator = build_generator(cfg, NAMES)
+    assert isinstance(generator, SolidGenerator) and generator.seed == 105  # built by the factory function
+    embedder = build_embedder(cfg.embedder)
+    assert isinstance(embedder, MeanEmbedder)
+    assert "solid" in registry.names("generator")
+    with pytest.raises(ConfigError, match="solid"):  # listed among the options once registered
+        load_config(overrides=["generator.name=solidd"])
+
+
+def test_spec_plugins_build_and_evolve_by_candidates() -> None:
+    cfg = load_config(overrides=["generator.name=plugin_pkg.components:SolidGenerator", "data.image_size=8",
+                                 "embedder.name=plugin_pkg.components:MeanEmbedder"])  # fmt: skip
+    generator = build_generator(cfg, NAMES)
+    assert isinstance(generator, SolidGenerator) and generator.image_size == 8
+    evolution = Evolution(generator, build_embedder(cfg.embedder), 3, cfg.feedback, DegreeSchedule())
+    assert evolution.evolve == "candidates"  # auto: SolidGenerator has no fit()
+    assert Evolution(GlyphGenerator(NAMES), build_embedder(cfg.embedder), 3, cfg.feedback, DegreeSchedule()).evolve == "distribution"
+
+
+def test_plugin_that_is_not_a_generator_is_refused() -> None:
+    cfg = load_config(overrides=["generator.name=plugin_pkg.components:MeanEmbedder"])
+    with pytest.raises(TypeError, match=r"MeanEmbedder cannot be built from \(class_names, image_size"):
+        build_generator(cfg, NAMES)
+    cfg = load_config(overrides=["generator.name=plugin_pkg.components:not_a_generator"])
+    with pytest.raises(TypeError, match="built MeanEmbedder, which lacks random"):
+        build_generator(cfg, NAMES)
+    with pytest.raises(EmbedderError, match="no embed"):
+        build_embedder(load_config(overrides=["embedder.name=plugin_pkg.components:not_an_embedder"]).embedder)
+
+
+def test_requirements_of_special_generators_and_frameworks() -> None:
+    with pytest.raises(ConfigError, match="generator.name=HTTP needs generator.api_url"):
+        load_config(overrides=["generator.name=HTTP"])
+    with pytest.raises(ConfigError, match="GenLLM needs an LLM"):
+        load_config(overrides=["feedback.framework=GenLLM"])
+    with pytest.raises(ConfigError, match="upscale_on=rounds needs postprocess.upscaler"):
+        load_config(overrides=["postprocess.upscale_on=rounds"])
+    with pytest.raises(ConfigError, match=r"postprocess.lighting must be < 1"):
+        load_config(overrides=["postprocess.lighting=1.5"])
+
+
+def test_prompts_need_a_prompt_driven_generator() -> None:
+    cfg = load_config(overrides=["prompts.llm=./no-llm"])
+    with pytest.raises(ConfigError, match="takes no prompts"):
+        build_generator(cfg, NAMES)  # Glyph has no prompts
+
+
+def test_model_sources_are_checked_without_loading(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [
+        (["generator.name=./no-such-sd"], "model folder no-such-sd does not exist"),
+        ([f"generator.name={tmp_path}"], "holds no model_index.json"),
+        (["generator.name=coautogen-test/no-such-model"], "huggingface-cli download coautogen-test/no-such-model"),
+        (["postprocess.upscaler=./no-upscaler"], "postprocess.upscaler"),
+        (["prompts.llm=Llama2"], "huggingface-cli download meta-llama/Llama-2-7b-chat-hf"),
+        (["embedder.name=clip", "embedder.model=./no-clip"], "embedder.model"),
+        (["generator.name=Latent", "generator.model=./no-gan.pt"], "fix generator.model"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(GeneratorLoadError, match=message) as info:
+            check_model_sources(load_config(overrides=overrides))
+        assert "\n" not in str(info.value)
+    monkeypatch.delenv("COAUTOGEN_API_KEY", raising=False)
+    with pytest.raises(GeneratorLoadError, match="export COAUTOGEN_API_KEY"):
+        check_model_sources(load_config(overrides=["generator.name=HTTP", "generator.api_url=http://127.0.0.1:9/x"]))
+    check_model_sources(load_config())  # the default run needs no model
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+def test_gpu_requested_without_gpu() -> None:
+    with pytest.raises(Exception, match="CUDA is not available"):
+        check_model_sources(load_config(), device="cuda")
+
+
+def test_generator_output_shape_with_plugin() -> None:
+    cfg = load_config(overrides=["generator.name=plugin_pkg.components:SolidGenerator", "data.image_size=8", "data.channels=3"])
+    images = np.stack([c.image for c in build_generator(cfg, NAMES).random(2, 3)])
+    assert images.shape == (3, 8, 8, 3) and np.allclose(images, 0.75)
