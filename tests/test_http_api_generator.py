@@ -312,3 +312,17 @@ def test_invalid_arguments(api: str) -> None:
         make(api).random(2, 1)
     with pytest.raises(ValueError, match="label of candidate"):
         make(api).vary([Candidate("x", 5, np.zeros((SIZE, SIZE), np.float32))], 0.5)
+
+
+def test_built_from_the_run_config(api: str) -> None:
+    """-sgen HTTP with generator.api_* keys reaches the same generator (key-less endpoint)."""
+    from coautogen_fl.config import load_config
+    from coautogen_fl.generation import build_generator
+
+    cfg = load_config(overrides=["generator.name=HTTP", f"generator.api_url={api}/v1/images", "generator.api_key_env=''",
+                                 "data.image_size=16", "data.channels=3", "generator.api_retries=0"])  # fmt: skip
+    generator = build_generator(cfg, ["cat", "dog"])
+    assert isinstance(generator, HTTPImageGenerator)
+    children = generator.vary(generator.random(1, 2), 0.3)
+    assert [c.image.shape for c in children] == [(16, 16, 3)] * 2
+    assert all(c.genotype["mode"] == "i2i" and c.genotype["prompt"] == "a photo of dog" for c in children)
