@@ -205,3 +205,62 @@ def test_loaded_pipeline_settings(gen: DiffusersGenerator) -> None:
     assert gen.native_size() == 64
     # The image-to-image pipeline shares the text-to-image weights (no second load).
     assert gen.i2i.unet is gen.pipe.unet and gen.i2i.vae is gen.pipe.vae
+
+
+class VariantPrompts:
+    """A fake prompt source: numbered fresh prompts, children append " variant"."""
+
+    def __init__(self) -> None:
+        self.evolved: list[tuple[list[str], list[int]]] = []
+
+    def sample(self, label: int, rng: np.random.Generator) -> str:
+        return f"{NAMES[label]} number {int(rng.integers(1000))}"
+
+    def evolve(self, prompts, labels, rng: np.random.Generator) -> list[str]:
+        self.evolved.append((list(prompts), list(labels)))
+        return [p + " variant" for p in prompts]
+
+    def settings(self) -> dict:
+        return {"source": "fake"}
+
+
+def test_prompt_source_sample_and_evolve(model_dir: str) -> None:
+    g = make(model_dir, task_mode="T2I", batch_size=1)
+    default = g.random(0, 1)[0]
+    assert default.genotype["prompt_source"] == {"source": "template", "template": "a photo of {name}"}
+    g.prompts = VariantPrompts()  # replaceable after construction, as the run's prompt wiring does
+    parents = g.random(1, 2)
+    assert all(p.genotype["prompt"].startswith("dog number ") for p in parents)
+    assert all(p.genotype["prompt_source"] == {"source": "fake"} for p in parents)
+    assert g.prompt(1) == "a photo of dog"  # the template prompt stays available
+    children = g.vary(parents, 0.5)
+    assert g.prompts.evolved == [([p.genotype["prompt"] for p in parents], [1, 1])]
+    for child, parent in zip(children, parents):
+        assert child.genotype["prompt"] == parent.genotype["prompt"] + " variant"
+        assert child.genotype["parent_prompt"] == parent.genotype["prompt"]
+        assert child.genotype["prompt_source"] == {"source": "fake"}
+        np.testing.assert_array_equal(g.regenerate(child.genotype), child.image)
+    # Same seed and source: same prompts (drawn from the generator's rng), same pixels.
+    twin = make(model_dir, task_mode="T2I", batch_size=1)
+    twin.random(0, 1)
+    twin.prompts = VariantPrompts()
+    assert [c.genotype for c in twin.random(1, 2)] == [c.genotype for c in parents]
+
+
+def test_i2i_keeps_parent_prompt(model_dir: str) -> None:
+    source = VariantPrompts()
+    g = make(model_dir, prompts=source)
+    parents = g.random(0, 2)
+    children = g.vary(parents, 0.3)
+    assert source.evolved == []  # image-to-image children keep their parent's prompt
+    assert [c.genotype["prompt"] for c in children] == [p.genotype["prompt"] for p in parents]
+    assert all(c.genotype["mode"] == "i2i" and "parent_prompt" not in c.genotype for c in children)
+    with pytest.raises(ValueError, match="prompts must have sample"):
+        make(model_dir, prompts="a photo of {name}")
+
+
+def test_token_counting(gen: DiffusersGenerator) -> None:
+    assert gen.token_limit == 77
+    assert gen.count_tokens("") == 2  # start and end tokens
+    short, long = gen.count_tokens("a cat"), gen.count_tokens("a photo of a cat " * 30)
+    assert short == len(gen.pipe.tokenizer("a cat").input_ids) and short < gen.token_limit < long

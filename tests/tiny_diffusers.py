@@ -1,4 +1,5 @@
-"""Build a tiny random-weight Stable Diffusion pipeline in code and save it to a folder.
+"""Build tiny random-weight diffusers pipelines in code (text-to-image, inpainting, x4 and
+latent upscalers) and save them to folders.
 
 Used by the diffusers generator tests: nothing is downloaded, and the saved folder goes through
 the same ``from_pretrained(local_files_only=True)`` path as a real model. Not a test module.
@@ -82,6 +83,77 @@ def make_vae_near_identity(vae) -> None:
                 copy_channels(conv, [(0, 0)])
 
 
+def _tiny_unet(in_channels: int = 4, out_channels: int = 4, **extra):
+    """A tiny ``UNet2DConditionModel`` (two blocks, cross-attention dim 32)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
+def _tiny_vae(blocks: int = 2, scaling_factor: float = 1.0):
+    """A tiny near-identity ``AutoencoderKL`` whose scale factor is ``2 ** (blocks - 1)``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=[32] * (blocks - 1) + [64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=scaling_factor,
+    )
+    make_vae_near_identity(vae)
+    return vae
+
+
+def _tiny_text(folder: Path):
+    """A tiny CLIP tokenizer (saved next to ``folder``) and text encoder (hidden size 32)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tiny_tokenizer(folder.parent / f"{folder.name}-tokenizer")), model_max_length=77
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        pad_token_id=tokenizer.eos_token_id,
+        vocab_size=1000,
+        max_position_embeddings=77,
+    )
+    return tokenizer, CLIPTextModel(text_config)
+
+
+def _ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny random-weight ``StableDiffusionPipeline`` (sample size 32) to ``folder``.
 
@@ -98,67 +170,98 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
         The folder, loadable with ``StableDiffusionPipeline.from_pretrained(folder)``.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=1.0,
-    )
-    make_vae_near_identity(vae)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(write_tiny_tokenizer(folder.parent / f"{folder.name}-tokenizer")), model_max_length=77
-    )
-    vocab_size_special = (tokenizer.bos_token_id, tokenizer.eos_token_id)
-    text_config = CLIPTextConfig(
-        bos_token_id=vocab_size_special[0],
-        eos_token_id=vocab_size_special[1],
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        pad_token_id=vocab_size_special[1],
-        vocab_size=1000,
-        max_position_embeddings=77,
-    )
-    text_encoder = CLIPTextModel(text_config)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    unet = _tiny_unet()
+    vae = _tiny_vae()
+    tokenizer, text_encoder = _tiny_text(folder)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=_ddim(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_inpaint_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny ``StableDiffusionInpaintPipeline`` to ``folder``: its UNet takes 9 channels
+    (4 noisy latents + 1 mask + 4 latents of the masked image), like SD inpainting checkpoints."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = _tiny_unet(in_channels=9)
+    vae = _tiny_vae()
+    tokenizer, text_encoder = _tiny_text(folder)
+    pipe = StableDiffusionInpaintPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=_ddim(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_upscaler(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny ``StableDiffusionUpscalePipeline`` (x4, like stable-diffusion-x4-upscaler).
+
+    The UNet takes 7 channels (4 latents + the 3-channel noised low-res image) and the noise
+    level as a class label (1000 classes); the VAE has three blocks, so its decoder upsamples
+    the low-res-sized latents 4x; ``scaling_factor`` is the x4 upscaler's 0.08333.
+    """
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = _tiny_unet(in_channels=7, num_class_embeds=1000)
+    vae = _tiny_vae(blocks=3, scaling_factor=0.08333)
+    tokenizer, text_encoder = _tiny_text(folder)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(num_train_timesteps=1000),
+        scheduler=_ddim(),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_latent_upscaler(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny ``StableDiffusionLatentUpscalePipeline`` (x2, like sd-x2-latent-upscaler).
+
+    The UNet takes 8 channels (4 latents + 4 latents of the low-res image, upsampled), returns
+    5 (the pipeline drops the last) and is conditioned on a 160-wide timestep vector (128 for
+    the noise level + the 32-wide pooled text embedding).
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = _tiny_unet(in_channels=8, out_channels=5, time_cond_proj_dim=160)
+    vae = _tiny_vae()
+    tokenizer, text_encoder = _tiny_text(folder)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = StableDiffusionLatentUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
     )
     pipe.save_pretrained(str(folder))
     return folder

@@ -1,11 +1,13 @@
-"""Diffusers generator: text-to-image for fresh samples, image-to-image (or re-seeded
-text-to-image) for variations, from any diffusers pipeline given as a hub id or a local folder.
+"""Diffusers generator: text-to-image for fresh samples; image-to-image, inpainting or prompt
+evolution with a new seed for variations; from any diffusers pipeline (hub id or local folder).
 
 Nothing is downloaded at run time: a hub id must already sit in the local Hugging Face cache
 (``huggingface-cli download ID`` once, on a machine with network), otherwise loading fails with a
 ``GeneratorLoadError`` that names the model and the fix. Every candidate's genotype (prompt, seed,
-steps, guidance, mode, model, and for image-to-image the strength) re-creates its pixels exactly
-with ``DiffusersGenerator.regenerate``.
+steps, guidance, mode, model; "strength" for image-to-image, also "mask" and "inpaint_model" for
+inpainting) re-creates its pixels exactly with ``DiffusersGenerator.regenerate``. Prompts come
+from a ``PromptSource`` (class-name templates by default, an LLM, captions); every genotype
+records its ``settings()`` under "prompt_source".
 
 ``diffusers`` (and ``torch``) are imported inside the functions: importing them costs seconds.
 """
@@ -18,31 +20,40 @@ import numpy as np
 
 from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int
 from coautogen_fl.generation.diffusers_loading import load_text2image
-from coautogen_fl.generation.imageops import resize as _resize
 from coautogen_fl.generation.imageops import to_output as _to_output
+from coautogen_fl.generation.inpaint import (
+    denoise_steps,
+    inpaint_pipeline,
+    native_size,
+    paste_back,
+    random_mask,
+    rgb_batch,
+    run_inpaint,
+    seeded_generators,
+)
+from coautogen_fl.generation.inpaint import check_mask as _check_mask
 from coautogen_fl.generation.schedule import check_degree
+from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 
-#: Task modes of ``vary``: "I2I" = image-to-image from the parent's pixels, "T2I" = the parent's
-#: prompt with a new seed.
+#: Task modes of ``vary``: "I2I" = image-to-image (or inpainting) from the parent's pixels,
+#: "T2I" = the parent's prompt, evolved by the prompt source, with a new seed.
 TASK_MODES = ("I2I", "T2I")
 
-#: Lowest image-to-image strength ``vary`` uses (degree 0 would leave the parent unchanged).
+#: Genotype modes: fresh or T2I child, image-to-image child, inpainting child.
+GENOTYPE_MODES = ("t2i", "i2i", "inpaint")
+
+#: Lowest image-to-image / inpainting strength ``vary`` uses (degree 0 would leave the parent unchanged).
 MIN_STRENGTH = 0.05
 
-#: Keys of every genotype this generator writes (i2i genotypes add "strength").
+#: Keys of every genotype this generator writes (i2i adds "strength"; inpaint adds "strength",
+#: "mask" and "inpaint_model"; all add "prompt_source"; T2I children add "parent_prompt").
 GENOTYPE_KEYS = ("prompt", "seed", "steps", "guidance", "mode", "model")
-
 
 #: Per-image seeds are drawn from [0, _SEED_HIGH).
 _SEED_HIGH = 2**31 - 1
 
-
-def _i2i_steps(steps: int, strength: float) -> int:
-    """Inference steps so image-to-image denoises at least once (diffusers runs
-    ``int(steps * strength)`` of them; zero would fail)."""
-    while int(steps * strength) < 1:
-        steps += 1
-    return steps
+#: Tokenizers without a limit report a huge sentinel ``model_max_length``; above this it means "none".
+_NO_LIMIT = 10**6
 
 
 class DiffusersGenerator:
@@ -61,12 +72,13 @@ class DiffusersGenerator:
     device : str, default "cpu"
         torch device; float16 on CUDA, float32 elsewhere.
     seed : int, default 0
-        Seeds the numpy Generator the per-image seeds are drawn from: same seed, same candidates.
+        Seeds the numpy Generator the per-image seeds (and masks, prompt draws) come from:
+        same seed, same candidates.
     task_mode : {"I2I", "T2I"}, default "I2I"
-        How ``vary`` works: image-to-image from the parent's pixels, or the parent's prompt
-        with a new seed.
+        How ``vary`` works: image-to-image (or inpainting) from the parent's pixels, or the
+        parent's prompt evolved by ``prompts`` with a new seed.
     prompt_template : str, default "a photo of {name}"
-        Prompt of class ``label`` is ``prompt_template.format(name=class_names[label])``.
+        Template prompt of class ``label``: ``prompt_template.format(name=class_names[label])``.
     num_inference_steps : int, default 25
         Denoising steps (image-to-image raises them if ``steps * strength < 1``).
     guidance_scale : float, default 7.5
@@ -75,6 +87,17 @@ class DiffusersGenerator:
         Images per pipeline call.
     safety_checker : bool, default False
         Keep the model's safety checker.
+    prompts : PromptSource or None, default None
+        Where prompts come from: ``sample(label, rng)`` for fresh candidates, ``evolve`` for
+        T2I children. None uses ``TemplatePrompts(class_names, prompt_template)``. The
+        attribute may be replaced later (e.g. by an LLM source that calls ``count_tokens``).
+    inpaint : float, default 0.0
+        Probability, in [0, 1], that an I2I child is an inpainting variation (a random
+        rectangle of ``0.1 + 0.4 * degree`` of the area repainted, the rest kept; see
+        :mod:`coautogen_fl.generation.inpaint`) instead of plain image-to-image.
+    inpaint_model : str, default ""
+        "" inpaints with the same weights (``AutoPipelineForInpainting.from_pipe``); otherwise a
+        dedicated inpainting pipeline (hub id in the local cache or folder), loaded at once.
     progress : bool, default False
         Show a tqdm bar over batches.
 
@@ -82,8 +105,9 @@ class DiffusersGenerator:
     ----------
     pipe : diffusers.DiffusionPipeline
         The text-to-image pipeline.
-    i2i : diffusers.DiffusionPipeline
-        The image-to-image pipeline sharing ``pipe``'s weights (``from_pipe``), made on first use.
+    i2i, inpainter : diffusers.DiffusionPipeline
+        The image-to-image and inpainting pipelines, made on first use (``from_pipe``: they
+        share ``pipe``'s weights) unless ``inpaint_model`` names a dedicated one.
     """
 
     def __init__(
@@ -100,6 +124,9 @@ class DiffusersGenerator:
         guidance_scale: float = 7.5,
         batch_size: int = 8,
         safety_checker: bool = False,
+        prompts: PromptSource | None = None,
+        inpaint: float = 0.0,
+        inpaint_model: str = "",
         progress: bool = False,
     ) -> None:
         names = tuple(str(c) for c in class_names)
@@ -120,6 +147,11 @@ class DiffusersGenerator:
         check_int("batch_size", batch_size, 1)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if isinstance(inpaint, bool) or not isinstance(inpaint, (int, float)) or not 0.0 <= inpaint <= 1.0:
+            raise ValueError(f"inpaint must be a probability in [0, 1] (generator.inpaint), got {inpaint!r}")
+        if prompts is not None and not isinstance(prompts, PromptSource):
+            raise ValueError(f"prompts must have sample(label, rng), evolve(prompts, labels, rng) and settings(), "
+                             f"got {prompts!r}")  # fmt: skip
         self.model = model
         self.class_names = names
         self.image_size = int(image_size)
@@ -131,9 +163,16 @@ class DiffusersGenerator:
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
         self.batch_size = int(batch_size)
+        self.safety_checker = bool(safety_checker)
+        self.prompts: PromptSource = prompts if prompts is not None else TemplatePrompts(names, prompt_template)
+        self.inpaint = float(inpaint)
+        self.inpaint_model = str(inpaint_model or "")
         self.progress = bool(progress)
         self.pipe = load_text2image(model, device, safety_checker)
         self._i2i = None
+        self._inpainter = None
+        if self.inpaint_model:  # a dedicated inpainting model loads now: a wrong folder fails at start-up
+            self._inpainter = inpaint_pipeline(self.pipe, model, self.inpaint_model, device, self.safety_checker)
         self._rng = np.random.default_rng(seed)
         self._counter = 0
 
@@ -155,64 +194,56 @@ class DiffusersGenerator:
             self._i2i.set_progress_bar_config(disable=True)
         return self._i2i
 
+    @property
+    def inpainter(self) -> Any:
+        """The inpainting pipeline: ``inpaint_model``'s, or ``pipe``'s weights via ``from_pipe``."""
+        if self._inpainter is None:
+            self._inpainter = inpaint_pipeline(self.pipe, self.model, self.inpaint_model, self.device, self.safety_checker)
+        return self._inpainter
+
     def native_size(self) -> int:
         """The side length the model generates at (images are resized to ``image_size``)."""
-        pipe = self.pipe
-        scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-        for name in ("unet", "transformer"):
-            module = getattr(pipe, name, None)
-            sample = getattr(getattr(module, "config", None), "sample_size", None)
-            if isinstance(sample, (list, tuple)):
-                sample = sample[0]
-            if isinstance(sample, int) and sample > 0:
-                default = getattr(pipe, "default_sample_size", None)
-                return int((default if name == "transformer" and default else sample) * scale)
-        return 512
+        return native_size(self.pipe)
 
-    def _t2i(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> np.ndarray:
-        """One text-to-image pipeline call; returns (N, H, W, 3) float32 in [0, 1]."""
-        import torch
+    @property
+    def token_limit(self) -> int | None:
+        """Most tokens (special ones included) the text encoder reads; None without a tokenizer."""
+        limit = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
+        return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
 
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        out = self.pipe(
-            prompt=list(prompts),
-            num_inference_steps=int(steps),
-            guidance_scale=float(guidance),
-            generator=generators,
-            output_type="np",
-        )
-        return np.asarray(out.images, dtype=np.float32)
+    def count_tokens(self, text: str) -> int:
+        """Tokens the pipeline's (first) tokenizer makes of ``text``, special tokens included,
+        so a prompt fits the text encoder when ``count_tokens(p) <= token_limit``."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"model '{self.model}' has no tokenizer to count prompt tokens with")
+        return len(tokenizer(str(text), truncation=False, verbose=False)["input_ids"])
 
-    def _img2img(self, prompts: Sequence[str], seeds: Sequence[int], images: Sequence[np.ndarray],
-                 strength: float, steps: int, guidance: float) -> np.ndarray:  # fmt: skip
-        """One image-to-image pipeline call from parent images of any size/channels."""
-        import torch
+    def _call(self, genotypes: Sequence[dict[str, Any]], parents: Sequence[np.ndarray] | None) -> list[np.ndarray]:
+        """One pipeline call for genotypes of one mode and strength; images at the output size.
 
-        size = self.native_size()
-        batch = []
-        for image in images:
-            image = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-            if image.ndim == 2:
-                image = np.repeat(image[..., None], 3, axis=-1)
-            if image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"parent image must have shape (H, W) or (H, W, 3), got {image.shape}")
-            batch.append(_resize(image, size) if image.shape[:2] != (size, size) else image)
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        out = self.i2i(
-            prompt=list(prompts),
-            image=np.stack(batch),
-            strength=strength,
-            num_inference_steps=int(steps),
-            guidance_scale=float(guidance),
-            generator=generators,
-            output_type="np",
-        )
-        return np.asarray(out.images, dtype=np.float32)
+        Parent images (i2i, inpaint) may have any size and channel count."""
+        first = genotypes[0]
+        common = {"prompt": [g["prompt"] for g in genotypes], "num_inference_steps": int(first["steps"]),
+                  "guidance_scale": float(first["guidance"]), "output_type": "np"}  # fmt: skip
+        seeds = [g["seed"] for g in genotypes]
+        if first["mode"] == "t2i":
+            raw = self.pipe(generator=seeded_generators(seeds), **common).images
+        elif first["mode"] == "i2i":
+            raw = self.i2i(image=rgb_batch(parents, self.native_size()), strength=float(first["strength"]),
+                           generator=seeded_generators(seeds), **common).images  # fmt: skip
+        else:
+            raw = run_inpaint(self.inpainter, common["prompt"], seeds, parents, [g["mask"] for g in genotypes],
+                              first["strength"], first["steps"], first["guidance"])  # fmt: skip
+        images = [_to_output(np.asarray(img, dtype=np.float32), self.image_size, self.channels) for img in raw]
+        if first["mode"] == "inpaint":  # keep the parent's pixels outside the repainted rectangle
+            images = [paste_back(p, img, g["mask"], self.channels) for p, img, g in zip(parents, images, genotypes)]
+        return images
 
     # -- protocol --------------------------------------------------------------------------
 
     def prompt(self, label: int) -> str:
-        """The prompt of class ``label``."""
+        """The template prompt of class ``label``."""
         label = check_int("label", label, 0, len(self.class_names) - 1)
         return self.prompt_template.format(name=self.class_names[label])
 
@@ -229,25 +260,29 @@ class DiffusersGenerator:
         Returns
         -------
         list[Candidate]
-            Candidates with ``parent_id=None``, ``round=0`` and t2i genotypes, each with its own seed.
+            Candidates with ``parent_id=None``, ``round=0`` and t2i genotypes, each with its
+            own seed and its prompt drawn by ``prompts.sample(label, rng)``.
         """
-        prompt = self.prompt(label)
+        self.prompt(label)
         n = check_int("n", n, 0)
-        genotypes = [self._genotype(prompt, "t2i") for _ in range(n)]
+        genotypes = [self._genotype(self.prompts.sample(int(label), self._rng), "t2i") for _ in range(n)]
         images = self._run(genotypes, None)
         return [self._make(int(label), g, img, None, 0) for g, img in zip(genotypes, images)]
 
     def vary(self, candidates: Sequence[Candidate], degree: float) -> list[Candidate]:
         """One child per parent.
 
-        ``task_mode="I2I"``: image-to-image from the parent's pixels with the parent's prompt,
-        ``strength = max(degree, MIN_STRENGTH)`` and a new seed. ``task_mode="T2I"``: the
-        parent's prompt, text-to-image with a new seed (``degree`` is validated, not used).
+        ``task_mode="I2I"``: from the parent's pixels with the parent's prompt, a new seed and
+        ``strength = max(degree, MIN_STRENGTH)``; with probability ``inpaint`` the child
+        repaints a random rectangle of ``0.1 + 0.4 * degree`` of the area (genotype mode
+        "inpaint"), otherwise it is image-to-image (mode "i2i"). ``task_mode="T2I"``:
+        text-to-image with a new seed and the prompt ``prompts.evolve`` makes of the parent's
+        (recorded as "parent_prompt"; ``degree`` is validated, not used).
 
         Parameters
         ----------
         candidates : Sequence[Candidate]
-            Parents; a parent without a "prompt" in its genotype uses its class prompt.
+            Parents; a parent without a "prompt" in its genotype uses its class's template prompt.
         degree : float
             Variation strength, in [0, 1].
 
@@ -264,11 +299,20 @@ class DiffusersGenerator:
             prompt = parent.genotype.get("prompt") if isinstance(parent.genotype, dict) else None
             prompts.append(str(prompt) if prompt else self.prompt(parent.label))
         if self.task_mode == "T2I":
-            genotypes = [self._genotype(p, "t2i") for p in prompts]
+            evolved = list(self.prompts.evolve(prompts, [int(c.label) for c in candidates], self._rng))
+            if len(evolved) != len(prompts):
+                raise ValueError(f"prompt source returned {len(evolved)} prompts for {len(prompts)} parents")
+            genotypes = [{**self._genotype(str(p), "t2i"), "parent_prompt": old} for p, old in zip(evolved, prompts)]
             images = self._run(genotypes, None)
         else:
             strength = max(degree, MIN_STRENGTH)
-            genotypes = [self._genotype(p, "i2i", strength) for p in prompts]
+            genotypes = []
+            for prompt in prompts:
+                # Only draw when inpainting is on, so inpaint=0 keeps the seeds of plain i2i runs.
+                if self.inpaint > 0 and self._rng.random() < self.inpaint:
+                    genotypes.append(self._genotype(prompt, "inpaint", strength, random_mask(self._rng, degree)))
+                else:
+                    genotypes.append(self._genotype(prompt, "i2i", strength))
             images = self._run(genotypes, [c.image for c in candidates])
         return [
             self._make(int(parent.label), g, img, parent.candidate_id, parent.round + 1)
@@ -285,9 +329,10 @@ class DiffusersGenerator:
         Parameters
         ----------
         genotype : dict
-            A genotype written by this class (keys ``GENOTYPE_KEYS``, plus "strength" for i2i).
+            A genotype written by this class (keys ``GENOTYPE_KEYS``, plus "strength" for
+            i2i, "strength", "mask" and "inpaint_model" for inpaint).
         parent_image : np.ndarray or None
-            The parent's image; required for an i2i genotype.
+            The parent's image; required for i2i and inpaint genotypes.
 
         Returns
         -------
@@ -295,26 +340,28 @@ class DiffusersGenerator:
             float32 in [0, 1], (image_size, image_size) or (image_size, image_size, 3).
         """
         missing = [k for k in GENOTYPE_KEYS if k not in genotype]
-        if missing or genotype.get("mode") not in ("t2i", "i2i"):
+        mode = genotype.get("mode")
+        if missing or mode not in GENOTYPE_MODES:
             raise ValueError(f"genotype lacks {missing or ['a valid mode']}: not a diffusers genotype (keys {list(GENOTYPE_KEYS)})")
         if genotype["model"] != self.model:
             raise ValueError(f"genotype was made by model '{genotype['model']}', this generator runs '{self.model}'")
-        if genotype["mode"] == "i2i":
+        if mode != "t2i":
             if parent_image is None:
-                raise ValueError("an i2i genotype needs parent_image (the pixels it was varied from)")
+                raise ValueError(f"an {mode} genotype needs parent_image (the pixels it was varied from)")
             if "strength" not in genotype:
-                raise ValueError("i2i genotype lacks 'strength'")
-            image = self._img2img([genotype["prompt"]], [genotype["seed"]], [parent_image],
-                                  float(genotype["strength"]), genotype["steps"], genotype["guidance"])[0]  # fmt: skip
-        else:
-            image = self._t2i([genotype["prompt"]], [genotype["seed"]], genotype["steps"], genotype["guidance"])[0]
-        return _to_output(image, self.image_size, self.channels)
+                raise ValueError(f"{mode} genotype lacks 'strength'")
+        if mode == "inpaint":
+            _check_mask(genotype.get("mask"))
+            if str(genotype.get("inpaint_model", "")) != self.inpaint_model:
+                raise ValueError(f"genotype was inpainted with inpaint_model '{genotype.get('inpaint_model', '')}', "
+                                 f"this generator uses '{self.inpaint_model}'")  # fmt: skip
+        return self._call([genotype], None if parent_image is None else [parent_image])[0]
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _genotype(self, prompt: str, mode: str, strength: float | None = None) -> dict[str, Any]:
+    def _genotype(self, prompt: str, mode: str, strength: float | None = None, mask: list[float] | None = None) -> dict[str, Any]:
         """A new genotype with a seed drawn from the generator's rng."""
-        steps = self.num_inference_steps if strength is None else _i2i_steps(self.num_inference_steps, strength)
+        steps = self.num_inference_steps if strength is None else denoise_steps(self.num_inference_steps, strength)
         genotype: dict[str, Any] = {
             "prompt": prompt,
             "seed": int(self._rng.integers(_SEED_HIGH)),
@@ -322,29 +369,29 @@ class DiffusersGenerator:
             "guidance": self.guidance_scale,
             "mode": mode,
             "model": self.model,
+            "prompt_source": self.prompts.settings(),
         }
         if strength is not None:
             genotype["strength"] = float(strength)
+        if mask is not None:
+            genotype.update(mask=mask, inpaint_model=self.inpaint_model)
         return genotype
 
     def _run(self, genotypes: list[dict[str, Any]], parents: Sequence[np.ndarray] | None) -> list[np.ndarray]:
-        """Generate images for genotypes in batches of ``batch_size`` (i2i when ``parents``)."""
-        starts = range(0, len(genotypes), self.batch_size)
-        if self.progress and len(genotypes):
+        """Generate images in batches of ``batch_size``, one mode per batch, in genotype order."""
+        batches = []
+        for mode in GENOTYPE_MODES:
+            index = [i for i, g in enumerate(genotypes) if g["mode"] == mode]
+            batches.extend(index[s:s + self.batch_size] for s in range(0, len(index), self.batch_size))
+        if self.progress and batches:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"diffusers {'i2i' if parents is not None else 't2i'}", unit="batch")
-        images: list[np.ndarray] = []
-        for start in starts:
-            chunk = genotypes[start:start + self.batch_size]
-            prompts = [g["prompt"] for g in chunk]
-            seeds = [g["seed"] for g in chunk]
-            if parents is None:
-                raw = self._t2i(prompts, seeds, chunk[0]["steps"], chunk[0]["guidance"])
-            else:
-                raw = self._img2img(prompts, seeds, parents[start:start + self.batch_size],
-                                    chunk[0]["strength"], chunk[0]["steps"], chunk[0]["guidance"])  # fmt: skip
-            images.extend(_to_output(img, self.image_size, self.channels) for img in raw)
+            batches = tqdm(batches, desc=f"diffusers {'t2i' if parents is None else 'i2i'}", unit="batch")
+        images: list[Any] = [None] * len(genotypes)
+        for batch in batches:
+            chunk = self._call([genotypes[i] for i in batch], None if parents is None else [parents[i] for i in batch])
+            for i, image in zip(batch, chunk):
+                images[i] = image
         return images
 
     def _make(self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None,
@@ -355,4 +402,5 @@ class DiffusersGenerator:
         return Candidate(candidate_id, label, image, genotype, parent_id, round_index)
 
 
-__all__ = ["DiffusersGenerator", "GeneratorLoadError", "load_text2image", "GENOTYPE_KEYS", "TASK_MODES", "MIN_STRENGTH"]
+__all__ = ["DiffusersGenerator", "GeneratorLoadError", "load_text2image", "GENOTYPE_KEYS", "GENOTYPE_MODES",
+           "TASK_MODES", "MIN_STRENGTH"]  # fmt: skip
