@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from coautogen_fl import protocol as P
-from coautogen_fl.config import load_config
+from coautogen_fl.config import flatten, load_config, to_dict
 from strategies.server_app import build_strategy
 
 
@@ -88,3 +88,28 @@ def integer_votes(seed, size=POOL, total=60):
     return np.bincount(rng.integers(0, size, total), minlength=size).astype(np.float64)
 
 
+class InProcessGrid(FakeGrid):
+    """Delivers each Message to the real ClientApp handlers, one Context per node."""
+
+    def __init__(self, cfg, tmp_path, nodes=NODES) -> None:
+        super().__init__(nodes)
+        run_config = {**flatten(to_dict(cfg)), "config-file": ""}
+        self.contexts = {
+            node: Context(
+                run_id=4242,
+                node_id=node,
+                node_config={"partition-id": i, "num-partitions": len(nodes), "state-dir": str(tmp_path / f"site{i}")},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for i, node in enumerate(nodes)
+        }
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from clients import client_app
+
+        replies = []
+        for m in messages:
+            handler = client_app.train if m.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            replies.append(handler(m, self.contexts[m.metadata.dst_node_id]))
+        return replies

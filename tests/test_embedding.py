@@ -78,8 +78,8 @@ def test_build_embedder_pixels_and_unknown():
     assert isinstance(emb, PixelEmbedder)
     assert isinstance(emb, Embedder)
     assert emb.size == 5
-    with pytest.raises(EmbedderError, match="unknown embedder 'clip'"):
-        build_embedder(EmbedderConfig(name="clip"))
+    with pytest.raises(EmbedderError, match="embedder.name='clipp' is not valid; use one of pixels, resnet18, clip"):
+        build_embedder(EmbedderConfig(name="clipp"))
 
 
 # --- ResNet-18 ------------------------------------------------------------------------------

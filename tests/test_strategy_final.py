@@ -18,7 +18,7 @@ from coautogen_fl.store import read_index
 from coautogen_fl.tracking import read_metrics
 from strategies.server_app import build_strategy, run_summary
 
-from strategy_helpers import NODES, NUM_CLASSES, FakeGrid, small_config, vote_reply, eval_reply, train_messages, integer_votes
+from strategy_helpers import NODES, NUM_CLASSES, FakeGrid, InProcessGrid, small_config, vote_reply, eval_reply, train_messages, integer_votes
 from strategy_helpers import strategy, task_identity  # noqa: F401  (pytest fixtures, used by name)
 
 
@@ -137,33 +137,6 @@ def test_gen_framework_sends_no_train_message_and_builds_the_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- in-process federation
-class InProcessGrid(FakeGrid):
-    """Delivers each Message to the real ClientApp handlers, one Context per node."""
-
-    def __init__(self, cfg, tmp_path, nodes=NODES) -> None:
-        super().__init__(nodes)
-        run_config = {**flatten(to_dict(cfg)), "config-file": ""}
-        self.contexts = {
-            node: Context(
-                run_id=4242,
-                node_id=node,
-                node_config={"partition-id": i, "num-partitions": len(nodes), "state-dir": str(tmp_path / f"site{i}")},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for i, node in enumerate(nodes)
-        }
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from clients import client_app
-
-        replies = []
-        for m in messages:
-            handler = client_app.train if m.metadata.message_type == MessageType.TRAIN else client_app.evaluate
-            replies.append(handler(m, self.contexts[m.metadata.dst_node_id]))
-        return replies
-
-
 def test_feedback_run_with_in_process_sites(tmp_path, monkeypatch):
     from clients import client_app
 
