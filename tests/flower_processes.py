@@ -158,6 +158,11 @@ class ProcessWatch:
                         changed = True
             for key in self.roots:
                 self.seen.setdefault(key, cmdline(key[0]))
+            # A child first seen between fork and exec still shows its parent's command line:
+            # refresh the command of every tracked process that is still running.
+            for pid, start in list(self.seen):
+                if table.get(pid, (None, None))[1] == start and (command := cmdline(pid)):
+                    self.seen[(pid, start)] = command
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):

@@ -134,3 +134,45 @@ def test_flwr_run_with_ten_supernodes(tmp_path):
     assert abs(summary["epsilon_spent_max"] - 1.0) < 1e-3 and summary["epsilon_spent_max"] <= 1.0 + 1e-9
     assert summary["num_synthetic"] == 100 and summary["dropped_replies"] == []
     assert (flwr_home / "config.toml").is_file()
+
+
+# ---------------------------------------------------------------------------------- (c) flwr run, diffusers
+@pytest.fixture(scope="module")
+def tiny_pipeline_folder(tmp_path_factory) -> str:
+    from tiny_diffusers import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.mark.parametrize("task_mode", ["I2I", "T2I"])
+def test_flwr_run_feedback_with_tiny_diffusers(tmp_path, tiny_pipeline_folder, task_mode):
+    """A Feedback run through `flwr run` whose ServerApp loads a (tiny, random-weight) Stable
+    Diffusion pipeline from a local folder, the way a user's -sgen ./models/sd15 would."""
+    flwr_home = tmp_path / "flwr-home"
+    run_dir = tmp_path / "run"
+    cfg = load_config(overrides=[
+        *TINY, "federation.num_hospitals=3", f"tracking.run_dir={run_dir}", f"generator.name={tiny_pipeline_folder}",
+        "generator.steps=2", "generator.batch_size=20", f"feedback.task_mode={task_mode}", "data.image_size=32",
+    ])
+    config_file = save_config(cfg, tmp_path / "config.yaml")
+    log = tmp_path / "flwr-run.log"
+    with ProcessWatch([str(tmp_path)]) as watch:
+        try:
+            with FlowerSimulation(flwr_home) as simulation, open(log, "w") as output:
+                superlink = simulation.process.pid
+                watch.add_root(superlink)
+                status = simulation.run(app_dir(), {"config-file": str(config_file)}, num_supernodes=3, output=output)
+            assert_nothing_left(watch, superlink, str(tmp_path))
+        finally:
+            watch.kill_leftovers()
+
+    assert status.completed, f"run {status.run_id} ended as {status.status}:\n{_tail(log)}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["generator"] == tiny_pipeline_folder and summary["rounds"] == 2
+    assert all(site["rounds_answered"] == 2 for site in summary["sites"].values()) and summary["dropped_replies"] == []
+    assert summary["num_synthetic"] == 100 and abs(summary["epsilon_spent_max"] - 1.0) < 1e-3
+    entries = [json.loads(line) for line in (run_dir / "synthetic" / "index.jsonl").read_text().splitlines()]
+    assert len(entries) == 100 and all(e["parent"] is not None and e["round"] == 2 for e in entries)
+    # Without fit() the diffusers generator evolves by Private Evolution (feedback.evolve=auto).
+    assert {e["genotype"]["mode"] for e in entries} == {"i2i" if task_mode == "I2I" else "t2i"}
+    assert all(e["genotype"]["model"] == tiny_pipeline_folder for e in entries)
