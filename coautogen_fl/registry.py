@@ -175,6 +175,8 @@ def check_names(cfg: RunConfig) -> None:
         raise ConfigError("generator.name=Latent needs generator.model (a TorchScript file, or a state dict with generator.factory)")
     if g.name == "HTTP" and not g.api_url:
         raise ConfigError("generator.name=HTTP needs generator.api_url (the endpoint images are POSTed to)")
+    if cfg.prompts.captioner and not cfg.prompts.reference:
+        raise ConfigError("prompts.captioner needs prompts.reference: an ImageFolder of public reference images to caption")
     if cfg.postprocess.upscale_on == "rounds" and not cfg.postprocess.upscaler:
         raise ConfigError("postprocess.upscale_on=rounds needs postprocess.upscaler (a diffusers pipeline folder or hub id)")
 

@@ -17,18 +17,8 @@ from coautogen_fl.hub import ModelLoadError  # noqa: E402
 from coautogen_fl.prompts import TemplatePrompts  # noqa: E402
 from coautogen_fl.prompts.captioner import CAPTIONER_ALIASES, DEFAULT_QUESTION, Captioner, clean_caption  # noqa: E402
 from coautogen_fl.prompts.llm import PromptError, dedupe_key  # noqa: E402
+from tiny_text_models import offline_single_thread  # noqa: E402,F401  (autouse fixture)
 from tiny_text_models import build_tiny_blip, build_tiny_gpt2  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_single_thread():
-    """No hub access; one torch thread (tiny models, a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,19 @@ def no_flower(monkeypatch):
         (["--num-hospitals", "2000"], "federation.num_hospitals"),
         (["privacy.epsilon=0"], "privacy.epsilon must be > 0"),
         (["privacy.epsilonn=1"], "unknown config key 'privacy.epsilonn'"),
+        (["-sgen", "./models/no-sd15"], "model folder models/no-sd15 does not exist"),
+        (["-sgen", "coautogen-test/not-cached-model"], "huggingface-cli download coautogen-test/not-cached-model"),
+        (["-sgen", "Glph"], "generator.name='Glph' is not valid"),
+        (["-sllm", "./no-llm"], "prompts.llm"),
+        (["-scap", "BlipBase"], "prompts.captioner needs prompts.reference"),
+        (["-sgen", "HTTP", "generator.api_url=http://127.0.0.1:9/v1", "generator.api_key_env=COAUTOGEN_TEST_UNSET_KEY"],
+         "export COAUTOGEN_TEST_UNSET_KEY=..."),
+        pytest.param(["-dev", "cuda"], "no CUDA GPU is visible; use -dev cpu or -dev auto",
+                     marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")),
     ],
 )
-def test_bad_input_is_refused_before_flower_starts(tmp_path, capsys, no_flower, argv, expected):
+def test_bad_input_is_refused_before_flower_starts(tmp_path, capsys, monkeypatch, no_flower, argv, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = cli.main(["run", "--out", str(tmp_path), "--name", "bad", *argv])
     err = capsys.readouterr().err
     assert code == 2

@@ -26,6 +26,7 @@ from coautogen_fl.prompts.llm import (  # noqa: E402
     mentions,
     truncate_to_tokens,
 )
+from tiny_text_models import offline_single_thread  # noqa: E402,F401  (autouse fixture)
 from tiny_text_models import CHAT_TEMPLATE, build_tiny_bart, build_tiny_gpt2  # noqa: E402
 
 CLASSES = ["cat", "dog", "bird"]
@@ -35,17 +36,6 @@ LIMIT = 12
 def count_words(text: str) -> int:
     """A stand-in text-encoder token counter: one token per word."""
     return len(text.split())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_single_thread():
-    """No hub access; one torch thread (tiny models, a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,9 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import pytest
+import torch
+
 #: The words the tiny tokenizers know whole (and the language models prefer).
 WORDS = (
     "a an the photo picture image of cat dog bird fish horse red blue green yellow black white small large "
@@ -141,3 +144,14 @@ def build_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_single_thread():  # imported by the test modules that use these models
+    """No hub access; one torch thread (tiny models, a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+    torch.set_num_threads(threads)

@@ -90,3 +90,28 @@ def check_int(name: str, value: int, low: int, high: int | None = None) -> int:
         span = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an int {span}, got {value!r}")
     return int(value)
+
+
+#: Task modes of ``vary`` for prompt-driven generators: "I2I" = image-to-image from the parent's
+#: pixels, "T2I" = the parent's (evolved) prompt with a new seed.
+TASK_MODES = ("I2I", "T2I")
+
+
+def check_output_spec(class_names: Sequence[str], image_size: int, channels: int, task_mode: str | None = None) -> tuple[str, ...]:
+    """Validate the arguments every generator shares; return the class names as a tuple of str.
+
+    Raises
+    ------
+    ValueError
+        Blank or missing class names, ``image_size`` < 8, ``channels`` not 1 or 3, or a
+        ``task_mode`` (when given) not in :data:`TASK_MODES`.
+    """
+    names = tuple(str(c) for c in class_names)
+    if not names or any(not c.strip() for c in names):
+        raise ValueError(f"class_names must be a non-empty sequence of non-blank names, got {list(class_names)!r}")
+    check_int("image_size", image_size, 8)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if task_mode is not None and task_mode not in TASK_MODES:
+        raise ValueError(f"task_mode must be one of {TASK_MODES}, got {task_mode!r}")
+    return names

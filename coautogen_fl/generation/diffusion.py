@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, TASK_MODES, check_int, check_output_spec
 from coautogen_fl.generation.diffusers_loading import load_text2image
 from coautogen_fl.generation.imageops import to_output as _to_output
 from coautogen_fl.generation.inpaint import (
@@ -35,9 +35,6 @@ from coautogen_fl.generation.inpaint import check_mask as _check_mask
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 
-#: Task modes of ``vary``: "I2I" = image-to-image (or inpainting) from the parent's pixels,
-#: "T2I" = the parent's prompt, evolved by the prompt source, with a new seed.
-TASK_MODES = ("I2I", "T2I")
 
 #: Genotype modes: fresh or T2I child, image-to-image child, inpainting child.
 GENOTYPE_MODES = ("t2i", "i2i", "inpaint")
@@ -129,14 +126,7 @@ class DiffusersGenerator:
         inpaint_model: str = "",
         progress: bool = False,
     ) -> None:
-        names = tuple(str(c) for c in class_names)
-        if not names or any(not c.strip() for c in names):
-            raise ValueError(f"class_names must be a non-empty sequence of non-blank names, got {list(class_names)!r}")
-        check_int("image_size", image_size, 8)
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-        if task_mode not in TASK_MODES:
-            raise ValueError(f"task_mode must be one of {TASK_MODES}, got {task_mode!r}")
+        names = check_output_spec(class_names, image_size, channels, task_mode)
         try:
             prompt_template.format(name=names[0])
         except (KeyError, IndexError, ValueError, AttributeError) as exc:

@@ -29,14 +29,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, TASK_MODES, check_int, check_output_spec
 from coautogen_fl.generation.imageops import to_output, to_rgb, to_uint8
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 
-#: Task modes of ``vary``: "I2I" = image-to-image from the parent's pixels, "T2I" = an evolved
-#: prompt with a new seed.
-TASK_MODES = ("I2I", "T2I")
 #: Lowest image-to-image strength ``vary`` sends (degree 0 would ask for the parent back).
 MIN_STRENGTH = 0.05
 #: Keys of every genotype this generator writes (i2i adds "strength", variations "parent_prompt").
@@ -188,14 +185,7 @@ class HTTPImageGenerator:
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"generator.api_url must be an http:// or https:// URL, got {url!r}")
-        names = tuple(str(c) for c in class_names)
-        if not names or any(not c.strip() for c in names):
-            raise ValueError(f"class_names must be a non-empty sequence of non-blank names, got {list(class_names)!r}")
-        check_int("image_size", image_size, 8)
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-        if task_mode not in TASK_MODES:
-            raise ValueError(f"task_mode must be one of {TASK_MODES}, got {task_mode!r}")
+        names = check_output_spec(class_names, image_size, channels, task_mode)
         for name, value, low in (("timeout_s", timeout_s, None), ("backoff_s", backoff_s, 0.0),
                                  ("requests_per_minute", requests_per_minute, 0.0)):  # fmt: skip
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int, check_output_spec
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.hub import ModelLoadError, check_device
 
@@ -98,12 +98,7 @@ class LatentGenerator:
         progress: bool = False,
         operations: Sequence[str] = OPERATIONS,
     ) -> None:
-        names = tuple(str(c) for c in class_names)
-        if not names or any(not c.strip() for c in names):
-            raise ValueError(f"class_names must be a non-empty sequence of non-blank names, got {list(class_names)!r}")
-        check_int("image_size", image_size, 8)
-        if channels not in (1, 3) or isinstance(channels, bool):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        names = check_output_spec(class_names, image_size, channels)
         check_int("latent_dim", latent_dim, 0)
         check_int("batch_size", batch_size, 1)
         try:

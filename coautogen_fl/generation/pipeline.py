@@ -37,10 +37,6 @@ def reference_captions(cfg: RunConfig, class_names: Sequence[str], device: str =
     p = cfg.prompts
     if not p.captioner:
         return {}
-    from coautogen_fl.config import ConfigError
-
-    if not p.reference:
-        raise ConfigError("prompts.captioner needs prompts.reference: an ImageFolder of public reference images to caption")
     captioner = build_captioner(cfg, device)
     captions = captioner.caption_folder(p.reference, class_names, p.captions_per_class)
     logger.info("captioned %d reference images into prompts", sum(len(v) for v in captions.values()))
