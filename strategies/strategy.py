@@ -218,6 +218,9 @@ class CoAutoGenStrategy(Strategy):
         distribution = getattr(self.evolution.generator, "distribution", None)
         if self.evolution.evolve == "distribution" and distribution is not None:
             metrics["distribution"] = distribution.describe()  # where the votes moved the generator
+        filter_stats = getattr(self.evolution.generator, "filter_stats", None)
+        if filter_stats:  # e.g. the CLIP filter: candidates drawn, kept and filled so far
+            metrics["filter"] = dict(filter_stats["total"])
         log(
             INFO,
             "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max) %.4f of %.4g",

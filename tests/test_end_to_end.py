@@ -108,24 +108,29 @@ def _tail(path: Path, lines: int = 60) -> str:
         return "(missing)"
 
 
+def flwr_run_watched(tmp_path: Path, cfg, num_supernodes: int):
+    """`flwr run` of ``cfg`` on a private SuperLink (FLWR_HOME under ``tmp_path``); afterwards
+    nothing the run started may be left. Returns (run status, the run's log file)."""
+    config_file = save_config(cfg, tmp_path / "config.yaml")
+    log = tmp_path / "flwr-run.log"
+    with ProcessWatch([str(tmp_path)]) as watch:
+        try:
+            with FlowerSimulation(tmp_path / "flwr-home") as simulation, open(log, "w") as output:
+                superlink = simulation.process.pid
+                watch.add_root(superlink)
+                status = simulation.run(app_dir(), {"config-file": str(config_file)}, num_supernodes=num_supernodes, output=output)
+            assert_nothing_left(watch, superlink, str(tmp_path))
+        finally:
+            watch.kill_leftovers()
+    return status, log
+
+
 # ---------------------------------------------------------------------------------- (b) flwr run, 10 sites
 def test_flwr_run_with_ten_supernodes(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     run_dir = tmp_path / "run"
     cfg = load_config(overrides=[*TINY, "federation.num_hospitals=10", f"tracking.run_dir={run_dir}"])
-    config_file = save_config(cfg, tmp_path / "config.yaml")
-    log = tmp_path / "flwr-run.log"
-    superlink = None
-    with ProcessWatch([str(tmp_path)]) as watch:
-        try:
-            with FlowerSimulation(flwr_home) as simulation, open(log, "w") as output:
-                superlink = simulation.process.pid
-                watch.add_root(superlink)
-                status = simulation.run(app_dir(), {"config-file": str(config_file)}, num_supernodes=10, output=output)
-            assert_nothing_left(watch, superlink, str(tmp_path))
-        finally:
-            watch.kill_leftovers()
-
+    status, log = flwr_run_watched(tmp_path, cfg, num_supernodes=10)
     assert status.completed, f"run {status.run_id} ended as {status.status}:\n{_tail(log)}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_hospitals"] == 10
@@ -148,24 +153,12 @@ def tiny_pipeline_folder(tmp_path_factory) -> str:
 def test_flwr_run_feedback_with_tiny_diffusers(tmp_path, tiny_pipeline_folder, task_mode):
     """A Feedback run through `flwr run` whose ServerApp loads a (tiny, random-weight) Stable
     Diffusion pipeline from a local folder, the way a user's -sgen ./models/sd15 would."""
-    flwr_home = tmp_path / "flwr-home"
     run_dir = tmp_path / "run"
     cfg = load_config(overrides=[
         *TINY, "federation.num_hospitals=3", f"tracking.run_dir={run_dir}", f"generator.name={tiny_pipeline_folder}",
         "generator.steps=2", "generator.batch_size=20", f"feedback.task_mode={task_mode}", "data.image_size=32",
     ])
-    config_file = save_config(cfg, tmp_path / "config.yaml")
-    log = tmp_path / "flwr-run.log"
-    with ProcessWatch([str(tmp_path)]) as watch:
-        try:
-            with FlowerSimulation(flwr_home) as simulation, open(log, "w") as output:
-                superlink = simulation.process.pid
-                watch.add_root(superlink)
-                status = simulation.run(app_dir(), {"config-file": str(config_file)}, num_supernodes=3, output=output)
-            assert_nothing_left(watch, superlink, str(tmp_path))
-        finally:
-            watch.kill_leftovers()
-
+    status, log = flwr_run_watched(tmp_path, cfg, num_supernodes=3)
     assert status.completed, f"run {status.run_id} ended as {status.status}:\n{_tail(log)}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["generator"] == tiny_pipeline_folder and summary["rounds"] == 2

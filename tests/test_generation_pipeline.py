@@ -65,6 +65,19 @@ def test_feedback_run_with_postprocessing_and_clip_embedder(tmp_path, monkeypatc
     assert s.evolution.evolve == "distribution" and s.evolution.payload()[0].shape[1] == 16  # CLIP projection dim
 
 
+def test_clip_filter_counts_reach_the_round_metrics(tmp_path, monkeypatch, clip_folder) -> None:
+    from clients import client_app
+    from coautogen_fl.tracking import read_metrics
+
+    monkeypatch.setattr(client_app, "_SITES", {})
+    cfg = small_config(SOLID, "data.channels=3", "data.image_size=16", "postprocess.clip_filter=true", f"embedder.model={clip_folder}")
+    s = build_strategy(cfg, tmp_path / "run")
+    s.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
+    rounds = read_metrics(tmp_path / "run")
+    assert len(rounds) == 2 and all(r["filter"]["drawn"] >= r["filter"]["kept"] for r in rounds)
+    assert rounds[-1]["filter"]["drawn"] >= 3 * 10 * 2  # at least the initial pool and one round of children
+
+
 @pytest.mark.parametrize("evolve", ["auto", "candidates"])
 def test_feedback_run_with_a_latent_generator_from_torchscript(tmp_path, monkeypatch, evolve) -> None:
     """-sgen Latent generator.model=g.pt: a TorchScript G(z) through the whole Feedback loop."""

@@ -169,15 +169,21 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     Path
         The folder, loadable with ``StableDiffusionPipeline.from_pretrained(folder)``.
     """
-    import torch
     from diffusers import StableDiffusionPipeline
+
+    return _save_sd_pipeline(StableDiffusionPipeline, folder, seed, unet_in_channels=4)
+
+
+def _save_sd_pipeline(pipeline_class, folder: str | Path, seed: int, unet_in_channels: int) -> Path:
+    """Build a tiny Stable Diffusion pipeline of ``pipeline_class`` and save it to ``folder``."""
+    import torch
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = _tiny_unet()
+    unet = _tiny_unet(in_channels=unet_in_channels)
     vae = _tiny_vae()
     tokenizer, text_encoder = _tiny_text(folder)
-    pipe = StableDiffusionPipeline(
+    pipe = pipeline_class(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -194,26 +200,9 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
 def build_tiny_inpaint_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny ``StableDiffusionInpaintPipeline`` to ``folder``: its UNet takes 9 channels
     (4 noisy latents + 1 mask + 4 latents of the masked image), like SD inpainting checkpoints."""
-    import torch
     from diffusers import StableDiffusionInpaintPipeline
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    unet = _tiny_unet(in_channels=9)
-    vae = _tiny_vae()
-    tokenizer, text_encoder = _tiny_text(folder)
-    pipe = StableDiffusionInpaintPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=_ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder))
-    return folder
+    return _save_sd_pipeline(StableDiffusionInpaintPipeline, folder, seed, unet_in_channels=9)
 
 
 def build_tiny_upscaler(folder: str | Path, seed: int = 0) -> Path:

@@ -27,6 +27,7 @@ from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_in
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.hub import ModelLoadError, check_device
 
+from coautogen_fl.generation.latent_distribution import LatentDistribution, check_fit_arguments
 from coautogen_fl.generation.latent_loading import (  # noqa: F401  (re-exported)
     CLASS_ATTRIBUTES, GENOTYPE_KEYS, LATENT_ATTRIBUTES, OPERATIONS, _first_line, _module_int, load_latent_module, takes_labels,
 )
@@ -149,9 +150,8 @@ class LatentGenerator:
             )
         self._probe()
         k = len(names)
-        self.mean = np.zeros((k, self.latent_dim), dtype=np.float64)
-        self.std = np.ones((k, self.latent_dim), dtype=np.float64)
-        self.directions: dict[int, np.ndarray] = {}
+        #: What the votes taught: per-class Gaussians over z and attribute directions.
+        self.distribution = LatentDistribution(k, self.latent_dim)
         self._rng = np.random.default_rng(seed)
         self._counter = 0
 
@@ -312,8 +312,7 @@ class LatentGenerator:
         n = check_int("n", n, 0)
         if n == 0:
             return []
-        noise = self._rng.standard_normal((n, self.latent_dim))
-        zs = (self.mean[label] + self.std[label] * noise).astype(np.float32)
+        zs = self.distribution.sample(label, n, self._rng)
         genotypes = [{"model": self.source, "op": "sample", "label": label} for _ in range(n)]
         return self._emit([label] * n, zs, genotypes, None)
 
@@ -417,6 +416,21 @@ class LatentGenerator:
             groups.setdefault(label, []).append(i)
         return groups
 
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-class sampling means of z, (num_classes, latent_dim)."""
+        return self.distribution.mean
+
+    @property
+    def std(self) -> np.ndarray:
+        """Per-class sampling stds of z, (num_classes, latent_dim)."""
+        return self.distribution.std
+
+    @property
+    def directions(self) -> dict[int, np.ndarray]:
+        """Per-class unit attribute directions learned from the votes."""
+        return self.distribution.directions
+
     def observe_votes(self, voted: Sequence[Candidate]) -> None:
         """Learn per class an attribute direction in z from voted candidates.
 
@@ -427,17 +441,8 @@ class LatentGenerator:
         """
         usable = [c for c in voted if c.votes is not None]
         for label, members in self._voted_by_class(usable).items():
-            self.directions.pop(label, None)
-            if len(members) < 4:
-                continue
             z = np.stack([self._z_of(usable[i]) for i in members]).astype(np.float64)
-            votes = np.array([float(usable[i].votes) for i in members])
-            order = np.argsort(votes, kind="stable")
-            quarter = len(members) // 4
-            diff = z[order[-quarter:]].mean(axis=0) - z[order[:quarter]].mean(axis=0)
-            norm = float(np.linalg.norm(diff))
-            if np.isfinite(norm) and norm > 1e-12:
-                self.directions[label] = diff / norm
+            self.distribution.observe(label, z, np.array([float(usable[i].votes) for i in members]))
 
     def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
         """Move each class's sampling Gaussian toward its vote-weighted z's (distribution evolution).
@@ -457,37 +462,15 @@ class LatentGenerator:
         min_spread : float, default 0.08
             Lower bound of every std, >= 0.
         """
-        weights = np.asarray(weights, dtype=np.float64)
-        if weights.shape != (len(candidates),):
-            raise ValueError(f"weights must have shape ({len(candidates)},), one per candidate, got {weights.shape}")
-        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-            raise ValueError("weights must be finite and >= 0")
-        if not (isinstance(mix, numbers.Real) and 0.0 <= float(mix) <= 1.0):
-            raise ValueError(f"mix must be a number in [0, 1], got {mix!r}")
-        if not (isinstance(min_spread, numbers.Real) and math.isfinite(min_spread) and min_spread >= 0):
-            raise ValueError(f"min_spread must be a finite number >= 0, got {min_spread!r}")
-        mix = float(mix)
+        weights, mix = check_fit_arguments(weights, len(candidates), mix, min_spread)
         for label, members in self._voted_by_class(candidates).items():
-            w = weights[members]
-            total = float(w.sum())
-            if total <= 0:
-                continue
-            w = w / total
             z = np.stack([self._z_of(candidates[i]) for i in members]).astype(np.float64)
-            m = w @ z
-            s = np.sqrt(w @ (z - m) ** 2)
-            self.mean[label] = mix * m + (1 - mix) * self.mean[label]
-            self.std[label] = np.maximum(mix * s + (1 - mix) * self.std[label], float(min_spread))
+            self.distribution.refit(label, z, weights[members], mix, min_spread)
         self.observe_votes(candidates)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable summary of the sampling distributions (for metrics and the run record)."""
-        return {
-            "mean_norm": [round(float(np.linalg.norm(m)), 4) for m in self.mean],
-            "mean_std": [round(float(s.mean()), 4) for s in self.std],
-            "directions": sorted(int(k) for k in self.directions),
-        }
-
+        return self.distribution.describe()
 
 __all__ = [
     "GENOTYPE_KEYS", "LATENT_ATTRIBUTES", "OPERATIONS", "GeneratorLoadError", "LatentGenerator",
