@@ -17,7 +17,7 @@ from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.evolution import Evolution
 from coautogen_fl.generation import build_generator
-from coautogen_fl.generation.pipeline import build_upscaler
+from coautogen_fl.generation.pipeline import build_upscaler, save_prompt_pool
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
 from coautogen_fl.rundir import resolve_run_dir
@@ -104,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg, run_dir)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=cfg.federation.timeout_s)
     summary = run_summary(cfg, strategy, run_dir, time.time() - started)
+    if save_prompt_pool(strategy.evolution.generator, str(run_dir)):
+        log(INFO, "prompt pool written to %s", run_dir / "prompts.json")
     strategy.final.tracker.write_summary(summary)
     strategy.final.tracker.finish()
     for line in spend_lines(summary):

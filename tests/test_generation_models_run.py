@@ -56,6 +56,11 @@ def test_genllm_draws_llm_written_prompts_for_every_class(tmp_path, monkeypatch,
     prompts = {e["genotype"]["prompt"] for e in entries}
     templates = {f"a photo of {c}" for c in CLASSES}
     assert prompts - templates, "the LLM wrote no prompt beyond the templates"
+    from coautogen_fl.generation.pipeline import save_prompt_pool
+
+    pool = json.loads(open(save_prompt_pool(s.evolution.generator, str(tmp_path))).read())
+    assert pool["settings"]["source"] == "llm" and sorted(pool["per_class"], key=int) == CLASSES
+    assert prompts <= {p for descriptions in pool["per_class"].values() for p in descriptions}  # every prompt used is recorded
 
 
 def test_t2i_feedback_evolves_the_voted_prompts_with_the_llm(tmp_path, monkeypatch, models) -> None:
@@ -77,6 +82,13 @@ def test_captioned_reference_images_become_prompts(tmp_path, monkeypatch, models
                      f"prompts.captioner={models['blip']}", f"prompts.reference={reference}")  # fmt: skip
     captioned = [e for e in entries if e["genotype"]["prompt"].startswith(f"{CLASSES[e['label']]}, ")]
     assert captioned, "no candidate used a caption of a reference image"
+
+
+def test_upscaler_on_every_round(tmp_path, monkeypatch, models) -> None:
+    s, entries = run(tmp_path, monkeypatch, f"generator.name={models['sd']}", f"postprocess.upscaler={models['upscaler']}",
+                     "postprocess.upscale_on=rounds", "postprocess.upscale_steps=2")  # fmt: skip
+    assert s.final.upscaler is None  # the stage already ran on every candidate
+    assert all(e["genotype"]["upscale"]["size"] == 32 and e["genotype"]["mode"] == "i2i" for e in entries)
 
 
 def test_inpainting_variations_with_a_dedicated_pipeline(tmp_path, monkeypatch, models) -> None:

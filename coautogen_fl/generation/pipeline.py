@@ -154,3 +154,24 @@ def check_model_sources(cfg: RunConfig, device: str = "cpu") -> None:
         raise GeneratorLoadError(f"the API key variable {g.api_key_env} is not set; export {g.api_key_env}=... or set generator.api_key_env=''")
     if p.captioner and not Path(p.reference).expanduser().is_dir():
         raise GeneratorLoadError(f"reference image folder {p.reference!r} does not exist; fix prompts.reference")
+
+
+def save_prompt_pool(generator: Generator, run_dir: str) -> str | None:
+    """Write the prompt pool the generator drew from (LLM descriptions, captions) to
+    ``<run_dir>/prompts.json``; returns the path, or None for a generator without a prompt pool."""
+    import json
+    from pathlib import Path
+
+    from coautogen_fl.atomic import write_text_atomic
+
+    prompts = getattr(generator, "prompts", None)
+    pool = getattr(prompts, "descriptions", None)
+    if prompts is None or pool is None:
+        return None
+    per_class = pool() if callable(pool) else pool
+    if not per_class:  # templates only: the config says everything
+        return None
+    record = {"settings": prompts.settings(), "per_class": {str(k): list(v) for k, v in sorted(per_class.items())}}
+    path = Path(run_dir) / "prompts.json"
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    return str(path)
