@@ -43,3 +43,16 @@ def test_bad_input_is_refused_before_flower_starts(tmp_path, capsys, monkeypatch
     assert expected in err and err.startswith("coautogen: error: ")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()  # nothing created for a run that never started
+
+
+def test_overrides_may_stand_between_options():
+    args = cli.parse_args(["run", "generator.seed=3", "--num-hospitals", "3", "privacy.epsilon=2", "-sgen", "Glyph", "feedback.k=2"])
+    assert args.overrides == ["generator.seed=3", "privacy.epsilon=2", "feedback.k=2"] and args.num_hospitals == 3
+    assert "privacy.epsilon=2" in cli.overrides_from_args(args)
+
+
+@pytest.mark.parametrize("argv", [["run", "--bogus"], ["run", "a=b", "--num-hospitals", "2", "--bogus"], ["privacy", "--epsilon", "1", "a=b"]])
+def test_stray_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
