@@ -16,7 +16,7 @@ from coautogen_fl.config import RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 HEADER = """[tool.flwr.app.config]
-# The run config: the same keys as coautogen_fl/config.py (a test keeps them in sync;
+# The run config: the same keys as coautogen_fl/schema.py (a test keeps them in sync;
 # regenerate with `python scripts/sync_flwr_config.py`).
 # `flwr run . --run-config "privacy.epsilon=2"` overrides one; `config-file` names a YAML.
 config-file = ""
