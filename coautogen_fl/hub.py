@@ -5,13 +5,16 @@ that a missing model is always the same one-line error naming the model and the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 #: A Hugging Face hub id: "name" or "owner/name" (letters, digits, '-', '_', '.').
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ModelLoadError(RuntimeError):
@@ -27,12 +30,32 @@ def is_path_like(model: str) -> bool:
     return _HUB_ID.match(model) is None
 
 
-def check_device(device: str) -> None:
-    """Raise :class:`ModelLoadError` for a CUDA device on a machine without CUDA."""
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first non-empty line of an exception's message (ANSI colours dropped, at most 300
+    characters), for one-line errors; the exception's type name when the message is empty.
+    ``with_type`` prefixes the type name ("OSError: ...")."""
+    text = _ANSI.sub("", str(exc)).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line if len(line) <= 300 else line[:297] + "..."
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+def joined_lines(exc: BaseException) -> str:
+    """An exception's whole message on one line (ANSI colours dropped, whitespace collapsed, at
+    most 300 characters): for messages whose detail is spread over lines (e.g. torch's state-dict
+    size mismatches)."""
+    detail = " ".join(_ANSI.sub("", str(exc)).split())
+    return detail if len(detail) <= 300 else detail[:297] + "..."
+
+
+def check_device(device: str, error: type[ModelLoadError] = ModelLoadError) -> None:
+    """Raise ``error`` (a :class:`ModelLoadError`) for a CUDA device on a machine without CUDA."""
     import torch
 
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(
+        raise error(
             f"device '{device}' requested but CUDA is not available (torch {torch.__version__}); "
             "use device=cpu (-dev cpu) or install a CUDA build of torch"
         )
@@ -102,3 +125,24 @@ def torch_dtype_for(device: str):  # -> torch.dtype
     import torch
 
     return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def read_model_config(source: str, model: str, config_key: str, error: type[ModelLoadError] = ModelLoadError) -> dict[str, Any]:
+    """The ``config.json`` of a resolved transformers model folder, read before any weights load
+    (to refuse the wrong kind of model in one line)."""
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read the config.json of '{model}' ({first_line(exc)}); fix {config_key}") from exc
+    if not isinstance(config, dict):
+        raise error(f"the config.json of '{model}' is not a JSON object; fix {config_key}")
+    return config
+
+
+def transformers_dtype(device: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword for :func:`torch_dtype_for`: transformers >= 4.56 takes
+    ``dtype=``, older versions only ``torch_dtype=``."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype_for(device)}

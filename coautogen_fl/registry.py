@@ -83,13 +83,23 @@ def aliases(kind: str) -> dict[str, str]:
     return {}
 
 
+def is_object_spec(name: str) -> bool:
+    """True for ``"pkg.module:Attr"`` (``Attr`` may be dotted)."""
+    return bool(_OBJECT_SPEC.match(name))
+
+
 def load_object(spec: str, key: str) -> Any:
     """Import ``"pkg.module:Attr"`` (``Attr`` may be dotted), naming ``key`` when it fails."""
+    from .hub import first_line
+
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RegistryError(f"{key}={spec!r}: cannot import module '{module_name}' ({exc}); install the package that provides it") from None
+    except Exception as exc:  # ImportError, or any error raised while importing the module
+        raise RegistryError(
+            f"{key}={spec!r}: cannot import module '{module_name}' ({first_line(exc, with_type=True)}); "
+            "install the package that provides it, or put it on PYTHONPATH"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RegistryError(f"{key}={spec!r}: module '{module_name}' has no attribute '{attr}'")
@@ -131,7 +141,7 @@ def resolve(kind: str, name: str) -> Resolved:
             return Resolved("plugin", registered[name].load())
         except Exception as exc:
             raise RegistryError(f"{key}={name!r}: entry point {registered[name].value!r} failed to load ({exc})") from None
-    if _OBJECT_SPEC.match(name):
+    if is_object_spec(name):
         return Resolved("plugin", load_object(name, key))
     if kind != "embedder" and _looks_like_model(name):
         return Resolved("model", name)

@@ -17,15 +17,13 @@ divide by 255 again (its default assumes uint8 input).
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from coautogen_fl.generation.base import Candidate, check_int, stack_images
-from coautogen_fl.hub import ModelLoadError, check_device, resolve_model_source, torch_dtype_for
+from coautogen_fl.hub import check_device, first_line, read_model_config, resolve_model_source, transformers_dtype
 
 from .base import EmbedderError
 
@@ -33,25 +31,9 @@ from .base import EmbedderError
 CLIP_MODEL_TYPE = "clip"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _dtype_kwarg() -> str:
-    """transformers >= 4.56 takes ``dtype=``; older versions only know ``torch_dtype=``."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
 def _check_clip_config(source: str, model: str, config_key: str) -> None:
     """Refuse a folder whose ``config.json`` is not a CLIP model, before loading any weights."""
-    try:
-        model_type = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise EmbedderError(f"cannot read the config.json of '{model}' ({_first_line(exc)}); fix {config_key}") from exc
+    model_type = read_model_config(source, model, config_key, EmbedderError).get("model_type")
     if model_type != CLIP_MODEL_TYPE:
         raise EmbedderError(
             f"'{model}' is a {model_type or 'untyped'} model, not a CLIP model (model_type '{CLIP_MODEL_TYPE}'); "
@@ -83,10 +65,7 @@ def load_clip(model: str, device: str = "cpu", config_key: str = "embedder.model
         One line: the folder does not exist or is not a CLIP model, the hub id is not cached
         locally (nothing is downloaded), CUDA is requested but unavailable, or loading fails.
     """
-    try:
-        check_device(device)
-    except ModelLoadError as exc:
-        raise EmbedderError(str(exc)) from None
+    check_device(device, EmbedderError)
     source = resolve_model_source(model, "CLIP model", "config.json", config_key, EmbedderError)
     _check_clip_config(source, model, config_key)
     from transformers import CLIPModel, CLIPProcessor
@@ -94,10 +73,10 @@ def load_clip(model: str, device: str = "cpu", config_key: str = "embedder.model
     try:
         with warnings.catch_warnings():  # huggingface_hub / transformers deprecation noise
             warnings.simplefilter("ignore", FutureWarning)
-            clip = CLIPModel.from_pretrained(source, local_files_only=True, **{_dtype_kwarg(): torch_dtype_for(device)})
+            clip = CLIPModel.from_pretrained(source, local_files_only=True, **transformers_dtype(device))
             processor = CLIPProcessor.from_pretrained(source, local_files_only=True)
     except Exception as exc:
-        raise EmbedderError(f"could not load CLIP model '{model}' ({config_key}): {_first_line(exc)}") from exc
+        raise EmbedderError(f"could not load CLIP model '{model}' ({config_key}): {first_line(exc)}") from exc
     return clip.eval().to(device), processor
 
 

@@ -11,14 +11,7 @@ import warnings
 from typing import Any
 
 from coautogen_fl.generation.base import GeneratorLoadError
-from coautogen_fl.hub import ModelLoadError, check_device, resolve_model_source, torch_dtype_for
-
-
-def _check_device(device: str) -> None:
-    try:
-        check_device(device)
-    except ModelLoadError as exc:
-        raise GeneratorLoadError(str(exc)) from None
+from coautogen_fl.hub import check_device, first_line, resolve_model_source, torch_dtype_for
 
 
 def load_pipeline(model: str, device: str = "cpu", safety_checker: bool = False, auto_class: str = "AutoPipelineForText2Image",
@@ -51,7 +44,7 @@ def load_pipeline(model: str, device: str = "cpu", safety_checker: bool = False,
         The folder does not exist or is not a pipeline, the hub id is not cached locally
         (nothing is downloaded), CUDA is requested but unavailable, or loading fails.
     """
-    _check_device(device)
+    check_device(device, GeneratorLoadError)
     source = resolve_model_source(model, "diffusers pipeline", "model_index.json", config_key, GeneratorLoadError)
     import diffusers
     from diffusers import DiffusionPipeline
@@ -72,8 +65,7 @@ def load_pipeline(model: str, device: str = "cpu", safety_checker: bool = False,
             pipe = loader.from_pretrained(source, local_files_only=True, torch_dtype=torch_dtype_for(device), **kwargs)
         pipe = pipe.to(device)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GeneratorLoadError(f"could not load diffusers model '{model}' ({config_key}): {first}") from exc
+        raise GeneratorLoadError(f"could not load diffusers model '{model}' ({config_key}): {first_line(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

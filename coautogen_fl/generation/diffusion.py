@@ -33,6 +33,7 @@ from coautogen_fl.generation.inpaint import (
 )
 from coautogen_fl.generation.inpaint import check_mask as _check_mask
 from coautogen_fl.generation.schedule import check_degree
+from coautogen_fl.hub import first_line
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 
 
@@ -178,7 +179,7 @@ class DiffusersGenerator:
                 self._i2i = AutoPipelineForImage2Image.from_pipe(self.pipe)
             except Exception as exc:
                 raise GeneratorLoadError(
-                    f"model '{self.model}' has no image-to-image pipeline in diffusers ({exc}); "
+                    f"model '{self.model}' has no image-to-image pipeline in diffusers ({first_line(exc)}); "
                     "use task_mode='T2I'"
                 ) from exc
             self._i2i.set_progress_bar_config(disable=True)

@@ -29,6 +29,7 @@ import numpy as np
 from coautogen_fl.generation.base import GeneratorLoadError
 from coautogen_fl.generation.diffusers_loading import load_pipeline
 from coautogen_fl.generation.imageops import resize, to_output, to_rgb
+from coautogen_fl.hub import first_line
 
 #: Mask area at degree 0, and its growth per unit of degree (0.1 + 0.4 * degree of the image).
 MIN_MASK_FRACTION = 0.1
@@ -162,9 +163,8 @@ def inpaint_pipeline(pipe: Any, model: str, inpaint_model: str = "", device: str
     try:
         inpainter = AutoPipelineForInpainting.from_pipe(pipe)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GeneratorLoadError(
-            f"model '{model}' has no inpainting pipeline in diffusers ({first}); set generator.inpaint_model "
+            f"model '{model}' has no inpainting pipeline in diffusers ({first_line(exc)}); set generator.inpaint_model "
             "to an inpainting model or generator.inpaint=0"
         ) from exc
     inpainter.set_progress_bar_config(disable=True)

@@ -25,11 +25,11 @@ import numpy as np
 
 from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int, check_output_spec
 from coautogen_fl.generation.schedule import check_degree
-from coautogen_fl.hub import ModelLoadError, check_device
+from coautogen_fl.hub import check_device, first_line
 
 from coautogen_fl.generation.latent_distribution import LatentDistribution, check_fit_arguments
 from coautogen_fl.generation.latent_loading import (  # noqa: F401  (re-exported)
-    CLASS_ATTRIBUTES, GENOTYPE_KEYS, LATENT_ATTRIBUTES, OPERATIONS, _first_line, _module_int, load_latent_module, takes_labels,
+    CLASS_ATTRIBUTES, GENOTYPE_KEYS, LATENT_ATTRIBUTES, OPERATIONS, _module_int, load_latent_module, takes_labels,
 )
 
 
@@ -117,10 +117,7 @@ class LatentGenerator:
             raise ValueError(f"operations must be a non-empty subset of {OPERATIONS}, got {list(operations)!r}")
         if conditional is not None and not isinstance(conditional, bool):
             raise ValueError(f"conditional must be true, false or None (detect), got {conditional!r}")
-        try:
-            check_device(device)
-        except ModelLoadError as exc:
-            raise GeneratorLoadError(str(exc)) from None
+        check_device(device, GeneratorLoadError)
 
         dim = int(latent_dim) or _module_int(module, LATENT_ATTRIBUTES)
         if not dim:
@@ -167,7 +164,7 @@ class LatentGenerator:
         except Exception as exc:
             shape = f"z of shape (2, {self.latent_dim})" + (" and int64 labels" if self.conditional else "")
             raise GeneratorLoadError(
-                f"generator '{self.source or type(self.module).__name__}' failed on {shape}: {_first_line(exc)}; "
+                f"generator '{self.source or type(self.module).__name__}' failed on {shape}: {first_line(exc, with_type=True)}; "
                 "check generator.latent_dim, and that G's forward takes class labels as its second argument "
                 "exactly when it is class-conditional"
             ) from exc

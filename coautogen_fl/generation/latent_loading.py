@@ -7,7 +7,6 @@ whole pickled module; and reading what the module is (latent size, class conditi
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import numbers
 import os
@@ -17,7 +16,8 @@ import zipfile
 from typing import Any, Sequence
 
 from coautogen_fl.generation.base import GeneratorLoadError
-from coautogen_fl.hub import ModelLoadError, check_device
+from coautogen_fl.hub import check_device, first_line, joined_lines
+from coautogen_fl.registry import RegistryError, is_object_spec, load_object
 
 #: The operations ``vary`` picks from (uniformly, among those possible for a parent).
 OPERATIONS = ("perturb", "interpolate", "direction")
@@ -38,21 +38,11 @@ _LABEL_ARGUMENTS = frozenset({
     "class_ids", "target", "targets", "cond", "condition",
 })  # fmt: skip
 
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _PICKLE_WARNING = (
     "loading '{path}' as a whole pickled module (generator.trust_pickle=true): unpickling executes "
     "code stored in the file; only load files you trust"
 )
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (ANSI colours dropped), for one-line errors."""
-    text = _ANSI.sub("", str(exc)).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = line if len(line) <= 300 else line[:297] + "..."
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -88,23 +78,15 @@ def _build_from_factory(factory: str, path: str) -> Any:
             "'package.module:callable' (a function without arguments that builds the module), or save the "
             "generator as TorchScript (torch.jit.script(G).save(path))"
         )
-    if not _FACTORY.match(factory):
+    if not is_object_spec(factory):
         raise GeneratorLoadError(
             f"generator.factory '{factory}' is not of the form 'package.module:callable' "
             "(e.g. 'mypackage.models:build_generator')"
         )
-    module_name, attribute = factory.split(":", 1)
     try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or any error raised while importing it
-        raise GeneratorLoadError(
-            f"generator.factory '{factory}': cannot import module '{module_name}' ({_first_line(exc)}); "
-            "make it importable (installed, or on PYTHONPATH)"
-        ) from exc
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise GeneratorLoadError(f"generator.factory '{factory}': module '{module_name}' has no attribute '{attribute}'")
-        target = getattr(target, part)
+        target = load_object(factory, "generator.factory")
+    except RegistryError as exc:
+        raise GeneratorLoadError(str(exc)) from None
     if not callable(target):
         raise GeneratorLoadError(
             f"generator.factory '{factory}' is not callable ({type(target).__name__}); name a function or class "
@@ -113,7 +95,7 @@ def _build_from_factory(factory: str, path: str) -> Any:
     try:
         module = target()
     except Exception as exc:
-        raise GeneratorLoadError(f"generator.factory '{factory}' failed when called without arguments: {_first_line(exc)}") from exc
+        raise GeneratorLoadError(f"generator.factory '{factory}' failed when called without arguments: {first_line(exc, with_type=True)}") from exc
     if not isinstance(module, nn.Module):
         raise GeneratorLoadError(f"generator.factory '{factory}' returned {type(module).__name__}, not a torch.nn.Module")
     return module
@@ -137,10 +119,8 @@ def _load_state_dict(module: Any, state: Any, factory: str, path: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except Exception as exc:  # e.g. size mismatches
-        detail = " ".join(_ANSI.sub("", str(exc)).split())
-        detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise GeneratorLoadError(
-            f"the state dict in '{path}' does not fit the module built by generator.factory '{factory}': {detail}"
+            f"the state dict in '{path}' does not fit the module built by generator.factory '{factory}': {joined_lines(exc)}"
         ) from exc
 
 
@@ -187,10 +167,7 @@ def load_latent_module(path: str, factory: str = "", trust_pickle: bool = False,
         bad, unimportable or non-callable) factory or with keys that do not match its module, a
         pickle without ``trust_pickle``, or a file that is none of the three formats.
     """
-    try:
-        check_device(device)
-    except ModelLoadError as exc:
-        raise GeneratorLoadError(str(exc)) from None
+    check_device(device, GeneratorLoadError)
     path = os.path.expanduser(str(path))
     if not path or not os.path.isfile(path):
         what = "is a folder, not a file" if path and os.path.isdir(path) else "does not exist"
@@ -212,14 +189,14 @@ def load_latent_module(path: str, factory: str = "", trust_pickle: bool = False,
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(path, map_location=device)
         except Exception as exc:
-            raise GeneratorLoadError(f"TorchScript file '{path}' (generator.model) could not be loaded: {_first_line(exc)}") from exc
+            raise GeneratorLoadError(f"TorchScript file '{path}' (generator.model) could not be loaded: {first_line(exc, with_type=True)}") from exc
         return module.eval()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if "Weights only load failed" not in str(exc):
             raise GeneratorLoadError(
-                f"'{path}' (generator.model) is not a readable torch file: {_first_line(exc)}"
+                f"'{path}' (generator.model) is not a readable torch file: {first_line(exc, with_type=True)}"
             ) from exc
         if not trust_pickle:
             raise GeneratorLoadError(
@@ -231,7 +208,7 @@ def load_latent_module(path: str, factory: str = "", trust_pickle: bool = False,
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise GeneratorLoadError(f"pickled file '{path}' (generator.model) could not be loaded: {_first_line(exc2)}") from exc2
+            raise GeneratorLoadError(f"pickled file '{path}' (generator.model) could not be loaded: {first_line(exc2, with_type=True)}") from exc2
     if isinstance(obj, torch.nn.Module):
         module = obj
     elif _is_state_dict(obj):

@@ -21,9 +21,9 @@ import numpy as np
 from coautogen_fl.config import CAPTIONER_ALIASES  # the seed's names -> hub ids, with the other config names
 from coautogen_fl.data import IMAGE_SUFFIXES
 from coautogen_fl.generation.base import check_int
-from coautogen_fl.hub import ModelLoadError, check_device, resolve_model_source, torch_dtype_for
+from coautogen_fl.hub import check_device, first_line, resolve_model_source, transformers_dtype
 
-from .llm import PromptError, clean_text, dedupe_key, first_line, model_kind
+from .llm import PromptError, clean_text, dedupe_key, model_kind
 
 
 #: The config keys naming the captioner and the reference images, quoted in error messages.
@@ -86,10 +86,7 @@ class Captioner:
         self.text = self._text_input()
 
     def _load(self, model: str) -> tuple[Any, Any]:
-        try:
-            check_device(self.device)
-        except ModelLoadError as exc:
-            raise PromptError(str(exc)) from None
+        check_device(self.device, PromptError)
         source = resolve_model_source(model, "image captioning model", "config.json", CONFIG_KEY, PromptError)
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.models.auto import modeling_auto
@@ -98,8 +95,7 @@ class Captioner:
         model_kind(source, model, CONFIG_KEY, kinds, "an image captioning (image-text-to-text) model")
         try:
             processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-            dtype = torch_dtype_for(self.device)
-            captioner = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=dtype)
+            captioner = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, **transformers_dtype(self.device))
             captioner = captioner.to(self.device).eval()
         except Exception as exc:
             raise PromptError(f"could not load image captioning model '{model}' ({CONFIG_KEY}): {first_line(exc)}") from exc

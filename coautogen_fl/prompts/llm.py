@@ -15,16 +15,14 @@ boundary). Sampling is seeded: the same seed gives the same prompts.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from coautogen_fl.config import LLM_ALIASES  # the seed's names -> hub ids, with the other config names
 from coautogen_fl.generation.base import check_int
-from coautogen_fl.hub import ModelLoadError, check_device, resolve_model_source, torch_dtype_for
+from coautogen_fl.hub import ModelLoadError, check_device, first_line, read_model_config, resolve_model_source, transformers_dtype
 
 from .base import TemplatePrompts
 
@@ -58,12 +56,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 class PromptError(ModelLoadError):
     """A prompt model (LLM, captioner) or its reference images could not be loaded; the
     message names the model or folder and the fix."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (errors here are one line)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def clean_text(text: str) -> str:
@@ -107,11 +99,8 @@ def truncate_to_tokens(text: str, limit: int, count_tokens: Callable[[str], int]
 def model_kind(source: str, model: str, config_key: str, mappings: dict[str, dict[str, str]], what: str) -> str:
     """Which of ``mappings`` (kind -> transformers ``MAPPING_NAMES``) the folder's config belongs
     to, read from ``config.json`` before any weights load; one :class:`PromptError` line if none."""
-    try:
-        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
-        model_type = config.get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise PromptError(f"cannot read the config.json of '{model}' ({first_line(exc)}); fix {config_key}") from exc
+    config = read_model_config(source, model, config_key, PromptError)
+    model_type = config.get("model_type")
     encoder_decoder = bool(config.get("is_encoder_decoder", False))
     for kind, names in mappings.items():
         if model_type in names and (kind != "causal" or not encoder_decoder):
@@ -202,10 +191,7 @@ class LLMPrompts:
 
     # -- loading -------------------------------------------------------------------------------
     def _load(self, model: str) -> tuple[Any, Any, bool]:
-        try:
-            check_device(self.device)
-        except ModelLoadError as exc:
-            raise PromptError(str(exc)) from None
+        check_device(self.device, PromptError)
         source = resolve_model_source(model, "language model", "config.json", CONFIG_KEY, PromptError)
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
         from transformers.models.auto import modeling_auto
@@ -217,7 +203,7 @@ class LLMPrompts:
         auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            lm = auto.from_pretrained(source, local_files_only=True, dtype=torch_dtype_for(self.device))
+            lm = auto.from_pretrained(source, local_files_only=True, **transformers_dtype(self.device))
             lm = lm.to(self.device).eval()
         except Exception as exc:
             raise PromptError(f"could not load language model '{model}' ({CONFIG_KEY}): {first_line(exc)}") from exc
