@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from coautogen_fl import protocol as P
-from coautogen_fl.config import flatten, to_dict
 from coautogen_fl.downstream import build_classifier
 from coautogen_fl.privacy import noise_multiplier_for_epsilon
 from coautogen_fl.store import read_index

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-import re
 import warnings
 import zipfile
 from typing import Any, Sequence
