@@ -23,6 +23,7 @@ from PIL import Image
 
 from .atomic import fsync_dir
 from .generation.base import Candidate
+from .generation.imageops import to_uint8
 
 
 def safe_dirname(name: str) -> str:
@@ -30,9 +31,6 @@ def safe_dirname(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
     return cleaned or "class"
 
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 class SyntheticStore:

@@ -71,7 +71,9 @@ def image_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_cla
 def _save_png(grid: np.ndarray, path: Path) -> None:
     from PIL import Image  # PIL writes the exact pixel array; no display/backend needed
 
-    pixels = (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    from .generation.imageops import to_uint8
+
+    pixels = to_uint8(grid)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     Image.fromarray(pixels).save(path, format="PNG")

@@ -92,6 +92,12 @@ def check_int(name: str, value: int, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+#: Per-image seeds are drawn from [0, SEED_HIGH) (fits every int32 seed argument).
+SEED_HIGH = 2**31 - 1
+
+#: Lowest image-to-image / inpainting strength ``vary`` uses (degree 0 would return the parent).
+MIN_STRENGTH = 0.05
+
 #: Task modes of ``vary`` for prompt-driven generators: "I2I" = image-to-image from the parent's
 #: pixels, "T2I" = the parent's (evolved) prompt with a new seed.
 TASK_MODES = ("I2I", "T2I")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
 from coautogen_fl.generation.diffusers_loading import load_text2image
 from coautogen_fl.generation.imageops import to_output as _to_output
 from coautogen_fl.generation.inpaint import (
@@ -40,15 +40,11 @@ from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 #: Genotype modes: fresh or T2I child, image-to-image child, inpainting child.
 GENOTYPE_MODES = ("t2i", "i2i", "inpaint")
 
-#: Lowest image-to-image / inpainting strength ``vary`` uses (degree 0 would leave the parent unchanged).
-MIN_STRENGTH = 0.05
 
 #: Keys of every genotype this generator writes (i2i adds "strength"; inpaint adds "strength",
 #: "mask" and "inpaint_model"; all add "prompt_source"; T2I children add "parent_prompt").
 GENOTYPE_KEYS = ("prompt", "seed", "steps", "guidance", "mode", "model")
 
-#: Per-image seeds are drawn from [0, _SEED_HIGH).
-_SEED_HIGH = 2**31 - 1
 
 #: Tokenizers without a limit report a huge sentinel ``model_max_length``; above this it means "none".
 _NO_LIMIT = 10**6
@@ -355,7 +351,7 @@ class DiffusersGenerator:
         steps = self.num_inference_steps if strength is None else denoise_steps(self.num_inference_steps, strength)
         genotype: dict[str, Any] = {
             "prompt": prompt,
-            "seed": int(self._rng.integers(_SEED_HIGH)),
+            "seed": int(self._rng.integers(SEED_HIGH)),
             "steps": steps,
             "guidance": self.guidance_scale,
             "mode": mode,

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from coautogen_fl.generation.base import Candidate, check_int
+from coautogen_fl.generation.base import Candidate, SEED_HIGH, check_int
 from coautogen_fl.generation.imageops import LUMA
 
 #: Largest per-channel distance to the median border colour at which a pixel is background; the
@@ -54,7 +54,6 @@ TEXTURE_GRID = (3, 8)
 #: Background crops cover at least this fraction of the stored background's shorter side.
 MIN_CROP = 0.5
 
-_SEED_HIGH = 2**31 - 1
 
 
 def _check_strength(key: str, value: float) -> float:
@@ -199,7 +198,7 @@ class DomainRandomizer:
             "light_amplitude": float(rng.random() * MAX_LIGHT * self.lighting),
         }
         texture = {
-            "seed": int(rng.integers(_SEED_HIGH)),
+            "seed": int(rng.integers(SEED_HIGH)),
             "grid": int(rng.integers(TEXTURE_GRID[0], TEXTURE_GRID[1] + 1)),
             "amplitude": float(rng.random() * MAX_TEXTURE * self.texture),
         }

@@ -29,17 +29,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
 from coautogen_fl.generation.imageops import to_output, to_rgb, to_uint8
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 
-#: Lowest image-to-image strength ``vary`` sends (degree 0 would ask for the parent back).
-MIN_STRENGTH = 0.05
 #: Keys of every genotype this generator writes (i2i adds "strength", variations "parent_prompt").
 GENOTYPE_KEYS = ("prompt", "seed", "mode", "endpoint", "prompt_source")
-#: Per-request seeds are drawn from [0, _SEED_HIGH).
-_SEED_HIGH = 2**31 - 1
 #: Characters of a bad reply quoted in the error.
 _SNIPPET_CHARS = 60
 
@@ -416,7 +412,7 @@ class HTTPImageGenerator:
     def _genotype(self, prompt: str, mode: str, strength: float | None = None,
                   parent_prompt: str | None = None) -> dict[str, Any]:  # fmt: skip
         """A new genotype with a seed drawn from the generator's rng."""
-        seed = int(self._rng.integers(_SEED_HIGH))
+        seed = int(self._rng.integers(SEED_HIGH))
         genotype = {"prompt": prompt, "seed": seed, "mode": mode, "endpoint": self.url, "prompt_source": self.prompts.settings()}
         if strength is not None:
             genotype["strength"] = float(strength)

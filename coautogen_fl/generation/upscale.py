@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int
+from coautogen_fl.generation.base import Candidate, GeneratorLoadError, SEED_HIGH, check_int
 from coautogen_fl.generation.diffusers_loading import load_pipeline
 from coautogen_fl.generation.imageops import to_output
 from coautogen_fl.generation.inpaint import denoise_steps, rgb_batch, seeded_generators
@@ -38,7 +38,6 @@ SUPER_RESOLUTION = ("StableDiffusionUpscalePipeline", "StableDiffusionLatentUpsc
 #: The config key naming the upscaler, quoted in errors.
 CONFIG_KEY = "postprocess.upscaler"
 
-_SEED_HIGH = 2**31 - 1
 
 
 def _is_super_resolution(pipe: Any) -> bool:
@@ -135,7 +134,7 @@ class Upscaler:
     def apply(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         """New candidates (same ids, labels, parents, rounds, votes) with upscaled images; each
         genotype gets ``"upscale": {"model", "steps", "strength", "guidance", "seed", "size"}``."""
-        params = [self._params(int(self._rng.integers(_SEED_HIGH))) for _ in candidates]
+        params = [self._params(int(self._rng.integers(SEED_HIGH))) for _ in candidates]
         starts = range(0, len(candidates), self.batch_size)
         if self.progress and len(candidates):
             from tqdm.auto import tqdm

@@ -21,6 +21,7 @@ import numpy as np
 from coautogen_fl.config import CAPTIONER_ALIASES  # the seed's names -> hub ids, with the other config names
 from coautogen_fl.data import IMAGE_SUFFIXES
 from coautogen_fl.generation.base import check_int
+from coautogen_fl.generation.imageops import to_rgb, to_uint8
 from coautogen_fl.hub import check_device, first_line, resolve_model_source, transformers_dtype
 
 from .llm import PromptError, clean_text, dedupe_key, model_kind
@@ -46,10 +47,7 @@ def to_pil(image: np.ndarray) -> Any:  # -> PIL.Image.Image
     """An (H, W) or (H, W, 1|3) float image in [0, 1] as an 8-bit RGB PIL image."""
     from PIL import Image
 
-    pixels = np.asarray(image, dtype=np.float32)
-    if pixels.ndim == 3 and pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    return Image.fromarray(np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
+    return Image.fromarray(to_uint8(to_rgb(image)), mode="RGB")
 
 
 class Captioner:
