@@ -37,9 +37,10 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     validate_epsilon_delta(cfg.privacy.epsilon, cfg.privacy.delta, num_private=max(1, len(pool)))
     class_names = pool.class_names
     g = cfg.generator
-    generator = build_generator(cfg, class_names, device)
+    embedder = build_embedder(cfg.embedder, device)
+    generator = build_generator(cfg, class_names, device, embedder)
     schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
-    evolution = Evolution(generator, build_embedder(cfg.embedder, device), len(class_names), cfg.feedback, schedule, g.seed)
+    evolution = Evolution(generator, embedder, len(class_names), cfg.feedback, schedule, g.seed)
     t = cfg.tracking
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
     upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"

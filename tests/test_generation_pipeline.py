@@ -101,3 +101,12 @@ def test_feedback_run_with_a_latent_generator_from_torchscript(tmp_path, monkeyp
     generator = s.evolution.generator
     if evolve == "auto":  # the votes moved each class's latent distribution away from the N(0, I) prior
         assert max(generator.describe()["mean_norm"]) > 0.0
+
+
+def test_clip_filter_shares_the_clip_embedders_weights(tmp_path, clip_folder) -> None:
+    """-cue clip with postprocess.clip_filter: the server loads CLIP once, for both."""
+    cfg = small_config(SOLID, "data.channels=3", "data.image_size=16", "postprocess.clip_filter=true",
+                       "embedder.name=clip", f"embedder.model={clip_folder}")  # fmt: skip
+    s = build_strategy(cfg, tmp_path / "run")
+    clip = next(f for f in s.evolution.generator.filters if isinstance(f, CLIPFilter))
+    assert clip.embedder.model is s.evolution.embedder.model

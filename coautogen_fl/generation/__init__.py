@@ -8,7 +8,7 @@ randomisation, upscaling, the CLIP filter).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .base import Candidate, Generator, GeneratorLoadError, stack_images
 
@@ -81,14 +81,15 @@ def build_base_generator(cfg: RunConfig, class_names: Sequence[str], device: str
     return generator
 
 
-def build_generator(cfg: RunConfig, class_names: Sequence[str], device: str = "cpu") -> Generator:
+def build_generator(cfg: RunConfig, class_names: Sequence[str], device: str = "cpu", embedder: Any = None) -> Generator:
     """The server's generator for a run: the named generator, its prompt source and its
-    post-processing stages (see :mod:`coautogen_fl.generation.pipeline`)."""
+    post-processing stages (see :mod:`coautogen_fl.generation.pipeline`). ``embedder``, the run's
+    voting embedder, is shared with the CLIP filter when both are the same CLIP model."""
     from .pipeline import attach_prompts, wrap_postprocessing
 
     generator = build_base_generator(cfg, class_names, device)
     attach_prompts(generator, cfg, class_names, device)
-    return wrap_postprocessing(generator, cfg, class_names, device)
+    return wrap_postprocessing(generator, cfg, class_names, device, embedder)
 
 
 __all__ = ["Candidate", "Generator", "GeneratorLoadError", "build_base_generator", "build_generator", "stack_images"]

@@ -87,8 +87,10 @@ def build_upscaler(cfg: RunConfig, device: str = "cpu") -> Any:
                     batch_size=cfg.generator.batch_size, seed=cfg.generator.seed, progress=True)  # fmt: skip
 
 
-def wrap_postprocessing(generator: Generator, cfg: RunConfig, class_names: Sequence[str], device: str = "cpu") -> Generator:
-    """``generator`` with the configured per-candidate stages and filters (unchanged if none)."""
+def wrap_postprocessing(generator: Generator, cfg: RunConfig, class_names: Sequence[str], device: str = "cpu",
+                        embedder: Any = None) -> Generator:  # fmt: skip
+    """``generator`` with the configured per-candidate stages and filters (unchanged if none).
+    A CLIP ``embedder`` of the same model lends its loaded weights to the CLIP filter."""
     pp = cfg.postprocess
     stages: list[Any] = []
     filters: list[Any] = []
@@ -99,10 +101,13 @@ def wrap_postprocessing(generator: Generator, cfg: RunConfig, class_names: Seque
     if pp.upscaler and pp.upscale_on == "rounds":
         stages.append(build_upscaler(cfg, device))
     if pp.clip_filter:
-        from coautogen_fl.embedding.clip import CLIPFilter, load_clip
+        from coautogen_fl.embedding.clip import CLIPEmbedder, CLIPFilter, load_clip
 
-        key = "postprocess.clip_model" if pp.clip_model else "embedder.model"
-        clip = load_clip(pp.clip_model or cfg.embedder.model, device, config_key=key)
+        model = pp.clip_model or cfg.embedder.model
+        if isinstance(embedder, CLIPEmbedder) and embedder.model_name == model:
+            clip = (embedder.model, embedder.processor)  # the voting embedder's weights: load once
+        else:
+            clip = load_clip(model, device, config_key="postprocess.clip_model" if pp.clip_model else "embedder.model")
         filters.append(CLIPFilter(clip, class_names, cfg.generator.prompt_template, device=device))
     if not stages and not filters:
         return generator
@@ -139,8 +144,9 @@ def check_model_sources(cfg: RunConfig, device: str = "cpu") -> None:
         if model:
             resolve_model_source(model, "diffusers pipeline", "model_index.json", key, GeneratorLoadError)
     transformers_models = [("prompts.llm", LLM_ALIASES.get(p.llm, p.llm))]
-    if p.captioner and resolve("captioner", p.captioner).kind == "model":
-        transformers_models.append(("prompts.captioner", resolve("captioner", p.captioner).value))
+    captioner = resolve("captioner", p.captioner) if p.captioner else None
+    if captioner is not None and captioner.kind == "model":
+        transformers_models.append(("prompts.captioner", captioner.value))
     if cfg.embedder.name == "clip":
         transformers_models.append(("embedder.model", cfg.embedder.model))
     if pp.clip_filter:
