@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .hub import first_line
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
@@ -90,8 +92,6 @@ def is_object_spec(name: str) -> bool:
 
 def load_object(spec: str, key: str) -> Any:
     """Import ``"pkg.module:Attr"`` (``Attr`` may be dotted), naming ``key`` when it fails."""
-    from .hub import first_line
-
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -119,13 +119,16 @@ def _looks_like_model(name: str) -> bool:
     return "/" in name or "\\" in name or name.startswith((".", "~")) or (is_path_like(name) and ":" not in name)
 
 
-def resolve(kind: str, name: str) -> Resolved:
+def resolve(kind: str, name: str, load: bool = True) -> Resolved:
     """What ``name`` means for ``kind`` (see the module docstring).
+
+    ``load=False`` checks a plug-in's name without importing it (its value is then the name):
+    config validation runs on every site, which need not have the server's generator installed.
 
     Raises
     ------
     RegistryError
-        The name is empty, unknown, or names an object that cannot be imported.
+        The name is empty, unknown, or (with ``load``) names an object that cannot be imported.
     """
     key = _CONFIG_KEY[kind]
     if not isinstance(name, str) or not name.strip():
@@ -137,12 +140,14 @@ def resolve(kind: str, name: str) -> Resolved:
         return Resolved("model", known[name])
     registered = plugins(kind)
     if name in registered:
+        if not load:
+            return Resolved("plugin", name)
         try:
             return Resolved("plugin", registered[name].load())
         except Exception as exc:
-            raise RegistryError(f"{key}={name!r}: entry point {registered[name].value!r} failed to load ({exc})") from None
+            raise RegistryError(f"{key}={name!r}: entry point {registered[name].value!r} failed to load ({first_line(exc, with_type=True)})") from None
     if is_object_spec(name):
-        return Resolved("plugin", load_object(name, key))
+        return Resolved("plugin", load_object(name, key) if load else name)
     if kind != "embedder" and _looks_like_model(name):
         return Resolved("model", name)
     options = [*BUILTIN[kind], *known, *registered]
@@ -170,14 +175,15 @@ def call_plugin(obj: Any, cfg: RunConfig, context: GeneratorContext | dict[str, 
 
 
 def check_names(cfg: RunConfig) -> None:
-    """Validate every component name of a config at start-up (raises ``ConfigError``)."""
+    """Validate every component name of a config at start-up (raises ``ConfigError``), without
+    importing plug-ins (``coautogen run``'s preflight imports them, on the server)."""
     from .config import ConfigError
 
     try:
-        resolve("generator", cfg.generator.name)
-        resolve("embedder", cfg.embedder.name)
+        resolve("generator", cfg.generator.name, load=False)
+        resolve("embedder", cfg.embedder.name, load=False)
         if cfg.prompts.captioner:
-            resolve("captioner", cfg.prompts.captioner)
+            resolve("captioner", cfg.prompts.captioner, load=False)
     except RegistryError as exc:
         raise ConfigError(str(exc)) from None
     g = cfg.generator

@@ -27,6 +27,7 @@ def no_flower(monkeypatch):
         (["-sgen", "./models/no-sd15"], "model folder models/no-sd15 does not exist"),
         (["-sgen", "coautogen-test/not-cached-model"], "huggingface-cli download coautogen-test/not-cached-model"),
         (["-sgen", "Glph"], "generator.name='Glph' is not valid"),
+        (["-sgen", "no_such_pkg_xyz.gen:Generator"], "cannot import module 'no_such_pkg_xyz.gen'"),
         (["-sllm", "./no-llm"], "prompts.llm"),
         (["-scap", "BlipBase"], "prompts.captioner needs prompts.reference"),
         (["-sgen", "HTTP", "generator.api_url=http://127.0.0.1:9/v1", "generator.api_key_env=COAUTOGEN_TEST_UNSET_KEY"],

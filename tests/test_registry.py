@@ -41,15 +41,29 @@ def test_seed_flags_map_to_config_keys() -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("generator.name", "pkg_that_does_not_exist:Gen", "cannot import module 'pkg_that_does_not_exist'"),
-    ("generator.name", "plugin_pkg.components:Missing", "has no attribute 'Missing'"),
     ("embedder.name", "clipp", "embedder.name='clipp' is not valid; use one of pixels, resnet18, clip"),
     ("prompts.captioner", "Blip", "prompts.captioner='Blip' is not valid; use one of BlipBase, BlipLarge, LLaVA"),
+    ("generator.name", "Glph", "generator.name='Glph' is not valid; use one of Glyph, Latent, HTTP"),
 ])
 def test_bad_names_are_one_clear_line(key, value, message) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load_config(overrides=[f"{key}={value}", "prompts.reference=/x"])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("pkg_that_does_not_exist:Gen", "cannot import module 'pkg_that_does_not_exist'"),
+    ("plugin_pkg.components:Missing", "has no attribute 'Missing'"),
+])
+def test_plugins_are_imported_on_the_server_not_at_config_validation(value, message) -> None:
+    """Sites validate the same config, and need not have the server's generator installed:
+    the import (and its error) happens in the server's preflight and when the generator is built."""
+    cfg = load_config(overrides=[f"generator.name={value}"])  # the name's form is valid
+    with pytest.raises(GeneratorLoadError, match=message) as info:
+        check_model_sources(cfg)
+    assert "\n" not in str(info.value) and "generator.name" in str(info.value)
+    with pytest.raises(registry.RegistryError, match=message):
+        build_generator(cfg, NAMES)
 
 
 def test_entry_points_are_found_and_called(monkeypatch) -> None:

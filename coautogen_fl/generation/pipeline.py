@@ -130,21 +130,24 @@ def check_model_sources(cfg: RunConfig, device: str = "cpu") -> None:
 
     from coautogen_fl.config import LLM_ALIASES
     from coautogen_fl.hub import check_device, resolve_model_source
-    from coautogen_fl.registry import resolve
+    from coautogen_fl.registry import RegistryError, resolve
 
     from .base import GeneratorLoadError
 
     check_device(device)
     g, p, pp = cfg.generator, cfg.prompts, cfg.postprocess
     diffusers_models = [("generator.inpaint_model", g.inpaint_model), ("postprocess.upscaler", pp.upscaler)]
-    generator = resolve("generator", g.name)
+    try:  # plug-ins are imported here, on the server, not at config validation (sites run that too)
+        generator = resolve("generator", g.name)
+        captioner = resolve("captioner", p.captioner) if p.captioner else None
+    except RegistryError as exc:
+        raise GeneratorLoadError(str(exc)) from None
     if generator.kind == "model":
         diffusers_models.insert(0, ("generator.name", generator.value))
     for key, model in diffusers_models:
         if model:
             resolve_model_source(model, "diffusers pipeline", "model_index.json", key, GeneratorLoadError)
     transformers_models = [("prompts.llm", LLM_ALIASES.get(p.llm, p.llm))]
-    captioner = resolve("captioner", p.captioner) if p.captioner else None
     if captioner is not None and captioner.kind == "model":
         transformers_models.append(("prompts.captioner", captioner.value))
     if cfg.embedder.name == "clip":
