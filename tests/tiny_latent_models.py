@@ -7,8 +7,11 @@ well under a second. The ``build_*`` factories are what ``generator.factory`` na
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+from coautogen_fl.generation.latent import LatentGenerator
 
 #: Latent size and class count of ``ConditionalG`` built by ``build_conditional``.
 LATENT_DIM = 8
@@ -104,3 +107,20 @@ def build_not_a_module() -> int:
 
 #: Not callable: a factory string naming it must fail.
 NOT_CALLABLE = 3
+
+
+NAMES = ["zero", "one", "two"]
+
+
+def make(module: nn.Module | None = None, **kwargs) -> LatentGenerator:
+    """A generator around the conditional G (16 x 16 grayscale) unless told otherwise."""
+    settings = {"image_size": 16, "seed": 0, "source": "tiny"}
+    settings.update(kwargs)
+    return LatentGenerator(build_conditional() if module is None else module, NAMES, **settings)
+
+
+def reference_output(module: nn.Module, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """G's raw output for ``z`` (and labels), computed directly: what the generator must reproduce."""
+    with torch.no_grad():
+        args = (torch.from_numpy(z),) if labels is None else (torch.from_numpy(z), torch.from_numpy(labels))
+        return module(*args).numpy()
