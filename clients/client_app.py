@@ -1,8 +1,9 @@
 """The ClientApp of a site: answers TRAIN with differentially private votes and EVALUATE with
 the downstream model's accuracy on the site's private test split.
 
-Only noised votes (or, in central mode, clean votes to a trusted server) and aggregate
-metrics leave the site: no images, no embeddings of private data, no per-sample scores.
+Only the fields declared in :data:`coautogen_fl.protocol.SITE_REPLY_FIELDS` leave the site.
+An error reply carries a code and its generic line; the details (paths, sizes, tracebacks)
+go to the site's own log only.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import traceback
 from logging import WARNING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
@@ -20,11 +20,23 @@ from coautogen_fl.config import config_from_run_config
 from coautogen_fl.data import DataError
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict
 from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, PrivacyError
+from coautogen_fl.privacy.site_key import SiteKeyError
 
 from .site import Site
+from .terms import SiteTermsError
+from .wire import from_content, to_content
 
 app = ClientApp()
 _SITES: dict[tuple, Site] = {}  # one per (run, node) in this process: data embedded once
+
+# Which error code each failure gets; anything else is a bad request.
+_ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+    ((BudgetExceededError, LedgerCorruptError), P.ERROR_BUDGET_EXCEEDED),  # cannot prove budget left: release nothing
+    (SiteTermsError, P.ERROR_SITE_TERMS),
+    ((DataError, SiteKeyError), P.ERROR_NO_DATA),
+)
+_HANDLED = (BudgetExceededError, LedgerCorruptError, SiteTermsError, SiteKeyError, DataError,
+            P.ReplyError, KeyError, ValueError, TypeError, RuntimeError, PrivacyError)  # fmt: skip
 
 
 def get_site(context: Context) -> Site:
@@ -35,66 +47,40 @@ def get_site(context: Context) -> Site:
     return _SITES[key]
 
 
-def error_reply(msg: Message, code: int, reason: str) -> Message:
-    log(WARNING, "site reply error %d: %s", code, reason)
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """An error reply with the code for ``exc`` and its generic line; details stay in this log."""
+    code = next((c for kinds, c in _ERROR_CODES if isinstance(exc, kinds)), P.ERROR_BAD_REQUEST)
+    log(WARNING, "site reply error %d: %s: %s\n%s", code, exc.__class__.__name__, exc, traceback.format_exc(limit=3))
+    return Message(Error(code=code, reason=P.ERROR_REASONS[code]), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract)."""
     try:
-        site = get_site(context)
-        record = msg.content.array_records[P.CANDIDATES]
-        embeddings = np.asarray(record[P.EMBEDDINGS].numpy())
-        labels = np.asarray(record[P.LABELS].numpy()).astype(np.int64)
-        request = dict(msg.content.config_records[P.CONFIG])
-        request["run-id"] = str(context.run_id)
-        result = site.vote(embeddings, labels, request)
-    except BudgetExceededError as exc:
-        return error_reply(msg, P.ERROR_BUDGET_EXCEEDED, str(exc))
-    except DataError as exc:
-        return error_reply(msg, P.ERROR_NO_DATA, str(exc))
-    except LedgerCorruptError as exc:
-        return error_reply(msg, P.ERROR_BUDGET_EXCEEDED, str(exc))  # cannot prove budget left: release nothing
-    except (KeyError, ValueError, TypeError, PrivacyError) as exc:
-        return error_reply(msg, P.ERROR_BAD_REQUEST, f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc(limit=3)}")
-    metrics = MetricRecord(
-        {
-            P.NUM_EXAMPLES: site.num_examples,
-            P.EPSILON_SPENT: float(result.epsilon_spent),
-            P.PARTITION_ID: site.partition_id,
-            P.NOISE_MULTIPLIER: result.noise_multiplier,
-        }
-    )
-    content = RecordDict({P.VOTES: ArrayRecord({P.VOTES: Array(result.votes.astype(np.float64))}), P.METRICS: metrics})
-    return Message(content=content, reply_to=msg)
+        request = P.VoteRequest.from_parts(from_content(msg.content))
+        reply = get_site(context).vote(request, run_id=str(context.run_id))
+    except _HANDLED as exc:
+        return error_reply(msg, exc)
+    return Message(content=to_content(reply.to_parts()), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the downstream model on this site's private test split.
 
-    When the request carries an evaluation noise multiplier > 0, the correct count and the
-    test count are released through the Gaussian mechanism (one test image moves both by 1:
-    L2 sensitivity sqrt(2)) and the release is charged to the site's ledger first.
+    The correct count and the test count are released through the Gaussian mechanism (one
+    test image moves both by 1: L2 sensitivity sqrt 2), charged to the site's ledger first; a
+    request with noise multiplier 0 gets them in the clear only if the site's terms allow it.
     """
     try:
+        request = P.EvaluationRequest.from_parts(from_content(msg.content))
         site = get_site(context)
-        config = msg.content.config_records[P.CONFIG]
-        model = build_classifier(str(config["model"]), int(config["num-classes"]), int(config["channels"]), int(config["image-size"]))
-        arrays = msg.content.array_records[P.ARRAYS]
-        load_numpy_state_dict(model, {name: arrays[name].numpy() for name in arrays})
+        model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
+        load_numpy_state_dict(model, request.weights)
         accuracy, count = evaluate_classifier(model, site.data.test.images, site.data.test.labels)
-        sigma = float(config.get(P.EVALUATION_NOISE, 0.0))  # type: ignore[arg-type]
-        values = site.release_counts(accuracy * count, count, sigma, int(config.get("round", 0)), str(context.run_id))  # type: ignore[arg-type]
-    except BudgetExceededError as exc:
-        return error_reply(msg, P.ERROR_BUDGET_EXCEEDED, str(exc))
-    except DataError as exc:
-        return error_reply(msg, P.ERROR_NO_DATA, str(exc))
-    except (KeyError, ValueError, TypeError, RuntimeError, PrivacyError) as exc:
-        return error_reply(msg, P.ERROR_BAD_REQUEST, f"{exc.__class__.__name__}: {exc}")
-    metrics = {**values, P.PARTITION_ID: site.partition_id}
-    if sigma == 0:
-        metrics[P.ACCURACY] = float(accuracy)
-    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        correct = int(round(accuracy * count))
+        reply = site.release_accuracy(correct, count, request.noise_multiplier, request.round, str(context.run_id))
+    except _HANDLED as exc:
+        return error_reply(msg, exc)
+    return Message(content=to_content(reply.to_parts()), reply_to=msg)

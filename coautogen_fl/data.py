@@ -5,6 +5,8 @@ partitioners, a data library, so allowed in the core).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -154,16 +156,45 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig, 
         ) from None
 
 
-def cap_per_label(labels: np.ndarray, cap: int) -> np.ndarray:
-    """Indices keeping at most ``cap`` samples of each label (in order); cap 0 keeps all."""
-    if cap <= 0:
-        return np.arange(labels.shape[0])
-    keep = [np.flatnonzero(labels == label)[:cap] for label in np.unique(labels)]
-    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+def keyed_uniforms(data: ImageSet, key: bytes) -> np.ndarray:
+    """One number in [0, 1) per image: HMAC-SHA256 of the site's secret key over the image's
+    label and pixels. It depends on that image alone, and without the key nobody can predict it."""
+    values = np.empty(len(data), dtype=np.float64)
+    for i in range(len(data)):
+        message = int(data.labels[i]).to_bytes(8, "little", signed=True) + np.ascontiguousarray(data.images[i]).tobytes()
+        digest = hmac.new(key, message, hashlib.sha256).digest()
+        values[i] = int.from_bytes(digest[:7], "little") / float(1 << 56)
+    return values
 
 
-def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: DataConfig) -> SitePartition:
-    """Site ``partition_id``'s private train and test splits of the pool."""
+def assign_roles(data: ImageSet, key: bytes, test_fraction: float, cap: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(voter indices, test indices) of a site's images, each image's role set by its own keyed
+    hash: it is a site-test image when its number is below ``test_fraction``, a voter otherwise.
+
+    Adding or removing one image therefore moves no other image between roles (a stratified
+    split over the whole folder would, and so break the per-image sensitivity of the votes).
+    ``cap`` > 0 keeps, per label, the ``cap`` voters with the smallest numbers (-rvpl): there one
+    added image can push out one other voter, which the vote sensitivity accounts for
+    (:func:`coautogen_fl.rater.vote_sensitivity`).
+    """
+    u = keyed_uniforms(data, key)
+    test = np.flatnonzero(u < test_fraction)
+    voters = np.flatnonzero(u >= test_fraction)
+    if cap > 0:
+        kept = [members[np.argsort(u[members], kind="stable")[:cap]] for members in
+                (voters[data.labels[voters] == label] for label in np.unique(data.labels[voters]))]
+        voters = np.sort(np.concatenate(kept)) if kept else voters[:0]
+    return voters, test
+
+
+def split_site(data: ImageSet, cfg: DataConfig, key: bytes, partition_id: int) -> SitePartition:
+    """A site's private train (voting) and test splits by :func:`assign_roles`."""
+    voters, test = assign_roles(data, key, cfg.site_test_fraction, cfg.real_per_label)
+    return SitePartition(train=data.subset(voters), test=data.subset(test), partition_id=partition_id)
+
+
+def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: DataConfig, key: bytes) -> SitePartition:
+    """Site ``partition_id``'s private train and test splits of the pool (roles keyed by ``key``)."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions}); check the node config")
     share = pool.subset(partition_indices(pool.labels, num_partitions, cfg, partition_id))
@@ -173,10 +204,7 @@ def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: 
             "Use fewer hospitals (federation.num_hospitals), data.partitioner=iid or a larger "
             "data.dirichlet_alpha"
         )
-    train_idx, test_idx = _stratified_split(share.labels, cfg.site_test_fraction, cfg.seed)
-    train = share.subset(np.sort(train_idx))
-    train = train.subset(cap_per_label(train.labels, cfg.real_per_label))
-    return SitePartition(train=train, test=share.subset(np.sort(test_idx)), partition_id=partition_id)
+    return split_site(share, cfg, key, partition_id)
 
 
 @lru_cache(maxsize=4)
@@ -190,10 +218,6 @@ def load_pool_and_test(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     return _cached_pool(tuple(getattr(cfg, f) for f in cfg.__dataclass_fields__))
 
 
-def load_site_from_folder(root: str | os.PathLike, cfg: DataConfig, partition_id: int) -> SitePartition:
+def load_site_from_folder(root: str | os.PathLike, cfg: DataConfig, partition_id: int, key: bytes) -> SitePartition:
     """A real deployment: the site's own ImageFolder (node config ``data-path``)."""
-    data = load_image_folder(root, cfg.image_size, cfg.channels)
-    train_idx, test_idx = _stratified_split(data.labels, cfg.site_test_fraction, cfg.seed)
-    train = data.subset(np.sort(train_idx))
-    train = train.subset(cap_per_label(train.labels, cfg.real_per_label))
-    return SitePartition(train=train, test=data.subset(np.sort(test_idx)), partition_id=partition_id)
+    return split_site(load_image_folder(root, cfg.image_size, cfg.channels), cfg, key, partition_id)

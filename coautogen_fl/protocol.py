@@ -1,86 +1,286 @@
-"""The Message contract between the strategy and the sites, in plain Python (no flwr).
+"""The wire between the strategy and the sites: every message both ways as a typed record, and
+what each field a site sends *is* in privacy terms. Plain Python (no flwr).
 
-Both sides import these names, so a key is spelled once. ``strategies/`` and ``clients/``
-translate between these values and Flower records.
+Everything a site sends is declared here (:data:`SITE_REPLY_FIELDS`), and each field is one of
+:class:`Release`: a release the site's ledger charged before it left, a public value that does
+not depend on the private data, or a value the site's own node config consented to release in
+the clear. ``tests/test_wire.py`` records every reply of whole simulated runs through a client
+mod and checks each field against this declaration.
 
-TRAIN (server -> site): ArrayRecord ``candidates`` {``embeddings`` float16 (N, D), ``labels``
-int64 (N,)} and ConfigRecord ``config`` {round, rater, k, noise-multiplier, privacy-mode,
-privacy-unit, delta}. Reply: ArrayRecord ``votes`` {``votes`` float64 (N,)} and MetricRecord
-``metrics`` {num-examples, epsilon-spent, partition-id, noise-multiplier}.
-
-EVALUATE (server -> site): ArrayRecord ``arrays`` (the downstream model's state dict) and
-ConfigRecord ``config`` {model, num-classes, channels, image-size, evaluation-noise-multiplier,
-round}. Reply: MetricRecord ``metrics`` {correct, num-examples, partition-id, epsilon-spent} and,
-when the evaluation noise multiplier is 0 (released in the clear), ``accuracy``; otherwise
-``correct`` and ``num-examples`` carry Gaussian noise (sensitivity sqrt(2): one test image moves
-both by 1) and are charged to the site's ledger.
+Each record converts to and from :class:`WireParts` (plain dicts of arrays, config values and
+metrics per Flower record name); ``clients/wire.py`` maps those onto Flower's RecordDict. No
+other module spells a key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-CANDIDATES = "candidates"
-EMBEDDINGS = "embeddings"
-LABELS = "labels"
-CONFIG = "config"
-VOTES = "votes"
-METRICS = "metrics"
-ARRAYS = "arrays"
-NUM_EXAMPLES = "num-examples"
-EPSILON_SPENT = "epsilon-spent"
-PARTITION_ID = "partition-id"
-NOISE_MULTIPLIER = "noise-multiplier"
-ACCURACY = "accuracy"
-CORRECT = "correct"
-EVALUATION_NOISE = "evaluation-noise-multiplier"
+Scalar = Union[int, float, str, bool]
 
-# Error codes of error replies a site sends instead of crashing.
+# Record names and keys: spelled here only.
+CANDIDATES, EMBEDDINGS, LABELS = "candidates", "embeddings", "labels"
+CONFIG, VOTES, METRICS, WEIGHTS = "config", "votes", "metrics", "arrays"
+ROUND, RATER, K = "round", "rater", "k"
+NOISE_MULTIPLIER, PRIVACY_MODE, PRIVACY_UNIT = "noise-multiplier", "privacy-mode", "privacy-unit"
+MODEL, NUM_CLASSES, CHANNELS, IMAGE_SIZE = "model", "num-classes", "channels", "image-size"
+EVALUATION_NOISE = "evaluation-noise-multiplier"
+EPSILON_SPENT, EPSILON_BUDGET, PARTITION_ID = "epsilon-spent", "epsilon-budget", "partition-id"
+CORRECT, NUM_EXAMPLES, ACCURACY = "correct", "num-examples", "accuracy"
+
+
+class Release(str, Enum):
+    """What a field a site sends is, in privacy terms."""
+
+    CHARGED = "charged"
+    """Charged to the site's ledger before it left: noised by the site (local mode) or sent
+    clean only to a server the site's own node config trusts, which noises the sum (central)."""
+    PUBLIC = "public"
+    """Independent of the private data: node config, an echo of the request, or the ledger's
+    spend (a function of the noise multipliers charged so far, nothing else)."""
+    CONSENTED = "consented"
+    """Released without noise only because the site's own node config allows it
+    (``allow-clear-evaluation``); outside epsilon."""
+
+
+@dataclass(frozen=True)
+class WireField:
+    """One value a site sends: the Flower record holding it, its key, and what it is."""
+
+    record: str
+    key: str
+    release: Release
+    meaning: str
+
+
+#: Every field a site may send, by message type. Nothing else leaves a site.
+SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
+    "train": (
+        WireField(VOTES, VOTES, Release.CHARGED, "vote per candidate (float64 on the 1/16 grid)"),
+        WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon after this release"),
+        WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
+        WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+        WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+    ),
+    "evaluate": (
+        WireField(METRICS, CORRECT, Release.CHARGED, "correctly classified site-test images, noised"),
+        WireField(METRICS, NUM_EXAMPLES, Release.CHARGED, "site-test images, noised"),
+        WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon after this release"),
+        WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
+        WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+    ),
+    "evaluate-clear": (
+        WireField(METRICS, CORRECT, Release.CONSENTED, "correctly classified site-test images"),
+        WireField(METRICS, NUM_EXAMPLES, Release.CONSENTED, "site-test images"),
+        WireField(METRICS, ACCURACY, Release.CONSENTED, "accuracy on the site-test images"),
+        WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon so far"),
+        WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
+        WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+    ),
+}
+
+
+# Error replies carry one of these codes and its generic line, nothing else: the details
+# (paths, sizes, tracebacks) stay in the site's own log.
 ERROR_BUDGET_EXCEEDED = 1001
 ERROR_BAD_REQUEST = 1002
 ERROR_NO_DATA = 1003
+ERROR_SITE_TERMS = 1004
+ERROR_REASONS: dict[int, str] = {
+    ERROR_BUDGET_EXCEEDED: "refused: this release would exceed the site's privacy budget (or its ledger is unreadable)",
+    ERROR_BAD_REQUEST: "refused: the request is malformed or asks for something the site does not allow",
+    ERROR_NO_DATA: "failed: the site cannot load its private data; its operator has the details in the site log",
+    ERROR_SITE_TERMS: "refused: the site's node config does not set its privacy terms (site-epsilon); see its log",
+}
 
 
 class ReplyError(ValueError):
-    """A site's reply is malformed; the strategy drops it and logs this reason."""
+    """A message is malformed; the receiver drops it and logs this reason."""
 
 
 @dataclass
+class WireParts:
+    """A message's content as plain values, per Flower record kind and record name."""
+
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    configs: dict[str, dict[str, Scalar]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Union[int, float]]] = field(default_factory=dict)
+
+
+def _get(record: Mapping[str, Any] | None, key: str, kind: type, what: str) -> Any:
+    if record is None or key not in record:
+        raise ReplyError(f"{what} lacks '{key}'")
+    value = record[key]
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ReplyError(f"{what}: '{key}' is {value!r}, expected {kind.__name__}") from None
+
+
+def _finite_non_negative(value: float, name: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise ReplyError(f"{name} is {value}, expected a finite non-negative number")
+    return value
+
+
+@dataclass(frozen=True)
+class VoteRequest:
+    """Server -> site (TRAIN): the pool's embeddings and how to vote on them."""
+
+    round: int
+    rater: str
+    k: int
+    noise_multiplier: float
+    privacy_mode: str
+    privacy_unit: str
+    embeddings: np.ndarray  # float16 (N, D)
+    labels: np.ndarray  # int64 (N,)
+
+    def to_parts(self) -> WireParts:
+        config: dict[str, Scalar] = {
+            ROUND: int(self.round), RATER: self.rater, K: int(self.k), NOISE_MULTIPLIER: float(self.noise_multiplier),
+            PRIVACY_MODE: self.privacy_mode, PRIVACY_UNIT: self.privacy_unit,
+        }  # fmt: skip
+        arrays = {EMBEDDINGS: np.asarray(self.embeddings), LABELS: np.asarray(self.labels, dtype=np.int64)}
+        return WireParts(arrays={CANDIDATES: arrays}, configs={CONFIG: config})
+
+    @classmethod
+    def from_parts(cls, parts: WireParts) -> "VoteRequest":
+        what = "vote request"
+        config, arrays = parts.configs.get(CONFIG), parts.arrays.get(CANDIDATES)
+        embeddings, labels = _get(arrays, EMBEDDINGS, np.asarray, what), _get(arrays, LABELS, np.asarray, what)
+        if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
+            raise ReplyError(f"{what}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
+        return cls(
+            round=_get(config, ROUND, int, what), rater=_get(config, RATER, str, what), k=_get(config, K, int, what),
+            noise_multiplier=_get(config, NOISE_MULTIPLIER, float, what),
+            privacy_mode=_get(config, PRIVACY_MODE, str, what), privacy_unit=_get(config, PRIVACY_UNIT, str, what),
+            embeddings=embeddings, labels=labels.astype(np.int64),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class VoteReply:
-    """A validated vote reply."""
+    """Site -> server (TRAIN reply): the charged votes and public bookkeeping only."""
 
     votes: np.ndarray
-    num_examples: int
     epsilon_spent: float
+    epsilon_budget: float
     partition_id: int
+    noise_multiplier: float
+
+    def to_parts(self) -> WireParts:
+        metrics = {
+            EPSILON_SPENT: float(self.epsilon_spent), EPSILON_BUDGET: float(self.epsilon_budget),
+            PARTITION_ID: int(self.partition_id), NOISE_MULTIPLIER: float(self.noise_multiplier),
+        }  # fmt: skip
+        return WireParts(arrays={VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}, metrics={METRICS: metrics})
+
+    @classmethod
+    def from_parts(cls, parts: WireParts) -> "VoteReply":
+        what = "vote reply"
+        metrics = parts.metrics.get(METRICS)
+        votes = np.asarray(_get(parts.arrays.get(VOTES), VOTES, np.asarray, what), dtype=np.float64)
+        return cls(
+            votes=votes,
+            epsilon_spent=_finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
+            epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
+            partition_id=_get(metrics, PARTITION_ID, int, what),
+            noise_multiplier=_get(metrics, NOISE_MULTIPLIER, float, what),
+        )
 
 
-def validate_votes(
-    votes: np.ndarray,
-    num_candidates: int,
-    num_examples: float,
-    noise_std: float,
-    k: int,
-) -> None:
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """Server -> site (EVALUATE): the downstream model and how to release its accuracy.
+
+    ``noise_multiplier`` 0 asks for a clear release, which a site sends only when its own node
+    config allows it (``allow-clear-evaluation``).
+    """
+
+    round: int
+    model: str
+    num_classes: int
+    channels: int
+    image_size: int
+    noise_multiplier: float
+    weights: dict[str, np.ndarray]
+
+    def to_parts(self) -> WireParts:
+        config: dict[str, Scalar] = {
+            ROUND: int(self.round), MODEL: self.model, NUM_CLASSES: int(self.num_classes), CHANNELS: int(self.channels),
+            IMAGE_SIZE: int(self.image_size), EVALUATION_NOISE: float(self.noise_multiplier),
+        }  # fmt: skip
+        return WireParts(arrays={WEIGHTS: dict(self.weights)}, configs={CONFIG: config})
+
+    @classmethod
+    def from_parts(cls, parts: WireParts) -> "EvaluationRequest":
+        what, config = "evaluation request", parts.configs.get(CONFIG)
+        if WEIGHTS not in parts.arrays:
+            raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
+        return cls(
+            round=_get(config, ROUND, int, what), model=_get(config, MODEL, str, what),
+            num_classes=_get(config, NUM_CLASSES, int, what), channels=_get(config, CHANNELS, int, what),
+            image_size=_get(config, IMAGE_SIZE, int, what), noise_multiplier=_get(config, EVALUATION_NOISE, float, what),
+            weights=dict(parts.arrays[WEIGHTS]),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvaluationReply:
+    """Site -> server (EVALUATE reply): (correct, count) noised and charged, or, with the
+    site's consent, in the clear with the accuracy."""
+
+    correct: float
+    count: float
+    epsilon_spent: float
+    epsilon_budget: float
+    partition_id: int
+    accuracy: Optional[float] = None  # only in a clear release
+
+    def to_parts(self) -> WireParts:
+        metrics: dict[str, Union[int, float]] = {
+            CORRECT: float(self.correct), NUM_EXAMPLES: float(self.count), EPSILON_SPENT: float(self.epsilon_spent),
+            EPSILON_BUDGET: float(self.epsilon_budget), PARTITION_ID: int(self.partition_id),
+        }  # fmt: skip
+        if self.accuracy is not None:
+            metrics[ACCURACY] = float(self.accuracy)
+        return WireParts(metrics={METRICS: metrics})
+
+    @classmethod
+    def from_parts(cls, parts: WireParts) -> "EvaluationReply":
+        what, metrics = "evaluation reply", parts.metrics.get(METRICS)
+        accuracy = _get(metrics, ACCURACY, float, what) if metrics is not None and ACCURACY in metrics else None
+        return cls(
+            correct=_get(metrics, CORRECT, float, what), count=_get(metrics, NUM_EXAMPLES, float, what),
+            epsilon_spent=_finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
+            epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
+            partition_id=_get(metrics, PARTITION_ID, int, what), accuracy=accuracy,
+        )  # fmt: skip
+
+
+def validate_votes(votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float) -> None:
     """Check a vote vector before it is summed: shape, finite values, plausible size.
 
-    Clean votes of one site are non-negative and sum to at most ``num_examples * sqrt(k)``
-    (each private sample adds ``k`` votes of ``1/sqrt(k)``). Gaussian noise of std ``noise_std``
-    adds about ``0.8 * N * noise_std`` to the L1 norm (std ``0.6 * sqrt(N) * noise_std``), so a
-    reply beyond ``N * noise_std + 10 * sqrt(N) * noise_std`` of slack is not an honest one.
+    Clean votes of one site are non-negative and sum to at most ``max_clean_total`` (a public
+    bound: the most private images a site may hold times sqrt(k)); sites never send their
+    size. Gaussian noise of std ``noise_std`` adds about ``0.8 * N * noise_std`` to the L1 norm
+    (std ``0.6 * sqrt(N) * noise_std``), so a reply beyond ``N * noise_std + 10 * sqrt(N) *
+    noise_std`` of slack is not an honest one.
     """
     if votes.shape != (num_candidates,):
         raise ReplyError(f"votes have shape {votes.shape}, expected ({num_candidates},)")
     if not np.all(np.isfinite(votes)):
         raise ReplyError("votes contain NaN or infinite values")
-    if not (np.isfinite(num_examples) and num_examples >= 0):
-        raise ReplyError(f"num-examples is {num_examples}, expected a non-negative count")
     slack = noise_std * (num_candidates + 10.0 * np.sqrt(num_candidates))
     total = float(np.abs(votes).sum())
-    if total > num_examples * np.sqrt(k) + slack + 1e-6:
+    if total > max_clean_total + slack + 1e-6:
         raise ReplyError(
-            f"votes sum to {total:.1f} in absolute value, impossible for {int(num_examples)} "
-            f"private samples at noise std {noise_std:.3g}"
+            f"votes sum to {total:.1f} in absolute value, more than any site may cast "
+            f"({max_clean_total:.0f} clean votes at most, noise std {noise_std:.3g})"
         )

@@ -5,6 +5,7 @@ mechanism does (see :mod:`coautogen_fl.privacy`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,21 @@ def normalise_site_vector(votes: np.ndarray) -> np.ndarray:
     """Scale a site's whole vote vector to L2 norm <= 1 (the per-site privacy unit)."""
     norm = float(np.linalg.norm(votes))
     return votes / norm if norm > 1.0 else votes.copy()
+
+
+def vote_sensitivity(unit: str, capped: bool = False) -> float:
+    """L2 sensitivity of one site's vote vector for the privacy unit.
+
+    - ``image``: adding or removing one image adds or removes its own votes, norm 1 for any
+      ``k``. With a per-label cap (-rvpl) an added image can also push one other voter out:
+      the difference of two non-negative unit vectors, at most sqrt 2.
+    - ``site``: the server sees which sites answered, so neighbours replace a site's data
+      rather than remove it; the vectors are L2-normalised to at most 1 and non-negative, so
+      they differ by at most sqrt 2.
+    """
+    if unit not in ("image", "site"):
+        raise ValueError(f"privacy unit {unit!r} not understood; expected image or site")
+    return math.sqrt(2.0) if unit == "site" or capped else 1.0
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     mode: str = "local"  # local | central
     unit: str = "image"  # image | site
-    evaluation: str = "clear"  # clear: test accuracy released without noise; noised: Gaussian, accounted
+    evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
 
 
 @dataclass
@@ -154,6 +154,7 @@ class FederationConfig:
     timeout_s: float = 600.0
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
+    max_site_images: int = 0  # public bound on one site's private images (rejects implausible votes); 0 = the server's pool
 
 
 @dataclass

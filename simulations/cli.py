@@ -136,7 +136,8 @@ def preflight(cfg: RunConfig) -> None:
     try:
         pool, _ = load_pool_and_test(cfg.data)
         for partition_id in range(cfg.federation.num_hospitals):
-            site_partition(pool, partition_id, cfg.federation.num_hospitals, cfg.data)
+            # Any key will do: only whether each site holds data is checked here.
+            site_partition(pool, partition_id, cfg.federation.num_hospitals, cfg.data, key=b"preflight")
         build_embedder(cfg.embedder)
         check_model_sources(cfg, resolve_device(cfg.device, cfg.device_id))
     except (DataError, ModelLoadError, DeviceError) as exc:

@@ -9,7 +9,7 @@ from logging import INFO
 from typing import Any, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 from flwr.common import log
 
 from coautogen_fl.config import RunConfig
@@ -61,12 +61,10 @@ class FinalStage:
         order = np.argsort([-(c.votes or 0.0) for c in voted], kind="stable")  # best voted first
         self.tracker.log_image_grid("pool", images[order], labels[order], self.class_names, server_round)
 
-    def model_config(self) -> ConfigRecord:
-        """What a site needs to rebuild the downstream model."""
+    def model_spec(self) -> dict[str, Any]:
+        """What a site needs to rebuild the downstream model (fields of an EvaluationRequest)."""
         d = self.cfg.data
-        return ConfigRecord(
-            {"model": self.cfg.downstream.model, "num-classes": len(self.class_names), "channels": d.channels, "image-size": d.image_size}
-        )
+        return {"model": self.cfg.downstream.model, "num_classes": len(self.class_names), "channels": d.channels, "image_size": d.image_size}
 
     def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
         """Write the final dataset, train the downstream model on it, evaluate centrally."""

@@ -50,13 +50,14 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
     sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
-    return CoAutoGenStrategy(cfg, evolution, final, sigma)
+    max_site_images = cfg.federation.max_site_images or len(pool)  # public: never a site's report
+    return CoAutoGenStrategy(cfg, evolution, final, sigma, max_site_images)
 
 
 def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall_time_s: float) -> dict[str, Any]:
     """The summary.json of a run."""
     sites = {
-        s.name: {"epsilon_spent": s.epsilon_spent, "rounds_answered": s.rounds_answered, "refusals": s.refusals}
+        s.name: {"epsilon_spent": s.epsilon_spent, "epsilon_budget": s.epsilon_budget, "rounds_answered": s.rounds_answered, "refusals": s.refusals}
         for s in sorted(strategy.sites.values(), key=lambda s: (s.partition_id < 0, s.partition_id, s.node_id))
     }
     return {
@@ -83,11 +84,15 @@ def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall
     }
 
 
+def _budget(site: dict[str, Any]) -> str:
+    return f"{site['epsilon_budget']:g}" if site.get("epsilon_budget") is not None else "an unreported budget"
+
+
 def spend_lines(summary: dict[str, Any]) -> list[str]:
-    """One human-readable privacy line per site."""
+    """One human-readable privacy line per site, against the budget the site itself reported."""
     unit = "per-image" if summary["privacy_unit"] == "image" else "per-site"
     return [
-        f"site {pid}: epsilon {s['epsilon_spent']:.3f} of {summary['epsilon']:g}, delta {summary['delta']:g}, "
+        f"site {pid}: epsilon {s['epsilon_spent']:.3f} of {_budget(s)}, delta {summary['delta']:g}, "
         f"{s['rounds_answered']} rounds, {unit}" + (f", refused {len(s['refusals'])}" if s["refusals"] else "")
         for pid, s in summary["sites"].items()
     ]

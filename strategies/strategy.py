@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -26,18 +26,20 @@ from coautogen_fl import protocol as P
 from coautogen_fl.config import RunConfig
 from coautogen_fl.evolution import Evolution
 from coautogen_fl.privacy import GaussianMechanism, aggregate_noise_std
-from coautogen_fl.rater import normalise_site_vector
+from coautogen_fl.rater import normalise_site_vector, vote_sensitivity
+from clients.wire import from_content, to_content
 
 from .outcome import FinalStage
 
 
 @dataclass
 class SiteRecord:
-    """What the server knows of one site: its partition id and its own reported spend."""
+    """What the server knows of one site: its partition id, its own budget and reported spend."""
 
     partition_id: int
     node_id: int = 0
     epsilon_spent: float = 0.0
+    epsilon_budget: float | None = None
     rounds_answered: int = 0
     refusals: list[str] = field(default_factory=list)
 
@@ -60,18 +62,23 @@ class CoAutoGenStrategy(Strategy):
         Stores rounds, trains and evaluates the downstream model, tracks metrics.
     noise_multiplier : float
         The per-round noise multiplier calibrated for the run's (epsilon, delta); 0 for Gen.
+    max_site_images : int
+        A public bound on the private images of one site, used only to reject implausible
+        vote replies (sites never send their size).
     """
 
-    def __init__(self, cfg: RunConfig, evolution: Evolution, final_stage: FinalStage, noise_multiplier: float) -> None:
+    def __init__(self, cfg: RunConfig, evolution: Evolution, final_stage: FinalStage, noise_multiplier: float, max_site_images: int) -> None:
         self.cfg = cfg
         self.evolution = evolution
         self.final = final_stage
         self.noise_multiplier = noise_multiplier
+        self.max_site_images = max_site_images
+        # L2 sensitivity of one site's votes: what local sites and the central noise calibrate to.
+        self.sensitivity = vote_sensitivity(cfg.privacy.unit, capped=cfg.data.real_per_label > 0)
         self.rounds = cfg.feedback.rounds if cfg.feedback.framework == "Feedback" else 1  # Gen, GenLLM: one round
         self.sites: dict[int, SiteRecord] = {}
         self.dropped: list[dict[str, Any]] = []
         self.federated_accuracy: float | None = None
-        self.rng = np.random.default_rng(cfg.generator.seed + 7919)  # central-mode noise
         self._node_rng = random.Random(cfg.generator.seed)
         self._round_start = time.time()
 
@@ -93,19 +100,10 @@ class CoAutoGenStrategy(Strategy):
         # random.Random, not numpy: node ids are unsigned 64-bit ints numpy would mangle.
         return sorted(self._node_rng.sample(nodes, min(count, len(nodes))))
 
-    def _train_config(self, server_round: int) -> ConfigRecord:
-        p = self.cfg.privacy
-        return ConfigRecord(
-            {
-                "round": server_round,
-                "rater": self.cfg.feedback.rater,
-                "k": self.cfg.feedback.k,
-                P.NOISE_MULTIPLIER: float(self.noise_multiplier),
-                "privacy-mode": p.mode,
-                "privacy-unit": p.unit,
-                "delta": float(p.delta),
-            }
-        )
+    def vote_request(self, server_round: int, embeddings: np.ndarray, labels: np.ndarray) -> P.VoteRequest:
+        """The TRAIN request of a round."""
+        f, p = self.cfg.feedback, self.cfg.privacy
+        return P.VoteRequest(server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels)
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -116,27 +114,16 @@ class CoAutoGenStrategy(Strategy):
         if server_round == 1:
             self.evolution.start()
         embeddings, labels = self.evolution.payload()
-        candidates = ArrayRecord({P.EMBEDDINGS: Array(embeddings), P.LABELS: Array(labels)})
-        content = RecordDict({P.CANDIDATES: candidates, P.CONFIG: self._train_config(server_round)})
+        content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())
         nodes = self._sample_nodes(grid)
         log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
         return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
     def _parse_vote_reply(self, msg: Message, noise_std: float) -> P.VoteReply:
-        content = msg.content
-        if P.VOTES not in content.array_records or P.METRICS not in content.metric_records:
-            raise P.ReplyError(f"reply lacks the '{P.VOTES}' ArrayRecord or the '{P.METRICS}' MetricRecord")
-        record = content.array_records[P.VOTES]
-        if P.VOTES not in record:
-            raise P.ReplyError(f"the '{P.VOTES}' ArrayRecord lacks the '{P.VOTES}' array")
-        votes = np.asarray(record[P.VOTES].numpy(), dtype=np.float64)
-        metrics = content.metric_records[P.METRICS]
-        num_examples = float(metrics.get(P.NUM_EXAMPLES, -1))
-        P.validate_votes(votes, len(self.evolution.pool), num_examples, noise_std, self.cfg.feedback.k)
-        spent = float(metrics.get(P.EPSILON_SPENT, 0.0))
-        if not (np.isfinite(spent) and spent >= 0):
-            raise P.ReplyError(f"epsilon-spent is {spent}, expected a finite non-negative number")
-        return P.VoteReply(votes, int(num_examples), spent, int(metrics.get(P.PARTITION_ID, -1)))
+        reply = P.VoteReply.from_parts(from_content(msg.content))
+        max_clean = self.max_site_images * np.sqrt(self.cfg.feedback.k)
+        P.validate_votes(reply.votes, len(self.evolution.pool), noise_std, max_clean)
+        return reply
 
     def _site(self, msg: Message, partition_id: int = -1) -> SiteRecord:
         node = msg.metadata.src_node_id
@@ -152,15 +139,25 @@ class CoAutoGenStrategy(Strategy):
         if refused:
             self._site(msg).refusals.append(f"round {server_round}: {reason}")
 
+    def _site_error(self, server_round: int, msg: Message) -> None:
+        """Record an error reply: its code and the generic line the protocol gives it."""
+        code = int(msg.error.code)
+        reason = P.ERROR_REASONS.get(code, "error reply with an unknown code")
+        self._drop(server_round, msg, f"{reason} (code {code})", refused=code in (P.ERROR_BUDGET_EXCEEDED, P.ERROR_SITE_TERMS))
+
+    def noise_aggregate(self, votes: np.ndarray) -> np.ndarray:
+        """Central mode: the Gaussian noise the server adds once to the summed clean votes,
+        from the operating system's entropy (no seed can regenerate it)."""
+        return GaussianMechanism(self.noise_multiplier, self.sensitivity).apply(votes)
+
     def collect_votes(self, server_round: int, replies: Iterable[Message]) -> tuple[np.ndarray, int]:
         """Validate and sum the vote replies; returns (summed votes, number of valid replies)."""
-        per_site_std = self.noise_multiplier if self.cfg.privacy.mode == "local" else 0.0
+        per_site_std = self.noise_multiplier * self.sensitivity if self.cfg.privacy.mode == "local" else 0.0
         total = np.zeros(len(self.evolution.pool), dtype=np.float64)
         valid = 0
         for msg in replies:
             if msg.has_error():
-                refused = msg.error.code == P.ERROR_BUDGET_EXCEEDED
-                self._drop(server_round, msg, str(msg.error.reason), refused=refused)
+                self._site_error(server_round, msg)
                 continue
             try:
                 reply = self._parse_vote_reply(msg, per_site_std)
@@ -174,6 +171,7 @@ class CoAutoGenStrategy(Strategy):
             valid += 1
             site = self._site(msg, reply.partition_id)
             site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
+            site.epsilon_budget = reply.epsilon_budget
             site.rounds_answered += 1
         return total, valid
 
@@ -185,9 +183,9 @@ class CoAutoGenStrategy(Strategy):
             final = self.evolution.random_population(self.cfg.feedback.volume_per_label)
             return self.final.finish(final, server_round), MetricRecord({"num-synthetic": len(final)})
         votes, valid = self.collect_votes(server_round, replies)
-        noise_std = aggregate_noise_std(self.noise_multiplier, 1.0, max(valid, 1), self.cfg.privacy.mode)
+        noise_std = aggregate_noise_std(self.noise_multiplier, self.sensitivity, max(valid, 1), self.cfg.privacy.mode)
         if self.cfg.privacy.mode == "central" and valid:
-            votes = GaussianMechanism(self.noise_multiplier, 1.0).apply(votes, self.rng)
+            votes = self.noise_aggregate(votes)
         if valid == 0:
             log(WARNING, "round %d: no valid vote reply; every class falls back to uniform parents", server_round)
             votes = np.zeros_like(votes)
@@ -233,11 +231,14 @@ class CoAutoGenStrategy(Strategy):
         """After the last round, send the downstream model to every site for evaluation."""
         if server_round != self.rounds or self.final.model_arrays is None:
             return []
-        config = self.final.model_config()
         noised = self.cfg.privacy.evaluation == "noised"
-        config[P.EVALUATION_NOISE] = float(self.noise_multiplier) if noised else 0.0
-        config["round"] = server_round + 1 if noised else server_round
-        content = RecordDict({P.ARRAYS: self.final.model_arrays, P.CONFIG: config})
+        request = P.EvaluationRequest(
+            round=server_round + 1 if noised else server_round,
+            noise_multiplier=float(self.noise_multiplier) if noised else 0.0,
+            weights={name: array.numpy() for name, array in self.final.model_arrays.items()},
+            **self.final.model_spec(),
+        )
+        content = to_content(request.to_parts())
         return [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in sorted(grid.get_node_ids())]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -266,23 +267,20 @@ class CoAutoGenStrategy(Strategy):
     def _parse_evaluation(self, msg: Message, noised: bool) -> tuple[float, float]:
         """(correct, count) of one evaluation reply; raises ReplyError when unusable."""
         if msg.has_error():
-            refused = msg.error.code == P.ERROR_BUDGET_EXCEEDED
-            if refused:
-                self._site(msg).refusals.append(f"evaluation: {msg.error.reason}")
-            raise P.ReplyError(str(msg.error.reason))
-        if P.METRICS not in msg.content.metric_records:
-            raise P.ReplyError("no metrics record")
-        metrics = msg.content.metric_records[P.METRICS]
-        site = self._site(msg, int(metrics.get(P.PARTITION_ID, -1)))  # type: ignore[arg-type]  # names a site that refused every vote
-        n = float(metrics.get(P.NUM_EXAMPLES, -1))  # type: ignore[arg-type]
+            code = int(msg.error.code)
+            if code in (P.ERROR_BUDGET_EXCEEDED, P.ERROR_SITE_TERMS):
+                self._site(msg).refusals.append(f"evaluation: {P.ERROR_REASONS[code]}")
+            raise P.ReplyError(P.ERROR_REASONS.get(code, f"error reply with code {code}"))
+        reply = P.EvaluationReply.from_parts(from_content(msg.content))
+        site = self._site(msg, reply.partition_id)  # names a site that refused every vote
+        site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
+        site.epsilon_budget = reply.epsilon_budget
+        c, n = reply.correct, reply.count
         if noised:
-            c = float(metrics.get(P.CORRECT, float("nan")))  # type: ignore[arg-type]
             bound = 10.0 * self.noise_multiplier * np.sqrt(2.0) + 1.0
             if not (np.isfinite(c) and np.isfinite(n) and n > -bound and -bound < c < n + bound):
                 raise P.ReplyError(f"noised correct {c} / count {n} outside plausible bounds")
-            site.epsilon_spent = max(site.epsilon_spent, float(metrics.get(P.EPSILON_SPENT, 0.0)))  # type: ignore[arg-type]
             return c, n
-        accuracy = float(metrics.get(P.ACCURACY, float("nan")))  # type: ignore[arg-type]
-        if n < 0 or not 0.0 <= accuracy <= 1.0:
-            raise P.ReplyError(f"accuracy {accuracy} over {int(n)} examples is invalid")
-        return accuracy * n, n
+        if reply.accuracy is None or n < 0 or not 0.0 <= c <= n:
+            raise P.ReplyError(f"clear evaluation reply with correct {c} of {n} (accuracy {reply.accuracy}) is invalid")
+        return c, n

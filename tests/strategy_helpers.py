@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.wire import to_content
 from coautogen_fl import protocol as P
 from coautogen_fl.config import flatten, load_config, to_dict
 from strategies.server_app import build_strategy
@@ -55,23 +56,16 @@ def strategy(tmp_path):
     return build_strategy(small_config(), tmp_path)
 
 
-def vote_reply(msg: Message, votes, num_examples=100, epsilon_spent=0.5, partition_id=0) -> Message:
+def vote_reply(msg: Message, votes, epsilon_spent=0.5, partition_id=0, epsilon_budget=1.0) -> Message:
     """A site's TRAIN reply, built like clients.client_app.train builds it."""
-    metrics = MetricRecord(
-        {
-            P.NUM_EXAMPLES: num_examples,
-            P.EPSILON_SPENT: float(epsilon_spent),
-            P.PARTITION_ID: partition_id,
-            P.NOISE_MULTIPLIER: 1.0,
-        }
-    )
-    votes = ArrayRecord({P.VOTES: Array(np.asarray(votes, dtype=np.float64))})
-    return Message(content=RecordDict({P.VOTES: votes, P.METRICS: metrics}), reply_to=msg)
+    reply = P.VoteReply(np.asarray(votes, dtype=np.float64), float(epsilon_spent), float(epsilon_budget), partition_id, 1.0)
+    return Message(content=to_content(reply.to_parts()), reply_to=msg)
 
 
 def eval_reply(msg: Message, accuracy, num_examples, partition_id=0) -> Message:
-    metrics = MetricRecord({P.ACCURACY: float(accuracy), P.NUM_EXAMPLES: int(num_examples), P.PARTITION_ID: partition_id})
-    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+    """A site's clear EVALUATE reply (a site whose node config allows clear evaluation)."""
+    reply = P.EvaluationReply(accuracy * num_examples, num_examples, 0.0, 1.0, partition_id, float(accuracy))
+    return Message(content=to_content(reply.to_parts()), reply_to=msg)
 
 
 def train_messages(strategy, server_round, grid=None):
@@ -98,7 +92,10 @@ class InProcessGrid(FakeGrid):
             node: Context(
                 run_id=4242,
                 node_id=node,
-                node_config={"partition-id": i, "num-partitions": len(nodes), "state-dir": str(tmp_path / f"site{i}")},
+                node_config={"partition-id": i, "num-partitions": len(nodes), "state-dir": str(tmp_path / f"site{i}"),
+                             "site-epsilon": cfg.privacy.epsilon, "site-delta": cfg.privacy.delta,
+                             "trust-server": cfg.privacy.mode == "central",
+                             "allow-clear-evaluation": cfg.privacy.evaluation == "clear"},
                 state=RecordDict(),
                 run_config=run_config,
             )

@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
 from clients.site import Site
+from clients.wire import to_content
 from coautogen_fl import protocol as P
 from coautogen_fl.config import config_from_run_config, flatten, load_config, to_dict
 from coautogen_fl.data import load_pool_and_test
@@ -51,7 +52,9 @@ def run_config(*overrides: str) -> dict:
 
 
 def make_context(tmp_path, partition_id=0, overrides=(), **node_extra) -> Context:
-    node_config = {"partition-id": partition_id, "num-partitions": 3, "state-dir": str(tmp_path / f"site{partition_id}"), **node_extra}
+    """A site that sets its own terms in its node config (budget, delta, state dir)."""
+    node_config = {"partition-id": partition_id, "num-partitions": 3, "state-dir": str(tmp_path / f"site{partition_id}"),
+                   "site-epsilon": EPSILON, "site-delta": DELTA, **node_extra}  # fmt: skip
     return Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config=run_config(*overrides))
 
 
@@ -75,17 +78,10 @@ def sigma_for_run(epsilon=EPSILON, rounds=ROUNDS) -> float:
     return noise_multiplier_for_epsilon(epsilon, DELTA, rounds)
 
 
-def train_request(embeddings, labels, server_round=1, sigma=None, mode="local", unit="image", k=1, **extra) -> Message:
-    config = {
-        "round": server_round, "rater": "PE", "k": k,
-        P.NOISE_MULTIPLIER: float(sigma_for_run() if sigma is None else sigma),
-        "privacy-mode": mode, "privacy-unit": unit, "delta": DELTA, **extra,
-    }
-    content = RecordDict({
-        P.CANDIDATES: ArrayRecord({P.EMBEDDINGS: Array(embeddings), P.LABELS: Array(labels)}),
-        P.CONFIG: ConfigRecord(config),
-    })
-    return Message(content=content, dst_node_id=NODE_ID, message_type=MessageType.TRAIN)
+def train_request(embeddings, labels, server_round=1, sigma=None, mode="local", unit="image", k=1) -> Message:
+    sigma = float(sigma_for_run() if sigma is None else sigma)
+    request = P.VoteRequest(server_round, "PE", k, sigma, mode, unit, embeddings, labels)
+    return Message(content=to_content(request.to_parts()), dst_node_id=NODE_ID, message_type=MessageType.TRAIN)
 
 
 def votes_of(reply: Message) -> np.ndarray:
@@ -112,15 +108,15 @@ def test_train_reply_has_votes_and_metrics(tmp_path):
     votes = votes_of(reply)
     assert votes.dtype == np.float64 and votes.shape == (len(labels),) and np.all(np.isfinite(votes))
     metrics = reply.content.metric_records[P.METRICS]
-    site = client_app.get_site(context)
-    assert metrics[P.NUM_EXAMPLES] == site.num_examples > 0
+    assert P.NUM_EXAMPLES not in metrics  # the site's size never leaves it
     assert metrics[P.PARTITION_ID] == 1
+    assert metrics[P.EPSILON_BUDGET] == EPSILON
     assert metrics[P.EPSILON_SPENT] == pytest.approx(epsilon_for_noise([sigma_for_run()], DELTA), rel=1e-9)
     assert metrics[P.NOISE_MULTIPLIER] == pytest.approx(sigma_for_run())
     # Nothing else leaves the site: one vote vector and aggregate metrics.
     assert set(reply.content.array_records) == {P.VOTES} and set(reply.content.array_records[P.VOTES]) == {P.VOTES}
     assert set(reply.content.metric_records) == {P.METRICS} and not reply.content.config_records
-    assert set(metrics) == {P.NUM_EXAMPLES, P.EPSILON_SPENT, P.PARTITION_ID, P.NOISE_MULTIPLIER}
+    assert {(P.METRICS, key) for key in metrics} | {(P.VOTES, P.VOTES)} == {(f.record, f.key) for f in P.SITE_REPLY_FIELDS["train"]}
 
 
 def test_local_mode_votes_are_noised(tmp_path):
@@ -129,8 +125,9 @@ def test_local_mode_votes_are_noised(tmp_path):
     sigma = sigma_for_run()
     noised = votes_of(client_app.train(train_request(embeddings, labels, sigma=sigma), context))
     clean = clean_votes(context, embeddings, labels)
-    assert clean.sum() == client_app.get_site(context).num_examples  # every private sample votes once
+    assert clean.sum() == len(client_app.get_site(context).data.train)  # every private sample votes once
     assert not np.allclose(noised, clean)
+    np.testing.assert_array_equal(noised * 16, np.round(noised * 16))  # snapped to the public grid
     residual = noised - clean
     assert 0.4 * sigma < residual.std() < 1.8 * sigma  # N(0, sigma^2), 30 draws
     assert abs(residual.mean()) < 5 * sigma / np.sqrt(len(residual))
@@ -140,7 +137,7 @@ def test_local_mode_votes_are_noised(tmp_path):
 
 
 def test_central_mode_votes_are_the_clean_histogram(tmp_path):
-    context = make_context(tmp_path, overrides=["privacy.mode=central"])
+    context = make_context(tmp_path, overrides=["privacy.mode=central"], **{"trust-server": "true"})
     embeddings, labels = candidates(context)
     reply = client_app.train(train_request(embeddings, labels, mode="central"), context)
     np.testing.assert_array_equal(votes_of(reply), clean_votes(context, embeddings, labels))
@@ -150,7 +147,7 @@ def test_central_mode_votes_are_the_clean_histogram(tmp_path):
 
 
 def test_central_mode_with_k_and_site_unit(tmp_path):
-    context = make_context(tmp_path, overrides=["privacy.mode=central", "privacy.unit=site"])
+    context = make_context(tmp_path, overrides=["privacy.mode=central", "privacy.unit=site"], **{"trust-server": "true"})
     embeddings, labels = candidates(context)
     votes = votes_of(client_app.train(train_request(embeddings, labels, mode="central", unit="site", k=2), context))
     clean = clean_votes(context, embeddings, labels, k=2)
@@ -173,7 +170,7 @@ def test_budget_is_spent_exactly_then_refused(tmp_path):
     refusal = client_app.train(train_request(embeddings, labels, server_round=ROUNDS + 1), context)
     assert refusal.has_error() and not refusal.has_content()
     assert refusal.error.code == P.ERROR_BUDGET_EXCEEDED
-    assert "budget exceeded" in refusal.error.reason
+    assert refusal.error.reason == P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]  # a generic line, no numbers
     assert refusal.metadata.src_node_id == NODE_ID
     assert ledger_path(context).read_bytes() == before  # the refused round left no trace
     assert len(json.loads(before)["entries"]) == ROUNDS
@@ -276,8 +273,7 @@ def test_bad_requests_yield_error_replies(tmp_path, breakage):
     assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST, breakage
     assert reply.metadata.src_node_id == NODE_ID
     assert not ledger_path(context).exists()  # nothing released, nothing charged
-    if breakage == "wrong embedding dimension":
-        assert "embedding dimensions differ" in reply.error.reason
+    assert reply.error.reason == P.ERROR_REASONS[P.ERROR_BAD_REQUEST]  # the details stay in the site log
 
 
 @pytest.mark.parametrize("mode", ["Local", "none", ""])
@@ -293,7 +289,7 @@ def test_partition_outside_the_federation_is_a_no_data_error(tmp_path):
     embeddings, labels = candidates(context)
     reply = client_app.train(train_request(embeddings, labels), context)
     assert reply.has_error() and reply.error.code == P.ERROR_NO_DATA
-    assert "partition-id 5" in reply.error.reason
+    assert reply.error.reason == P.ERROR_REASONS[P.ERROR_NO_DATA]
 
 
 def test_corrupt_ledger_is_never_reset(tmp_path):
@@ -313,18 +309,23 @@ def test_corrupt_ledger_is_never_reset(tmp_path):
 
 # ---------------------------------------------------------------------------------- evaluate
 def evaluate_request(model_arrays: dict, image_size=28, sigma: float = 0.0, server_round: int = ROUNDS + 1) -> Message:
-    config = {"model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": image_size}
-    if sigma:
-        config.update({P.EVALUATION_NOISE: sigma, "round": server_round})
-    content = RecordDict({
-        P.ARRAYS: ArrayRecord({k: Array(v) for k, v in model_arrays.items()}),
-        P.CONFIG: ConfigRecord(config),
-    })
-    return Message(content=content, dst_node_id=NODE_ID, message_type=MessageType.EVALUATE)
+    request = P.EvaluationRequest(server_round, "cnn", NUM_CLASSES, 1, image_size, sigma, model_arrays)
+    return Message(content=to_content(request.to_parts()), dst_node_id=NODE_ID, message_type=MessageType.EVALUATE)
+
+
+def test_clear_evaluation_needs_the_sites_consent(tmp_path):
+    """A request for a clear release (noise 0) is refused unless the site's own node config
+    allows it: the server cannot turn evaluation into an unlimited, uncharged query."""
+    context = make_context(tmp_path, partition_id=2)
+    model = state_dict_to_numpy(build_classifier("cnn", NUM_CLASSES, 1, 28))
+    for _ in range(3):
+        reply = client_app.evaluate(evaluate_request(model), context)
+        assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
+    assert not ledger_path(context).exists()
 
 
 def test_evaluate_returns_accuracy_and_the_test_count(tmp_path):
-    context = make_context(tmp_path, partition_id=2)
+    context = make_context(tmp_path, partition_id=2, **{"allow-clear-evaluation": "true"})
     model = build_classifier("cnn", NUM_CLASSES, 1, 28)
     reply = client_app.evaluate(evaluate_request(state_dict_to_numpy(model)), context)
     assert not reply.has_error(), reply.error.reason
@@ -375,6 +376,6 @@ def test_site_built_directly_matches_the_handler(tmp_path):
     context = make_context(tmp_path, partition_id=1, **{"site-epsilon": 0.5})
     site = Site(config_from_run_config(context.run_config), context.node_config, context.run_id)
     cached = client_app.get_site(context)
-    assert site.num_examples == cached.num_examples and site.partition_id == cached.partition_id == 1
+    assert len(site.data.train) == len(cached.data.train) and site.partition_id == cached.partition_id == 1
     assert site.ledger.epsilon_budget == cached.ledger.epsilon_budget == 0.5
     assert site.ledger.path == ledger_path(context)

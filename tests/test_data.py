@@ -10,7 +10,7 @@ from coautogen_fl.config import DataConfig
 from coautogen_fl.data import (
     DataError,
     ImageSet,
-    cap_per_label,
+    assign_roles,
     central_split,
     load_digits_dataset,
     load_image_folder,
@@ -20,6 +20,7 @@ from coautogen_fl.data import (
 )
 
 NUM_SITES = 10
+KEY = bytes(range(32))  # a site's secret key (tests: fixed)
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +176,13 @@ def test_dirichlet_partition_is_label_skewed(split, iid_parts, dirichlet_parts):
 def test_site_partition_train_and_test_are_disjoint(split, iid_parts):
     pool, _ = split
     cfg = DataConfig()
-    site = site_partition(pool, 3, NUM_SITES, cfg)
+    site = site_partition(pool, 3, NUM_SITES, cfg, KEY)
     share = iid_parts[3]
     assert site.partition_id == 3
     assert len(site.train) + len(site.test) == share.size
-    assert len(site.test) == int(np.ceil(share.size * cfg.site_test_fraction))
+    # each image is a test image with probability site_test_fraction, independently
+    sd = np.sqrt(share.size * cfg.site_test_fraction * (1 - cfg.site_test_fraction))
+    assert abs(len(site.test) - share.size * cfg.site_test_fraction) < 4 * sd
     # each image of the share lands in exactly one of train/test
     share_images = pool.images[share].reshape(share.size, -1)
     train_rows = {r.tobytes() for r in site.train.images.reshape(len(site.train), -1)}
@@ -194,8 +197,8 @@ def test_site_partition_train_and_test_are_disjoint(split, iid_parts):
 
 def test_site_partitions_of_different_sites_are_disjoint(split):
     pool, _ = split
-    a = site_partition(pool, 0, NUM_SITES, DataConfig())
-    b = site_partition(pool, 1, NUM_SITES, DataConfig())
+    a = site_partition(pool, 0, NUM_SITES, DataConfig(), KEY)
+    b = site_partition(pool, 1, NUM_SITES, DataConfig(), KEY)
     rows_a = {r.tobytes() for r in a.train.images.reshape(len(a.train), -1)}
     rows_b = {r.tobytes() for r in b.train.images.reshape(len(b.train), -1)}
     assert rows_a.isdisjoint(rows_b)  # the 1,797 digits are pairwise distinct images
@@ -203,8 +206,8 @@ def test_site_partitions_of_different_sites_are_disjoint(split):
 
 def test_real_per_label_cap_is_respected(split):
     pool, _ = split
-    uncapped = site_partition(pool, 2, NUM_SITES, DataConfig())
-    capped = site_partition(pool, 2, NUM_SITES, DataConfig(real_per_label=3))
+    uncapped = site_partition(pool, 2, NUM_SITES, DataConfig(), KEY)
+    capped = site_partition(pool, 2, NUM_SITES, DataConfig(real_per_label=3), KEY)
     counts = np.bincount(capped.train.labels, minlength=10)
     assert counts.max() == 3
     np.testing.assert_array_equal(counts, np.minimum(np.bincount(uncapped.train.labels, minlength=10), 3))
@@ -212,22 +215,47 @@ def test_real_per_label_cap_is_respected(split):
     np.testing.assert_array_equal(capped.test.labels, uncapped.test.labels)
 
 
-def test_cap_per_label_keeps_the_first_samples_in_order():
-    labels = np.array([0, 1, 0, 0, 2, 1, 0])
-    np.testing.assert_array_equal(cap_per_label(labels, 2), [0, 1, 2, 4, 5])
-    np.testing.assert_array_equal(cap_per_label(labels, 0), np.arange(7))
+def _roles(data: ImageSet, key: bytes, cap: int = 0) -> dict[bytes, str]:
+    voters, test = assign_roles(data, key, 0.2, cap)
+    rows = data.images.reshape(len(data), -1)
+    roles = {rows[i].tobytes(): "test" for i in test}
+    roles.update({rows[i].tobytes(): "vote" for i in voters})
+    return roles  # images not listed are capped out
+
+
+@pytest.mark.parametrize("cap", [0, 4])
+def test_adding_one_image_moves_no_other_image_between_roles(digits, cap):
+    """Finding 2 of issue 8: each image's role depends on that image alone (no cap), and with
+    the -rvpl cap one added image pushes out at most one other voter."""
+    base = digits.subset(np.arange(200))
+    for extra in range(200, 230):
+        plus = digits.subset(np.arange(extra + 1)[np.r_[0:200, extra]])
+        before, after = _roles(base, KEY, cap), _roles(plus, KEY, cap)
+        added = plus.images[-1].reshape(-1).tobytes()
+        changed = [k for k in before if before[k] != after.get(k, "capped")]
+        changed += [k for k in after if k != added and k not in before]
+        if cap == 0:
+            assert changed == [] and set(after) == set(before) | {added}
+        else:
+            assert len(changed) <= 1 and all(before[k] == "vote" for k in changed if k in before)
+
+
+def test_roles_are_set_by_the_sites_key(digits):
+    data = digits.subset(np.arange(300))
+    assert _roles(data, KEY) == _roles(data, KEY)
+    assert _roles(data, KEY) != _roles(data, bytes(32))  # another site's key: another split
 
 
 def test_partition_id_out_of_range_is_refused(split):
     pool, _ = split
     with pytest.raises(DataError, match=r"partition-id 10 is outside \[0, 10\)"):
-        site_partition(pool, 10, NUM_SITES, DataConfig())
+        site_partition(pool, 10, NUM_SITES, DataConfig(), KEY)
 
 
 def test_site_with_fewer_than_two_images_is_refused(digits):
     pool = digits.subset(np.arange(15))  # 10 sites: five hold 2 images, five hold 1
     with pytest.raises(DataError) as info:
-        site_partition(pool, 9, NUM_SITES, DataConfig())
+        site_partition(pool, 9, NUM_SITES, DataConfig(), KEY)
     assert "site 9 holds 1 private images" in str(info.value)
     assert "federation.num_hospitals" in str(info.value)
 
@@ -237,7 +265,7 @@ def test_more_sites_than_images_is_a_data_error(digits):
     # (mentioning federation.num_hospitals), not an IndexError from the partitioner.
     pool = digits.subset(np.arange(5))
     with pytest.raises(DataError, match="federation.num_hospitals"):
-        site_partition(pool, 0, NUM_SITES, DataConfig())
+        site_partition(pool, 0, NUM_SITES, DataConfig(), KEY)
 
 
 # --- ImageFolder ----------------------------------------------------------------------------
@@ -275,10 +303,9 @@ def test_image_folder_through_load_real_dataset_and_site_split(tmp_path):
     _write_folder(tmp_path, per_class=5)
     cfg = DataConfig(name=str(tmp_path), image_size=8)
     assert len(load_real_dataset(cfg)) == 10
-    site = load_site_from_folder(tmp_path, cfg, partition_id=4)
+    site = load_site_from_folder(tmp_path, cfg, partition_id=4, key=KEY)
     assert site.partition_id == 4
     assert len(site.train) + len(site.test) == 10
-    assert len(site.test) == 2
 
 
 def test_corrupt_image_raises_data_error_naming_the_file(tmp_path):

@@ -17,6 +17,7 @@ from coautogen_fl.store import read_index
 from coautogen_fl.tracking import read_metrics
 from strategies.server_app import build_strategy, run_summary
 
+from clients.wire import to_content
 from strategy_helpers import NODES, NUM_CLASSES, FakeGrid, InProcessGrid, small_config, vote_reply, eval_reply, train_messages, integer_votes
 from strategy_helpers import strategy, task_identity  # noqa: F401  (pytest fixtures, used by name)
 
@@ -29,7 +30,7 @@ def test_last_round_builds_the_dataset_and_the_model_goes_to_every_node(tmp_path
         messages = train_messages(s, server_round, grid)
         assert len(messages) == 2  # a sample of the three nodes
         assert list(s.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)) == []  # nothing yet
-        replies = [vote_reply(m, integer_votes(m.metadata.dst_node_id), 60, 0.5 * server_round, i) for i, m in enumerate(messages)]
+        replies = [vote_reply(m, integer_votes(m.metadata.dst_node_id), 0.5 * server_round, i) for i, m in enumerate(messages)]
         arrays, metrics = s.aggregate_train(server_round, replies)
         assert metrics["votes_received"] == 2
         if server_round == 1:
@@ -60,9 +61,9 @@ def test_last_round_builds_the_dataset_and_the_model_goes_to_every_node(tmp_path
         config = m.content.config_records[P.CONFIG]
         assert dict(config) == {
             "model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": 28,
-            P.EVALUATION_NOISE: 0.0, "round": 2,  # privacy.evaluation=clear: no noise, no charge
+            P.EVALUATION_NOISE: s.noise_multiplier, "round": 3,  # noised and charged: release T + 1
         }
-        sent = m.content.array_records[P.ARRAYS]
+        sent = m.content.array_records[P.WEIGHTS]
         for name in arrays:
             np.testing.assert_array_equal(sent[name].numpy(), arrays[name].numpy())
 
@@ -72,7 +73,8 @@ def evaluate_messages(nodes):
     return {n: Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes}
 
 
-def test_aggregate_evaluate_is_count_weighted_and_drops_invalid_replies(strategy):
+def test_aggregate_evaluate_is_count_weighted_and_drops_invalid_replies(tmp_path):
+    strategy = build_strategy(small_config("privacy.evaluation=clear"), tmp_path)  # sites that consented
     m = evaluate_messages([11, 12, 13, 14, 15, 16])
     replies = [
         eval_reply(m[11], 0.5, 10, 0),
@@ -88,7 +90,7 @@ def test_aggregate_evaluate_is_count_weighted_and_drops_invalid_replies(strategy
     assert strategy.federated_accuracy == pytest.approx(0.875)
     dropped = {d["node"]: d["reason"] for d in strategy.dropped}
     assert set(dropped) == {13, 14, 15, 16}
-    assert "1.5" in dropped[13] and "no test images" in dropped[15] and "no metrics record" in dropped[16]
+    assert "1.5" in dropped[13] and P.ERROR_REASONS[P.ERROR_NO_DATA] in dropped[15] and "lacks" in dropped[16]
     assert all(r.startswith("evaluation:") for r in dropped.values())
 
 
@@ -115,7 +117,8 @@ class RecordingGrid(FakeGrid):
 
 def test_gen_framework_sends_no_train_message_and_builds_the_dataset(tmp_path):
     s = build_strategy(small_config("feedback.framework=Gen"), tmp_path)
-    assert s.noise_multiplier == 0.0 and s.rounds == 1
+    # no votes: the only release is the noised evaluation, which gets the whole budget
+    assert s.noise_multiplier == pytest.approx(noise_multiplier_for_epsilon(1.0, 1e-5, 1)) and s.rounds == 1
     grid = RecordingGrid()
     result = s.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
 
@@ -154,7 +157,7 @@ def test_feedback_run_with_in_process_sites(tmp_path, monkeypatch):
     assert 0.0 <= s.federated_accuracy <= 1.0
     for i in range(3):
         ledger = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
-        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        assert [e["round"] for e in ledger["entries"]] == [1, 2, 3]  # two vote rounds, the noised evaluation
     summary = run_summary(cfg, s, tmp_path / "run", 1.0)
     assert summary["epsilon_spent_max"] == pytest.approx(1.0, abs=1e-6)
     assert sorted(summary["sites"]) == ["0", "1", "2"]
@@ -168,17 +171,14 @@ def test_aggregate_evaluate_survives_a_list_valued_metric(strategy):
 
 
 def test_noised_evaluation_is_planned_into_the_noise_and_aggregated_from_noised_counts(tmp_path):
-    s = build_strategy(small_config("privacy.evaluation=noised"), tmp_path)
+    s = build_strategy(small_config(), tmp_path)  # privacy.evaluation=noised is the default
     cfg = s.cfg
     # the rounds and the evaluation release share the budget: T + 1 releases at one sigma
     assert s.noise_multiplier == pytest.approx(noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, cfg.feedback.rounds + 1))
     m = evaluate_messages([11, 12, 13])
-    metrics = [
-        {P.CORRECT: 30.4, P.NUM_EXAMPLES: 41.0, P.PARTITION_ID: 0, P.EPSILON_SPENT: 1.0},
-        {P.CORRECT: 9.7, P.NUM_EXAMPLES: 19.2, P.PARTITION_ID: 1, P.EPSILON_SPENT: 1.0},
-        {P.CORRECT: float("nan"), P.NUM_EXAMPLES: 10.0, P.PARTITION_ID: 2, P.EPSILON_SPENT: 1.0},
-    ]
-    replies = [Message(content=RecordDict({P.METRICS: MetricRecord(x)}), reply_to=m[n]) for n, x in zip([11, 12, 13], metrics)]
+    metrics = [P.EvaluationReply(30.4, 41.0, 1.0, 1.0, 0), P.EvaluationReply(9.7, 19.2, 1.0, 1.0, 1),
+               P.EvaluationReply(float("nan"), 10.0, 1.0, 1.0, 2)]  # fmt: skip
+    replies = [Message(content=to_content(x.to_parts()), reply_to=m[n]) for n, x in zip([11, 12, 13], metrics)]
     result = s.aggregate_evaluate(2, replies)
     assert result[P.ACCURACY] == pytest.approx((30.4 + 9.7) / (41.0 + 19.2))
     assert [d["node"] for d in s.dropped] == [13]

@@ -27,7 +27,7 @@ from strategy_helpers import strategy, task_identity  # noqa: F401  (pytest fixt
 def test_configure_train_sends_the_pool_to_every_node(strategy):
     messages = train_messages(strategy, 1)
     assert [m.metadata.dst_node_id for m in messages] == NODES
-    expected_sigma = noise_multiplier_for_epsilon(1.0, 1e-5, 2)
+    expected_sigma = noise_multiplier_for_epsilon(1.0, 1e-5, 2 + 1)  # 2 rounds + the noised evaluation
     for m in messages:
         assert m.metadata.message_type == MessageType.TRAIN
         assert m.metadata.src_node_id == SUPERLINK_NODE_ID
@@ -42,7 +42,7 @@ def test_configure_train_sends_the_pool_to_every_node(strategy):
         assert config["round"] == 1
         assert config["rater"] == "PE" and config["k"] == 1
         assert config["privacy-mode"] == "local" and config["privacy-unit"] == "image"
-        assert config["delta"] == pytest.approx(1e-5, rel=1e-15)
+        assert "delta" not in config  # a site measures its spend at its own delta
         assert config[P.NOISE_MULTIPLIER] == pytest.approx(expected_sigma, rel=1e-12)
     assert strategy.noise_multiplier == pytest.approx(expected_sigma, rel=1e-12)
     # Every site votes on the same pool, embedded once.
@@ -55,7 +55,9 @@ def test_configure_train_sends_the_pool_to_every_node(strategy):
 def test_noise_multiplier_follows_epsilon_and_rounds(tmp_path):
     s = build_strategy(small_config("privacy.epsilon=4", "feedback.rounds=3"), tmp_path)
     config = train_messages(s, 1)[0].content.config_records[P.CONFIG]
-    assert config[P.NOISE_MULTIPLIER] == pytest.approx(noise_multiplier_for_epsilon(4.0, 1e-5, 3), rel=1e-12)
+    assert config[P.NOISE_MULTIPLIER] == pytest.approx(noise_multiplier_for_epsilon(4.0, 1e-5, 3 + 1), rel=1e-12)
+    clear = build_strategy(small_config("privacy.epsilon=4", "feedback.rounds=3", "privacy.evaluation=clear"), tmp_path / "clear")
+    assert clear.noise_multiplier == pytest.approx(noise_multiplier_for_epsilon(4.0, 1e-5, 3), rel=1e-12)
 
 
 def test_fraction_train_samples_nodes_without_mangling_64bit_ids(tmp_path):
@@ -71,7 +73,7 @@ def test_valid_replies_are_summed_and_the_round_is_stored(strategy, tmp_path):
     messages = by_node(train_messages(strategy, 1))
     votes = {node: integer_votes(node) for node in NODES}
     replies = [
-        vote_reply(messages[node], votes[node], num_examples=60, epsilon_spent=0.1 * i, partition_id=i)
+        vote_reply(messages[node], votes[node], epsilon_spent=0.1 * i, partition_id=i)
         for i, node in enumerate(NODES)
     ]
     assert [r.metadata.src_node_id for r in replies] == NODES  # reply_to sets the sender
@@ -109,7 +111,7 @@ def test_local_noise_within_the_bound_is_accepted(strategy):
     messages = by_node(train_messages(strategy, 1))
     rng = np.random.default_rng(0)
     noisy = integer_votes(1) + rng.normal(0.0, strategy.noise_multiplier, POOL)
-    total, valid = strategy.collect_votes(1, [vote_reply(messages[11], noisy, num_examples=60)])
+    total, valid = strategy.collect_votes(1, [vote_reply(messages[11], noisy)])
     assert valid == 1 and strategy.dropped == []
     np.testing.assert_allclose(total, noisy)
 
@@ -119,30 +121,30 @@ MALFORMED = {
     12: ("wrong shape", "shape"),
     13: ("nan", "NaN"),
     14: ("inf", "NaN or infinite"),
-    15: ("absurd magnitude", "impossible"),
+    15: ("absurd magnitude", "more than any site may cast"),
     16: ("missing votes record", "lacks"),
     17: ("missing metrics record", "lacks"),
-    18: ("missing votes array", "lacks the 'votes' array"),
-    19: ("missing num-examples", "num-examples"),
-    20: ("negative num-examples", "num-examples"),
+    18: ("missing votes array", "lacks 'votes'"),
+    19: ("missing epsilon-budget", "epsilon-budget"),
+    20: ("negative epsilon-spent", "epsilon-spent"),
 }
 
 
 def malformed_reply(msg: Message, kind: str) -> Message:
     good = integer_votes(3)
-    metrics = MetricRecord({P.NUM_EXAMPLES: 60, P.EPSILON_SPENT: 0.3, P.PARTITION_ID: 5})
+    metrics = MetricRecord({P.EPSILON_SPENT: 0.3, P.EPSILON_BUDGET: 1.0, P.PARTITION_ID: 5, P.NOISE_MULTIPLIER: 1.0})
     if kind == "wrong shape":
-        return vote_reply(msg, good[:-1], 60)
+        return vote_reply(msg, good[:-1])
     if kind == "nan":
         bad = good.copy()
         bad[4] = np.nan
-        return vote_reply(msg, bad, 60)
+        return vote_reply(msg, bad)
     if kind == "inf":
         bad = good.copy()
         bad[0] = np.inf
-        return vote_reply(msg, bad, 60)
+        return vote_reply(msg, bad)
     if kind == "absurd magnitude":
-        return vote_reply(msg, np.full(POOL, 1e9), 60)
+        return vote_reply(msg, np.full(POOL, 1e9))
     if kind == "missing votes record":
         return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
     if kind == "missing metrics record":
@@ -150,11 +152,11 @@ def malformed_reply(msg: Message, kind: str) -> Message:
     if kind == "missing votes array":
         content = RecordDict({P.VOTES: ArrayRecord({"scores": Array(good)}), P.METRICS: metrics})
         return Message(content=content, reply_to=msg)
-    if kind == "missing num-examples":
+    if kind == "missing epsilon-budget":
         content = RecordDict({P.VOTES: ArrayRecord({P.VOTES: Array(good)}), P.METRICS: MetricRecord({P.EPSILON_SPENT: 0.3})})
         return Message(content=content, reply_to=msg)
-    if kind == "negative num-examples":
-        return vote_reply(msg, good, num_examples=-3)
+    if kind == "negative epsilon-spent":
+        return vote_reply(msg, good, epsilon_spent=-0.1)
     raise AssertionError(kind)
 
 
@@ -162,7 +164,7 @@ def test_malformed_replies_are_dropped_with_a_reason(strategy, tmp_path):
     nodes = [11, *MALFORMED]
     messages = by_node(train_messages(strategy, 1, FakeGrid(nodes)))
     good = integer_votes(11)
-    replies = [vote_reply(messages[11], good, num_examples=60, partition_id=0)]
+    replies = [vote_reply(messages[11], good, partition_id=0)]
     replies += [malformed_reply(messages[node], kind) for node, (kind, _) in MALFORMED.items()]
 
     arrays, metrics = strategy.aggregate_train(1, replies)  # must not raise
@@ -195,27 +197,29 @@ def test_round_with_no_valid_reply_falls_back_and_does_not_crash(strategy, tmp_p
 def test_budget_refusal_is_recorded_in_the_site_record(tmp_path):
     s = build_strategy(small_config("feedback.rounds=3"), tmp_path)
     messages = by_node(train_messages(s, 1))
-    s.aggregate_train(1, [vote_reply(messages[n], integer_votes(n), 60, 0.4, i) for i, n in enumerate(NODES)])
+    s.aggregate_train(1, [vote_reply(messages[n], integer_votes(n), 0.4, i) for i, n in enumerate(NODES)])
 
     messages = by_node(train_messages(s, 2))
-    refusal = Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason="privacy budget exceeded: round 2"), reply_to=messages[12])
-    bad_request = Message(Error(code=P.ERROR_BAD_REQUEST, reason="ValueError: embedding dimensions differ"), reply_to=messages[13])
+    refusal = Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason=P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]), reply_to=messages[12])
+    bad_request = Message(Error(code=P.ERROR_BAD_REQUEST, reason="a site may send anything here"), reply_to=messages[13])
+    refused = f"{P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]} (code {P.ERROR_BUDGET_EXCEEDED})"
     assert refusal.metadata.src_node_id == 12 and refusal.has_error()
-    replies = [vote_reply(messages[11], integer_votes(1), 60, 0.8, 0), refusal, bad_request]
+    replies = [vote_reply(messages[11], integer_votes(1), 0.8, 0), refusal, bad_request]
 
     _, metrics = s.aggregate_train(2, replies)  # must not raise
 
     assert metrics["votes_received"] == 1 and metrics["dropped"] == 2
     dropped = {d["node"]: d for d in s.dropped}
-    assert dropped[12] == {"round": 2, "node": 12, "refused": True, "reason": "privacy budget exceeded: round 2"}
-    assert dropped[13]["refused"] is False and "embedding dimensions" in dropped[13]["reason"]
-    assert s.sites[12].refusals == ["round 2: privacy budget exceeded: round 2"]
+    assert dropped[12] == {"round": 2, "node": 12, "refused": True, "reason": refused}
+    # The server records the protocol's line for the code, never the text a site sent.
+    assert dropped[13]["refused"] is False and dropped[13]["reason"].startswith(P.ERROR_REASONS[P.ERROR_BAD_REQUEST])
+    assert s.sites[12].refusals == [f"round 2: {refused}"]
     assert s.sites[12].rounds_answered == 1 and s.sites[12].epsilon_spent == pytest.approx(0.4)
     assert s.sites[13].refusals == []  # a bad request is not a budget refusal
     assert s.sites[11].rounds_answered == 2 and s.sites[11].epsilon_spent == pytest.approx(0.8)
 
     summary = run_summary(s.cfg, s, tmp_path, 1.0)
-    assert summary["sites"]["1"]["refusals"] == ["round 2: privacy budget exceeded: round 2"]
+    assert summary["sites"]["1"]["refusals"] == [f"round 2: {refused}"]
     assert summary["sites"]["0"]["refusals"] == [] and summary["sites"]["2"]["refusals"] == []
     assert [d["node"] for d in summary["dropped_replies"] if d["refused"]] == [12]
     assert summary["epsilon_spent_max"] == pytest.approx(0.8)
@@ -232,13 +236,13 @@ def test_summary_keeps_every_refusing_site_apart(strategy, tmp_path):
 
 # ---------------------------------------------------------------------------------- central mode
 def test_central_mode_adds_the_noise_once_on_the_server(tmp_path):
-    s = build_strategy(small_config("privacy.mode=central"), tmp_path)
+    s = build_strategy(small_config("privacy.mode=central", "federation.max_site_images=100"), tmp_path)
     messages = by_node(train_messages(s, 1))
     assert messages[11].content.config_records[P.CONFIG]["privacy-mode"] == "central"
     votes = {n: integer_votes(n) for n in NODES}
     # Clean votes: the server validates them with zero noise slack.
     noisy = votes[13] + np.random.default_rng(1).normal(0.0, s.noise_multiplier, POOL)
-    replies = [vote_reply(messages[11], votes[11], 60), vote_reply(messages[12], votes[12], 60), vote_reply(messages[13], noisy * 3, 60)]
+    replies = [vote_reply(messages[11], votes[11]), vote_reply(messages[12], votes[12]), vote_reply(messages[13], noisy * 3)]
     _, metrics = s.aggregate_train(1, replies)
     assert metrics["votes_received"] == 2 and [d["node"] for d in s.dropped] == [13]
     assert metrics["aggregate_noise_std"] == pytest.approx(s.noise_multiplier)
@@ -257,7 +261,7 @@ def test_central_site_unit_normalises_each_site_vector(tmp_path):
     a[:2] = [3.0, 4.0]  # norm 5 -> scaled to norm 1
     b = np.zeros(POOL)
     b[5] = 0.5  # norm <= 1 -> kept
-    total, valid = s.collect_votes(1, [vote_reply(messages[11], a, 10), vote_reply(messages[12], b, 10)])
+    total, valid = s.collect_votes(1, [vote_reply(messages[11], a), vote_reply(messages[12], b)])
     assert valid == 2
     expected = np.zeros(POOL)
     expected[:2] = [0.6, 0.8]

@@ -4,18 +4,45 @@ A site's vote vector has L2 sensitivity ``sensitivity`` with respect to the priv
 (one private image, or one whole site when vote vectors are L2-normalised to 1). Adding
 N(0, (noise_multiplier * sensitivity)^2) to every coordinate is one Gaussian release with
 noise multiplier ``noise_multiplier``; :mod:`.accountant` composes those releases.
+
+Two rules protect the implementation, not just the mathematics:
+
+- The noise comes from the operating system's entropy (``os.urandom``) on every release, never
+  from a seedable generator: noise anyone can regenerate from a configured seed protects nothing.
+- Released values are snapped to the public grid :data:`RELEASE_GRID` (post-processing, so the
+  Gaussian guarantee is unchanged). Floating-point noise leaves input-dependent low-order bits
+  in its sum (Mironov 2012); a coarse grid removes them. See docs/privacy.md for what remains.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import ndtri
 
 from .accountant import PrivacyError, _check_int, _check_noise
 
 NOISE_MODES = ("local", "central")
+#: Released values are multiples of 1/RELEASE_GRID vote (a power of two: exact in float64).
+RELEASE_GRID = 16
+_UNIFORM_BITS = 53
+
+
+def os_entropy_normal(size: int | tuple[int, ...]) -> np.ndarray:
+    """Standard normal samples drawn from ``os.urandom``, by inverting the normal CDF at
+    53-bit uniforms on the open interval (0, 1). Not seedable, by design."""
+    count = int(np.prod(size))
+    words = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(64 - _UNIFORM_BITS)
+    uniform = (words.astype(np.float64) + 0.5) / float(2**_UNIFORM_BITS)
+    return ndtri(uniform).reshape(size)
+
+
+def snap(values: np.ndarray) -> np.ndarray:
+    """Round to the public release grid (multiples of 1 / RELEASE_GRID)."""
+    return np.round(np.asarray(values, dtype=np.float64) * RELEASE_GRID) / RELEASE_GRID
 
 
 def _check_sensitivity(sensitivity: float) -> float:
@@ -54,31 +81,23 @@ class GaussianMechanism:
         """Standard deviation of the added noise: ``noise_multiplier * sensitivity``."""
         return self.noise_multiplier * self.sensitivity
 
-    def apply(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Return a noised float64 copy of ``values``.
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Return a noised float64 copy of ``values``, snapped to the release grid.
 
         Parameters
         ----------
         values : np.ndarray
             Votes of any shape; not modified.
-        rng : np.random.Generator
-            Source of the noise. Pass a dedicated, unseeded (OS-entropy) generator in real
-            runs: noise that the server can reproduce from a known seed protects nothing.
 
         Returns
         -------
         np.ndarray
-            ``values + N(0, noise_std^2)`` iid per coordinate, dtype float64.
+            ``snap(values + N(0, noise_std^2))`` iid per coordinate, dtype float64, with the
+            noise read from the operating system's entropy.
         """
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(
-                f"rng must be a numpy.random.Generator (got {type(rng).__name__}); "
-                "create one with numpy.random.default_rng()"
-            )
-        # np.array (not asarray) so the result never aliases the caller's buffer.
         noised = np.array(values, dtype=np.float64, copy=True)
-        noised += rng.normal(0.0, self.noise_std, size=noised.shape)
-        return noised
+        noised += self.noise_std * os_entropy_normal(noised.shape)
+        return snap(noised)
 
 
 def aggregate_noise_std(

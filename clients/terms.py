@@ -1,0 +1,107 @@
+"""A site's privacy terms, read from its own node config: the trust root of a deployment.
+
+Nothing the server sends (the run config, a request) can raise a site's budget, change its
+delta, make it trust the server, allow clear evaluation or move its ledger. Only in a
+simulation, where one operator runs every site and Flower's simulation engine gives each node
+nothing but ``partition-id`` and ``num-partitions``, does the run config stand in for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from coautogen_fl.config import RunConfig
+from coautogen_fl.rundir import default_site_state_dir
+
+#: The node config Flower's simulation engine gives every simulated node, and nothing more.
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+#: The keys a site may set (others are refused, so a typo never silently weakens a term).
+SITE_NODE_KEYS = SIMULATION_NODE_KEYS | {
+    "data-path", "state-dir", "site-epsilon", "site-delta", "trust-server", "allow-clear-evaluation",
+}  # fmt: skip
+SITE_DEFAULT_DELTA = 1e-5
+#: A deployed site's ledger and key when its node config names no state-dir: fixed, per user.
+SITE_DEFAULT_STATE_DIR = Path("~/.local/state/coautogen-fl/site")
+
+
+class SiteTermsError(ValueError):
+    """The node config does not set the site's terms; the message names the key and the fix."""
+
+
+def _flag(value: Any, key: str) -> bool:
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", ""):
+        return False
+    raise SiteTermsError(f"node config {key}={value!r} is not a boolean; use {key}=true or {key}=false")
+
+
+def _number(node_config: Mapping[str, Any], key: str, default: float | None) -> float:
+    if key not in node_config:
+        if default is None:
+            raise SiteTermsError(
+                f"this site's node config sets no privacy budget: add {key}=<epsilon> to the SuperNode's "
+                "--node-config (e.g. site-epsilon=1.0); the site refuses to vote until it does"
+            )
+        return default
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError):
+        raise SiteTermsError(f"node config {key}={node_config[key]!r} is not a number") from None
+    if not value > 0:
+        raise SiteTermsError(f"node config {key}={value!r} must be > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class SiteTerms:
+    """What a site agrees to.
+
+    Attributes
+    ----------
+    epsilon_budget : float
+        Its total budget over all runs (``site-epsilon``; required in a deployment).
+    delta : float
+        The delta its ledger measures spending at (``site-delta``, default 1e-5).
+    trusts_server : bool
+        Whether it sends clean votes when a run asks for central mode (``trust-server``,
+        default false).
+    allow_clear_evaluation : bool
+        Whether it releases its test accuracy without noise (``allow-clear-evaluation``,
+        default false).
+    state_dir : Path
+        Where its ledger and secret key live (``state-dir``, default
+        ``~/.local/state/coautogen-fl/site``: the same for every run).
+    operator_run : bool
+        True in a simulation, where the run config stood in for all of the above.
+    """
+
+    epsilon_budget: float
+    delta: float
+    trusts_server: bool
+    allow_clear_evaluation: bool
+    state_dir: Path
+    operator_run: bool
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: RunConfig, run_id: int | str, partition_id: int) -> "SiteTerms":
+        """The site's terms: from its node config, or from the run config in a simulation."""
+        unknown = sorted(set(node_config) - SITE_NODE_KEYS)
+        if unknown:
+            raise SiteTermsError(f"unknown node config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(SITE_NODE_KEYS))}")
+        if set(node_config) <= SIMULATION_NODE_KEYS:
+            p = cfg.privacy
+            return cls(p.epsilon, p.delta, p.mode == "central", p.evaluation == "clear",
+                       default_site_state_dir(cfg, run_id, partition_id), operator_run=True)  # fmt: skip
+        state_dir = Path(str(node_config.get("state-dir") or SITE_DEFAULT_STATE_DIR)).expanduser()
+        return cls(
+            epsilon_budget=_number(node_config, "site-epsilon", None),
+            delta=_number(node_config, "site-delta", SITE_DEFAULT_DELTA),
+            trusts_server=_flag(node_config.get("trust-server", False), "trust-server"),
+            allow_clear_evaluation=_flag(node_config.get("allow-clear-evaluation", False), "allow-clear-evaluation"),
+            state_dir=state_dir,
+            operator_run=False,
+        )
