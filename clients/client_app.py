@@ -25,8 +25,9 @@ from coautogen_fl.privacy.site_key import SiteKeyError
 from .site import Site
 from .terms import SiteTermsError
 from .wire import from_content, to_content
+from .wire_log import wire_log_mods
 
-app = ClientApp()
+app = ClientApp(mods=wire_log_mods())
 _SITES: dict[tuple, Site] = {}  # one per (run, node) in this process: data embedded once
 
 # Which error code each failure gets; anything else is a bad request.

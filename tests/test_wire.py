@@ -1,0 +1,122 @@
+"""The wire check of issue 8: a Flower client mod (clients/wire_log.py) records every reply the
+sites send during whole simulated runs, in local and in central mode, and every field is checked
+against the declaration in coautogen_fl/protocol.py: a release the site's ledger charged, or a
+public value that the test recomputes from public inputs alone (node config, the request, the
+noise multipliers charged). Anything undeclared fails the check.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+import pytest
+from flwr.app import ArrayRecord, MessageType
+from flwr.clientapp import ClientApp
+
+from clients import client_app
+from clients.wire_log import make_wire_log_mod
+from coautogen_fl import protocol as P
+from coautogen_fl.privacy import PrivacyLedger, epsilon_for_noise
+from strategies.server_app import build_strategy
+from strategy_helpers import InProcessGrid, small_config
+from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+
+class WireGrid(InProcessGrid):
+    """Delivers each Message through a ClientApp carrying the wire-log mod and the real handlers."""
+
+    def __init__(self, cfg, tmp_path, log_path) -> None:
+        super().__init__(cfg, tmp_path)
+        self.app = ClientApp(mods=[make_wire_log_mod(str(log_path))])
+        self.app.train()(client_app.train)
+        self.app.evaluate()(client_app.evaluate)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[str], Counter]:
+    """Every field of every logged reply that is not declared, or whose public value is not the
+    one public inputs give; and the number of charged releases per site."""
+    problems, charged, sigmas = [], Counter(), defaultdict(list)
+    for i, entry in enumerate(entries):
+        node = entry["node_config"]
+        site = node["partition-id"]
+        if "error" in entry:
+            code, reason = entry["error"]["code"], entry["error"]["reason"]
+            if P.ERROR_REASONS.get(code) != reason:
+                problems.append(f"reply {i}: error reason {reason!r} is not the generic line of code {code}")
+            continue
+        kind = "train" if entry["message_type"] == MessageType.TRAIN else "evaluate"
+        fields = {(rec, key) for rec, values in entry["arrays"].items() for key in values}
+        fields |= {(rec, key) for rec, values in entry["metrics"].items() for key in values}
+        fields |= {(rec, key) for rec, values in entry["configs"].items() for key in values}
+        declared = {(f.record, f.key): f for f in P.SITE_REPLY_FIELDS[kind]}
+        problems += [f"reply {i} ({kind}): undeclared field {f}" for f in sorted(fields - set(declared))]
+        problems += [f"reply {i} ({kind}): declared field {f} missing" for f in sorted(set(declared) - fields)]
+        if any(declared[f].release == P.Release.CHARGED for f in fields & set(declared)):
+            charged[site] += 1
+            sigmas[site].append(noise_multiplier)
+        metrics = entry["metrics"].get(P.METRICS, {})
+        public = {  # what each public field must be, from public inputs alone
+            P.PARTITION_ID: int(site),
+            P.EPSILON_BUDGET: float(node["site-epsilon"]),
+            P.NOISE_MULTIPLIER: noise_multiplier,
+            P.EPSILON_SPENT: epsilon_for_noise(sigmas[site], float(node["site-delta"])) if sigmas[site] else 0.0,
+        }
+        for key, value in metrics.items():
+            field = declared.get((P.METRICS, key))
+            if field is not None and field.release == P.Release.PUBLIC and value != pytest.approx(public[key], rel=1e-9):
+                problems.append(f"reply {i}: public {key}={value} is not {public[key]} (public inputs)")
+    return problems, charged
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_every_field_of_a_whole_run_is_charged_or_public(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(client_app, "_SITES", {})
+    log_path = tmp_path / "wire.jsonl"
+    cfg = small_config(f"privacy.mode={mode}")
+    s = build_strategy(cfg, tmp_path / "run")
+    grid = WireGrid(cfg, tmp_path, log_path)
+    s.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    types = Counter(e["message_type"] for e in entries)
+    assert types == {MessageType.TRAIN: 3 * cfg.feedback.rounds, MessageType.EVALUATE: 3}  # every reply recorded
+    assert not any("error" in e for e in entries)
+    problems, charged = wire_problems(entries, s.noise_multiplier)
+    assert problems == []
+    # Each charged release is exactly one ledger entry: two vote rounds and the noised evaluation.
+    for i in range(3):
+        ledger = PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta)
+        assert charged[str(i)] == len(ledger.entries) == cfg.feedback.rounds + 1
+        assert [e.round for e in ledger.entries] == [1, 2, 3]
+    if mode == "local":  # noised at the site, on the public grid
+        votes = [v for e in entries if "votes" in e["arrays"] for v in e["arrays"]["votes"]["votes"]["values"]]
+        assert all(v * 16 == round(v * 16) for v in votes) and any(v != round(v) for v in votes)
+
+
+def test_the_wire_check_flags_what_the_old_replies_carried(tmp_path):
+    """The check has teeth: a reply with the site's size (what sites used to send) or a
+    detailed error reason fails it."""
+    node = {"partition-id": "0", "site-epsilon": "1.0", "site-delta": "1e-05"}
+    old = {"node_config": node, "message_type": MessageType.TRAIN, "configs": {},
+           "arrays": {P.VOTES: {P.VOTES: {"values": [1.0]}}},
+           "metrics": {P.METRICS: {P.EPSILON_SPENT: 0.5, P.EPSILON_BUDGET: 1.0, P.PARTITION_ID: 0,
+                                   P.NOISE_MULTIPLIER: 2.0, "num-examples": 101}}}  # fmt: skip
+    detailed = {"node_config": node, "message_type": MessageType.TRAIN,
+                "error": {"code": P.ERROR_NO_DATA, "reason": "cannot read image /data/site0/3/x.png"}}  # fmt: skip
+    problems, _ = wire_problems([old, detailed], noise_multiplier=2.0)
+    assert any("undeclared field ('metrics', 'num-examples')" in p for p in problems)
+    assert any("error reason" in p for p in problems)
+    assert any("public epsilon-spent" in p for p in problems)  # 0.5 is not what sigma 2 costs
+
+
+def test_wire_log_mod_is_installed_from_the_environment(monkeypatch, tmp_path):
+    from clients.wire_log import WIRE_LOG_ENV, wire_log_mods
+
+    monkeypatch.delenv(WIRE_LOG_ENV, raising=False)
+    assert wire_log_mods() == []
+    monkeypatch.setenv(WIRE_LOG_ENV, str(tmp_path / "w.jsonl"))
+    assert len(wire_log_mods()) == 1
