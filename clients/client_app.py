@@ -36,8 +36,19 @@ _ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...],
     (SiteTermsError, P.ERROR_SITE_TERMS),
     ((DataError, SiteKeyError), P.ERROR_NO_DATA),
 )
-_HANDLED = (BudgetExceededError, LedgerCorruptError, SiteTermsError, SiteKeyError, DataError,
-            P.ReplyError, KeyError, ValueError, TypeError, RuntimeError, PrivacyError)  # fmt: skip
+_HANDLED = (
+    BudgetExceededError,
+    LedgerCorruptError,
+    SiteTermsError,
+    SiteKeyError,
+    DataError,
+    P.ReplyError,
+    KeyError,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    PrivacyError,
+)
 
 
 def get_site(context: Context) -> Site:

@@ -44,7 +44,9 @@ class Site:
         self.cfg = cfg
         self.partition_id = int(node_config.get("partition-id", 0))
         self.terms = SiteTerms.from_node_config(node_config, cfg, run_id, self.partition_id)
-        self.ledger = PrivacyLedger(self.terms.state_dir / "privacy_ledger.json", self.terms.epsilon_budget, self.terms.delta)
+        self.ledger = PrivacyLedger(
+            self.terms.state_dir / "privacy_ledger.json", self.terms.epsilon_budget, self.terms.delta
+        )
         self.data = self._load_data(cfg, node_config, site_secret(self.terms.state_dir))
         self.embedder = build_embedder(cfg.embedder, resolve_device(cfg.device, cfg.device_id))
         self.embeddings = self.embedder.embed(self.data.train.images) if len(self.data.train) else np.zeros((0, 1))
@@ -65,11 +67,17 @@ class Site:
         mode, unit = request.privacy_mode, request.privacy_unit
         if mode not in ("local", "central") or unit not in ("image", "site"):
             # Never guess: an unknown mode could mean "release clean votes".
-            raise PrivacyError(f"privacy-mode {mode!r} / privacy-unit {unit!r} not understood; expected local|central and image|site")
+            raise PrivacyError(
+                f"privacy-mode {mode!r} / privacy-unit {unit!r} not understood; expected local|central and image|site"
+            )
         if mode == "central" and not self.terms.trusts_server:
-            raise PrivacyError("the server asked for central mode (clean votes) but this site does not trust it (node config trust-server)")
+            raise PrivacyError(
+                "the server asked for central mode (clean votes) but this site does not trust it (node config trust-server)"
+            )
         rater = build_rater(request.rater, request.k)
-        votes = rater.score(self.embeddings, self.data.train.labels, request.embeddings.astype(np.float32), request.labels)
+        votes = rater.score(
+            self.embeddings, self.data.train.labels, request.embeddings.astype(np.float32), request.labels
+        )
         if unit == "site":
             votes = normalise_site_vector(votes)
         sigma = request.noise_multiplier
@@ -80,15 +88,28 @@ class Site:
             votes = mechanism.apply(votes)
         return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma)
 
-    def release_accuracy(self, correct: int, count: int, sigma: float, round: int, run_id: str = "") -> P.EvaluationReply:
+    def release_accuracy(
+        self, correct: int, count: int, sigma: float, round: int, run_id: str = ""
+    ) -> P.EvaluationReply:
         """The evaluation release: both counts noised (L2 sensitivity sqrt 2) and charged first,
         or, when ``sigma`` is 0 and only if the site's terms allow it, exact with the accuracy."""
         if sigma <= 0:
             if not self.terms.allow_clear_evaluation:
-                raise PrivacyError("the server asked for a clear evaluation, which this site's node config does not allow (allow-clear-evaluation)")
+                raise PrivacyError(
+                    "the server asked for a clear evaluation, which this site's node config does not allow (allow-clear-evaluation)"
+                )
             accuracy = correct / count if count else 0.0
-            return P.EvaluationReply(float(correct), float(count), self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, accuracy)
+            return P.EvaluationReply(
+                float(correct),
+                float(count),
+                self.ledger.spent_epsilon(),
+                self.terms.epsilon_budget,
+                self.partition_id,
+                accuracy,
+            )
         mechanism = GaussianMechanism(sigma, EVALUATION_SENSITIVITY)
         spent = self.ledger.charge(sigma, round=round, run_id=run_id)
         noised = mechanism.apply(np.array([correct, count], dtype=np.float64))
-        return P.EvaluationReply(float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id)
+        return P.EvaluationReply(
+            float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id
+        )

@@ -19,8 +19,13 @@ from coautogen_fl.rundir import default_site_state_dir
 SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 #: The keys a site may set (others are refused, so a typo never silently weakens a term).
 SITE_NODE_KEYS = SIMULATION_NODE_KEYS | {
-    "data-path", "state-dir", "site-epsilon", "site-delta", "trust-server", "allow-clear-evaluation",
-}  # fmt: skip
+    "data-path",
+    "state-dir",
+    "site-epsilon",
+    "site-delta",
+    "trust-server",
+    "allow-clear-evaluation",
+}
 SITE_DEFAULT_DELTA = 1e-5
 #: A deployed site's ledger and key when its node config names no state-dir: fixed, per user.
 SITE_DEFAULT_STATE_DIR = Path("~/.local/state/coautogen-fl/site")
@@ -87,15 +92,25 @@ class SiteTerms:
     operator_run: bool
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], cfg: RunConfig, run_id: int | str, partition_id: int) -> "SiteTerms":
+    def from_node_config(
+        cls, node_config: Mapping[str, Any], cfg: RunConfig, run_id: int | str, partition_id: int
+    ) -> "SiteTerms":
         """The site's terms: from its node config, or from the run config in a simulation."""
         unknown = sorted(set(node_config) - SITE_NODE_KEYS)
         if unknown:
-            raise SiteTermsError(f"unknown node config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(SITE_NODE_KEYS))}")
+            raise SiteTermsError(
+                f"unknown node config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(SITE_NODE_KEYS))}"
+            )
         if set(node_config) <= SIMULATION_NODE_KEYS:
             p = cfg.privacy
-            return cls(p.epsilon, p.delta, p.mode == "central", p.evaluation == "clear",
-                       default_site_state_dir(cfg, run_id, partition_id), operator_run=True)  # fmt: skip
+            return cls(
+                p.epsilon,
+                p.delta,
+                p.mode == "central",
+                p.evaluation == "clear",
+                default_site_state_dir(cfg, run_id, partition_id),
+                operator_run=True,
+            )
         state_dir = Path(str(node_config.get("state-dir") or SITE_DEFAULT_STATE_DIR)).expanduser()
         return cls(
             epsilon_budget=_number(node_config, "site-epsilon", None),

@@ -11,7 +11,10 @@ from coautogen_fl.protocol import WireParts
 
 def to_content(parts: WireParts) -> RecordDict:
     """The RecordDict of a typed record's parts."""
-    records: dict = {name: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}) for name, arrays in parts.arrays.items()}
+    records: dict = {
+        name: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        for name, arrays in parts.arrays.items()
+    }
     records.update({name: ConfigRecord(dict(values)) for name, values in parts.configs.items()})
     records.update({name: MetricRecord(dict(values)) for name, values in parts.metrics.items()})
     return RecordDict(records)
@@ -20,7 +23,10 @@ def to_content(parts: WireParts) -> RecordDict:
 def from_content(content: RecordDict) -> WireParts:
     """The parts of a received RecordDict (arrays as numpy)."""
     return WireParts(
-        arrays={name: {k: np.asarray(a.numpy()) for k, a in record.items()} for name, record in content.array_records.items()},
+        arrays={
+            name: {k: np.asarray(a.numpy()) for k, a in record.items()}
+            for name, record in content.array_records.items()
+        },
         configs={name: dict(record) for name, record in content.config_records.items()},
         metrics={name: dict(record) for name, record in content.metric_records.items()},
     )

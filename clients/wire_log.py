@@ -27,7 +27,10 @@ def reply_fields(reply: Message) -> dict[str, Any]:
         return entry
     content = reply.content
     entry["arrays"] = {
-        name: {k: {"dtype": str(a.numpy().dtype), "shape": list(a.numpy().shape), "values": a.numpy().tolist()} for k, a in rec.items()}
+        name: {
+            k: {"dtype": str(a.numpy().dtype), "shape": list(a.numpy().shape), "values": a.numpy().tolist()}
+            for k, a in rec.items()
+        }
         for name, rec in content.array_records.items()
     }
     entry["metrics"] = {name: dict(rec) for name, rec in content.metric_records.items()}

@@ -143,9 +143,13 @@ class VoteRequest:
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
-            ROUND: int(self.round), RATER: self.rater, K: int(self.k), NOISE_MULTIPLIER: float(self.noise_multiplier),
-            PRIVACY_MODE: self.privacy_mode, PRIVACY_UNIT: self.privacy_unit,
-        }  # fmt: skip
+            ROUND: int(self.round),
+            RATER: self.rater,
+            K: int(self.k),
+            NOISE_MULTIPLIER: float(self.noise_multiplier),
+            PRIVACY_MODE: self.privacy_mode,
+            PRIVACY_UNIT: self.privacy_unit,
+        }
         arrays = {EMBEDDINGS: np.asarray(self.embeddings), LABELS: np.asarray(self.labels, dtype=np.int64)}
         return WireParts(arrays={CANDIDATES: arrays}, configs={CONFIG: config})
 
@@ -157,11 +161,15 @@ class VoteRequest:
         if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
             raise ReplyError(f"{what}: embeddings {embeddings.shape} and labels {labels.shape} do not match")
         return cls(
-            round=_get(config, ROUND, int, what), rater=_get(config, RATER, str, what), k=_get(config, K, int, what),
+            round=_get(config, ROUND, int, what),
+            rater=_get(config, RATER, str, what),
+            k=_get(config, K, int, what),
             noise_multiplier=_get(config, NOISE_MULTIPLIER, float, what),
-            privacy_mode=_get(config, PRIVACY_MODE, str, what), privacy_unit=_get(config, PRIVACY_UNIT, str, what),
-            embeddings=embeddings, labels=labels.astype(np.int64),
-        )  # fmt: skip
+            privacy_mode=_get(config, PRIVACY_MODE, str, what),
+            privacy_unit=_get(config, PRIVACY_UNIT, str, what),
+            embeddings=embeddings,
+            labels=labels.astype(np.int64),
+        )
 
 
 @dataclass(frozen=True)
@@ -176,9 +184,11 @@ class VoteReply:
 
     def to_parts(self) -> WireParts:
         metrics = {
-            EPSILON_SPENT: float(self.epsilon_spent), EPSILON_BUDGET: float(self.epsilon_budget),
-            PARTITION_ID: int(self.partition_id), NOISE_MULTIPLIER: float(self.noise_multiplier),
-        }  # fmt: skip
+            EPSILON_SPENT: float(self.epsilon_spent),
+            EPSILON_BUDGET: float(self.epsilon_budget),
+            PARTITION_ID: int(self.partition_id),
+            NOISE_MULTIPLIER: float(self.noise_multiplier),
+        }
         return WireParts(arrays={VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}, metrics={METRICS: metrics})
 
     @classmethod
@@ -213,9 +223,13 @@ class EvaluationRequest:
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
-            ROUND: int(self.round), MODEL: self.model, NUM_CLASSES: int(self.num_classes), CHANNELS: int(self.channels),
-            IMAGE_SIZE: int(self.image_size), EVALUATION_NOISE: float(self.noise_multiplier),
-        }  # fmt: skip
+            ROUND: int(self.round),
+            MODEL: self.model,
+            NUM_CLASSES: int(self.num_classes),
+            CHANNELS: int(self.channels),
+            IMAGE_SIZE: int(self.image_size),
+            EVALUATION_NOISE: float(self.noise_multiplier),
+        }
         return WireParts(arrays={WEIGHTS: dict(self.weights)}, configs={CONFIG: config})
 
     @classmethod
@@ -224,11 +238,14 @@ class EvaluationRequest:
         if WEIGHTS not in parts.arrays:
             raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
         return cls(
-            round=_get(config, ROUND, int, what), model=_get(config, MODEL, str, what),
-            num_classes=_get(config, NUM_CLASSES, int, what), channels=_get(config, CHANNELS, int, what),
-            image_size=_get(config, IMAGE_SIZE, int, what), noise_multiplier=_get(config, EVALUATION_NOISE, float, what),
+            round=_get(config, ROUND, int, what),
+            model=_get(config, MODEL, str, what),
+            num_classes=_get(config, NUM_CLASSES, int, what),
+            channels=_get(config, CHANNELS, int, what),
+            image_size=_get(config, IMAGE_SIZE, int, what),
+            noise_multiplier=_get(config, EVALUATION_NOISE, float, what),
             weights=dict(parts.arrays[WEIGHTS]),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -245,9 +262,12 @@ class EvaluationReply:
 
     def to_parts(self) -> WireParts:
         metrics: dict[str, Union[int, float]] = {
-            CORRECT: float(self.correct), NUM_EXAMPLES: float(self.count), EPSILON_SPENT: float(self.epsilon_spent),
-            EPSILON_BUDGET: float(self.epsilon_budget), PARTITION_ID: int(self.partition_id),
-        }  # fmt: skip
+            CORRECT: float(self.correct),
+            NUM_EXAMPLES: float(self.count),
+            EPSILON_SPENT: float(self.epsilon_spent),
+            EPSILON_BUDGET: float(self.epsilon_budget),
+            PARTITION_ID: int(self.partition_id),
+        }
         if self.accuracy is not None:
             metrics[ACCURACY] = float(self.accuracy)
         return WireParts(metrics={METRICS: metrics})
@@ -257,11 +277,13 @@ class EvaluationReply:
         what, metrics = "evaluation reply", parts.metrics.get(METRICS)
         accuracy = _get(metrics, ACCURACY, float, what) if metrics is not None and ACCURACY in metrics else None
         return cls(
-            correct=_get(metrics, CORRECT, float, what), count=_get(metrics, NUM_EXAMPLES, float, what),
+            correct=_get(metrics, CORRECT, float, what),
+            count=_get(metrics, NUM_EXAMPLES, float, what),
             epsilon_spent=_finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
             epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
-            partition_id=_get(metrics, PARTITION_ID, int, what), accuracy=accuracy,
-        )  # fmt: skip
+            partition_id=_get(metrics, PARTITION_ID, int, what),
+            accuracy=accuracy,
+        )
 
 
 def validate_votes(votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float) -> None:

@@ -154,7 +154,7 @@ class FederationConfig:
     timeout_s: float = 600.0
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
-    max_site_images: int = 0  # public bound on one site's private images (rejects implausible votes); 0 = the server's pool
+    max_site_images: int = 100_000  # public bound on one site's private images (rejects implausible votes); 0 = none
 
 
 @dataclass

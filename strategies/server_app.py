@@ -50,8 +50,7 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
     sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
-    max_site_images = cfg.federation.max_site_images or len(pool)  # public: never a site's report
-    return CoAutoGenStrategy(cfg, evolution, final, sigma, max_site_images)
+    return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
 
 
 def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall_time_s: float) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class CoAutoGenStrategy(Strategy):
         The per-round noise multiplier calibrated for the run's (epsilon, delta); 0 for Gen.
     max_site_images : int
         A public bound on the private images of one site, used only to reject implausible
-        vote replies (sites never send their size).
+        vote replies (sites never send their size); 0 = no bound.
     """
 
     def __init__(self, cfg: RunConfig, evolution: Evolution, final_stage: FinalStage, noise_multiplier: float, max_site_images: int) -> None:
@@ -121,7 +121,7 @@ class CoAutoGenStrategy(Strategy):
 
     def _parse_vote_reply(self, msg: Message, noise_std: float) -> P.VoteReply:
         reply = P.VoteReply.from_parts(from_content(msg.content))
-        max_clean = self.max_site_images * np.sqrt(self.cfg.feedback.k)
+        max_clean = self.max_site_images * np.sqrt(self.cfg.feedback.k) if self.max_site_images else np.inf
         P.validate_votes(reply.votes, len(self.evolution.pool), noise_std, max_clean)
         return reply
 

@@ -29,7 +29,12 @@ from coautogen_fl.privacy import noise_multiplier_for_epsilon
 from strategies.server_app import build_strategy
 from strategy_helpers import FakeGrid, integer_votes, small_config, train_messages, vote_reply
 
-SMALL = ["feedback.rounds=2", "feedback.candidates_per_label=3", "feedback.volume_per_label=5", "federation.num_hospitals=3"]
+SMALL = [
+    "feedback.rounds=2",
+    "feedback.candidates_per_label=3",
+    "feedback.volume_per_label=5",
+    "federation.num_hospitals=3",
+]
 ATTACK = ["privacy.mode=central", "privacy.epsilon=50", "privacy.delta=0.2"]
 
 
@@ -46,8 +51,16 @@ def run_config(*overrides: str) -> dict:
 
 
 def deployed_site(tmp_path: Path, run_overrides=(), **node) -> Context:
-    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "site"), "site-epsilon": 1.0, **node}
-    return Context(run_id=9, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config(*run_overrides))
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 3,
+        "state-dir": str(tmp_path / "site"),
+        "site-epsilon": 1.0,
+        **node,
+    }
+    return Context(
+        run_id=9, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config(*run_overrides)
+    )
 
 
 def request_from(strategy, tmp_path) -> Message:
@@ -61,7 +74,12 @@ def test_a_malicious_run_config_cannot_set_a_deployed_sites_terms(tmp_path):
     overrides = [*ATTACK, f"tracking.run_dir={attacker_dir}"]
     context = deployed_site(tmp_path, overrides)
     terms = SiteTerms.from_node_config(context.node_config, load_config(overrides=overrides), 9, 0)
-    assert (terms.epsilon_budget, terms.delta, terms.trusts_server, terms.allow_clear_evaluation) == (1.0, SITE_DEFAULT_DELTA, False, False)
+    assert (terms.epsilon_budget, terms.delta, terms.trusts_server, terms.allow_clear_evaluation) == (
+        1.0,
+        SITE_DEFAULT_DELTA,
+        False,
+        False,
+    )
     assert terms.state_dir == tmp_path / "site" and not terms.operator_run
 
     server = build_strategy(small_config(*overrides), tmp_path / "server")
@@ -77,8 +95,13 @@ def test_a_malicious_run_config_cannot_set_a_deployed_sites_terms(tmp_path):
 
 
 def test_a_deployed_site_without_a_budget_refuses_naming_site_epsilon(tmp_path):
-    context = Context(run_id=9, node_id=5, node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "s")},
-                      state=RecordDict(), run_config=run_config())  # fmt: skip
+    context = Context(
+        run_id=9,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "s")},
+        state=RecordDict(),
+        run_config=run_config(),
+    )
     with pytest.raises(SiteTermsError, match="site-epsilon"):
         SiteTerms.from_node_config(context.node_config, load_config(), 9, 0)
     reply = client_app.train(request_from(build_strategy(small_config(), tmp_path / "srv"), tmp_path), context)
@@ -102,11 +125,14 @@ def test_in_a_simulation_the_run_config_stands_in(tmp_path):
     assert terms.allow_clear_evaluation and terms.state_dir == tmp_path / "sites" / "site-1"
 
 
-@pytest.mark.parametrize("node, fragment", [
-    ({"site-epsilom": 1.0}, "unknown node config key(s) site-epsilom"),
-    ({"site-epsilon": -1}, "site-epsilon=-1.0 must be > 0"),
-    ({"site-epsilon": 1, "trust-server": "maybe"}, "trust-server='maybe' is not a boolean"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "node, fragment",
+    [
+        ({"site-epsilom": 1.0}, "unknown node config key(s) site-epsilom"),
+        ({"site-epsilon": -1}, "site-epsilon=-1.0 must be > 0"),
+        ({"site-epsilon": 1, "trust-server": "maybe"}, "trust-server='maybe' is not a boolean"),
+    ],
+)
 def test_node_config_mistakes_are_named(node, fragment):
     with pytest.raises(SiteTermsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         SiteTerms.from_node_config({"partition-id": 0, **node}, load_config(), 1, 0)
@@ -130,7 +156,9 @@ def test_the_evaluation_oracle_meets_noised_charged_releases(tmp_path):
     answered, refused = [], 0
     for label in range(10):
         request = P.EvaluationRequest(3, "cnn", 10, 1, 28, sigma, constant_predictor(label))
-        reply = client_app.evaluate(Message(content=to_content(request.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context)
+        reply = client_app.evaluate(
+            Message(content=to_content(request.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context
+        )
         if reply.has_error():
             assert reply.error.code == P.ERROR_BUDGET_EXCEEDED
             refused += 1
@@ -145,7 +173,9 @@ def test_the_evaluation_oracle_meets_noised_charged_releases(tmp_path):
     assert not np.array_equal(got, exact) and np.all(np.abs(got - exact) < 8 * sigma * np.sqrt(2))
     # A clear request is not an uncharged way around it.
     clear = P.EvaluationRequest(3, "cnn", 10, 1, 28, 0.0, constant_predictor(0))
-    reply = client_app.evaluate(Message(content=to_content(clear.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context)
+    reply = client_app.evaluate(
+        Message(content=to_content(clear.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context
+    )
     assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
 
 

@@ -67,7 +67,11 @@ def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[st
         }
         for key, value in metrics.items():
             field = declared.get((P.METRICS, key))
-            if field is not None and field.release == P.Release.PUBLIC and value != pytest.approx(public[key], rel=1e-9):
+            if (
+                field is not None
+                and field.release == P.Release.PUBLIC
+                and value != pytest.approx(public[key], rel=1e-9)
+            ):
                 problems.append(f"reply {i}: public {key}={value} is not {public[key]} (public inputs)")
     return problems, charged
 
@@ -101,12 +105,26 @@ def test_the_wire_check_flags_what_the_old_replies_carried(tmp_path):
     """The check has teeth: a reply with the site's size (what sites used to send) or a
     detailed error reason fails it."""
     node = {"partition-id": "0", "site-epsilon": "1.0", "site-delta": "1e-05"}
-    old = {"node_config": node, "message_type": MessageType.TRAIN, "configs": {},
-           "arrays": {P.VOTES: {P.VOTES: {"values": [1.0]}}},
-           "metrics": {P.METRICS: {P.EPSILON_SPENT: 0.5, P.EPSILON_BUDGET: 1.0, P.PARTITION_ID: 0,
-                                   P.NOISE_MULTIPLIER: 2.0, "num-examples": 101}}}  # fmt: skip
-    detailed = {"node_config": node, "message_type": MessageType.TRAIN,
-                "error": {"code": P.ERROR_NO_DATA, "reason": "cannot read image /data/site0/3/x.png"}}  # fmt: skip
+    old = {
+        "node_config": node,
+        "message_type": MessageType.TRAIN,
+        "configs": {},
+        "arrays": {P.VOTES: {P.VOTES: {"values": [1.0]}}},
+        "metrics": {
+            P.METRICS: {
+                P.EPSILON_SPENT: 0.5,
+                P.EPSILON_BUDGET: 1.0,
+                P.PARTITION_ID: 0,
+                P.NOISE_MULTIPLIER: 2.0,
+                "num-examples": 101,
+            }
+        },
+    }
+    detailed = {
+        "node_config": node,
+        "message_type": MessageType.TRAIN,
+        "error": {"code": P.ERROR_NO_DATA, "reason": "cannot read image /data/site0/3/x.png"},
+    }
     problems, _ = wire_problems([old, detailed], noise_multiplier=2.0)
     assert any("undeclared field ('metrics', 'num-examples')" in p for p in problems)
     assert any("error reason" in p for p in problems)
