@@ -45,12 +45,16 @@ def vote_histogram(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1 (got {k})")
+    votes = np.zeros(candidate_labels.shape[0], dtype=np.float64)
+    if private_embeddings.shape[0] == 0:
+        # No voters (every image a site-test image): zero votes, like any other site, so that
+        # whether a site answers never depends on its data.
+        return votes
     if private_embeddings.shape[1:] != candidate_embeddings.shape[1:]:
         raise ValueError(
             f"embedding dimensions differ: private {private_embeddings.shape[1:]} vs candidates "
             f"{candidate_embeddings.shape[1:]}; the site and the server must use the same embedder"
         )
-    votes = np.zeros(candidate_labels.shape[0], dtype=np.float64)
     for label in np.unique(private_labels):
         members = np.flatnonzero(candidate_labels == label)
         if members.size == 0:

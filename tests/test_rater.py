@@ -163,3 +163,10 @@ def test_pe_rater_scores_like_vote_histogram_and_build_rater():
     )
     with pytest.raises(ValueError, match="unknown rater 'DPSGD'; choose one of PE"):
         build_rater("DPSGD")
+
+
+def test_a_site_without_voters_votes_zeros():
+    """Every image a site-test image: zero votes, not an error, so whether a site answers does
+    not depend on its data (one added voter must not turn an error into a vote reply)."""
+    votes = vote_histogram(np.zeros((0, 1)), np.zeros(0, dtype=np.int64), np.ones((4, 196)), np.arange(4) % 2)
+    np.testing.assert_array_equal(votes, np.zeros(4))
