@@ -34,12 +34,14 @@ _SITES: dict[tuple, Site] = {}  # one per (run, node) in this process: data embe
 _ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     ((BudgetExceededError, LedgerCorruptError), P.ERROR_BUDGET_EXCEEDED),  # cannot prove budget left: release nothing
     (SiteTermsError, P.ERROR_SITE_TERMS),
+    (P.SiteRefusal, P.ERROR_NOT_ALLOWED),
     ((DataError, SiteKeyError), P.ERROR_NO_DATA),
 )
 _HANDLED = (
     BudgetExceededError,
     LedgerCorruptError,
     SiteTermsError,
+    P.SiteRefusal,
     SiteKeyError,
     DataError,
     P.ReplyError,

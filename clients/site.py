@@ -71,7 +71,7 @@ class Site:
                 f"privacy-mode {mode!r} / privacy-unit {unit!r} not understood; expected local|central and image|site"
             )
         if mode == "central" and not self.terms.trusts_server:
-            raise PrivacyError(
+            raise P.SiteRefusal(
                 "the server asked for central mode (clean votes) but this site does not trust it (node config trust-server)"
             )
         rater = build_rater(request.rater, request.k)
@@ -95,7 +95,7 @@ class Site:
         or, when ``sigma`` is 0 and only if the site's terms allow it, exact with the accuracy."""
         if sigma <= 0:
             if not self.terms.allow_clear_evaluation:
-                raise PrivacyError(
+                raise P.SiteRefusal(
                     "the server asked for a clear evaluation, which this site's node config does not allow (allow-clear-evaluation)"
                 )
             accuracy = correct / count if count else 0.0

@@ -63,7 +63,8 @@ def add_privacy_parser(subparsers: Any) -> None:
     target.add_argument("--noise", type=float, metavar="S",
                         help="noise multiplier per round (noise std / vote sensitivity); prints the epsilon spent")
     parser.add_argument("--delta", type=float, default=1e-5, help="total delta, 0 < delta < 1 (default: 1e-5)")
-    parser.add_argument("--rounds", type=int, default=1, help="vote releases, i.e. feedback rounds (default: 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="releases: the feedback rounds, plus 1 for the noised federated evaluation "
+                        "(privacy.evaluation=noised, the default: feedback.rounds=2 makes 3) (default: 1)")
     parser.add_argument("--mode", choices=NOISE_MODES, help="who adds the noise (needs --sites)")
     parser.add_argument("--sites", type=int, metavar="K", help="sites whose votes are summed (needs --mode)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")

@@ -139,11 +139,12 @@ class CoAutoGenStrategy(Strategy):
         if refused:
             self._site(msg).refusals.append(f"round {server_round}: {reason}")
 
-    def _site_error(self, server_round: int, msg: Message) -> None:
-        """Record an error reply: its code and the generic line the protocol gives it."""
+    def _site_error(self, server_round: int, msg: Message, what: str = "") -> None:
+        """Record an error reply: its code and the generic line the protocol gives it (never the
+        text the site sent); a refusal on the site's own terms also goes to the site's record."""
         code = int(msg.error.code)
         reason = P.ERROR_REASONS.get(code, "error reply with an unknown code")
-        self._drop(server_round, msg, f"{reason} (code {code})", refused=code in (P.ERROR_BUDGET_EXCEEDED, P.ERROR_SITE_TERMS))
+        self._drop(server_round, msg, f"{what}{reason} (code {code})", refused=code in P.REFUSAL_CODES)
 
     def noise_aggregate(self, votes: np.ndarray) -> np.ndarray:
         """Central mode: the Gaussian noise the server adds once to the summed clean votes,
@@ -221,8 +222,8 @@ class CoAutoGenStrategy(Strategy):
             metrics["filter"] = dict(filter_stats["total"])
         log(
             INFO,
-            "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max) %.4f of %.4g",
-            server_round, self.rounds, valid, sent, outcome.kept, metrics["epsilon_spent_max"], self.cfg.privacy.epsilon,
+            "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max, as the sites report) %.4f",
+            server_round, self.rounds, valid, sent, outcome.kept, metrics["epsilon_spent_max"],
         )
         return metrics
 
@@ -250,11 +251,15 @@ class CoAutoGenStrategy(Strategy):
         """
         correct, count = 0.0, 0.0
         noised = self.cfg.privacy.evaluation == "noised"
+        release = server_round + 1 if noised else server_round  # the round a site's ledger records
         for msg in replies:
+            if msg.has_error():
+                self._site_error(release, msg, what="evaluation: ")
+                continue
             try:
                 c, n = self._parse_evaluation(msg, noised)
             except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
-                self._drop(server_round, msg, f"evaluation: {exc}")
+                self._drop(release, msg, f"evaluation: {exc}")
                 continue
             correct += c
             count += n
@@ -266,11 +271,6 @@ class CoAutoGenStrategy(Strategy):
 
     def _parse_evaluation(self, msg: Message, noised: bool) -> tuple[float, float]:
         """(correct, count) of one evaluation reply; raises ReplyError when unusable."""
-        if msg.has_error():
-            code = int(msg.error.code)
-            if code in (P.ERROR_BUDGET_EXCEEDED, P.ERROR_SITE_TERMS):
-                self._site(msg).refusals.append(f"evaluation: {P.ERROR_REASONS[code]}")
-            raise P.ReplyError(P.ERROR_REASONS.get(code, f"error reply with code {code}"))
         reply = P.EvaluationReply.from_parts(from_content(msg.content))
         site = self._site(msg, reply.partition_id)  # names a site that refused every vote
         site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)

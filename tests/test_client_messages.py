@@ -320,7 +320,7 @@ def test_clear_evaluation_needs_the_sites_consent(tmp_path):
     model = state_dict_to_numpy(build_classifier("cnn", NUM_CLASSES, 1, 28))
     for _ in range(3):
         reply = client_app.evaluate(evaluate_request(model), context)
-        assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
+        assert reply.has_error() and reply.error.code == P.ERROR_NOT_ALLOWED
     assert not ledger_path(context).exists()
 
 

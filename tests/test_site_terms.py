@@ -84,7 +84,7 @@ def test_a_malicious_run_config_cannot_set_a_deployed_sites_terms(tmp_path):
 
     server = build_strategy(small_config(*overrides), tmp_path / "server")
     central = client_app.train(request_from(server, tmp_path), context)
-    assert central.has_error() and central.error.code == P.ERROR_BAD_REQUEST  # no clean votes to an untrusted server
+    assert central.has_error() and central.error.code == P.ERROR_NOT_ALLOWED  # no clean votes to an untrusted server
     # The same server asking for local votes at its epsilon-50 noise: far past the site's budget.
     local = build_strategy(small_config("privacy.epsilon=50", "privacy.delta=0.2"), tmp_path / "server2")
     refused = client_app.train(request_from(local, tmp_path), context)
@@ -176,7 +176,7 @@ def test_the_evaluation_oracle_meets_noised_charged_releases(tmp_path):
     reply = client_app.evaluate(
         Message(content=to_content(clear.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context
     )
-    assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
+    assert reply.has_error() and reply.error.code == P.ERROR_NOT_ALLOWED
 
 
 # ------------------------------------------------------------------ finding 3: seeded central noise

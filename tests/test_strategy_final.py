@@ -213,3 +213,16 @@ def test_feedback_run_with_a_diffusers_generator(tmp_path, monkeypatch, tiny_pip
     assert genotype["mode"] == ("i2i" if task_mode == "I2I" else "t2i")
     assert len(list((tmp_path / "run" / "synthetic").rglob("*.png"))) == 5 * NUM_CLASSES
     assert 0.0 <= s.federated_accuracy <= 1.0
+
+
+def test_refused_evaluation_is_recorded_at_its_release(strategy):
+    """A site declining the noised evaluation (release T + 1 in its ledger) is a refusal, named
+    with the protocol's line for its code; a site refusing clean votes for lack of trust, too."""
+    m = evaluate_messages([11, 12])
+    replies = [Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason="anything"), reply_to=m[11]),
+               Message(Error(code=P.ERROR_NOT_ALLOWED, reason="anything"), reply_to=m[12])]
+    assert strategy.aggregate_evaluate(2, replies) is None
+    line = f"evaluation: {P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]} (code {P.ERROR_BUDGET_EXCEEDED})"
+    assert strategy.dropped[0] == {"round": 3, "node": 11, "refused": True, "reason": line}
+    assert strategy.sites[11].refusals == [f"round 3: {line}"]
+    assert strategy.dropped[1]["refused"] is True and strategy.sites[12].refusals[0].startswith("round 3: evaluation: refused")
