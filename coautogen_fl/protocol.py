@@ -58,29 +58,30 @@ class WireField:
     meaning: str
 
 
+#: What every reply of a site carries besides its release: public bookkeeping.
+_SITE_BOOKKEEPING = (
+    WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon after this release"),
+    WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
+    WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+)
+
 #: Every field a site may send, by message type. Nothing else leaves a site.
 SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
     "train": (
         WireField(VOTES, VOTES, Release.CHARGED, "vote per candidate (float64 on the 1/16 grid)"),
-        WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon after this release"),
-        WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
-        WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+        *_SITE_BOOKKEEPING,
     ),
     "evaluate": (
         WireField(METRICS, CORRECT, Release.CHARGED, "correctly classified site-test images, noised"),
         WireField(METRICS, NUM_EXAMPLES, Release.CHARGED, "site-test images, noised"),
-        WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon after this release"),
-        WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
-        WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+        *_SITE_BOOKKEEPING,
     ),
     "evaluate-clear": (
         WireField(METRICS, CORRECT, Release.CONSENTED, "correctly classified site-test images"),
         WireField(METRICS, NUM_EXAMPLES, Release.CONSENTED, "site-test images"),
         WireField(METRICS, ACCURACY, Release.CONSENTED, "accuracy on the site-test images"),
-        WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon so far"),
-        WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
-        WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+        *_SITE_BOOKKEEPING,
     ),
 }
 
