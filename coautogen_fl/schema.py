@@ -154,6 +154,7 @@ class FederationConfig:
     timeout_s: float = 600.0
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
+    min_sites: int = 0  # valid vote replies a round needs, else the run stops (non-zero); 0 = more than half the sampled
     max_site_images: int = 100_000  # public bound on one site's private images (rejects implausible votes); 0 = none
 
 

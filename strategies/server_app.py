@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker
 
 from .outcome import FinalStage
-from .strategy import CoAutoGenStrategy
+from .strategy import CoAutoGenStrategy, RoundFailed, SiteRecord
 
 app = ServerApp()
 
@@ -53,13 +53,29 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
 
 
-def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall_time_s: float) -> dict[str, Any]:
-    """The summary.json of a run."""
-    sites = {
-        s.name: {"epsilon_spent": s.epsilon_spent, "epsilon_budget": s.epsilon_budget, "rounds_answered": s.rounds_answered, "refusals": s.refusals}
-        for s in sorted(strategy.sites.values(), key=lambda s: (s.partition_id < 0, s.partition_id, s.node_id))
-    }
+def site_entry(site: SiteRecord) -> dict[str, Any]:
+    """One site in summary.json: who it is, what became of each request, its own budget and spend."""
     return {
+        "partition_id": site.partition_id if site.partition_id >= 0 else None,
+        "node_id": site.node_id,
+        "status": site.status,
+        "rounds_answered": site.rounds_answered,
+        "epsilon_budget": site.epsilon_budget,
+        "epsilon_spent": site.epsilon_spent,
+        "refusals": site.refusals,
+        "failures": site.failures,
+    }
+
+
+def run_summary(
+    cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall_time_s: float, failure: str | None = None
+) -> dict[str, Any]:
+    """The summary.json of a run; ``failure`` is the one-line reason of a run that stopped."""
+    ordered = sorted(strategy.sites.values(), key=lambda s: (s.partition_id < 0, s.partition_id, s.node_id))
+    sites = {s.name: site_entry(s) for s in ordered}
+    return {
+        "status": "failed" if failure else "completed",
+        "reason": failure,
         "framework": cfg.feedback.framework,
         "rater": cfg.feedback.rater,
         "generator": cfg.generator.name,
@@ -73,7 +89,8 @@ def run_summary(cfg: RunConfig, strategy: CoAutoGenStrategy, run_dir: Path, wall
         "epsilon_spent_max": max((s["epsilon_spent"] for s in sites.values()), default=0.0),
         "sites": sites,
         "rounds": strategy.rounds if strategy.is_feedback else 0,
-        "num_hospitals": cfg.federation.num_hospitals,
+        "num_hospitals": sum(1 for s in ordered if s.rounds_answered),  # sites that took part
+        "num_hospitals_planned": strategy.planned_sites or cfg.federation.num_hospitals,
         "num_synthetic": strategy.final.num_synthetic,
         "accuracy_real_test": strategy.final.accuracy_real_test,
         "accuracy_federated": strategy.federated_accuracy,
@@ -91,9 +108,11 @@ def spend_lines(summary: dict[str, Any]) -> list[str]:
     """One human-readable privacy line per site, against the budget the site itself reported."""
     unit = "per-image" if summary["privacy_unit"] == "image" else "per-site"
     return [
-        f"site {pid}: epsilon {s['epsilon_spent']:.3f} of {_budget(s)}, delta {summary['delta']:g}, "
-        f"{s['rounds_answered']} rounds, {unit}" + (f", refused {len(s['refusals'])}" if s["refusals"] else "")
-        for pid, s in summary["sites"].items()
+        f"site {name} (node {s['node_id']}): {s['status']}, epsilon {s['epsilon_spent']:.3f} of {_budget(s)}, "
+        f"delta {summary['delta']:g}, {s['rounds_answered']} rounds, {unit}"
+        + (f", refused {len(s['refusals'])}" if s["refusals"] else "")
+        + (f", failed {len(s['failures'])}" if s["failures"] else "")
+        for name, s in summary["sites"].items()
     ]
 
 
@@ -107,8 +126,13 @@ def main(grid: Grid, context: Context) -> None:
     save_config(cfg, run_dir / "config.yaml")
     log(INFO, "coautogen-fl run directory: %s", run_dir)
     strategy = build_strategy(cfg, run_dir)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=cfg.federation.timeout_s)
-    summary = run_summary(cfg, strategy, run_dir, time.time() - started)
+    failure = None
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=cfg.federation.timeout_s)
+    except RoundFailed as exc:
+        failure = str(exc)
+        log(ERROR, "coautogen-fl run stopped: %s", failure)
+    summary = run_summary(cfg, strategy, run_dir, time.time() - started, failure)
     if save_prompt_pool(strategy.evolution.generator, str(run_dir)):
         log(INFO, "prompt pool written to %s", run_dir / "prompts.json")
     strategy.final.tracker.write_summary(summary)
@@ -117,3 +141,6 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, line)
     log(INFO, "accuracy_real_test %s, accuracy_federated %s", summary["accuracy_real_test"], summary["accuracy_federated"])
     log(INFO, "summary written to %s", run_dir / "summary.json")
+    if failure:
+        # Flower marks the run failed; `coautogen run` prints the reason and exits non-zero.
+        raise RoundFailed(failure)

@@ -32,9 +32,14 @@ from clients.wire import from_content, to_content
 from .outcome import FinalStage
 
 
+class RoundFailed(RuntimeError):
+    """Too few sites sent valid votes for a round to carry private signal; the run stops."""
+
+
 @dataclass
 class SiteRecord:
-    """What the server knows of one site: its partition id, its own budget and reported spend."""
+    """What the server knows of one site: its partition id, its own budget and reported spend,
+    and what became of every request it was sent."""
 
     partition_id: int
     node_id: int = 0
@@ -42,11 +47,19 @@ class SiteRecord:
     epsilon_budget: float | None = None
     rounds_answered: int = 0
     refusals: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         """The partition id once the site has said it; its node id until then."""
         return str(self.partition_id) if self.partition_id >= 0 else f"node-{self.node_id}"
+
+    @property
+    def status(self) -> str:
+        """answered (at least one round), else refused (on its own terms), failed, or not asked."""
+        if self.rounds_answered:
+            return "answered"
+        return "refused" if self.refusals else "failed" if self.failures else "not asked"
 
 
 class CoAutoGenStrategy(Strategy):
@@ -79,6 +92,8 @@ class CoAutoGenStrategy(Strategy):
         self.sites: dict[int, SiteRecord] = {}
         self.dropped: list[dict[str, Any]] = []
         self.federated_accuracy: float | None = None
+        self.planned_sites = 0  # the nodes the federation had when the run asked
+        self.sampled: dict[int, list[int]] = {}  # round -> nodes asked
         self._node_rng = random.Random(cfg.generator.seed)
         self._round_start = time.time()
 
@@ -116,6 +131,10 @@ class CoAutoGenStrategy(Strategy):
         embeddings, labels = self.evolution.payload()
         content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())
         nodes = self._sample_nodes(grid)
+        self.planned_sites = max(self.planned_sites, len(grid.get_node_ids()))
+        self.sampled[server_round] = nodes
+        for node in nodes:  # every site asked is named in the summary, also if it never answers
+            self.sites.setdefault(node, SiteRecord(-1, node))
         log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
         return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
@@ -135,9 +154,25 @@ class CoAutoGenStrategy(Strategy):
     def _drop(self, server_round: int, msg: Message, reason: str, refused: bool = False) -> None:
         node = msg.metadata.src_node_id
         log(WARNING, "round %d: %s reply of node %d: %s", server_round, "refused" if refused else "dropped", node, reason)
-        self.dropped.append({"round": server_round, "node": node, "refused": refused, "reason": reason})
-        if refused:
-            self._site(msg).refusals.append(f"round {server_round}: {reason}")
+        site = self._site(msg)
+        self.dropped.append({"round": server_round, "node": node, "site": site.name, "refused": refused, "reason": reason})
+        (site.refusals if refused else site.failures).append(f"round {server_round}: {reason}")
+
+    def _record_missing(self, server_round: int, replies: list[Message]) -> None:
+        """Sites asked in this round that sent nothing back (lost, killed, timed out)."""
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in self.sampled.get(server_round, []):
+            if node not in answered:
+                site = self.sites.setdefault(node, SiteRecord(-1, node))
+                reason = "no reply (the node was lost, stopped or timed out)"
+                log(WARNING, "round %d: node %d (site %s): %s", server_round, node, site.name, reason)
+                self.dropped.append({"round": server_round, "node": node, "site": site.name, "refused": False, "reason": reason})
+                site.failures.append(f"round {server_round}: {reason}")
+
+    def min_sites(self, server_round: int) -> int:
+        """Valid vote replies a round needs: ``federation.min_sites``, or more than half of the
+        sites asked."""
+        return self.cfg.federation.min_sites or len(self.sampled.get(server_round, [])) // 2 + 1
 
     def _site_error(self, server_round: int, msg: Message, what: str = "") -> None:
         """Record an error reply: its code and the generic line the protocol gives it (never the
@@ -184,12 +219,17 @@ class CoAutoGenStrategy(Strategy):
             final = self.evolution.random_population(self.cfg.feedback.volume_per_label)
             return self.final.finish(final, server_round), MetricRecord({"num-synthetic": len(final)})
         votes, valid = self.collect_votes(server_round, replies)
+        self._record_missing(server_round, replies)
+        if valid < self.min_sites(server_round):
+            # Re-asking would charge the sites that did answer a second time: stop instead.
+            raise RoundFailed(
+                f"round {server_round}: valid votes from {valid} of {len(self.sampled.get(server_round, []))} sites, fewer "
+                f"than the {self.min_sites(server_round)} the run needs (federation.min_sites); nothing more was asked "
+                "of any site. summary.json names each site and why it did not count"
+            )
         noise_std = aggregate_noise_std(self.noise_multiplier, self.sensitivity, max(valid, 1), self.cfg.privacy.mode)
         if self.cfg.privacy.mode == "central" and valid:
             votes = self.noise_aggregate(votes)
-        if valid == 0:
-            log(WARNING, "round %d: no valid vote reply; every class falls back to uniform parents", server_round)
-            votes = np.zeros_like(votes)
         per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label
         outcome = self.evolution.advance(server_round, votes, noise_std, per_label)
         self.final.store.write_round(server_round, outcome.voted)

@@ -223,6 +223,6 @@ def test_refused_evaluation_is_recorded_at_its_release(strategy):
                Message(Error(code=P.ERROR_NOT_ALLOWED, reason="anything"), reply_to=m[12])]
     assert strategy.aggregate_evaluate(2, replies) is None
     line = f"evaluation: {P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]} (code {P.ERROR_BUDGET_EXCEEDED})"
-    assert strategy.dropped[0] == {"round": 3, "node": 11, "refused": True, "reason": line}
+    assert strategy.dropped[0] == {"round": 3, "node": 11, "site": "node-11", "refused": True, "reason": line}
     assert strategy.sites[11].refusals == [f"round 3: {line}"]
     assert strategy.dropped[1]["refused"] is True and strategy.sites[12].refusals[0].startswith("round 3: evaluation: refused")

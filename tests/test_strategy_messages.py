@@ -18,6 +18,7 @@ from coautogen_fl.privacy import noise_multiplier_for_epsilon
 from coautogen_fl.store import read_index
 from coautogen_fl.tracking import read_metrics
 from strategies.server_app import build_strategy, run_summary
+from strategies.strategy import RoundFailed
 
 from strategy_helpers import NODES, NUM_CLASSES, POOL, DIM, FakeGrid, small_config, vote_reply, train_messages, by_node, integer_votes
 from strategy_helpers import strategy, task_identity  # noqa: F401  (pytest fixtures, used by name)
@@ -160,7 +161,8 @@ def malformed_reply(msg: Message, kind: str) -> Message:
     raise AssertionError(kind)
 
 
-def test_malformed_replies_are_dropped_with_a_reason(strategy, tmp_path):
+def test_malformed_replies_are_dropped_with_a_reason(tmp_path):
+    strategy = build_strategy(small_config("federation.min_sites=1"), tmp_path)  # one valid reply is enough here
     nodes = [11, *MALFORMED]
     messages = by_node(train_messages(strategy, 1, FakeGrid(nodes)))
     good = integer_votes(11)
@@ -179,23 +181,42 @@ def test_malformed_replies_are_dropped_with_a_reason(strategy, tmp_path):
         assert fragment in dropped[node]["reason"], (kind, dropped[node]["reason"])
     # Only the valid reply was summed; dropped sites are not counted as answering.
     np.testing.assert_allclose([e["votes"] for e in read_index(tmp_path / "rounds" / "round_001")], good)
-    assert set(strategy.sites) == {11}
+    assert {n for n, site in strategy.sites.items() if site.rounds_answered} == {11}
+    assert all(strategy.sites[n].status == "failed" for n in MALFORMED)
 
 
-def test_round_with_no_valid_reply_falls_back_and_does_not_crash(strategy, tmp_path):
+@pytest.mark.parametrize("valid", [0, 1])
+def test_a_round_without_enough_valid_votes_stops_the_run(strategy, tmp_path, valid):
+    """Issue 9: fewer valid vote replies than federation.min_sites (default: more than half of
+    the sites asked) stops the run with a one-line reason; no round without private signal is
+    stored or evolved from, and no site is asked again."""
     messages = by_node(train_messages(strategy, 1))
-    replies = [malformed_reply(messages[n], "nan") for n in NODES]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert arrays is None and metrics["votes_received"] == 0 and metrics["dropped"] == 3
-    assert read_metrics(tmp_path)[0]["fallback_labels"] == list(range(NUM_CLASSES))
-    index = read_index(tmp_path / "rounds" / "round_001")
-    assert [e["votes"] for e in index] == [0.0] * POOL
-    assert len(strategy.evolution.pool) == POOL  # uniform parents, the next round can go on
-    assert len(train_messages(strategy, 2)) == 3
+    replies = [vote_reply(messages[n], integer_votes(n)) if i < valid else malformed_reply(messages[n], "nan")
+               for i, n in enumerate(NODES)]
+    with pytest.raises(RoundFailed, match=rf"round 1: valid votes from {valid} of 3 sites, fewer than the 2 the run needs"):
+        strategy.aggregate_train(1, replies)
+    assert not (tmp_path / "rounds").exists() and read_metrics(tmp_path) == []
+    summary = run_summary(strategy.cfg, strategy, tmp_path, 1.0, failure="round 1: ...")
+    assert summary["status"] == "failed" and summary["num_hospitals"] == valid and summary["num_hospitals_planned"] == 3
+    assert sorted(site["status"] for site in summary["sites"].values()) == sorted(["answered"] * valid + ["failed"] * (3 - valid))
+
+
+def test_a_site_that_sends_nothing_is_named_in_the_summary(tmp_path):
+    """A site killed mid-round sends no reply: it is a failure of that site, by node id."""
+    s = build_strategy(small_config("federation.min_sites=2"), tmp_path)
+    messages = by_node(train_messages(s, 1))
+    s.aggregate_train(1, [vote_reply(messages[11], integer_votes(1), 0.5, 0), vote_reply(messages[12], integer_votes(2), 0.5, 1)])
+    summary = run_summary(s.cfg, s, tmp_path, 1.0)
+    lost = summary["sites"]["node-13"]
+    assert lost["status"] == "failed" and lost["node_id"] == 13 and lost["partition_id"] is None
+    assert lost["failures"] == ["round 1: no reply (the node was lost, stopped or timed out)"]
+    assert summary["dropped_replies"] == [{"round": 1, "node": 13, "site": "node-13", "refused": False,
+                                           "reason": "no reply (the node was lost, stopped or timed out)"}]
+    assert summary["num_hospitals"] == 2 and summary["sites"]["0"]["status"] == "answered"
 
 
 def test_budget_refusal_is_recorded_in_the_site_record(tmp_path):
-    s = build_strategy(small_config("feedback.rounds=3"), tmp_path)
+    s = build_strategy(small_config("feedback.rounds=3", "federation.min_sites=1"), tmp_path)
     messages = by_node(train_messages(s, 1))
     s.aggregate_train(1, [vote_reply(messages[n], integer_votes(n), 0.4, i) for i, n in enumerate(NODES)])
 
@@ -210,12 +231,12 @@ def test_budget_refusal_is_recorded_in_the_site_record(tmp_path):
 
     assert metrics["votes_received"] == 1 and metrics["dropped"] == 2
     dropped = {d["node"]: d for d in s.dropped}
-    assert dropped[12] == {"round": 2, "node": 12, "refused": True, "reason": refused}
+    assert dropped[12] == {"round": 2, "node": 12, "site": "1", "refused": True, "reason": refused}
     # The server records the protocol's line for the code, never the text a site sent.
     assert dropped[13]["refused"] is False and dropped[13]["reason"].startswith(P.ERROR_REASONS[P.ERROR_BAD_REQUEST])
     assert s.sites[12].refusals == [f"round 2: {refused}"]
     assert s.sites[12].rounds_answered == 1 and s.sites[12].epsilon_spent == pytest.approx(0.4)
-    assert s.sites[13].refusals == []  # a bad request is not a budget refusal
+    assert s.sites[13].refusals == [] and len(s.sites[13].failures) == 1  # a bad request is not a refusal
     assert s.sites[11].rounds_answered == 2 and s.sites[11].epsilon_spent == pytest.approx(0.8)
 
     summary = run_summary(s.cfg, s, tmp_path, 1.0)
@@ -228,10 +249,11 @@ def test_budget_refusal_is_recorded_in_the_site_record(tmp_path):
 def test_summary_keeps_every_refusing_site_apart(strategy, tmp_path):
     messages = by_node(train_messages(strategy, 1))
     replies = [Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason=f"site {n} refuses"), reply_to=messages[n]) for n in NODES]
-    strategy.aggregate_train(1, replies)
+    with pytest.raises(RoundFailed):  # nobody answered: no private signal, no "completed" run
+        strategy.aggregate_train(1, replies)
     assert len(strategy.sites) == 3
-    summary = run_summary(strategy.cfg, strategy, tmp_path, 1.0)
-    assert len(summary["sites"]) == 3
+    summary = run_summary(strategy.cfg, strategy, tmp_path, 1.0, failure="round 1")
+    assert len(summary["sites"]) == 3 and {s["status"] for s in summary["sites"].values()} == {"refused"}
 
 
 # ---------------------------------------------------------------------------------- central mode
