@@ -9,7 +9,8 @@ go to the site's own log only.
 from __future__ import annotations
 
 import traceback
-from logging import WARNING
+from collections.abc import Iterator
+from logging import ERROR, WARNING
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -23,18 +24,20 @@ from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, Privac
 from coautogen_fl.privacy.site_key import SiteKeyError
 
 from .site import Site
-from .terms import SiteTermsError
+from .terms import DataPathError, SiteTermsError
 from .wire import from_content, to_content
 from .wire_log import wire_log_mods
 
 app = ClientApp(mods=wire_log_mods())
 _SITES: dict[tuple, Site] = {}  # one per (run, node) in this process: data embedded once
+_START_FAILURES: dict[tuple, Exception] = {}  # why the site of the message being handled could not start
 
 # Which error code each failure gets; anything else is a bad request.
 _ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     ((BudgetExceededError, LedgerCorruptError), P.ERROR_BUDGET_EXCEEDED),  # cannot prove budget left: release nothing
     (SiteTermsError, P.ERROR_SITE_TERMS),
     (P.SiteRefusal, P.ERROR_NOT_ALLOWED),
+    (DataPathError, P.ERROR_DATA_PATH),  # before DataError, its base
     ((DataError, SiteKeyError), P.ERROR_NO_DATA),
 )
 _HANDLED = (
@@ -53,18 +56,44 @@ _HANDLED = (
 )
 
 
+def _site_key(context: Context) -> tuple:
+    return (context.run_id, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
+
+
 def get_site(context: Context) -> Site:
     """The cached site of this run and node (built on first use)."""
-    key = (context.run_id, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
+    key = _site_key(context)
+    if key in _START_FAILURES:
+        raise _START_FAILURES[key]  # it failed at start-up: the handler answers with its code
     if key not in _SITES:
         _SITES[key] = Site(config_from_run_config(context.run_config), context.node_config, context.run_id)
     return _SITES[key]
 
 
+@app.lifespan()
+def start_site(context: Context) -> Iterator[None]:
+    """Start-up, before a message is handled: build this node's site (node config, data folder,
+    embeddings). A site that cannot start (e.g. its data-path is not set, not found or empty)
+    fails here; the handler then answers with the error code, because an exception leaving the
+    ClientApp would carry its text (paths and all) to the server."""
+    key = _site_key(context)
+    try:
+        get_site(context)
+    except Exception as exc:  # noqa: BLE001  (kept for the handler, which raises it again)
+        _START_FAILURES[key] = exc
+    try:
+        yield
+    finally:
+        _START_FAILURES.pop(key, None)
+
+
 def error_reply(msg: Message, exc: BaseException) -> Message:
     """An error reply with the code for ``exc`` and its generic line; details stay in this log."""
     code = next((c for kinds, c in _ERROR_CODES if isinstance(exc, kinds)), P.ERROR_BAD_REQUEST)
-    log(WARNING, "site reply error %d: %s: %s\n%s", code, exc.__class__.__name__, exc, traceback.format_exc(limit=3))
+    if isinstance(exc, DataPathError):  # the operator's configuration: one line naming the key
+        log(ERROR, "site cannot start (reply: error %d): %s", code, exc)
+    else:
+        log(WARNING, "site reply error %d: %s: %s\n%s", code, exc.__class__.__name__, exc, traceback.format_exc(limit=3))
     return Message(Error(code=code, reason=P.ERROR_REASONS[code]), reply_to=msg)
 
 

@@ -5,23 +5,54 @@ data partition (roles keyed by its secret), the embeddings of its voters, and it
 from __future__ import annotations
 
 import math
+from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from flwr.common import log
 
 from coautogen_fl import protocol as P
 from coautogen_fl.config import RunConfig
-from coautogen_fl.data import SitePartition, load_pool_and_test, load_site_from_folder, site_partition
+from coautogen_fl.data import (
+    DataFolderError,
+    FolderReport,
+    ImageSet,
+    SitePartition,
+    load_image_folder,
+    load_pool_and_test,
+    site_partition,
+    split_site,
+)
 from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.privacy.site_key import site_secret
 from coautogen_fl.rater import build_rater, normalise_site_vector, vote_sensitivity
 
-from .terms import SiteTerms
+from .terms import DATA_PATH_KEY, DataPathError, SiteTerms, site_data_path
 
 #: One site-test image moves both the correct count and the test count by 1.
 EVALUATION_SENSITIVITY = math.sqrt(2.0)
+#: Shared folders (a simulation's data.name) whose report this process has logged already.
+_REPORTED_FOLDERS: set[Path] = set()
+
+
+def log_data_report(report: FolderReport | None, source: str) -> None:
+    """The data check, in one log record: every unreadable file skipped, every class with fewer
+    than 2 images, stray and nested files. For the site's operator only: none of it leaves the
+    site, and the site votes as usual (whether one class is small depends on the data)."""
+    if report is None:
+        return
+    lines = report.lines()
+    total = sum(report.class_counts.values())
+    head = f"data check of {source}={report.root}: {total} readable images in {len(report.class_counts)} classes"
+    if report.problems():
+        log(WARNING, "%s; the site votes as usual, but fix the folder:\n  %s", head, "\n  ".join(lines))
+    elif lines:
+        log(INFO, "%s\n  %s", head, "\n  ".join(lines))
+    else:
+        log(INFO, "%s", head)
 
 
 class Site:
@@ -44,18 +75,39 @@ class Site:
         self.cfg = cfg
         self.partition_id = int(node_config.get("partition-id", 0))
         self.terms = SiteTerms.from_node_config(node_config, cfg, run_id, self.partition_id)
+        folder = site_data_path(node_config, self.terms.operator_run)
+        # The folder is loaded before the ledger and the secret key are touched: a site whose
+        # data-path is missing or empty fails here, at start-up.
+        images = self._load_folder(folder, cfg) if folder is not None else None
         self.ledger = PrivacyLedger(
             self.terms.state_dir / "privacy_ledger.json", self.terms.epsilon_budget, self.terms.delta
         )
-        self.data = self._load_data(cfg, node_config, site_secret(self.terms.state_dir))
+        self.data = self._load_data(cfg, node_config, images, site_secret(self.terms.state_dir))
         self.embedder = build_embedder(cfg.embedder, resolve_device(cfg.device, cfg.device_id))
         self.embeddings = self.embedder.embed(self.data.train.images) if len(self.data.train) else np.zeros((0, 1))
 
-    def _load_data(self, cfg: RunConfig, node_config: Mapping[str, Any], key: bytes) -> SitePartition:
-        if node_config.get("data-path"):
-            return load_site_from_folder(str(node_config["data-path"]), cfg.data, self.partition_id, key)
+    @staticmethod
+    def _load_folder(folder: Path, cfg: RunConfig) -> ImageSet:
+        """The site's own ImageFolder, its data check logged once (this site is built once per process)."""
+        try:
+            images = load_image_folder(folder, cfg.data.image_size, cfg.data.channels, cfg.data.on_bad_image, DATA_PATH_KEY)
+        except DataFolderError as exc:
+            raise DataPathError(str(exc)) from None
+        log_data_report(images.report, DATA_PATH_KEY)
+        return images
+
+    def _load_data(
+        self, cfg: RunConfig, node_config: Mapping[str, Any], images: ImageSet | None, key: bytes
+    ) -> SitePartition:
+        if images is not None:
+            site = split_site(images, cfg.data, key, self.partition_id)
+            site.report = images.report
+            return site
         num_partitions = int(node_config.get("num-partitions", cfg.federation.num_hospitals))
         pool, _ = load_pool_and_test(cfg.data)
+        if pool.report is not None and pool.report.root not in _REPORTED_FOLDERS:
+            _REPORTED_FOLDERS.add(pool.report.root)  # one shared folder: logged once per process
+            log_data_report(pool.report, "data.name")
         return site_partition(pool, self.partition_id, num_partitions, cfg.data, key)
 
     def vote(self, request: P.VoteRequest, run_id: str = "") -> P.VoteReply:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from coautogen_fl.config import RunConfig
+from coautogen_fl.data import DataFolderError
 from coautogen_fl.rundir import default_site_state_dir
 
 #: The node config Flower's simulation engine gives every simulated node, and nothing more.
@@ -33,6 +34,38 @@ SITE_DEFAULT_STATE_DIR = Path("~/.local/state/coautogen-fl/site")
 
 class SiteTermsError(ValueError):
     """The node config does not set the site's terms; the message names the key and the fix."""
+
+
+class DataPathError(DataFolderError):
+    """A deployed site's ``data-path`` is missing, empty, or names no ImageFolder with images: a
+    configuration error of its operator, reported in one line naming the node config key (the
+    server only sees ``protocol.ERROR_DATA_PATH``)."""
+
+
+#: How a site's node config names its ImageFolder (in the messages of :class:`DataPathError`).
+DATA_PATH_KEY = "node config data-path"
+_DATA_PATH_FIX = 'set data-path="/abs/path/to/ImageFolder" (laid out as <class_name>/*.png) in the SuperNode\'s --node-config'
+
+
+def site_data_path(node_config: Mapping[str, Any], operator_run: bool) -> Path | None:
+    """The site's ImageFolder (node config ``data-path``), or None for a share of the bundled
+    data (``partition-id`` and ``num-partitions``; in a simulation, the run's ``data.name``).
+
+    Raises :class:`DataPathError` when ``data-path`` is set but empty, or when a deployed site
+    names neither a ``data-path`` nor a partition: it would otherwise vote with data it does
+    not hold. Whether the folder exists and holds images is checked when it is loaded.
+    """
+    if "data-path" in node_config:
+        text = str(node_config["data-path"]).strip()
+        if not text:
+            raise DataPathError(f"node config data-path is empty; {_DATA_PATH_FIX}")
+        return Path(text).expanduser()
+    if not operator_run and "num-partitions" not in node_config:
+        raise DataPathError(
+            f"node config sets no data-path; {_DATA_PATH_FIX} "
+            "(or partition-id and num-partitions for a share of the bundled digits)"
+        )
+    return None
 
 
 def _flag(value: Any, key: str) -> bool:

@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("cpu", "cuda", "auto"),
     "data.channels": (1, 3),
     "data.partitioner": ("iid", "dirichlet"),
+    "data.on_bad_image": ("skip", "error"),
     "feedback.framework": ("Gen", "GenLLM", "Feedback"),
     "feedback.rater": ("PE",),
     "feedback.selection": ("sample", "rank"),

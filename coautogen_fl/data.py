@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,10 +19,83 @@ from PIL import Image, UnidentifiedImageError
 from .config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: What ``data.on_bad_image`` may say: skip an unreadable file (it is then not an image of the
+#: site) or refuse to load the folder.
+ON_BAD_IMAGE = ("skip", "error")
+#: What Pillow raises for a file it cannot decode (corrupt, truncated, a decompression bomb).
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
     """The private data cannot be loaded or split; the message names the fix."""
+
+
+class DataFolderError(DataError):
+    """The data folder itself is missing, empty or not an ImageFolder: a configuration error of
+    the operator (a layout problem, not a property of any one image). The message is one line
+    and names the config key that points at the folder."""
+
+
+@dataclass
+class FolderReport:
+    """What loading an ImageFolder found besides the images: for the operator's eyes only (the
+    site's own log, the simulation preflight), never for the wire.
+
+    Attributes
+    ----------
+    root : Path
+        The folder.
+    class_counts : dict
+        Readable images per class folder (sorted by name; 0 for an empty class).
+    skipped : list of (Path, str)
+        Unreadable files skipped under ``data.on_bad_image=skip``, with the reason.
+    nested : int
+        Images found below a class folder's sub-folders (counted under their class folder).
+    stray : list of Path
+        Image files directly in ``root``, in no class folder: ignored.
+    other_suffixes : dict
+        Files in class folders that are not images by suffix, per suffix: ignored.
+    """
+
+    root: Path
+    class_counts: dict[str, int]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    nested: int = 0
+    stray: list[Path] = field(default_factory=list)
+    other_suffixes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def small_classes(self) -> dict[str, int]:
+        """Classes with fewer than 2 readable images (an empty class included)."""
+        return {name: n for name, n in self.class_counts.items() if n < 2}
+
+    def problems(self) -> list[str]:
+        """One line per thing the operator should fix: unreadable files, small classes, stray files."""
+        lines = []
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} unreadable image file(s) skipped (data.on_bad_image=skip):")
+            lines += [f"  {path} ({reason})" for path, reason in self.skipped]
+        for name, n in self.small_classes.items():
+            what = "holds no readable images" if n == 0 else "holds 1 readable image (fewer than 2)"
+            lines.append(f"class {name!r} {what}")
+        if self.stray:
+            lines.append(f"{len(self.stray)} image file(s) directly in {self.root}, in no class folder, ignored:")
+            lines += [f"  {path}" for path in self.stray]
+        return lines
+
+    def notes(self) -> list[str]:
+        """Lines worth knowing that need no fix."""
+        lines = []
+        if self.nested:
+            lines.append(f"{self.nested} image(s) found in sub-folders of class folders, each counted under its class folder")
+        if self.other_suffixes:
+            found = ", ".join(f"{suffix or '(none)'} x{n}" for suffix, n in sorted(self.other_suffixes.items()))
+            lines.append(f"files that are not {'/'.join(IMAGE_SUFFIXES)} ignored: {found}")
+        return lines
+
+    def lines(self) -> list[str]:
+        """Everything found, problems first; empty when there is nothing to say."""
+        return self.problems() + self.notes()
 
 
 @dataclass
@@ -31,6 +105,8 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
+    #: What loading a folder found (None for the bundled digits and for subsets).
+    report: FolderReport | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -46,6 +122,8 @@ class SitePartition:
     train: ImageSet
     test: ImageSet
     partition_id: int
+    #: What loading the site's folder found (None when the site's data is a share of a pool).
+    report: FolderReport | None = None
 
 
 def _resize(image: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -66,46 +144,105 @@ def load_digits_dataset(image_size: int = 28, channels: int = 1) -> ImageSet:
 
 
 def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return _resize(image, image_size, channels)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot read image {path} ({exc.__class__.__name__}: {exc}). "
-            "Remove or replace the file, then run again"
-        ) from None
+    with Image.open(path) as image:
+        return _resize(image, image_size, channels)
 
 
-def load_image_folder(root: str | Path, image_size: int = 28, channels: int = 1) -> ImageSet:
-    """An ImageFolder directory: ``root/<class_name>/*.png|jpg``; classes sorted by name."""
+def _image_files(folder: Path, seen: set[Path], report: FolderReport, depth: int = 0) -> Iterator[Path]:
+    """The image files of one class folder and, recursively, of its sub-folders (sorted by name;
+    hidden files and folders skipped; a folder reached twice through symbolic links walked once)."""
+    real = folder.resolve()
+    if real in seen:
+        return
+    seen.add(real)
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from _image_files(entry, seen, report, depth + 1)
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            report.nested += int(depth > 0)
+            yield entry
+        elif entry.is_file():
+            suffix = entry.suffix.lower()
+            report.other_suffixes[suffix] = report.other_suffixes.get(suffix, 0) + 1
+
+
+def scan_image_folder(
+    root: str | Path, key: str = "data.name (or -cdata)"
+) -> tuple[list[Path], list[tuple[int, Path]], FolderReport]:
+    """(class folders, (label, file) of every image file, the report so far) of an ImageFolder,
+    without decoding anything.
+
+    Images in sub-folders of a class folder (``root/<class>/<sub>/x.png``) belong to that class,
+    as in torchvision's ``ImageFolder``; the report counts them. Raises :class:`DataFolderError`
+    (one line naming ``key``) when the folder is missing, has fewer than two class folders or
+    holds no image file at all.
+    """
     folder = Path(root).expanduser()
     if not folder.is_dir():
-        raise DataError(
-            f"data folder not found: {folder}. Set data.name (or -cdata) to 'digits' or to a "
-            "directory laid out as <root>/<class_name>/*.png"
+        raise DataFolderError(
+            f"data folder not found: {folder} (set by {key}); point {key} at a directory laid out as "
+            "<root>/<class_name>/*.png"
         )
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [
-        (label, f)
-        for label, d in enumerate(class_dirs)
-        for f in sorted(d.iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    report = FolderReport(folder, {d.name: 0 for d in class_dirs})
+    report.stray = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    seen: set[Path] = set()
+    files = [(label, f) for label, d in enumerate(class_dirs) for f in _image_files(d, seen, report)]
     if len(class_dirs) < 2 or not files:
-        raise DataError(
-            f"{folder} holds {len(class_dirs)} class folders and {len(files)} images; an "
-            "ImageFolder needs at least two <class_name>/ sub-folders with .png/.jpg images"
+        raise DataFolderError(
+            f"{folder} (set by {key}) holds {len(class_dirs)} class folders and {len(files)} images; an "
+            f"ImageFolder needs at least two <class_name>/ sub-folders with {'/'.join(IMAGE_SUFFIXES)} images"
         )
-    images = np.stack([_read_image(f, image_size, channels) for _, f in files])
-    labels = np.array([label for label, _ in files], dtype=np.int64)
-    return ImageSet(images, labels, tuple(d.name for d in class_dirs))
+    return class_dirs, files, report
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int = 28,
+    channels: int = 1,
+    on_bad_image: str = "skip",
+    key: str = "data.name (or -cdata)",
+) -> ImageSet:
+    """An ImageFolder directory: ``root/<class_name>/**/*.png|jpg``; classes sorted by name.
+
+    Every file is decoded in one pass. An unreadable one (corrupt, truncated) is skipped and
+    listed in the returned set's :attr:`ImageSet.report` under ``on_bad_image="skip"``: it is
+    then simply not an image of this folder (roles are keyed per image, so no other image
+    changes). Under ``"error"`` all unreadable files are listed in one :class:`DataError`.
+    ``key`` is the config key that named the folder, for the messages (``data.name`` in a
+    simulation, ``data-path`` for a site's node config).
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image={on_bad_image!r}; choose one of {', '.join(ON_BAD_IMAGE)}")
+    class_dirs, files, report = scan_image_folder(root, key)
+    images, labels = [], []
+    for label, path in files:
+        try:
+            images.append(_read_image(path, image_size, channels))
+        except _DECODE_ERRORS as exc:
+            report.skipped.append((path, f"{exc.__class__.__name__}: {exc}"))
+            continue
+        labels.append(label)
+        report.class_counts[class_dirs[label].name] += 1
+    if report.skipped and on_bad_image == "error":
+        listed = "; ".join(f"{path} ({reason})" for path, reason in report.skipped)
+        raise DataError(
+            f"cannot read {len(report.skipped)} image file(s) under {report.root} (data.on_bad_image=error): {listed}. "
+            "Remove or replace them, or set data.on_bad_image=skip"
+        )
+    if not images:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in report.skipped)
+        raise DataError(f"none of the {len(files)} image files under {report.root} (set by {key}) can be read: {listed}")
+    return ImageSet(np.stack(images), np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs), report)
 
 
 def load_real_dataset(cfg: DataConfig) -> ImageSet:
     """The private data named by ``data.name``: "digits" or an ImageFolder path."""
     if cfg.name == "digits":
         return load_digits_dataset(cfg.image_size, cfg.channels)
-    return load_image_folder(cfg.name, cfg.image_size, cfg.channels)
+    return load_image_folder(cfg.name, cfg.image_size, cfg.channels, cfg.on_bad_image, key="data.name (or -cdata)")
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +347,10 @@ def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: 
 @lru_cache(maxsize=4)
 def _cached_pool(cfg_key: tuple) -> tuple[ImageSet, ImageSet]:
     cfg = DataConfig(*cfg_key)
-    return central_split(load_real_dataset(cfg), cfg)
+    data = load_real_dataset(cfg)
+    pool, test = central_split(data, cfg)
+    pool.report = data.report  # the folder's report, for the preflight and the sites' logs
+    return pool, test
 
 
 def load_pool_and_test(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
@@ -219,5 +359,9 @@ def load_pool_and_test(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
 
 
 def load_site_from_folder(root: str | os.PathLike, cfg: DataConfig, partition_id: int, key: bytes) -> SitePartition:
-    """A real deployment: the site's own ImageFolder (node config ``data-path``)."""
-    return split_site(load_image_folder(root, cfg.image_size, cfg.channels), cfg, key, partition_id)
+    """A real deployment: the site's own ImageFolder (node config ``data-path``); the partition
+    carries the folder's :class:`FolderReport` for the site's own log."""
+    data = load_image_folder(root, cfg.image_size, cfg.channels, cfg.on_bad_image, key="node config data-path")
+    site = split_site(data, cfg, key, partition_id)
+    site.report = data.report
+    return site

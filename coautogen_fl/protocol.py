@@ -93,12 +93,14 @@ ERROR_BAD_REQUEST = 1002
 ERROR_NO_DATA = 1003
 ERROR_SITE_TERMS = 1004
 ERROR_NOT_ALLOWED = 1005
+ERROR_DATA_PATH = 1006
 ERROR_REASONS: dict[int, str] = {
     ERROR_BUDGET_EXCEEDED: "refused: this release would exceed the site's privacy budget (or its ledger is unreadable)",
     ERROR_BAD_REQUEST: "refused: the request is malformed or asks for something the site does not allow",
     ERROR_NO_DATA: "failed: the site cannot load its private data; its operator has the details in the site log",
     ERROR_SITE_TERMS: "refused: the site's node config does not set its privacy terms (site-epsilon); see its log",
     ERROR_NOT_ALLOWED: "refused: the site's terms do not allow this release (clean votes to an untrusted server, or a clear evaluation)",
+    ERROR_DATA_PATH: "failed: the site's data folder (node config data-path) is not set, not found or not an ImageFolder with images; see its log",
 }
 
 

@@ -22,6 +22,7 @@ class DataConfig:
     test_fraction: float = 0.3  # held-out central real test split
     site_test_fraction: float = 0.2  # each site's private test split
     seed: int = 0
+    on_bad_image: str = "skip"  # skip | error: an unreadable image file is skipped (and logged) or stops the load
 
 
 #: The seed project's generator names and the hub ids they stand for (-sgen).

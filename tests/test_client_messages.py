@@ -379,3 +379,43 @@ def test_site_built_directly_matches_the_handler(tmp_path):
     assert len(site.data.train) == len(cached.data.train) and site.partition_id == cached.partition_id == 1
     assert site.ledger.epsilon_budget == cached.ledger.epsilon_budget == 0.5
     assert site.ledger.path == ledger_path(context)
+
+
+# ---------------------------------------------------------------------------------- data folder (issue 9)
+def _digits_folder(root, context, per_class=6, small=None):
+    """An ImageFolder of real digits, ``per_class`` images per class except ``small`` {class: n}."""
+    from PIL import Image
+
+    pool, _ = load_pool_and_test(config_from_run_config(context.run_config).data)
+    for c in range(NUM_CLASSES):
+        (root / str(c)).mkdir(parents=True)
+        for i in np.flatnonzero(pool.labels == c)[: (small or {}).get(c, per_class)]:
+            Image.fromarray((pool.images[i] * 255).astype(np.uint8)).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def test_a_site_with_a_small_class_and_a_corrupt_file_still_votes(tmp_path, caplog):
+    import logging
+
+    context = make_context(tmp_path)
+    folder = _digits_folder(tmp_path / "folder", context, small={3: 1, 7: 0})
+    (folder / "5" / "broken.png").write_bytes(b"not a png")
+    context = make_context(tmp_path, **{"data-path": str(folder)})
+    embeddings, labels = candidates(context)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        reply = client_app.train(train_request(embeddings, labels), context)
+    votes_of(reply)  # votes, not an error
+    metrics = reply.content.metric_records[P.METRICS]
+    assert {(P.METRICS, key) for key in metrics} | {(P.VOTES, P.VOTES)} == {(f.record, f.key) for f in P.SITE_REPLY_FIELDS["train"]}
+    warned = [r.getMessage() for r in caplog.records if r.name == "flwr" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "broken.png" in warned[0] and "class '3'" in warned[0] and "class '7'" in warned[0]
+    assert len(client_app.get_site(context).data.train) + len(client_app.get_site(context).data.test) == 8 * 6 + 1
+
+
+def test_a_missing_data_path_is_error_data_path_not_no_data(tmp_path):
+    context = make_context(tmp_path, **{"data-path": str(tmp_path / "nowhere")})
+    embeddings, labels = candidates(context)
+    reply = client_app.train(train_request(embeddings, labels), context)
+    assert reply.has_error() and reply.error.code == P.ERROR_DATA_PATH
+    assert reply.error.reason == P.ERROR_REASONS[P.ERROR_DATA_PATH] and "nowhere" not in reply.error.reason
+    assert not ledger_path(context).exists()

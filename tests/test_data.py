@@ -313,9 +313,9 @@ def test_corrupt_image_raises_data_error_naming_the_file(tmp_path):
     bad = tmp_path / "dog" / "broken.png"
     bad.write_bytes(b"this is not a png")
     with pytest.raises(DataError) as info:
-        load_image_folder(tmp_path)
+        load_image_folder(tmp_path, on_bad_image="error")
     assert str(bad) in str(info.value)
-    assert "cannot read image" in str(info.value)
+    assert "cannot read 1 image file" in str(info.value) and "data.on_bad_image=skip" in str(info.value)
 
 
 def test_truncated_image_raises_data_error_naming_the_file(tmp_path):
@@ -326,7 +326,9 @@ def test_truncated_image_raises_data_error_naming_the_file(tmp_path):
     big.write_bytes(big.read_bytes()[: len(big.read_bytes()) // 2])
     assert good.is_file()
     with pytest.raises(DataError, match="big.png"):
-        load_image_folder(tmp_path)
+        load_image_folder(tmp_path, on_bad_image="error")
+    skipped = load_image_folder(tmp_path)  # the default skips it and says so in the report
+    assert [path for path, _ in skipped.report.skipped] == [big] and len(skipped) == 6
 
 
 def test_missing_folder_is_a_data_error(tmp_path):
@@ -342,3 +344,125 @@ def test_folder_with_one_class_is_refused(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "only" / "a.png")
     with pytest.raises(DataError, match="1 class folders and 1 images"):
         load_image_folder(tmp_path)
+
+
+# --- ImageFolder checks (issue 9) -----------------------------------------------------------
+
+
+def _png(path, value: int, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((12, 10), value, dtype=np.uint8)
+    pixels[0, :4] = np.random.default_rng(seed).integers(0, 255, 4)
+    Image.fromarray(pixels).save(path)
+
+
+def test_unreadable_files_are_skipped_counted_and_all_listed(tmp_path):
+    _write_folder(tmp_path, per_class=4)
+    clean = load_image_folder(tmp_path)
+    bad = [tmp_path / "dog" / "broken.png", tmp_path / "cat" / "empty.jpg", tmp_path / "cat" / "half.png"]
+    bad[0].write_bytes(b"this is not a png")
+    bad[1].write_bytes(b"")
+    _png(bad[2], 90)
+    bad[2].write_bytes(bad[2].read_bytes()[:40])  # truncated
+
+    data = load_image_folder(tmp_path)  # the default: on_bad_image=skip
+    assert data.report is not None
+    assert sorted(path for path, _ in data.report.skipped) == sorted(bad)  # all of them, in one pass
+    assert all(reason for _, reason in data.report.skipped)
+    assert data.report.class_counts == {"cat": 4, "dog": 4}
+    problems = data.report.problems()
+    assert problems[0].startswith("3 unreadable image file(s) skipped") and all(any(str(p) in line for line in problems) for p in bad)
+    # A skipped file is simply not an image of the folder: everything else is as without it.
+    np.testing.assert_array_equal(data.images, clean.images)
+    np.testing.assert_array_equal(data.labels, clean.labels)
+    np.testing.assert_array_equal(assign_roles(data, KEY, 0.3)[0], assign_roles(clean, KEY, 0.3)[0])
+
+    with pytest.raises(DataError) as info:
+        load_image_folder(tmp_path, on_bad_image="error")
+    message = str(info.value)
+    assert "cannot read 3 image file(s)" in message and all(str(p) in message for p in bad) and "\n" not in message
+
+
+def test_a_folder_of_only_unreadable_files_is_a_data_error(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of the 2 image files"):
+        load_image_folder(tmp_path)
+
+
+def test_on_bad_image_is_validated():
+    from coautogen_fl.config import ConfigError, load_config
+
+    assert load_config().data.on_bad_image == "skip"
+    assert load_config(overrides=["data.on_bad_image=error"]).data.on_bad_image == "error"
+    with pytest.raises(ConfigError, match="data.on_bad_image"):
+        load_config(overrides=["data.on_bad_image=ignore"])
+
+
+def test_images_nested_below_class_folders_are_included_under_their_class(tmp_path):
+    _png(tmp_path / "cat" / "0.png", 40)
+    _png(tmp_path / "cat" / "scan1" / "1.png", 41)
+    _png(tmp_path / "cat" / "scan1" / "deeper" / "2.png", 42)
+    _png(tmp_path / "dog" / "0.png", 200)
+    _png(tmp_path / "dog" / "2024" / "1.png", 201)
+    _png(tmp_path / "dog" / ".ipynb_checkpoints" / "0-checkpoint.png", 200)  # hidden: not an image of the site
+    (tmp_path / "dog" / "2024" / "scan.dcm").write_bytes(b"DICM")
+    data = load_image_folder(tmp_path)
+    assert data.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(data.labels, [0, 0, 0, 1, 1])
+    np.testing.assert_allclose(data.images[:, 8, 8] * 255, [40, 41, 42, 200, 201], atol=1e-3)
+    assert data.report.nested == 3
+    notes = data.report.notes()
+    assert any("3 image(s) found in sub-folders" in line for line in notes)
+    assert any(".dcm x1" in line for line in notes)  # files of other types are named, not dropped silently
+    assert data.report.problems() == []
+
+
+def test_a_symlink_loop_below_a_class_folder_is_walked_once(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "cat" / "loop").symlink_to(tmp_path / "cat", target_is_directory=True)
+    data = load_image_folder(tmp_path)
+    assert len(data) == 6
+
+
+def test_empty_and_one_image_classes_are_reported_and_keep_their_labels(tmp_path):
+    _png(tmp_path / "a" / "0.png", 10)
+    _png(tmp_path / "a" / "1.png", 11)
+    (tmp_path / "b").mkdir()  # empty class
+    _png(tmp_path / "c" / "0.png", 30)  # one image
+    _png(tmp_path / "d" / "0.png", 40)
+    _png(tmp_path / "d" / "1.png", 41)
+    (tmp_path / "d" / "broken.png").write_bytes(b"junk")  # two files, one readable: a small class too
+    _png(tmp_path / "stray.png", 99)  # in no class folder
+    data = load_image_folder(tmp_path)
+    assert data.class_names == ("a", "b", "c", "d")
+    np.testing.assert_array_equal(data.labels, [0, 0, 2, 3, 3])  # "b" keeps label 1 though it is empty
+    assert data.report.class_counts == {"a": 2, "b": 0, "c": 1, "d": 2}
+    assert data.report.small_classes == {"b": 0, "c": 1}
+    problems = "\n".join(data.report.problems())
+    assert "class 'b' holds no readable images" in problems and "class 'c' holds 1 readable image" in problems
+    assert str(tmp_path / "stray.png") in problems and "broken.png" in problems
+
+
+def test_a_folder_without_images_is_a_data_folder_error_naming_the_key(tmp_path):
+    from coautogen_fl.data import DataFolderError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataFolderError, match="2 class folders and 0 images") as info:
+        load_image_folder(tmp_path, key="node config data-path")
+    assert "node config data-path" in str(info.value) and "data.name" not in str(info.value)
+    with pytest.raises(DataFolderError, match="data folder not found") as info:
+        load_image_folder(tmp_path / "nowhere", key="node config data-path")
+    assert "node config data-path" in str(info.value) and "data.name" not in str(info.value)
+
+
+def test_load_pool_keeps_the_folders_report(tmp_path):
+    from coautogen_fl.data import load_pool_and_test
+
+    _write_folder(tmp_path, per_class=6)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"junk")
+    pool, test = load_pool_and_test(DataConfig(name=str(tmp_path), image_size=8, test_fraction=0.3))
+    assert len(pool) + len(test) == 12
+    assert [path.name for path, _ in pool.report.skipped] == ["broken.png"]
