@@ -21,6 +21,7 @@ from coautogen_fl.config import config_from_run_config
 from coautogen_fl.data import DataError
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict
 from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, PrivacyError
+from coautogen_fl.privacy.release_store import ReleaseMismatchError
 from coautogen_fl.privacy.site_key import SiteKeyError
 
 from .site import Site
@@ -36,7 +37,7 @@ _START_FAILURES: dict[tuple, Exception] = {}  # why the site of the message bein
 _ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     ((BudgetExceededError, LedgerCorruptError), P.ERROR_BUDGET_EXCEEDED),  # cannot prove budget left: release nothing
     (SiteTermsError, P.ERROR_SITE_TERMS),
-    (P.SiteRefusal, P.ERROR_NOT_ALLOWED),
+    ((P.SiteRefusal, ReleaseMismatchError), P.ERROR_NOT_ALLOWED),
     (DataPathError, P.ERROR_DATA_PATH),  # before DataError, its base
     ((DataError, SiteKeyError), P.ERROR_NO_DATA),
 )
@@ -45,6 +46,7 @@ _HANDLED = (
     LedgerCorruptError,
     SiteTermsError,
     P.SiteRefusal,
+    ReleaseMismatchError,
     SiteKeyError,
     DataError,
     P.ReplyError,
@@ -123,7 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         load_numpy_state_dict(model, request.weights)
         accuracy, count = evaluate_classifier(model, site.data.test.images, site.data.test.labels)
         correct = int(round(accuracy * count))
-        reply = site.release_accuracy(correct, count, request.noise_multiplier, request.round, str(context.run_id))
+        reply = site.release_accuracy(correct, count, request, str(context.run_id))
     except _HANDLED as exc:
         return error_reply(msg, exc)
     return Message(content=to_content(reply.to_parts()), reply_to=msg)

@@ -5,6 +5,7 @@ data partition (roles keyed by its secret), the embeddings of its voters, and it
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +28,7 @@ from coautogen_fl.data import (
 from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
+from coautogen_fl.privacy.release_store import ReleaseMismatchError, ReleaseStore
 from coautogen_fl.privacy.site_key import site_secret
 from coautogen_fl.rater import build_rater, normalise_site_vector, vote_sensitivity
 
@@ -83,6 +85,7 @@ class Site:
             self.terms.state_dir / "privacy_ledger.json", self.terms.epsilon_budget, self.terms.delta
         )
         self.data = self._load_data(cfg, node_config, images, site_secret(self.terms.state_dir))
+        self.releases = ReleaseStore(self.terms.state_dir / "releases")
         self.embedder = build_embedder(cfg.embedder, resolve_device(cfg.device, cfg.device_id))
         self.embeddings = self.embedder.embed(self.data.train.images) if len(self.data.train) else np.zeros((0, 1))
 
@@ -104,17 +107,26 @@ class Site:
             site.report = images.report
             return site
         num_partitions = int(node_config.get("num-partitions", cfg.federation.num_hospitals))
-        pool, _ = load_pool_and_test(cfg.data)
+        # A deployed site without data-path holds a share of the bundled digits, never a folder
+        # the run config names: the server must not choose what a site reads from its disk.
+        data_cfg = cfg.data if self.terms.operator_run else replace(cfg.data, name="digits")
+        pool, _ = load_pool_and_test(data_cfg)
         if pool.report is not None and pool.report.root not in _REPORTED_FOLDERS:
             _REPORTED_FOLDERS.add(pool.report.root)  # one shared folder: logged once per process
             log_data_report(pool.report, "data.name")
-        return site_partition(pool, self.partition_id, num_partitions, cfg.data, key)
+        return site_partition(pool, self.partition_id, num_partitions, data_cfg, key)
+
+    def _stored(self, run_key: str, kind: str, round: int, fingerprint: str) -> dict[str, Any] | None:
+        """The release this site already made for this very request (a resumed run), if any."""
+        return self.releases.lookup(run_key, kind, round, fingerprint, charged=self.ledger.has_charge(run_key, round))
 
     def vote(self, request: P.VoteRequest, run_id: str = "") -> P.VoteReply:
         """Clean votes, the ledger charge, then (local mode) the noise, in that order.
 
         The ledger is charged before anything leaves the site; a charge past the site's
-        budget raises ``BudgetExceededError`` and nothing is released.
+        budget raises ``BudgetExceededError`` and nothing is released. A round of a run this
+        site already paid for (``request.run_key``, else the Flower ``run_id``) is answered with
+        the stored release if the request is the same, and refused otherwise.
         """
         mode, unit = request.privacy_mode, request.privacy_unit
         if mode not in ("local", "central") or unit not in ("image", "site"):
@@ -126,6 +138,11 @@ class Site:
             raise P.SiteRefusal(
                 "the server asked for central mode (clean votes) but this site does not trust it (node config trust-server)"
             )
+        run_key, fingerprint = request.run_key or run_id, request.fingerprint()
+        stored = self._stored(run_key, "train", request.round, fingerprint)
+        if stored is not None:
+            votes = np.asarray(stored["votes"], dtype=np.float64)
+            return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier)
         rater = build_rater(request.rater, request.k)
         votes = rater.score(
             self.embeddings, self.data.train.labels, request.embeddings.astype(np.float32), request.labels
@@ -135,16 +152,17 @@ class Site:
         sigma = request.noise_multiplier
         sensitivity = vote_sensitivity(unit, capped=self.cfg.data.real_per_label > 0)
         mechanism = GaussianMechanism(sigma, sensitivity)  # validates sigma before the charge
-        spent = self.ledger.charge(sigma, round=request.round, run_id=run_id)
+        spent = self.ledger.charge(sigma, round=request.round, run_id=run_key)
         if mode == "local":
             votes = mechanism.apply(votes)
+        self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
         return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma)
 
-    def release_accuracy(
-        self, correct: int, count: int, sigma: float, round: int, run_id: str = ""
-    ) -> P.EvaluationReply:
+    def release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
         """The evaluation release: both counts noised (L2 sensitivity sqrt 2) and charged first,
-        or, when ``sigma`` is 0 and only if the site's terms allow it, exact with the accuracy."""
+        or, when the noise multiplier is 0 and only if the site's terms allow it, exact with the
+        accuracy. A repeated request of a resumed run gets the stored release."""
+        sigma, round, run_key = request.noise_multiplier, request.round, request.run_key or run_id
         if sigma <= 0:
             if not self.terms.allow_clear_evaluation:
                 raise P.SiteRefusal(
@@ -160,8 +178,13 @@ class Site:
                 accuracy,
             )
         mechanism = GaussianMechanism(sigma, EVALUATION_SENSITIVITY)
-        spent = self.ledger.charge(sigma, round=round, run_id=run_id)
+        fingerprint = request.fingerprint()
+        stored = self._stored(run_key, "evaluate", round, fingerprint)
+        if stored is not None:
+            return P.EvaluationReply(stored["correct"], stored["count"], self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id)
+        spent = self.ledger.charge(sigma, round=round, run_id=run_key)
         noised = mechanism.apply(np.array([correct, count], dtype=np.float64))
+        self.releases.save(run_key, "evaluate", round, fingerprint, {"correct": float(noised[0]), "count": float(noised[1])})
         return P.EvaluationReply(
             float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id
         )

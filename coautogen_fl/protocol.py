@@ -14,6 +14,7 @@ other module spells a key.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -30,6 +31,7 @@ ROUND, RATER, K = "round", "rater", "k"
 NOISE_MULTIPLIER, PRIVACY_MODE, PRIVACY_UNIT = "noise-multiplier", "privacy-mode", "privacy-unit"
 MODEL, NUM_CLASSES, CHANNELS, IMAGE_SIZE = "model", "num-classes", "channels", "image-size"
 EVALUATION_NOISE = "evaluation-noise-multiplier"
+RUN_KEY = "run-key"
 EPSILON_SPENT, EPSILON_BUDGET, PARTITION_ID = "epsilon-spent", "epsilon-budget", "partition-id"
 CORRECT, NUM_EXAMPLES, ACCURACY = "correct", "num-examples", "accuracy"
 
@@ -141,6 +143,20 @@ def _finite_non_negative(value: float, name: str) -> float:
     return value
 
 
+def fingerprint(parts: WireParts) -> str:
+    """SHA-256 over a request's parts (config values, array dtypes, shapes and bytes), in key order."""
+    digest = hashlib.sha256()
+    for name in sorted(parts.configs):
+        for key, value in sorted(parts.configs[name].items()):
+            digest.update(f"{name}/{key}={value!r}\x00".encode())
+    for name in sorted(parts.arrays):
+        for key, array in sorted(parts.arrays[name].items()):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{name}/{key}:{array.dtype.str}{array.shape}\x00".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class VoteRequest:
     """Server -> site (TRAIN): the pool's embeddings and how to vote on them."""
@@ -153,9 +169,11 @@ class VoteRequest:
     privacy_unit: str
     embeddings: np.ndarray  # float16 (N, D)
     labels: np.ndarray  # int64 (N,)
+    run_key: str = ""  # the run's identity in the sites' ledgers (kept by a resumed run); "" = the Flower run id
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
+            RUN_KEY: self.run_key,
             ROUND: int(self.round),
             RATER: self.rater,
             K: int(self.k),
@@ -182,7 +200,13 @@ class VoteRequest:
             privacy_unit=_get(config, PRIVACY_UNIT, str, what),
             embeddings=embeddings,
             labels=labels.astype(np.int64),
+            run_key=str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
         )
+
+    def fingerprint(self) -> str:
+        """A hash of everything the site's release depends on besides its data: a site replays a
+        stored release only for the very same request."""
+        return fingerprint(self.to_parts())
 
 
 @dataclass(frozen=True)
@@ -233,9 +257,11 @@ class EvaluationRequest:
     image_size: int
     noise_multiplier: float
     weights: dict[str, np.ndarray]
+    run_key: str = ""
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
+            RUN_KEY: self.run_key,
             ROUND: int(self.round),
             MODEL: self.model,
             NUM_CLASSES: int(self.num_classes),
@@ -258,7 +284,12 @@ class EvaluationRequest:
             image_size=_get(config, IMAGE_SIZE, int, what),
             noise_multiplier=_get(config, EVALUATION_NOISE, float, what),
             weights=dict(parts.arrays[WEIGHTS]),
+            run_key=str(config.get(RUN_KEY, "")) if config is not None else "",
         )
+
+    def fingerprint(self) -> str:
+        """A hash of the whole request (model weights included)."""
+        return fingerprint(self.to_parts())
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,7 @@ class TrackingConfig:
     out_dir: str = "runs"  # run directories are created under it
     run_name: str = ""  # "" = derived from the time and framework
     run_dir: str = ""  # exact run directory; "" = <out_dir>/<run_name>
+    resume: bool = False  # continue the run in run_dir from its checkpoint.json (coautogen run --resume RUN_DIR)
     wandb_mode: str = "disabled"  # online | offline | disabled
     wandb_project: str = "coautogen-fl"
     wandb_entity: str = ""

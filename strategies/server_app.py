@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from coautogen_fl.config import RunConfig, config_from_run_config, save_config, to_dict
+from coautogen_fl.checkpoint import Checkpoint, CheckpointError
+from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
 from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
@@ -25,6 +26,7 @@ from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker
 
 from .outcome import FinalStage
+from .resume import restore, rounds_left
 from .strategy import CoAutoGenStrategy, RoundFailed, SiteRecord
 
 app = ServerApp()
@@ -51,6 +53,29 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
     sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
     return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
+
+
+def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
+    """The strategy of the run in ``run_dir``, brought to its last checkpoint.
+
+    The run config must be the run's own ``config.yaml`` (plus ``tracking.resume=true``): the
+    replay is only exact under the same seeds, pool sizes and noise plan.
+    """
+    if not cfg.tracking.run_dir:
+        raise CheckpointError("tracking.resume=true needs tracking.run_dir: the run directory to continue")
+    saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if saved is None:
+        raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml (was it a coautogen-fl run directory?)")
+    given, own = flatten(to_dict(cfg)), flatten(to_dict(saved))
+    differ = sorted(k for k in set(given) | set(own) if k != "tracking.resume" and given.get(k) != own.get(k))
+    if differ:
+        raise CheckpointError(
+            f"the run config differs from {run_dir / 'config.yaml'} in {', '.join(differ)}: "
+            f'resume with config-file="{run_dir / "config.yaml"}" tracking.resume=true and nothing else'
+        )
+    strategy = build_strategy(saved, run_dir)
+    restore(strategy, Checkpoint.load(run_dir))
+    return strategy
 
 
 def site_entry(site: SiteRecord) -> dict[str, Any]:
@@ -122,13 +147,19 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     cfg = config_from_run_config(context.run_config)
     run_dir = resolve_run_dir(cfg, context.run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if cfg.tracking.resume:
+        strategy = resume_strategy(cfg, run_dir)
+        num_rounds = rounds_left(strategy)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.tracking.run_dir = str(run_dir)  # pinned, so that the saved config can resume this run
+        save_config(cfg, run_dir / "config.yaml")
+        strategy = build_strategy(cfg, run_dir)
+        strategy.run_key, num_rounds = str(context.run_id), strategy.rounds
     log(INFO, "coautogen-fl run directory: %s", run_dir)
-    strategy = build_strategy(cfg, run_dir)
     failure = None
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=cfg.federation.timeout_s)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=num_rounds, timeout=cfg.federation.timeout_s)
     except RoundFailed as exc:
         failure = str(exc)
         log(ERROR, "coautogen-fl run stopped: %s", failure)

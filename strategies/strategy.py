@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from coautogen_fl import protocol as P
+from coautogen_fl.checkpoint import RoundRecord
 from coautogen_fl.config import RunConfig
 from coautogen_fl.evolution import Evolution
 from coautogen_fl.privacy import GaussianMechanism, aggregate_noise_std
@@ -30,6 +31,7 @@ from coautogen_fl.rater import normalise_site_vector, vote_sensitivity
 from clients.wire import from_content, to_content
 
 from .outcome import FinalStage
+from .resume import checkpoint_of
 
 
 class RoundFailed(RuntimeError):
@@ -78,10 +80,25 @@ class CoAutoGenStrategy(Strategy):
     max_site_images : int
         A public bound on the private images of one site, used only to reject implausible
         vote replies (sites never send their size); 0 = no bound.
+    run_key : str (default: "")
+        The run's identity in the sites' ledgers: a resumed run keeps it, so a site recognises
+        the rounds it already paid for. The first Flower run id by default.
     """
 
-    def __init__(self, cfg: RunConfig, evolution: Evolution, final_stage: FinalStage, noise_multiplier: float, max_site_images: int) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        evolution: Evolution,
+        final_stage: FinalStage,
+        noise_multiplier: float,
+        max_site_images: int,
+        run_key: str = "",
+    ) -> None:
         self.cfg = cfg
+        self.run_key = run_key  # what the sites' ledgers know this run by, across resumes
+        self.round_offset = 0  # rounds finished before this process (a resumed run)
+        self.voting_done = False  # resumed after the last voting round: only the final stage is left
+        self.history: list[RoundRecord] = []
         self.evolution = evolution
         self.final = final_stage
         self.noise_multiplier = noise_multiplier
@@ -118,15 +135,18 @@ class CoAutoGenStrategy(Strategy):
     def vote_request(self, server_round: int, embeddings: np.ndarray, labels: np.ndarray) -> P.VoteRequest:
         """The TRAIN request of a round."""
         f, p = self.cfg.feedback, self.cfg.privacy
-        return P.VoteRequest(server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels)
+        return P.VoteRequest(
+            server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels, self.run_key
+        )
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send the pool's embeddings to every sampled site (none in the Gen framework)."""
+        server_round += self.round_offset
         self._round_start = time.time()
-        if not self.is_feedback:
+        if not self.is_feedback or self.voting_done:
             return []
-        if server_round == 1:
+        if not self.evolution.pool:
             self.evolution.start()
         embeddings, labels = self.evolution.payload()
         content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())
@@ -214,7 +234,10 @@ class CoAutoGenStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the votes, breed the next pool; after the last round build the final dataset."""
         replies = list(replies)
+        server_round += self.round_offset
         last = server_round == self.rounds
+        if self.voting_done:  # resumed after the last round: the replayed final children
+            return self.final.finish(self.evolution.pool, server_round), MetricRecord({"num-synthetic": len(self.evolution.pool)})
         if not self.is_feedback:
             final = self.evolution.random_population(self.cfg.feedback.volume_per_label)
             return self.final.finish(final, server_round), MetricRecord({"num-synthetic": len(final)})
@@ -231,9 +254,12 @@ class CoAutoGenStrategy(Strategy):
         if self.cfg.privacy.mode == "central" and valid:
             votes = self.noise_aggregate(votes)
         per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label
+        ids = [c.candidate_id for c in self.evolution.pool]
         outcome = self.evolution.advance(server_round, votes, noise_std, per_label)
-        self.final.store.write_round(server_round, outcome.voted)
         metrics = self._round_metrics(server_round, len(replies), valid, noise_std, outcome)
+        self.history.append(RoundRecord(server_round, votes.tolist(), float(noise_std), ids, metrics))
+        checkpoint_of(self).save(self.final.store.run_dir)  # the round is decided: it is never asked again
+        self.final.store.write_round(server_round, outcome.voted)
         self.final.log_round(server_round, metrics, outcome.voted)
         arrays = self.final.finish(outcome.children, server_round) if last else None
         return arrays, MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -270,6 +296,7 @@ class CoAutoGenStrategy(Strategy):
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """After the last round, send the downstream model to every site for evaluation."""
+        server_round += self.round_offset
         if server_round != self.rounds or self.final.model_arrays is None:
             return []
         noised = self.cfg.privacy.evaluation == "noised"
@@ -289,6 +316,7 @@ class CoAutoGenStrategy(Strategy):
         ``noised`` the sites send Gaussian-noised correct counts and test counts, and the
         ratio of their sums is the estimate (clipped to [0, 1]).
         """
+        server_round += self.round_offset
         correct, count = 0.0, 0.0
         noised = self.cfg.privacy.evaluation == "noised"
         release = server_round + 1 if noised else server_round  # the round a site's ledger records

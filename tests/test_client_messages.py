@@ -174,9 +174,14 @@ def test_budget_is_spent_exactly_then_refused(tmp_path):
     assert refusal.metadata.src_node_id == NODE_ID
     assert ledger_path(context).read_bytes() == before  # the refused round left no trace
     assert len(json.loads(before)["entries"]) == ROUNDS
-    # A replayed round number does not bypass the ledger either.
-    replay = client_app.train(train_request(embeddings, labels, server_round=1), context)
-    assert replay.has_error() and replay.error.code == P.ERROR_BUDGET_EXCEEDED
+    # A repeated round (a resumed run) gets the very release it got before, at no charge ...
+    first = client_app.train(train_request(embeddings, labels, server_round=1), context)
+    again = client_app.train(train_request(embeddings, labels, server_round=1), context)
+    np.testing.assert_array_equal(votes_of(first), votes_of(again))
+    assert ledger_path(context).read_bytes() == before
+    # ... and the same round about other candidates is refused: it would be a second release.
+    other = client_app.train(train_request(embeddings[::-1].copy(), labels[::-1].copy(), server_round=1), context)
+    assert other.has_error() and other.error.code == P.ERROR_NOT_ALLOWED
     assert ledger_path(context).read_bytes() == before
 
 

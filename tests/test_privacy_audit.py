@@ -287,6 +287,7 @@ class Worlds:
         state_dir = self.state_dirs[site]
         for name in (LEDGER_FILE, LEDGER_FILE + ".lock"):  # the same ledger history in every world
             (state_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(state_dir / "releases", ignore_errors=True)  # and no stored release to replay
         node_config = {"partition-id": list(self.state_dirs).index(site), "data-path": str(self.folders[folder]),
                        "state-dir": str(state_dir), "site-epsilon": SITE_EPSILON, "site-delta": DELTA,
                        "trust-server": "true" if mode == "central" else "false"}  # fmt: skip

@@ -150,32 +150,38 @@ def constant_predictor(label: int, num_classes: int = 10) -> dict:
     return state_dict_to_numpy(model)
 
 
-def test_the_evaluation_oracle_meets_noised_charged_releases(tmp_path):
+def ask(context, label: int, sigma: float, server_round: int) -> Message:
+    request = P.EvaluationRequest(server_round, "cnn", 10, 1, 28, sigma, constant_predictor(label))
+    message = Message(content=to_content(request.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE)
+    return client_app.evaluate(message, context)
+
+
+@pytest.mark.parametrize("rounds", ["fixed", "counting up"])
+def test_the_evaluation_oracle_meets_noised_charged_releases(tmp_path, rounds):
+    """Ten constant-predictor "models" to read off the per-class test counts: the first one
+    gets a noised, charged release; asking the same release round again about another model
+    is refused outright, and a server counting rounds up runs the site out of budget."""
     context = deployed_site(tmp_path)
     sigma = noise_multiplier_for_epsilon(1.0, 1e-5, 3)  # what the server plans: 2 rounds + 1 evaluation
-    answered, refused = [], 0
+    answered, codes = [], []
     for label in range(10):
-        request = P.EvaluationRequest(3, "cnn", 10, 1, 28, sigma, constant_predictor(label))
-        reply = client_app.evaluate(
-            Message(content=to_content(request.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context
-        )
+        reply = ask(context, label, sigma, 3 if rounds == "fixed" else 3 + label)
         if reply.has_error():
-            assert reply.error.code == P.ERROR_BUDGET_EXCEEDED
-            refused += 1
+            codes.append(reply.error.code)
         else:
             answered.append(P.EvaluationReply.from_parts(from_content(reply.content)))
     site = client_app.get_site(context)
-    assert len(answered) == 3 and refused == 7  # the budget ends the queries
-    assert len(site.ledger.entries) == 3
-    exact = np.bincount(site.data.test.labels, minlength=10)[:3]
+    if rounds == "fixed":
+        assert len(answered) == 1 and codes == [P.ERROR_NOT_ALLOWED] * 9  # one release per round of a run
+    else:
+        assert len(answered) == 3 and codes == [P.ERROR_BUDGET_EXCEEDED] * 7  # the budget ends the queries
+    assert len(site.ledger.entries) == len(answered)
+    exact = np.bincount(site.data.test.labels, minlength=10)[: len(answered)]
     got = np.array([r.correct for r in answered])
     assert all(r.accuracy is None for r in answered)
     assert not np.array_equal(got, exact) and np.all(np.abs(got - exact) < 8 * sigma * np.sqrt(2))
     # A clear request is not an uncharged way around it.
-    clear = P.EvaluationRequest(3, "cnn", 10, 1, 28, 0.0, constant_predictor(0))
-    reply = client_app.evaluate(
-        Message(content=to_content(clear.to_parts()), dst_node_id=5, message_type=MessageType.EVALUATE), context
-    )
+    reply = ask(context, 0, 0.0, 20)
     assert reply.has_error() and reply.error.code == P.ERROR_NOT_ALLOWED
 
 

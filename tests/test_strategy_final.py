@@ -62,6 +62,7 @@ def test_last_round_builds_the_dataset_and_the_model_goes_to_every_node(tmp_path
         assert dict(config) == {
             "model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": 28,
             P.EVALUATION_NOISE: s.noise_multiplier, "round": 3,  # noised and charged: release T + 1
+            P.RUN_KEY: s.run_key,
         }
         sent = m.content.array_records[P.WEIGHTS]
         for name in arrays:

@@ -158,6 +158,11 @@ class PrivacyLedger:
         noises = [e.noise_multiplier for e in self._entries]
         return epsilon_for_noise(noises + [_check_noise(noise_multiplier)], self.delta)
 
+    def has_charge(self, run_id: str, round: int) -> bool:
+        """Whether a release of ``round`` of run ``run_id`` is already charged (read from the file)."""
+        with self._exclusive_lock():
+            return any(e.run_id == str(run_id) and e.round == int(round) for e in self._entries)
+
     def charge(self, noise_multiplier: float, round: int, run_id: str = "") -> float:
         """Record one release, or refuse it if it would exceed the budget.
 

@@ -1,0 +1,72 @@
+"""A site's record of what it released, so that a resumed run is never charged twice.
+
+When a server crashes and its run is resumed, it asks again the round that was in flight. A
+site that already paid for that round of that run (same run key, same round) answers with the
+release it stored, byte for byte, and charges nothing: sending the same noised values again
+reveals nothing new. If the repeated request differs in any way (other candidates, another
+noise multiplier), the site refuses: answering would be a second release of the same round.
+If the ledger holds the charge but no stored release (a crash between the two writes), the site
+refuses too, because it cannot prove what it sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text_atomic
+
+
+class ReleaseMismatchError(PermissionError):
+    """This round of this run was already released for a different request (or cannot be replayed)."""
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text) or "_"
+
+
+class ReleaseStore:
+    """Stored releases under ``<state dir>/releases/<run key>/<kind>-<round>.json``.
+
+    Parameters
+    ----------
+    folder : Path
+        The site's ``releases`` folder (created on the first save).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, run_key: str, kind: str, round: int) -> Path:
+        return self.folder / _safe(run_key) / f"{_safe(kind)}-{int(round):04d}.json"
+
+    def lookup(self, run_key: str, kind: str, round: int, fingerprint: str, charged: bool) -> dict[str, Any] | None:
+        """The stored release for this exact request, or None when the round was never released.
+
+        Raises
+        ------
+        ReleaseMismatchError
+            The round was released for another request, or charged without a stored release.
+        """
+        path = self._path(run_key, kind, round)
+        if not path.is_file():
+            if charged:
+                raise ReleaseMismatchError(
+                    f"round {round} of run {run_key!r} ({kind}) is charged in the ledger but its release was not stored "
+                    "(a crash between the two writes): it cannot be replayed, and answering again would charge twice"
+                )
+            return None
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("fingerprint") != fingerprint:
+            raise ReleaseMismatchError(
+                f"round {round} of run {run_key!r} ({kind}) was already released for a different request; "
+                "a second release of the same round is refused"
+            )
+        return stored["values"]
+
+    def save(self, run_key: str, kind: str, round: int, fingerprint: str, values: dict[str, Any]) -> Path:
+        """Store a release atomically, before it leaves the site."""
+        payload = {"run_key": run_key, "kind": kind, "round": int(round), "fingerprint": fingerprint, "values": values}
+        return write_text_atomic(self._path(run_key, kind, round), json.dumps(payload) + "\n")

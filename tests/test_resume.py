@@ -1,0 +1,133 @@
+"""Crash safety and resume (issue 9), in process with the real ClientApp handlers.
+
+A run is killed in round 3 after every site has paid for that round but before the server
+aggregated it. The resumed run rebuilds the pool by replaying the checkpointed rounds, asks
+round 3 again, and the sites answer with the releases they stored: every ledger holds exactly
+one entry per release, the final dataset is there, and nothing was charged twice.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, MessageType
+
+from clients import client_app
+from coautogen_fl import protocol as P
+from coautogen_fl.checkpoint import Checkpoint, CheckpointError
+from coautogen_fl.privacy import PrivacyLedger
+from coautogen_fl.tracking import read_metrics
+from strategies.resume import rounds_left
+from strategies.server_app import build_strategy, resume_strategy, run_summary
+from strategy_helpers import InProcessGrid, small_config
+from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+ROUNDS = 3
+
+
+class Crash(BaseException):
+    """The server process dies (not an Exception: nothing may catch it on the way out)."""
+
+
+class CrashingGrid(InProcessGrid):
+    """Delivers messages; in ``crash_round`` the sites answer (and pay) but the server dies
+    before it sees a single reply."""
+
+    def __init__(self, cfg, tmp_path, crash_round: int) -> None:
+        super().__init__(cfg, tmp_path)
+        self.crash_round, self.train_calls = crash_round, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_calls += 1
+            if self.train_calls == self.crash_round:
+                raise Crash()
+        return replies
+
+
+def ledger_rounds(tmp_path, site: int) -> list[int]:
+    return [e.round for e in PrivacyLedger(tmp_path / f"site{site}" / "privacy_ledger.json", 1.0, 1e-5).entries]
+
+
+@pytest.fixture
+def crashed_run(tmp_path, monkeypatch):
+    """A run killed in round 3 after the sites paid for it; returns (config, run dir)."""
+    monkeypatch.setattr(client_app, "_SITES", {})
+    run_dir = tmp_path / "run"
+    cfg = small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}")
+    run_dir.mkdir()
+    from coautogen_fl.config import save_config
+
+    save_config(cfg, run_dir / "config.yaml")
+    s = build_strategy(cfg, run_dir)
+    s.run_key = "run-under-test"
+    with pytest.raises(Crash):
+        s.start(grid=CrashingGrid(cfg, tmp_path, crash_round=3), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
+    return cfg, run_dir
+
+
+def test_a_run_killed_mid_round_resumes_without_charging_anyone_twice(tmp_path, crashed_run, monkeypatch):
+    cfg, run_dir = crashed_run
+    checkpoint = Checkpoint.load(run_dir)
+    assert checkpoint.completed_rounds == 2 and checkpoint.run_key == "run-under-test"
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
+    for site in range(3):
+        assert ledger_rounds(tmp_path, site) == [1, 2, 3]  # round 3 was paid for, never aggregated
+    assert not (run_dir / "synthetic").exists()
+
+    monkeypatch.setattr(client_app, "_SITES", {})  # the sites restart too
+    resumed = resume_strategy(small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir)
+    assert rounds_left(resumed) == 1 and resumed.round_offset == 2
+    resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=rounds_left(resumed), timeout=10)
+
+    # Round 3 was answered from the sites' stored releases: one ledger entry per release.
+    for site in range(3):
+        assert ledger_rounds(tmp_path, site) == [1, 2, 3, 4]  # three vote rounds and the noised evaluation
+    assert resumed.dropped == [] and all(s.rounds_answered == 3 for s in resumed.sites.values())
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == ["round_001", "round_002", "round_003"]
+    assert len(list((run_dir / "synthetic").rglob("*.png"))) == 5 * 10
+    summary = run_summary(resumed.cfg, resumed, run_dir, 1.0)
+    assert summary["status"] == "completed" and summary["epsilon_spent_max"] == pytest.approx(1.0, abs=1e-6)
+    assert summary["accuracy_federated"] is not None
+
+
+def test_a_site_refuses_to_release_a_paid_round_for_other_candidates(tmp_path, crashed_run, monkeypatch):
+    """If the resumed server asked round 3 about another pool, answering would be a second
+    release of that round: the sites refuse, and the run stops instead of spending more."""
+    cfg, run_dir = crashed_run
+    monkeypatch.setattr(client_app, "_SITES", {})
+    resumed = resume_strategy(small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir)
+    resumed.evolution.pool = list(reversed(resumed.evolution.pool))  # another order: another request
+    resumed.evolution._payload = None
+    from strategies.strategy import RoundFailed
+
+    with pytest.raises(RoundFailed):
+        resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)
+    assert {d["reason"] for d in resumed.dropped} == {f"{P.ERROR_REASONS[P.ERROR_NOT_ALLOWED]} (code {P.ERROR_NOT_ALLOWED})"}
+    for site in range(3):
+        assert ledger_rounds(tmp_path, site) == [1, 2, 3]
+
+
+def test_resume_refuses_another_config_and_a_missing_checkpoint(tmp_path, crashed_run):
+    cfg, run_dir = crashed_run
+    other = small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true", "privacy.epsilon=2")
+    with pytest.raises(CheckpointError, match="differs from .*config.yaml in privacy.epsilon"):
+        resume_strategy(other, run_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(str(run_dir), str(empty)))
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        resume_strategy(small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={empty}", "tracking.resume=true"), empty)
+
+
+def test_checkpoint_is_plain_json_with_the_votes_of_each_round(crashed_run):
+    _, run_dir = crashed_run
+    data = json.loads((run_dir / "checkpoint.json").read_text())
+    assert [r["round"] for r in data["completed"]] == [1, 2]
+    assert all(len(r["votes"]) == len(r["candidate_ids"]) == 30 for r in data["completed"])
+    assert np.isfinite([v for r in data["completed"] for v in r["votes"]]).all()
