@@ -2,6 +2,7 @@
 
     coautogen run [--config FILE] [--num-hospitals N] [--out DIR] [seed flags] [key=value ...]
     coautogen privacy (--epsilon E | --noise S) [--delta D] [--rounds T] [--mode M --sites K] [--json]
+    coautogen cleanup [RUN_DIR ...] [--all-under OUT_DIR]
 
 runs one simulation through Flower's simulation engine and ends by printing the run
 directory and its summary. The seed project's short flags map onto config keys.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Sequence
@@ -18,7 +20,8 @@ from typing import IO, Sequence
 from coautogen_fl.config import ConfigError, RunConfig, load_config, save_config
 from coautogen_fl.rundir import resolve_run_dir
 
-from .launcher import SimulationError, run_simulation
+from . import processes
+from .launcher import Cleanup, SimulationError, cleanup, flwr_homes, run_simulation
 from .privacy_cli import add_privacy_parser, command_privacy
 
 #: The seed project's short flags -> config keys.
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(*names, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. privacy.epsilon=2")
     add_privacy_parser(commands)
+    clean = commands.add_parser("cleanup", help="stop the Flower processes a killed `coautogen run` left running")
+    clean.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (or their flower/ folder)")
+    clean.add_argument("--all-under", metavar="OUT_DIR", help="every run directory directly below OUT_DIR")
     return parser
 
 
@@ -168,10 +174,45 @@ def preflight(cfg: RunConfig, out: IO[str] | None = None) -> None:
 
 
 def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """Run once. SIGTERM and SIGINT stop what the run started and return 128 + the signal's
+    number, with one line on stderr; a run killed outright (SIGKILL) leaves its processes to
+    the next run in the same out dir, or to `coautogen cleanup`."""
     out = out or sys.stdout  # resolved per call, so callers can redirect stdout
+    handler = processes.SignalHandler().install()
+    started: list[Path] = []  # the run directory, once there is one
+    try:
+        return _run(args, out, started)
+    except BaseException as exc:
+        if handler.received is None:
+            raise
+        signum = handler.received
+        name = signal.Signals(signum).name
+        where = f"the run directory keeps what finished: {started[0]}" if started else "no run directory was made"
+        left = getattr(exc, "leftovers", [])
+        stopped = (f"{len(left)} process(es) it started could not be stopped (PIDs {' '.join(str(r.pid) for r in left)}); "
+                   f"try `coautogen cleanup {started[0] if started else ''}`".rstrip() if left
+                   else "the Flower processes it started are stopped")
+        out.flush()
+        print(f"coautogen run: stopped by {name}; {stopped}; {where}", file=sys.stderr, flush=True)
+        return 128 + signum
+    finally:
+        handler.uninstall()
+
+
+def _sweep_leftovers(out_dir: Path, out: IO[str]) -> None:
+    """Stop what runs in ``out_dir`` whose launcher was killed (SIGKILL) left running."""
+    for home in flwr_homes(out_dir, all_under=True):
+        result = cleanup(home, only_running=True)
+        if result.stopped:
+            out.write(f"coautogen: stopped {len(result.stopped)} process(es) left running by the killed run in {result.run_dir}\n")
+
+
+def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
     cfg = load_config(args.config, overrides_from_args(args))
     preflight(cfg)
     cfg, run_dir = prepare_run(cfg)
+    started.append(run_dir)
+    _sweep_leftovers(run_dir.parent, out)
     out.write(f"coautogen: {cfg.feedback.framework} with {cfg.federation.num_hospitals} simulated hospitals, "
               f"epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
     with open(run_dir / "flower.log", "w") as log:
@@ -190,6 +231,47 @@ def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out.write(f"\nrun directory: {run_dir}\n")
     print_summary(json.loads(summary_file.read_text()), out)
     return 0
+
+
+def _report_cleanup(result: Cleanup, out: IO[str]) -> None:
+    where = f"coautogen cleanup: {result.run_dir}"
+    if result.launcher_running:
+        out.write(f"{where}: its run is still going on (launcher PID {result.launcher.pid}); not touched\n")
+        return
+    if not result.stopped:
+        out.write(f"{where}: nothing left running\n")
+        return
+    by = f" left by launcher PID {result.launcher.pid}" if result.launcher else ""
+    out.write(f"{where}: stopped {len(result.stopped)} process(es){by}\n")
+    for rec in result.stopped:
+        out.write(f"  stopped {rec.describe()}\n")
+    for rec in result.leftovers:
+        out.write(f"  still running {rec.describe()}\n")
+
+
+def command_cleanup(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """Stop the processes runs whose launcher was killed left running; 1 if any survived."""
+    out = out or sys.stdout
+    if not args.run_dirs and not args.all_under:
+        print("coautogen cleanup: name a RUN_DIR or --all-under OUT_DIR", file=sys.stderr)
+        return 2
+    homes: list[Path] = []
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).expanduser().exists():
+            print(f"coautogen cleanup: {run_dir} does not exist", file=sys.stderr)
+            return 2
+        homes += flwr_homes(Path(run_dir))
+    if args.all_under:
+        found = flwr_homes(Path(args.all_under), all_under=True)
+        if not found:
+            out.write(f"coautogen cleanup: no run directories under {Path(args.all_under).resolve()}\n")
+        homes += found
+    failed = False
+    for home in dict.fromkeys(homes):
+        result = cleanup(home)
+        _report_cleanup(result, out)
+        failed |= bool(result.leftovers)
+    return 1 if failed else 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -214,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(args)
         if args.command == "privacy":
             return command_privacy(args)
+        if args.command == "cleanup":
+            return command_cleanup(args)
     except (ConfigError, PreflightError, SimulationError) as exc:
         print(f"coautogen: error: {exc}", file=sys.stderr)
         return 2

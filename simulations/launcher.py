@@ -3,7 +3,9 @@
 ``flwr run . local`` starts a shared background SuperLink on fixed ports and leaves it
 running. We start a private one instead (free port, private ``FLWR_HOME``), submit the run
 with ``flwr run APP coautogen --stream``, check its final status with ``flwr ls`` (``--stream``
-exits 0 even when the run failed), and stop exactly the processes we started, by PID.
+exits 0 even when the run failed), and stop exactly the processes we started, by PID
+(``simulations/processes.py``), also when the launcher is interrupted. What it started is
+recorded in ``$FLWR_HOME/launcher.json``; :func:`cleanup` stops what a killed launcher left.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Iterable, Mapping
 
 import httpx
 
+from . import processes
+
 CONNECTION = "coautogen"
+STATE_FILE = "launcher.json"  # in FLWR_HOME: what the launcher started, for `coautogen cleanup`
 FLOWER_ENV = {
     # Offline machines: never let the SuperLink pip-install the app's dependencies.
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -43,45 +48,6 @@ def app_dir() -> Path:
     if not (root / "pyproject.toml").is_file():
         raise SimulationError(f"no pyproject.toml next to {root}; install the project with `pip install -e .`")
     return root
-
-
-def _ppid_and_state(pid: int) -> tuple[int, str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return int(fields[1]), fields[0]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def descendants(root: int) -> list[int]:
-    """PIDs of every live process below ``root`` (from /proc; empty where /proc is absent)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit() and (info := _ppid_and_state(int(entry))) is not None:
-            children.setdefault(info[0], []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    info = _ppid_and_state(pid)
-    return info is not None and info[1] != "Z"
-
-
-def _signal(pid: int, sig: int, own_group: int) -> None:
-    """Signal a process and, unless it is ours, its process group."""
-    try:
-        group = os.getpgid(pid)
-        if group != own_group:
-            os.killpg(group, sig)
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def free_port() -> int:
@@ -109,25 +75,51 @@ class RunStatus:
 class FlowerSimulation:
     """A private simulation SuperLink; use as a context manager.
 
+    What it starts (the SuperLink, in a session and process group of its own, and the `flwr
+    run` client) and every process seen below them is recorded, with creation times, in
+    ``$FLWR_HOME/launcher.json`` while the run goes on, so that :func:`cleanup` can stop what a
+    killed launcher left behind.
+
     Parameters
     ----------
     flwr_home : Path
-        A private Flower home (config.toml, SuperLink log); created if needed.
+        A private Flower home (config.toml, SuperLink log, launcher.json); created if needed.
     port : int, optional
         The SuperLink's HTTP port; a free one by default.
     """
+
+    RECORD_INTERVAL_S = 1.0
 
     def __init__(self, flwr_home: Path, port: int | None = None) -> None:
         self.flwr_home = Path(flwr_home).resolve()
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
+        self.client: subprocess.Popen | None = None  # the `flwr run` (and `flwr ls`) client
         self.log_file = self.flwr_home / "superlink.log"
+        self.state_file = self.flwr_home / STATE_FILE
+        self.stopped: list[processes.ProcessRecord] = []  # what stop() signalled
+        self.leftovers: list[processes.ProcessRecord] = []  # what survived even SIGKILL
+        self._launcher = processes.record(os.getpid())
+        self._records: dict[int, processes.ProcessRecord] = {}
+        self._roots: list[processes.ProcessRecord] = []
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # the recorder thread and the main thread both save
+        self._recording = threading.Event()
+        self._recorder: threading.Thread | None = None
 
     @property
     def env(self) -> dict[str, str]:
         env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home)}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec
         return env
+
+    @property
+    def markers(self) -> list[str]:
+        return [str(self.flwr_home)]
+
+    @property
+    def env_marker(self) -> dict[str, str]:
+        return {"FLWR_HOME": str(self.flwr_home)}
 
     def _write_flower_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -136,6 +128,55 @@ class FlowerSimulation:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
 
+    # ------------------------------------------------------------------ the state file
+    def _add_root(self, pid: int) -> None:
+        rec = processes.record(pid)
+        if rec is not None:
+            with self._lock:
+                self._roots.append(rec)
+                self._records[rec.pid] = rec
+        self._save("running")
+
+    def _scan(self) -> bool:
+        """Record every live process below the roots; True if something new was seen."""
+        with self._lock:
+            roots = list(self._roots)
+        new = False
+        for root in roots:
+            for rec in processes.descendants(root):
+                with self._lock:
+                    old = self._records.get(rec.pid)
+                    if old is None or not processes.same_time(old.create_time, rec.create_time):
+                        self._records[rec.pid] = rec
+                        new = True
+        return new
+
+    def _save(self, state: str) -> None:
+        with self._lock:
+            recorded = [rec.to_dict() for rec in self._records.values()]
+        payload = {
+            "version": 1,
+            "state": state,
+            "flwr_home": str(self.flwr_home),
+            "port": self.port,
+            "launcher": self._launcher.to_dict() if self._launcher else None,
+            "superlink": self._roots[0].to_dict() if self._roots else None,
+            "processes": recorded,
+            "leftovers": [rec.to_dict() for rec in self.leftovers],
+            "updated": time.time(),
+        }
+        with self._save_lock:
+            write_state(self.state_file, payload)
+
+    def _record_loop(self) -> None:
+        while not self._recording.wait(self.RECORD_INTERVAL_S):
+            try:
+                if self._scan():
+                    self._save("running")
+            except Exception:  # noqa: BLE001 - recording is best effort; stop() scans again
+                pass
+
+    # ------------------------------------------------------------------ start and stop
     def start(self, timeout: float = 60.0) -> None:
         """Start the SuperLink and wait until its HTTP API answers."""
         self._write_flower_config()
@@ -144,55 +185,78 @@ class FlowerSimulation:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--log-file", str(self.log_file),
         ]
-        self.process = subprocess.Popen(
-            command, env=self.env, cwd=self.flwr_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stop() takes its children too
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SimulationError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise SimulationError(f"flower-superlink did not answer within {timeout:.0f} s; see {self.log_file}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop the SuperLink and every process under it, by PID.
-
-        SuperExec starts a session of its own, and the simulation runtime and Ray workers live
-        in it, so the SuperLink's process group alone is not enough: collect the whole tree
-        first (children are re-parented once their parent dies), then terminate each process
-        and its group, and kill whatever is still alive after ``timeout`` seconds.
-        """
-        if self.process is None:
-            return
-        tree = [self.process.pid, *descendants(self.process.pid)]
-        own_group = os.getpgrp()
-        for pid in tree:
-            _signal(pid, signal.SIGTERM, own_group)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in tree):
-            self.process.poll()  # reap the SuperLink, our own child
-            time.sleep(0.2)
-        for pid in tree:
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL, own_group)
         try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+            with processes.shielded():  # no signal between starting it and recording it
+                self.process = subprocess.Popen(
+                    command, env=self.env, cwd=self.flwr_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    start_new_session=True,  # its own session and process group: stop() signals the group
+                )
+                self._add_root(self.process.pid)
+                self._recorder = threading.Thread(target=self._record_loop, name="coautogen-recorder", daemon=True)
+                self._recorder.start()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise SimulationError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            raise SimulationError(f"flower-superlink did not answer within {timeout:.0f} s; see {self.log_file}")
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, processes.Interrupted):
+                exc.leftovers = list(self.leftovers)
+            raise
+
+    def _reap(self) -> None:
+        for proc in (self.process, self.client):
+            if proc is not None:
+                proc.poll()
+
+    def stop(self, timeout: float = 20.0) -> list[processes.ProcessRecord]:
+        """Stop the SuperLink and every process it and the `flwr run` client started, by PID.
+
+        SuperExec starts a session of its own, and the simulation runtime and Ray's processes
+        live in it, so the SuperLink's process group alone is not enough: the whole tree
+        (recorded while the run went on, re-scanned now) and every process naming this run's
+        ``FLWR_HOME`` (command line or environment) get SIGTERM, each group leader's group too,
+        and whatever is still the same process after ``timeout`` seconds gets SIGKILL.
+        Signals arriving meanwhile wait until the stop is done. Returns what was signalled.
+        """
+        if self.process is None and self.client is None:
+            return []
+        with processes.shielded():
+            self._recording.set()
+            if self._recorder is not None:
+                self._recorder.join(timeout=5)
+            self._scan()
+            with self._lock:
+                roots = list(self._records.values())
+            exclude = [self._launcher.pid] if self._launcher else []
+            self.stopped = processes.stop(roots, self.markers, self.env_marker, grace_s=timeout,
+                                          exclude=exclude, reap=self._reap)
+            self.leftovers = processes.still_running(self.stopped)
+            for proc in (self.process, self.client):
+                if proc is not None:
+                    try:
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
+            self._save("stopped" if not self.leftovers else "running")
+            self.process = self.client = None
+        return self.stopped
 
     def __enter__(self) -> "FlowerSimulation":
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.stop()
+        if isinstance(exc, processes.Interrupted):
+            exc.leftovers = list(self.leftovers)
 
     def run(
         self,
@@ -210,7 +274,10 @@ class FlowerSimulation:
         if overrides:
             command += ["--run-config", overrides]
         # A neutral working directory: Ray workers put the cwd first on sys.path.
-        proc = subprocess.Popen(command, env=self.env, cwd=self.flwr_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with processes.shielded():
+            proc = self.client = subprocess.Popen(command, env=self.env, cwd=self.flwr_home, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, text=True)
+            self._add_root(proc.pid)
         run_id = None
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -255,3 +322,116 @@ def run_simulation(
     """Start a private SuperLink, run the app once, stop the SuperLink."""
     with FlowerSimulation(flwr_home) as simulation:
         return simulation.run(app_dir(), run_config, num_supernodes, num_cpus, num_gpus, output)
+
+
+# ---------------------------------------------------------------------------------- leftovers
+def write_state(path: Path, payload: Mapping) -> None:
+    """Write the launcher's state file atomically (a reader never sees half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def read_state(path: Path) -> dict:
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def flwr_homes(path: Path, all_under: bool = False) -> list[Path]:
+    """The Flower homes a path stands for: a run directory (``<run_dir>/flower``), a Flower
+    home itself, or with ``all_under`` every run directory directly below ``path``."""
+    path = Path(path).expanduser().resolve()
+    if all_under:
+        return sorted(p.parent for p in path.glob(f"*/flower/{STATE_FILE}"))
+    if (path / STATE_FILE).is_file() or path.name == "flower":
+        return [path]
+    return [path / "flower"]
+
+
+@dataclass
+class Cleanup:
+    """What :func:`cleanup` found for one Flower home."""
+
+    flwr_home: Path
+    launcher: processes.ProcessRecord | None = None
+    launcher_running: bool = False  # the launcher is alive: its run goes on, nothing touched
+    stopped: list[processes.ProcessRecord] = field(default_factory=list)
+    leftovers: list[processes.ProcessRecord] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.flwr_home.parent if self.flwr_home.name == "flower" else self.flwr_home
+
+
+def _verified(recorded: Iterable[processes.ProcessRecord], flwr_home: Path) -> list[processes.ProcessRecord]:
+    """The recorded processes that are still the same process (creation time) and provably the
+    run's: their command line or environment names its FLWR_HOME, or they descend from one that
+    does. A process that merely reuses a recorded PID fails the first test."""
+    home = str(flwr_home)
+    live: dict[int, tuple[processes.ProcessRecord, object]] = {}
+    for rec in recorded:
+        proc = processes.current(rec)
+        if proc is not None:
+            live[rec.pid] = (rec, proc)
+    ours: dict[int, processes.ProcessRecord] = {}
+    for pid, (rec, proc) in live.items():
+        try:
+            command = " ".join(proc.cmdline())  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001
+            command = ""
+        try:
+            environ = proc.environ()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001
+            environ = {}
+        if processes.names(command, home) or environ.get("FLWR_HOME") == home:
+            ours[pid] = rec
+    def below_ours(proc: object) -> bool:
+        try:
+            return any(a.pid in ours and processes.same_time(a.create_time(), ours[a.pid].create_time)
+                       for a in proc.parents())  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            return False
+
+    changed = True
+    while changed:
+        changed = False
+        for pid, (rec, proc) in live.items():
+            if pid not in ours and below_ours(proc):
+                ours[pid] = rec
+                changed = True
+    return list(ours.values())
+
+
+def cleanup(flwr_home: Path, grace_s: float = 15.0, only_running: bool = False) -> Cleanup:
+    """Stop what the launcher of ``flwr_home`` left running, unless that launcher still runs.
+
+    The recorded processes that are still the same process and provably this run's, their
+    descendants, and every process whose command line or environment names this run's
+    ``FLWR_HOME`` are stopped (SIGTERM, SIGKILL after ``grace_s``). With ``only_running``, a
+    state file saying the launcher stopped cleanly is trusted without a scan.
+    """
+    flwr_home = Path(flwr_home).resolve()
+    state_file = flwr_home / STATE_FILE
+    state = read_state(state_file)
+    result = Cleanup(flwr_home)
+    if only_running and state.get("state") != "running":
+        return result
+    if state.get("launcher"):
+        result.launcher = processes.ProcessRecord.from_dict(state["launcher"])
+        if result.launcher.pid != os.getpid() and processes.is_alive(result.launcher):
+            result.launcher_running = True
+            return result
+    recorded = [processes.ProcessRecord.from_dict(d) for d in state.get("processes", []) + state.get("leftovers", [])]
+    if state.get("superlink"):
+        recorded.append(processes.ProcessRecord.from_dict(state["superlink"]))
+    roots = _verified(recorded, flwr_home)
+    result.stopped = processes.stop(roots, [str(flwr_home)], {"FLWR_HOME": str(flwr_home)}, grace_s=grace_s)
+    result.leftovers = processes.still_running(result.stopped)
+    if state:
+        write_state(state_file, {**state, "state": "running" if result.leftovers else "stopped",
+                                 "leftovers": [r.to_dict() for r in result.leftovers], "cleaned": time.time()})
+    return result

@@ -11,13 +11,13 @@ Process tree (all with ``--isolation subprocess``, the default):
 
 :class:`ProcessWatch` records, while a test runs, every descendant of the processes the test
 started and every process whose command line names one of the test's markers (its tmp folder,
-its ports), so that the test can stop them and check that none is left.
+its ports), so that the test can stop them and check that none is left. The process handling
+itself (tree walk, PID-reuse guard, stopping) is ``simulations/processes.py``.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import httpx
+import psutil
+
+from simulations import processes
 
 FLOWER_ENV = {
     # Offline machines: never let the SuperLink pip-install the app's dependencies.
@@ -50,61 +53,30 @@ def write_connection(flwr_home: Path, name: str, address: str) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------- /proc
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a live process, None if gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] == "Z":
-        return None
-    return int(fields[1]), int(fields[19])
+# ---------------------------------------------------------------------------------- processes
+# One implementation for the launcher, `coautogen cleanup` and these tests: simulations/processes.py.
+# A process is keyed by (pid, creation time), so a recycled PID is never taken for it.
+Key = tuple  # (pid, create_time)
 
 
 def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
+    rec = processes.record(pid)
+    return rec.command if rec is not None else ""
 
 
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+def alive(key: Key) -> bool:
+    """Whether the process ``key`` (pid, creation time) still runs (not a recycled PID)."""
+    return processes.is_alive(processes.ProcessRecord(int(key[0]), float(key[1])))
 
 
-def alive(key: tuple[int, int]) -> bool:
-    stat = _stat(key[0])
-    return stat is not None and stat[1] == key[1]
-
-
-def descendants(root: int) -> list[tuple[int, int]]:
-    """(pid, start time) of every live process below ``root``."""
-    table = {pid: stat for pid in _pids() if (stat := _stat(pid)) is not None}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append((child, table[child][1]))
-            stack.append(child)
-    return found
+def descendants(root: int) -> list[Key]:
+    """(pid, creation time) of every live process below ``root``."""
+    return [rec.key for rec in processes.descendants(root)]
 
 
 def processes_naming(markers: Iterable[str]) -> list[tuple[int, str]]:
-    """Live processes (but this one) whose command line contains any of ``markers``."""
-    markers = list(markers)
-    found = []
-    for pid in _pids():
-        if pid == os.getpid():
-            continue
-        command = cmdline(pid)
-        if any(m in command for m in markers) and _stat(pid) is not None:
-            found.append((pid, command))
-    return found
+    """Live processes (but this one) whose command line names any of ``markers``."""
+    return [(rec.pid, rec.command) for rec in processes.find_processes(markers)]
 
 
 class ProcessWatch:
@@ -119,8 +91,8 @@ class ProcessWatch:
 
     def __init__(self, markers: Sequence[str]) -> None:
         self.markers = list(markers)
-        self.roots: set[tuple[int, int]] = set()
-        self.seen: dict[tuple[int, int], str] = {}  # (pid, start time) -> command line
+        self.roots: set[Key] = set()
+        self.seen: dict[Key, str] = {}  # (pid, creation time) -> command line
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -130,39 +102,55 @@ class ProcessWatch:
             self.markers.append(marker)
 
     def add_root(self, pid: int) -> None:
-        stat = _stat(pid)
-        if stat is not None:
+        rec = processes.record(pid)
+        if rec is not None:
             with self._lock:
-                self.roots.add((pid, stat[1]))
+                self.roots.add(rec.key)
             self.scan()
 
-    def _is_ours(self, pid: int) -> bool:
-        command = cmdline(pid)
-        return any(m in command for m in self.markers)
+    def _is_ours(self, command: str) -> bool:
+        return any(processes.names(command, m) for m in self.markers)
+
+    def _tracked_key(self, tracked: dict[int, float], pid: int, created: float) -> Key | None:
+        known = tracked.get(pid)
+        return (pid, known) if known is not None and processes.same_time(known, created) else None
 
     def scan(self) -> None:
         with self._lock:
-            table = {pid: stat for pid in _pids() if (stat := _stat(pid)) is not None}
-            tracked = set(self.roots) | set(self.seen)
+            table: dict[int, tuple[int, float, str]] = {}  # pid -> (ppid, creation time, command)
+            for proc in psutil.process_iter():
+                if proc.pid == os.getpid():
+                    continue
+                try:
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    table[proc.pid] = (proc.ppid(), proc.create_time(), " ".join(proc.cmdline()))
+                except (psutil.Error, OSError):
+                    continue
+            tracked: dict[int, float] = {}
+            for pid, created in [*self.roots, *self.seen]:
+                entry = table.get(pid)
+                if entry is not None and processes.same_time(entry[1], created):
+                    tracked[pid] = created
             changed = True
             while changed:  # children of tracked processes are tracked, transitively
                 changed = False
-                for pid, (ppid, start) in table.items():
-                    key = (pid, start)
-                    if key in tracked or pid == os.getpid():
+                for pid, (ppid, created, command) in table.items():
+                    if pid in tracked:
                         continue
                     parent = table.get(ppid)
-                    if (parent is not None and (ppid, parent[1]) in tracked) or self._is_ours(pid):
-                        tracked.add(key)
-                        self.seen[key] = cmdline(pid)
+                    if (parent is not None and self._tracked_key(tracked, ppid, parent[1])) or self._is_ours(command):
+                        tracked[pid] = created
+                        self.seen[(pid, created)] = command
                         changed = True
             for key in self.roots:
-                self.seen.setdefault(key, cmdline(key[0]))
+                self.seen.setdefault(key, table.get(key[0], (0, 0.0, ""))[2])
             # A child first seen between fork and exec still shows its parent's command line:
             # refresh the command of every tracked process that is still running.
-            for pid, start in list(self.seen):
-                if table.get(pid, (None, None))[1] == start and (command := cmdline(pid)):
-                    self.seen[(pid, start)] = command
+            for key in list(self.seen):
+                entry = table.get(key[0])
+                if entry is not None and processes.same_time(entry[1], key[1]) and entry[2]:
+                    self.seen[key] = entry[2]
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -176,10 +164,10 @@ class ProcessWatch:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def alive(self) -> dict[tuple[int, int], str]:
-        return {key: command for key, command in self.seen.items() if alive(key)}
+    def alive(self) -> dict[Key, str]:
+        return {key: command for key, command in list(self.seen.items()) if alive(key)}
 
-    def wait_all_gone(self, timeout: float) -> dict[tuple[int, int], str]:
+    def wait_all_gone(self, timeout: float) -> dict[Key, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
@@ -190,46 +178,31 @@ class ProcessWatch:
     def kill_leftovers(self) -> None:
         """SIGKILL, by PID, every recorded process that is still the same process."""
         for key in list(self.alive()):
-            try:
-                os.kill(key[0], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            proc = processes.current(processes.ProcessRecord(*key))
+            if proc is not None:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
 
 
-def stop_tree(proc: subprocess.Popen, timeout: float = 15.0) -> list[tuple[int, int]]:
-    """Stop ``proc`` and every process below it, by PID; return the (pid, start) stopped.
+def stop_tree(proc: subprocess.Popen, timeout: float = 15.0) -> list[Key]:
+    """Stop ``proc``, every process below it and its process group, by PID; return the
+    (pid, creation time) of what was signalled.
 
-    The tree is collected first (children are re-parented once their parent dies), then
-    each process gets SIGTERM, and SIGKILL if it is still the same process after ``timeout``.
-    Flower's processes watch their ``--parent-pid`` and exit with it too, but we do not rely
-    on it.
+    The tree is collected first (children are re-parented once their parent dies) and
+    re-scanned while waiting; each process gets SIGTERM, and SIGKILL if it is still the same
+    process after ``timeout``. Flower's processes watch their ``--parent-pid`` and exit with it
+    too, but we do not rely on it.
     """
-    tree: list[tuple[int, int]] = []
     # Only while it is our unreaped child is proc.pid surely still this process (not recycled).
-    if proc.poll() is None and (stat := _stat(proc.pid)) is not None:
-        tree = [(proc.pid, stat[1]), *descendants(proc.pid)]
-    for pid, _ in tree:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap our own child
-        if not any(alive(key) for key in tree):
-            break
-        time.sleep(0.1)
-    for key in tree:
-        if alive(key):
-            try:
-                os.kill(key[0], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    root = processes.record(proc.pid) if proc.poll() is None else None
+    stopped = processes.stop([root] if root else [], grace_s=timeout, reap=proc.poll)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
-    return tree
+    return [rec.key for rec in stopped]
 
 
 # ---------------------------------------------------------------------------------- launchers
