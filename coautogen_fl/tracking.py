@@ -238,3 +238,20 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
                 break
             raise
     return records
+
+
+def _budget(site: dict[str, Any]) -> str:
+    return f"{site['epsilon_budget']:g}" if site.get("epsilon_budget") is not None else "an unreported budget"
+
+
+def site_lines(summary: dict[str, Any]) -> list[str]:
+    """One human-readable line per site of a summary.json: who, status, spend against the
+    budget the site itself reported, rounds, refusals and failures."""
+    unit = "per-image" if summary.get("privacy_unit") == "image" else "per-site"
+    return [
+        f"site {name} (node {s['node_id']}): {s['status']}, epsilon {s['epsilon_spent']:.3f} of {_budget(s)}, "
+        f"delta {summary['delta']:g}, {s['rounds_answered']} rounds, {unit}"
+        + (f", refused {len(s['refusals'])}" if s["refusals"] else "")
+        + (f", failed {len(s['failures'])}" if s["failures"] else "")
+        for name, s in summary.get("sites", {}).items()
+    ]

@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import IO, Sequence
 
+from coautogen_fl.checkpoint import CHECKPOINT_FILE
 from coautogen_fl.config import ConfigError, RunConfig, load_config, save_config
 from coautogen_fl.rundir import resolve_run_dir
+from coautogen_fl.tracking import site_lines
 
 from . import processes
 from .launcher import Cleanup, SimulationError, cleanup, flwr_homes, run_simulation
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="parent folder of run directories (tracking.out_dir)")
     run.add_argument("--name", help="run directory name (tracking.run_name)")
     run.add_argument("--verbose", action="store_true", help="print Flower's full log stream")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint.json (its own config)")
     for flag, key in SHORT_FLAGS.items():
         names = [flag] + ([LONG_ALIASES[flag]] if flag in LONG_ALIASES else [])
         run.add_argument(*names, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
@@ -115,11 +118,8 @@ def print_summary(summary: dict, out: IO[str]) -> None:
     for key in keys:
         value = summary.get(key)
         out.write(f"  {key:20s} {value:.4g}\n" if isinstance(value, float) else f"  {key:20s} {value}\n")
-    unit = "per-image" if summary.get("privacy_unit") == "image" else "per-site"
-    for pid, site in summary.get("sites", {}).items():
-        refused = f", refused {len(site['refusals'])}" if site.get("refusals") else ""
-        out.write(f"  site {pid}: epsilon {site['epsilon_spent']:.3f} of {summary['epsilon']:g}, delta {summary['delta']:g}, "
-                  f"{site['rounds_answered']} rounds, {unit}{refused}\n")
+    for line in site_lines(summary):
+        out.write(f"  {line}\n")
 
 
 class PreflightError(RuntimeError):
@@ -207,17 +207,36 @@ def _sweep_leftovers(out_dir: Path, out: IO[str]) -> None:
             out.write(f"coautogen: stopped {len(result.stopped)} process(es) left running by the killed run in {result.run_dir}\n")
 
 
+def resume_target(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The run directory ``--resume`` names and its own config; nothing else may be set."""
+    if args.overrides or args.config or any(getattr(args, key, None) is not None for key in SHORT_FLAGS.values()):
+        raise ConfigError("--resume continues a run with its own config.yaml: give no --config, flags or key=value")
+    run_dir = Path(args.resume).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; name the run directory of a `coautogen run`")
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round); start a new run instead")
+    return load_config(run_dir / "config.yaml"), run_dir
+
+
 def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
-    cfg = load_config(args.config, overrides_from_args(args))
-    preflight(cfg)
-    cfg, run_dir = prepare_run(cfg)
+    resuming = bool(getattr(args, "resume", None))
+    if resuming:
+        cfg, run_dir = resume_target(args)
+    else:
+        cfg = load_config(args.config, overrides_from_args(args))
+        preflight(cfg)
+        cfg, run_dir = prepare_run(cfg)
     started.append(run_dir)
     _sweep_leftovers(run_dir.parent, out)
-    out.write(f"coautogen: {cfg.feedback.framework} with {cfg.federation.num_hospitals} simulated hospitals, "
-              f"epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
-    with open(run_dir / "flower.log", "w") as log:
+    out.write(f"coautogen: {'resuming ' if resuming else ''}{cfg.feedback.framework} with {cfg.federation.num_hospitals} "
+              f"simulated hospitals, epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
+    run_config: dict[str, object] = {"config-file": str(run_dir / "config.yaml")}
+    if resuming:
+        run_config["tracking.resume"] = True
+    with open(run_dir / "flower.log", "a" if resuming else "w") as log:
         status = run_simulation(
-            {"config-file": str(run_dir / "config.yaml")},
+            run_config,
             cfg.federation.num_hospitals,
             run_dir / "flower",
             cfg.federation.client_num_cpus,
@@ -225,7 +244,13 @@ def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
             output=ProgressFilter(log, out, args.verbose),  # type: ignore[arg-type]
         )
     summary_file = run_dir / "summary.json"
-    if not status.completed or not summary_file.is_file():
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if summary.get("status") == "failed":  # stopped on purpose: say why, and who did not count
+        out.write(f"\nrun directory: {run_dir}\n")
+        print_summary(summary, out)
+        out.write(f"coautogen: the run stopped: {summary.get('reason')}\n")
+        return 1
+    if not status.completed or not summary:
         out.write(f"coautogen: Flower run {status.run_id} ended as {status.status}; see {run_dir / 'flower.log'}\n")
         return 1
     out.write(f"\nrun directory: {run_dir}\n")

@@ -23,7 +23,7 @@ from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
 from coautogen_fl.rundir import resolve_run_dir
 from coautogen_fl.store import SyntheticStore
-from coautogen_fl.tracking import RunTracker
+from coautogen_fl.tracking import RunTracker, site_lines
 
 from .outcome import FinalStage
 from .resume import restore, rounds_left
@@ -125,22 +125,6 @@ def run_summary(
     }
 
 
-def _budget(site: dict[str, Any]) -> str:
-    return f"{site['epsilon_budget']:g}" if site.get("epsilon_budget") is not None else "an unreported budget"
-
-
-def spend_lines(summary: dict[str, Any]) -> list[str]:
-    """One human-readable privacy line per site, against the budget the site itself reported."""
-    unit = "per-image" if summary["privacy_unit"] == "image" else "per-site"
-    return [
-        f"site {name} (node {s['node_id']}): {s['status']}, epsilon {s['epsilon_spent']:.3f} of {_budget(s)}, "
-        f"delta {summary['delta']:g}, {s['rounds_answered']} rounds, {unit}"
-        + (f", refused {len(s['refusals'])}" if s["refusals"] else "")
-        + (f", failed {len(s['failures'])}" if s["failures"] else "")
-        for name, s in summary["sites"].items()
-    ]
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the Gen or Feedback framework configured by the run config."""
@@ -168,7 +152,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "prompt pool written to %s", run_dir / "prompts.json")
     strategy.final.tracker.write_summary(summary)
     strategy.final.tracker.finish()
-    for line in spend_lines(summary):
+    for line in site_lines(summary):
         log(INFO, line)
     log(INFO, "accuracy_real_test %s, accuracy_federated %s", summary["accuracy_real_test"], summary["accuracy_federated"])
     log(INFO, "summary written to %s", run_dir / "summary.json")

@@ -167,9 +167,21 @@ class CoAutoGenStrategy(Strategy):
     def _site(self, msg: Message, partition_id: int = -1) -> SiteRecord:
         node = msg.metadata.src_node_id
         record = self.sites.setdefault(node, SiteRecord(partition_id, node))
-        if partition_id >= 0:
+        if partition_id >= 0 and record.partition_id != partition_id:
             record.partition_id = partition_id
+            self._merge_earlier_records(record)
         return record
+
+    def _merge_earlier_records(self, record: SiteRecord) -> None:
+        """A resumed simulation gives the same site a new node id: fold the record the crashed
+        run kept under the old id into the new one (the partition id names the site)."""
+        for node, earlier in list(self.sites.items()):
+            if earlier is not record and earlier.partition_id == record.partition_id:
+                record.rounds_answered += earlier.rounds_answered
+                record.epsilon_spent = max(record.epsilon_spent, earlier.epsilon_spent)
+                record.epsilon_budget = record.epsilon_budget if record.epsilon_budget is not None else earlier.epsilon_budget
+                record.refusals[:0], record.failures[:0] = earlier.refusals, earlier.failures
+                del self.sites[node]
 
     def _drop(self, server_round: int, msg: Message, reason: str, refused: bool = False) -> None:
         node = msg.metadata.src_node_id
@@ -304,6 +316,7 @@ class CoAutoGenStrategy(Strategy):
             round=server_round + 1 if noised else server_round,
             noise_multiplier=float(self.noise_multiplier) if noised else 0.0,
             weights={name: array.numpy() for name, array in self.final.model_arrays.items()},
+            run_key=self.run_key,
             **self.final.model_spec(),
         )
         content = to_content(request.to_parts())

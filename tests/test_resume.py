@@ -131,3 +131,62 @@ def test_checkpoint_is_plain_json_with_the_votes_of_each_round(crashed_run):
     assert [r["round"] for r in data["completed"]] == [1, 2]
     assert all(len(r["votes"]) == len(r["candidate_ids"]) == 30 for r in data["completed"])
     assert np.isfinite([v for r in data["completed"] for v in r["votes"]]).all()
+
+
+# ---------------------------------------------------------------------------------- through Flower
+@pytest.mark.flower
+def test_coautogen_run_killed_mid_round_resumes(tmp_path):
+    """`coautogen run` and every process it started are SIGKILLed while round 2 is in flight (a
+    crash of the machine); `coautogen run --resume RUN_DIR` finishes the run: the finished rounds
+    on disk once each, the final dataset, every site's ledger one entry per release."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from flower_processes import ProcessWatch
+
+    coautogen = str(Path(sys.executable).parent / "coautogen")
+    run_dir = tmp_path / "runs" / "crash"
+    command = [coautogen, "run", "--out", str(tmp_path / "runs"), "--name", "crash", "--num-hospitals", "3",
+               "feedback.rounds=3", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=2"]
+    with ProcessWatch([str(tmp_path)]) as watch:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            watch.add_root(proc.pid)
+            deadline = time.monotonic() + 240
+            log = run_dir / "flower.log"
+            while not (log.is_file() and "round 2/3:" in log.read_text(errors="replace")):
+                assert proc.poll() is None, f"the run ended before round 2: {proc.communicate()}"
+                assert time.monotonic() < deadline, "round 2 never started"
+                time.sleep(0.2)
+                watch.scan()
+            watch.scan()
+            watch.kill_leftovers()  # SIGKILL to the launcher and everything it started, at once
+            proc.communicate(timeout=30)
+            assert proc.returncode == -9
+            assert Checkpoint.load(run_dir).completed_rounds in (1, 2) and not (run_dir / "summary.json").exists()
+
+            resumed = subprocess.run([coautogen, "run", "--resume", str(run_dir)], cwd=tmp_path,
+                                     capture_output=True, text=True, timeout=300)
+            watch.scan()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            leftovers = watch.wait_all_gone(20.0)
+            watch.kill_leftovers()
+    assert not leftovers, leftovers
+    assert resumed.returncode == 0, f"{resumed.stdout}\n{resumed.stderr}"
+    assert "coautogen: resuming Feedback" in resumed.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["num_hospitals"] == 3
+    assert sorted(summary["sites"]) == ["0", "1", "2"] and all(s["rounds_answered"] == 3 for s in summary["sites"].values())
+    assert abs(summary["epsilon_spent_max"] - 1.0) < 1e-6
+    for site in range(3):
+        ledger = json.loads((run_dir / "sites" / f"site-{site}" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2, 3, 4]  # once each: 3 rounds and the evaluation
+        assert len({e["run_id"] for e in ledger["entries"]}) == 1  # the run key survived the resume
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == ["round_001", "round_002", "round_003"]
+    assert len(list((run_dir / "synthetic").rglob("*.png"))) == 100
