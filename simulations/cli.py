@@ -103,7 +103,7 @@ class ProgressFilter:
 
 def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Path]:
     """Fix the run directory and write the resolved config the ServerApp and sites will read."""
-    run_dir = resolve_run_dir(cfg)
+    run_dir = resolve_run_dir(cfg, base=Path.cwd())  # relative paths: where the command was launched
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} exists and is not empty; choose another --name or --out")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -190,3 +190,16 @@ def test_coautogen_run_killed_mid_round_resumes(tmp_path):
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
     assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == ["round_001", "round_002", "round_003"]
     assert len(list((run_dir / "synthetic").rglob("*.png"))) == 100
+
+
+def test_relative_run_paths_land_in_a_stated_place(tmp_path, monkeypatch):
+    """Issue 9: never "wherever the SuperLink runs": `coautogen run` resolves relative paths
+    against its launching directory, the ServerApp under ~/coautogen-fl."""
+    from coautogen_fl.rundir import resolve_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config("tracking.out_dir=runs", "tracking.run_name=r")
+    assert resolve_run_dir(cfg) == tmp_path / "home" / "coautogen-fl" / "runs" / "r"
+    assert resolve_run_dir(cfg, base=tmp_path / "launch") == tmp_path / "launch" / "runs" / "r"
+    assert resolve_run_dir(small_config(f"tracking.run_dir={tmp_path / 'abs'}")) == tmp_path / "abs"
