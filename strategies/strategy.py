@@ -48,6 +48,7 @@ class SiteRecord:
     epsilon_spent: float = 0.0
     epsilon_budget: float | None = None
     rounds_answered: int = 0
+    evaluations_answered: int = 0
     refusals: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -58,8 +59,8 @@ class SiteRecord:
 
     @property
     def status(self) -> str:
-        """answered (at least one round), else refused (on its own terms), failed, or not asked."""
-        if self.rounds_answered:
+        """answered (at least one request), else refused (on its own terms), failed, or not asked."""
+        if self.rounds_answered or self.evaluations_answered:
             return "answered"
         return "refused" if self.refusals else "failed" if self.failures else "not asked"
 
@@ -166,7 +167,7 @@ class CoAutoGenStrategy(Strategy):
 
     def _site(self, msg: Message, partition_id: int = -1) -> SiteRecord:
         node = msg.metadata.src_node_id
-        record = self.sites.setdefault(node, SiteRecord(partition_id, node))
+        record = self.sites.setdefault(node, SiteRecord(-1, node))
         if partition_id >= 0 and record.partition_id != partition_id:
             record.partition_id = partition_id
             self._merge_earlier_records(record)
@@ -178,6 +179,7 @@ class CoAutoGenStrategy(Strategy):
         for node, earlier in list(self.sites.items()):
             if earlier is not record and earlier.partition_id == record.partition_id:
                 record.rounds_answered += earlier.rounds_answered
+                record.evaluations_answered += earlier.evaluations_answered
                 record.epsilon_spent = max(record.epsilon_spent, earlier.epsilon_spent)
                 record.epsilon_budget = record.epsilon_budget if record.epsilon_budget is not None else earlier.epsilon_budget
                 record.refusals[:0], record.failures[:0] = earlier.refusals, earlier.failures
@@ -342,6 +344,7 @@ class CoAutoGenStrategy(Strategy):
             except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
                 self._drop(release, msg, f"evaluation: {exc}")
                 continue
+            self.sites[msg.metadata.src_node_id].evaluations_answered += 1
             correct += c
             count += n
         if count <= 0:

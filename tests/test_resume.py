@@ -203,3 +203,23 @@ def test_relative_run_paths_land_in_a_stated_place(tmp_path, monkeypatch):
     assert resolve_run_dir(cfg) == tmp_path / "home" / "coautogen-fl" / "runs" / "r"
     assert resolve_run_dir(cfg, base=tmp_path / "launch") == tmp_path / "launch" / "runs" / "r"
     assert resolve_run_dir(small_config(f"tracking.run_dir={tmp_path / 'abs'}")) == tmp_path / "abs"
+
+
+def test_a_resumed_simulation_names_each_site_once(tmp_path):
+    """Simulated sites come back with new node ids: the partition id names the site, and its
+    earlier record is folded into the new one (spend, rounds, evaluations)."""
+    from flwr.app import Message, RecordDict
+
+    from clients.wire import to_content
+    from strategy_helpers import FakeGrid, integer_votes, train_messages, vote_reply
+
+    s = build_strategy(small_config("federation.min_sites=1"), tmp_path)
+    old = train_messages(s, 1, FakeGrid([11]))[0]
+    s.aggregate_train(1, [vote_reply(old, integer_votes(1), 0.5, 0)])
+    m = Message(content=RecordDict(), dst_node_id=99, message_type=MessageType.EVALUATE)  # the same site, a new node id
+    reply = Message(content=to_content(P.EvaluationReply(3.0, 9.0, 0.9, 1.0, 0).to_parts()), reply_to=m)
+    s.aggregate_evaluate(2, [reply])
+    assert list(s.sites) == [99]
+    site = s.sites[99]
+    assert (site.partition_id, site.rounds_answered, site.evaluations_answered, site.epsilon_spent) == (0, 1, 1, 0.9)
+    assert run_summary(s.cfg, s, tmp_path, 1.0)["sites"]["0"]["status"] == "answered"
