@@ -75,7 +75,9 @@ class Site:
 
     def __init__(self, cfg: RunConfig, node_config: Mapping[str, Any], run_id: int | str = "") -> None:
         self.cfg = cfg
-        self.partition_id = int(node_config.get("partition-id", 0))
+        # The site's public name on the wire: its partition id, or -1 for a site with only a
+        # data-path (the server then names it by node id; two such sites must never merge).
+        self.partition_id = int(node_config.get("partition-id", -1))
         self.terms = SiteTerms.from_node_config(node_config, cfg, run_id, self.partition_id)
         folder = site_data_path(node_config, self.terms.operator_run)
         # The folder is loaded before the ledger and the secret key are touched: a site whose

@@ -207,3 +207,15 @@ def test_site_unit_is_calibrated_for_replacement(tmp_path):
     messages = train_messages(s, 1)
     _, metrics = s.aggregate_train(1, [vote_reply(m, integer_votes(i) / 100) for i, m in enumerate(messages)])
     assert metrics["aggregate_noise_std"] == pytest.approx(np.sqrt(3) * s.noise_multiplier * np.sqrt(2))
+
+
+def test_sites_with_only_a_data_path_are_never_one_site(tmp_path):
+    """Two deployed sites with a data-path and no partition-id answer with partition id -1: the
+    server names them by node id and never folds one into the other."""
+    from strategy_helpers import integer_votes, train_messages, vote_reply
+
+    s = build_strategy(small_config("federation.min_sites=1"), tmp_path)
+    messages = train_messages(s, 1)
+    s.aggregate_train(1, [vote_reply(m, integer_votes(i), 0.3, partition_id=-1) for i, m in enumerate(messages)])
+    assert sorted(s.sites) == sorted(m.metadata.dst_node_id for m in messages)
+    assert all(site.rounds_answered == 1 and site.name.startswith("node-") for site in s.sites.values())
