@@ -123,6 +123,11 @@ class Site:
         return self.releases.lookup(run_key, kind, round, fingerprint, charged=self.ledger.has_charge(run_key, round))
 
     def vote(self, request: P.VoteRequest, run_id: str = "") -> P.VoteReply:
+        """:meth:`_vote` under the site's release lock."""
+        with self.releases.exclusive():
+            return self._vote(request, run_id)
+
+    def _vote(self, request: P.VoteRequest, run_id: str = "") -> P.VoteReply:
         """Clean votes, the ledger charge, then (local mode) the noise, in that order.
 
         The ledger is charged before anything leaves the site; a charge past the site's
@@ -161,6 +166,11 @@ class Site:
         return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma)
 
     def release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
+        """:meth:`_release_accuracy` under the site's release lock."""
+        with self.releases.exclusive():
+            return self._release_accuracy(correct, count, request, run_id)
+
+    def _release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
         """The evaluation release: both counts noised (L2 sensitivity sqrt 2) and charged first,
         or, when the noise multiplier is 0 and only if the site's terms allow it, exact with the
         accuracy. A repeated request of a resumed run gets the stored release."""

@@ -11,8 +11,11 @@ refuses too, because it cannot prove what it sent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,19 @@ class ReleaseStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One release at a time for this site, across processes: the look-up, the ledger charge
+        and the store are one step, so a late copy of a request (a restarted SuperLink handing out
+        a message of the crashed run) and the resumed request cannot interleave."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _path(self, run_key: str, kind: str, round: int) -> Path:
         return self.folder / _safe(run_key) / f"{_safe(kind)}-{int(round):04d}.json"
