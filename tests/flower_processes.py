@@ -18,6 +18,7 @@ itself (tree walk, PID-reuse guard, stopping) is ``simulations/processes.py``.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -254,17 +255,24 @@ class FlowerProcess:
 
 
 def start_superlink(port: int, env: Mapping[str, str], cwd: Path, log: Path, watch: ProcessWatch | None = None,
-                    timeout: float = 60.0) -> FlowerProcess:
-    """A deployment SuperLink: Fleet, Control and ServerAppIo APIs all on ``127.0.0.1:port``."""
-    command = [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-               "--host", "127.0.0.1", "--port", str(port)]
-    link = FlowerProcess("flower-superlink", command, env, cwd, log, watch)
+                    timeout: float = 60.0, *, database: Path | None = None, tls: Sequence[str] = (),
+                    verify: ssl.SSLContext | None = None) -> FlowerProcess:
+    """A deployment SuperLink: Fleet, Control and ServerAppIo APIs all on ``127.0.0.1:port``.
+
+    ``database``: ``--database FILE`` (state kept across restarts). ``tls``: the TLS and
+    authentication flags (``--ssl-*``, ``--enable-supernode-auth``) instead of ``--insecure``;
+    the health endpoint is then asked over HTTPS, verified with ``verify``.
+    """
+    command = [str(BIN / "flower-superlink"), *(tls or ["--insecure"]), "--disable-runtime-dependency-installation",
+               *(["--database", str(database)] if database else []), "--host", "127.0.0.1", "--port", str(port)]
+    link = FlowerProcess("flower-superlink" + (" (TLS)" if tls else ""), command, env, cwd, log, watch)
+    health = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if link.proc.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {link.proc.returncode}:\n{tail(link.output())}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+            if httpx.get(health, timeout=1.0, **({"verify": verify} if tls else {})).is_success:
                 return link
         except httpx.HTTPError:
             pass

@@ -49,6 +49,7 @@ from flower_processes import (
     flower_env,
     node_id_of,
     processes_naming,
+    start_superlink,
     start_supernode,
     tail,
     write_connection,
@@ -86,46 +87,6 @@ NOTICED, RECONNECTED = "Connection attempt failed", "Connection successful after
 
 
 # ---------------------------------------------------------------------------------- helpers
-def start_superlink(
-    port: int,
-    database: Path,
-    env: Mapping[str, str],
-    cwd: Path,
-    log: Path,
-    watch: ProcessWatch,
-    timeout: float = 60.0,
-) -> FlowerProcess:
-    """``flower-superlink --insecure --database FILE`` on ``127.0.0.1:port``; waits for its health endpoint."""
-    command = [
-        str(BIN / "flower-superlink"),
-        "--insecure",
-        "--disable-runtime-dependency-installation",
-        "--database",
-        str(database),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    link = FlowerProcess("flower-superlink", command, env, cwd, log, watch)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if link.proc.poll() is not None:
-            raise RuntimeError(
-                f"flower-superlink exited with code {link.proc.returncode}:\n{tail(link.output())}"
-            )
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
-                return link
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    link.stop()
-    raise TimeoutError(
-        f"flower-superlink did not answer on port {port} within {timeout:.0f} s:\n{tail(link.output())}"
-    )
-
-
 def site_config(pid: int, state_dir: Path) -> str:
     """A deployed site's own terms: its partition, its state dir, its budget."""
     return f'partition-id={pid} num-partitions={NUM_SITES} state-dir="{state_dir}" site-epsilon={EPSILON}'
@@ -241,9 +202,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
         try:
             # ---------------------------------------------------------- the deployment and the run
             links.append(
-                start_superlink(
-                    link_port, database, env, cwd, tmp_path / "superlink-1.log", watch
-                )
+                start_superlink(link_port, env, cwd, tmp_path / "superlink-1.log", watch, database=database)
             )
             for i in range(NUM_SITES):
                 port = free_port()
@@ -352,9 +311,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
 
             # ---------------------------------------------------------- (a) restart the SuperLink
             links.append(
-                start_superlink(
-                    link_port, database, env, cwd, tmp_path / "superlink-2.log", watch
-                )
+                start_superlink(link_port, env, cwd, tmp_path / "superlink-2.log", watch, database=database)
             )
             mark("superlink restarted")
             deadline = time.monotonic() + RECONNECT_S

@@ -58,6 +58,7 @@ from flower_processes import (
     flower_env,
     node_id_of,
     processes_naming,
+    start_superlink,
     tail,
 )
 
@@ -203,37 +204,10 @@ def start_tls_superlink(
 ) -> FlowerProcess:
     """``flower-superlink`` with TLS, SuperNode authentication and a database file; waits until its
     health endpoint answers over HTTPS verified against the site CA."""
-    command = [
-        str(BIN / "flower-superlink"),
-        "--ssl-ca-certfile",
-        str(certs["ca"]),
-        "--ssl-certfile",
-        str(certs["cert"]),
-        "--ssl-keyfile",
-        str(certs["key"]),
-        "--enable-supernode-auth",
-        "--database",
-        str(database),
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    link = FlowerProcess("flower-superlink (TLS)", command, env, cwd, log, watch)
-    context = ssl.create_default_context(cafile=str(certs["ca"]))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if link.proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {link.proc.returncode}:\n{tail(link.output())}")
-        try:
-            if httpx.get(f"https://127.0.0.1:{port}/health", verify=context, timeout=1.0).is_success:
-                return link
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    link.stop()
-    raise TimeoutError(f"flower-superlink did not answer on port {port} within {timeout:.0f} s:\n{tail(link.output())}")
+    tls = ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+           "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth"]  # fmt: skip
+    verify = ssl.create_default_context(cafile=str(certs["ca"]))
+    return start_superlink(port, env, cwd, log, watch, timeout, database=database, tls=tls, verify=verify)
 
 
 def start_node(
