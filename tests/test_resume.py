@@ -149,23 +149,22 @@ def test_coautogen_run_killed_mid_round_resumes(tmp_path):
     coautogen = str(Path(sys.executable).parent / "coautogen")
     run_dir = tmp_path / "runs" / "crash"
     command = [coautogen, "run", "--out", str(tmp_path / "runs"), "--name", "crash", "--num-hospitals", "3",
-               "feedback.rounds=3", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=2"]
+               "feedback.rounds=3", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=20"]
     with ProcessWatch([str(tmp_path)]) as watch:
         proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             watch.add_root(proc.pid)
             deadline = time.monotonic() + 240
-            log = run_dir / "flower.log"
-            while not (log.is_file() and "round 2/3:" in log.read_text(errors="replace")):
-                assert proc.poll() is None, f"the run ended before round 2: {proc.communicate()}"
-                assert time.monotonic() < deadline, "round 2 never started"
-                time.sleep(0.2)
-                watch.scan()
+            while not (run_dir / "checkpoint.json").is_file():  # round 1 decided: round 2 goes out now
+                assert proc.poll() is None, f"the run ended before round 1 was decided: {proc.communicate()}"
+                assert time.monotonic() < deadline, "round 1 was never decided"
+                time.sleep(0.05)
             watch.scan()
             watch.kill_leftovers()  # SIGKILL to the launcher and everything it started, at once
             proc.communicate(timeout=30)
             assert proc.returncode == -9
-            assert Checkpoint.load(run_dir).completed_rounds in (1, 2) and not (run_dir / "summary.json").exists()
+            # Killed after round 1 and before the end (the 20-epoch final stage leaves a wide margin).
+            assert Checkpoint.load(run_dir).completed_rounds >= 1 and not (run_dir / "summary.json").exists()
 
             resumed = subprocess.run([coautogen, "run", "--resume", str(run_dir)], cwd=tmp_path,
                                      capture_output=True, text=True, timeout=300)
