@@ -78,6 +78,7 @@ class Site:
         # The site's public name on the wire: its partition id, or -1 for a site with only a
         # data-path (the server then names it by node id; two such sites must never merge).
         self.partition_id = int(node_config.get("partition-id", -1))
+        self.label = str(node_config.get("site-name", ""))  # public: how the server's summary names this site
         self.terms = SiteTerms.from_node_config(node_config, cfg, run_id, self.partition_id)
         folder = site_data_path(node_config, self.terms.operator_run)
         # The folder is loaded before the ledger and the secret key are touched: a site whose
@@ -149,7 +150,7 @@ class Site:
         stored = self._stored(run_key, "train", request.round, fingerprint)
         if stored is not None:
             votes = np.asarray(stored["votes"], dtype=np.float64)
-            return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier)
+            return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
         rater = build_rater(request.rater, request.k)
         votes = rater.score(
             self.embeddings, self.data.train.labels, request.embeddings.astype(np.float32), request.labels
@@ -163,7 +164,7 @@ class Site:
         if mode == "local":
             votes = mechanism.apply(votes)
         self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
-        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma)
+        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma, self.label)
 
     def release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
         """:meth:`_release_accuracy` under the site's release lock."""
@@ -188,15 +189,18 @@ class Site:
                 self.terms.epsilon_budget,
                 self.partition_id,
                 accuracy,
+                self.label,
             )
         mechanism = GaussianMechanism(sigma, EVALUATION_SENSITIVITY)
         fingerprint = request.fingerprint()
         stored = self._stored(run_key, "evaluate", round, fingerprint)
         if stored is not None:
-            return P.EvaluationReply(stored["correct"], stored["count"], self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id)
+            return P.EvaluationReply(
+                stored["correct"], stored["count"], self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, site_label=self.label
+            )
         spent = self.ledger.charge(sigma, round=round, run_id=run_key)
         noised = mechanism.apply(np.array([correct, count], dtype=np.float64))
         self.releases.save(run_key, "evaluate", round, fingerprint, {"correct": float(noised[0]), "count": float(noised[1])})
         return P.EvaluationReply(
-            float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id
+            float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id, site_label=self.label
         )

@@ -21,6 +21,7 @@ SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 #: The keys a site may set (others are refused, so a typo never silently weakens a term).
 SITE_NODE_KEYS = SIMULATION_NODE_KEYS | {
     "data-path",
+    "site-name",
     "state-dir",
     "site-epsilon",
     "site-delta",

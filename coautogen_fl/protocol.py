@@ -32,6 +32,7 @@ NOISE_MULTIPLIER, PRIVACY_MODE, PRIVACY_UNIT = "noise-multiplier", "privacy-mode
 MODEL, NUM_CLASSES, CHANNELS, IMAGE_SIZE = "model", "num-classes", "channels", "image-size"
 EVALUATION_NOISE = "evaluation-noise-multiplier"
 RUN_KEY = "run-key"
+SITE, SITE_LABEL = "site", "site-label"
 EPSILON_SPENT, EPSILON_BUDGET, PARTITION_ID = "epsilon-spent", "epsilon-budget", "partition-id"
 CORRECT, NUM_EXAMPLES, ACCURACY = "correct", "num-examples", "accuracy"
 
@@ -65,6 +66,7 @@ _SITE_BOOKKEEPING = (
     WireField(METRICS, EPSILON_SPENT, Release.PUBLIC, "the site's total epsilon after this release"),
     WireField(METRICS, EPSILON_BUDGET, Release.PUBLIC, "the site's own budget (its node config)"),
     WireField(METRICS, PARTITION_ID, Release.PUBLIC, "the site's partition id (its node config)"),
+    WireField(SITE, SITE_LABEL, Release.PUBLIC, "the site's own name (node config site-name; empty if unset)"),
 )
 
 #: Every field a site may send, by message type. Nothing else leaves a site.
@@ -135,6 +137,11 @@ def _get(record: Mapping[str, Any] | None, key: str, kind: type, what: str) -> A
         return kind(value)
     except (TypeError, ValueError):
         raise ReplyError(f"{what}: '{key}' is {value!r}, expected {kind.__name__}") from None
+
+
+def _label(parts: WireParts) -> str:
+    """A reply's site label (optional on the wire: an older site sends none)."""
+    return str(parts.configs.get(SITE, {}).get(SITE_LABEL, ""))
 
 
 def _finite_non_negative(value: float, name: str) -> float:
@@ -218,6 +225,7 @@ class VoteReply:
     epsilon_budget: float
     partition_id: int
     noise_multiplier: float
+    site_label: str = ""
 
     def to_parts(self) -> WireParts:
         metrics = {
@@ -226,7 +234,8 @@ class VoteReply:
             PARTITION_ID: int(self.partition_id),
             NOISE_MULTIPLIER: float(self.noise_multiplier),
         }
-        return WireParts(arrays={VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}, metrics={METRICS: metrics})
+        arrays = {VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}
+        return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "VoteReply":
@@ -239,6 +248,7 @@ class VoteReply:
             epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
             partition_id=_get(metrics, PARTITION_ID, int, what),
             noise_multiplier=_get(metrics, NOISE_MULTIPLIER, float, what),
+            site_label=_label(parts),
         )
 
 
@@ -303,6 +313,7 @@ class EvaluationReply:
     epsilon_budget: float
     partition_id: int
     accuracy: Optional[float] = None  # only in a clear release
+    site_label: str = ""
 
     def to_parts(self) -> WireParts:
         metrics: dict[str, Union[int, float]] = {
@@ -314,7 +325,7 @@ class EvaluationReply:
         }
         if self.accuracy is not None:
             metrics[ACCURACY] = float(self.accuracy)
-        return WireParts(metrics={METRICS: metrics})
+        return WireParts(configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "EvaluationReply":
@@ -327,6 +338,7 @@ class EvaluationReply:
             epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
             partition_id=_get(metrics, PARTITION_ID, int, what),
             accuracy=accuracy,
+            site_label=_label(parts),
         )
 
 

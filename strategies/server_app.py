@@ -82,6 +82,7 @@ def site_entry(site: SiteRecord) -> dict[str, Any]:
     """One site in summary.json: who it is, what became of each request, its own budget and spend."""
     return {
         "partition_id": site.partition_id if site.partition_id >= 0 else None,
+        "site_name": site.label or None,
         "node_id": site.node_id,
         "status": site.status,
         "rounds_answered": site.rounds_answered,

@@ -45,6 +45,7 @@ class SiteRecord:
 
     partition_id: int
     node_id: int = 0
+    label: str = ""  # the site's own name (node config site-name), if it set one
     epsilon_spent: float = 0.0
     epsilon_budget: float | None = None
     rounds_answered: int = 0
@@ -54,7 +55,9 @@ class SiteRecord:
 
     @property
     def name(self) -> str:
-        """The partition id once the site has said it; its node id until then."""
+        """The site's own name if it set one, else its partition id, else ``node-<id>``."""
+        if self.label:
+            return self.label
         return str(self.partition_id) if self.partition_id >= 0 else f"node-{self.node_id}"
 
     @property
@@ -165,9 +168,10 @@ class CoAutoGenStrategy(Strategy):
         P.validate_votes(reply.votes, len(self.evolution.pool), noise_std, max_clean)
         return reply
 
-    def _site(self, msg: Message, partition_id: int = -1) -> SiteRecord:
+    def _site(self, msg: Message, partition_id: int = -1, label: str = "") -> SiteRecord:
         node = msg.metadata.src_node_id
         record = self.sites.setdefault(node, SiteRecord(-1, node))
+        record.label = label or record.label
         if partition_id >= 0 and record.partition_id != partition_id:
             record.partition_id = partition_id
             self._merge_earlier_records(record)
@@ -239,7 +243,7 @@ class CoAutoGenStrategy(Strategy):
                 votes = normalise_site_vector(votes)  # a site the server trusts may still send more
             total += votes
             valid += 1
-            site = self._site(msg, reply.partition_id)
+            site = self._site(msg, reply.partition_id, reply.site_label)
             site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
             site.epsilon_budget = reply.epsilon_budget
             site.rounds_answered += 1
@@ -356,7 +360,7 @@ class CoAutoGenStrategy(Strategy):
     def _parse_evaluation(self, msg: Message, noised: bool) -> tuple[float, float]:
         """(correct, count) of one evaluation reply; raises ReplyError when unusable."""
         reply = P.EvaluationReply.from_parts(from_content(msg.content))
-        site = self._site(msg, reply.partition_id)  # names a site that refused every vote
+        site = self._site(msg, reply.partition_id, reply.site_label)  # names a site that refused every vote
         site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
         site.epsilon_budget = reply.epsilon_budget
         c, n = reply.correct, reply.count

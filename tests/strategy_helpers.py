@@ -110,3 +110,15 @@ class InProcessGrid(FakeGrid):
             handler = client_app.train if m.metadata.message_type == MessageType.TRAIN else client_app.evaluate
             replies.append(handler(m, self.contexts[m.metadata.dst_node_id]))
         return replies
+
+
+def sent_fields(reply: Message) -> set[tuple[str, str]]:
+    """(record, key) of everything a reply carries, in every record kind."""
+    content = reply.content
+    records = [*content.array_records.items(), *content.config_records.items(), *content.metric_records.items()]
+    return {(name, key) for name, record in records for key in record}
+
+
+def declared_fields(kind: str) -> set[tuple[str, str]]:
+    """(record, key) of every field protocol.SITE_REPLY_FIELDS declares for ``kind``."""
+    return {(f.record, f.key) for f in P.SITE_REPLY_FIELDS[kind]}

@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients import client_app
 from clients.site import Site
 from clients.wire import to_content
+from strategy_helpers import declared_fields, sent_fields
 from coautogen_fl import protocol as P
 from coautogen_fl.config import config_from_run_config, flatten, load_config, to_dict
 from coautogen_fl.data import load_pool_and_test
@@ -115,8 +116,9 @@ def test_train_reply_has_votes_and_metrics(tmp_path):
     assert metrics[P.NOISE_MULTIPLIER] == pytest.approx(sigma_for_run())
     # Nothing else leaves the site: one vote vector and aggregate metrics.
     assert set(reply.content.array_records) == {P.VOTES} and set(reply.content.array_records[P.VOTES]) == {P.VOTES}
-    assert set(reply.content.metric_records) == {P.METRICS} and not reply.content.config_records
-    assert {(P.METRICS, key) for key in metrics} | {(P.VOTES, P.VOTES)} == {(f.record, f.key) for f in P.SITE_REPLY_FIELDS["train"]}
+    assert set(reply.content.metric_records) == {P.METRICS}
+    assert sent_fields(reply) == declared_fields("train")
+    assert reply.content.config_records[P.SITE][P.SITE_LABEL] == ""  # no site-name in its node config
 
 
 def test_local_mode_votes_are_noised(tmp_path):
@@ -411,7 +413,7 @@ def test_a_site_with_a_small_class_and_a_corrupt_file_still_votes(tmp_path, capl
         reply = client_app.train(train_request(embeddings, labels), context)
     votes_of(reply)  # votes, not an error
     metrics = reply.content.metric_records[P.METRICS]
-    assert {(P.METRICS, key) for key in metrics} | {(P.VOTES, P.VOTES)} == {(f.record, f.key) for f in P.SITE_REPLY_FIELDS["train"]}
+    assert sent_fields(reply) == declared_fields("train")
     warned = [r.getMessage() for r in caplog.records if r.name == "flwr" and r.levelno == logging.WARNING]
     assert len(warned) == 1 and "broken.png" in warned[0] and "class '3'" in warned[0] and "class '7'" in warned[0]
     assert len(client_app.get_site(context).data.train) + len(client_app.get_site(context).data.test) == 8 * 6 + 1

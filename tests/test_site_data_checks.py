@@ -27,6 +27,7 @@ from clients import client_app
 from clients import site as site_module
 from clients.wire import from_content, to_content
 from coautogen_fl import protocol as P
+from strategy_helpers import declared_fields, sent_fields
 from coautogen_fl.config import config_from_run_config, flatten, load_config, to_dict
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import noise_multiplier_for_epsilon
@@ -98,10 +99,7 @@ def records(caplog, level=logging.WARNING) -> list[str]:
 
 def assert_declared_vote_reply(reply: Message) -> None:
     assert not reply.has_error(), reply.error.reason
-    metrics = reply.content.metric_records[P.METRICS]
-    sent = {(P.METRICS, key) for key in metrics} | {(name, key) for name, rec in reply.content.array_records.items() for key in rec}
-    assert sent == {(f.record, f.key) for f in P.SITE_REPLY_FIELDS["train"]}
-    assert not reply.content.config_records
+    assert sent_fields(reply) == declared_fields("train")
 
 
 # ------------------------------------------------------------------ unreadable files and small classes

@@ -219,3 +219,18 @@ def test_sites_with_only_a_data_path_are_never_one_site(tmp_path):
     s.aggregate_train(1, [vote_reply(m, integer_votes(i), 0.3, partition_id=-1) for i, m in enumerate(messages)])
     assert sorted(s.sites) == sorted(m.metadata.dst_node_id for m in messages)
     assert all(site.rounds_answered == 1 and site.name.startswith("node-") for site in s.sites.values())
+
+
+def test_a_site_named_in_its_node_config_is_named_so_in_the_summary(tmp_path):
+    """A deployed site with a data-path and no partition id is named by its node config's
+    site-name (public, declared), or by its node id."""
+    from strategies.server_app import run_summary
+
+    context = deployed_site(tmp_path, **{"site-name": "st-marys"})
+    s = build_strategy(small_config("federation.min_sites=1"), tmp_path / "srv")
+    reply = client_app.train(request_from(s, tmp_path), context)
+    assert reply.content.config_records[P.SITE][P.SITE_LABEL] == "st-marys"
+    s.aggregate_train(1, [reply])
+    summary = run_summary(s.cfg, s, tmp_path, 1.0)
+    assert list(summary["sites"]) == ["st-marys"]
+    assert summary["sites"]["st-marys"]["site_name"] == "st-marys" and summary["sites"]["st-marys"]["node_id"] == 5

@@ -65,6 +65,9 @@ def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[st
             P.NOISE_MULTIPLIER: noise_multiplier,
             P.EPSILON_SPENT: epsilon_for_noise(sigmas[site], float(node["site-delta"])) if sigmas[site] else 0.0,
         }
+        label = entry["configs"].get(P.SITE, {}).get(P.SITE_LABEL)
+        if label is not None and label != node.get("site-name", ""):
+            problems.append(f"reply {i}: public site-label {label!r} is not the node config's site-name")
         for key, value in metrics.items():
             field = declared.get((P.METRICS, key))
             if (
@@ -108,7 +111,7 @@ def test_the_wire_check_flags_what_the_old_replies_carried(tmp_path):
     old = {
         "node_config": node,
         "message_type": MessageType.TRAIN,
-        "configs": {},
+        "configs": {P.SITE: {P.SITE_LABEL: ""}},
         "arrays": {P.VOTES: {P.VOTES: {"values": [1.0]}}},
         "metrics": {
             P.METRICS: {
