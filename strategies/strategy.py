@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -32,6 +33,18 @@ from clients.wire import from_content, to_content
 
 from .outcome import FinalStage
 from .resume import checkpoint_of
+
+
+#: Error replies Flower itself makes, by its code (``flwr.common.constant.ErrorCode``); their text
+#: (tracebacks of a ClientApp that raised) is never recorded.
+FLOWER_ERRORS = {
+    ErrorCode.NODE_UNAVAILABLE: "failed: the node was lost (Flower: node unavailable)",
+    ErrorCode.CLIENT_APP_CRASHED: "failed: the site's ClientApp crashed",
+    ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "failed: the site's ClientApp raised an exception",
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "failed: the site could not load its ClientApp",
+    ErrorCode.MESSAGE_UNAVAILABLE: "failed: Flower lost the request",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "failed: Flower lost the reply",
+}
 
 
 class RoundFailed(RuntimeError):
@@ -115,6 +128,7 @@ class CoAutoGenStrategy(Strategy):
         self.federated_accuracy: float | None = None
         self.planned_sites = 0  # the nodes the federation had when the run asked
         self.sampled: dict[int, list[int]] = {}  # round -> nodes asked
+        self._outbox: list[Message] = []  # this round's requests: a reply names its request
         self._node_rng = random.Random(cfg.generator.seed)
         self._round_start = time.time()
 
@@ -160,7 +174,8 @@ class CoAutoGenStrategy(Strategy):
         for node in nodes:  # every site asked is named in the summary, also if it never answers
             self.sites.setdefault(node, SiteRecord(-1, node))
         log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
-        return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        self._outbox = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        return self._outbox
 
     def _parse_vote_reply(self, msg: Message, noise_std: float) -> P.VoteReply:
         reply = P.VoteReply.from_parts(from_content(msg.content))
@@ -168,8 +183,14 @@ class CoAutoGenStrategy(Strategy):
         P.validate_votes(reply.votes, len(self.evolution.pool), noise_std, max_clean)
         return reply
 
+    def sender(self, msg: Message) -> int:
+        """The site a reply is about: the node its request went to. An error reply Flower makes
+        itself (a lost node) comes from the SuperLink's id, not from the site's."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox if m.metadata.message_id}
+        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
     def _site(self, msg: Message, partition_id: int = -1, label: str = "") -> SiteRecord:
-        node = msg.metadata.src_node_id
+        node = self.sender(msg)
         record = self.sites.setdefault(node, SiteRecord(-1, node))
         record.label = label or record.label
         if partition_id >= 0 and record.partition_id != partition_id:
@@ -190,7 +211,7 @@ class CoAutoGenStrategy(Strategy):
                 del self.sites[node]
 
     def _drop(self, server_round: int, msg: Message, reason: str, refused: bool = False) -> None:
-        node = msg.metadata.src_node_id
+        node = self.sender(msg)
         log(WARNING, "round %d: %s reply of node %d: %s", server_round, "refused" if refused else "dropped", node, reason)
         site = self._site(msg)
         self.dropped.append({"round": server_round, "node": node, "site": site.name, "refused": refused, "reason": reason})
@@ -198,7 +219,7 @@ class CoAutoGenStrategy(Strategy):
 
     def _record_missing(self, server_round: int, replies: list[Message]) -> None:
         """Sites asked in this round that sent nothing back (lost, killed, timed out)."""
-        answered = {msg.metadata.src_node_id for msg in replies}
+        answered = {self.sender(msg) for msg in replies}
         for node in self.sampled.get(server_round, []):
             if node not in answered:
                 site = self.sites.setdefault(node, SiteRecord(-1, node))
@@ -216,7 +237,7 @@ class CoAutoGenStrategy(Strategy):
         """Record an error reply: its code and the generic line the protocol gives it (never the
         text the site sent); a refusal on the site's own terms also goes to the site's record."""
         code = int(msg.error.code)
-        reason = P.ERROR_REASONS.get(code, "error reply with an unknown code")
+        reason = P.ERROR_REASONS.get(code) or FLOWER_ERRORS.get(code, "error reply with an unknown code")
         self._drop(server_round, msg, f"{what}{reason} (code {code})", refused=code in P.REFUSAL_CODES)
 
     def noise_aggregate(self, votes: np.ndarray) -> np.ndarray:
@@ -326,7 +347,8 @@ class CoAutoGenStrategy(Strategy):
             **self.final.model_spec(),
         )
         content = to_content(request.to_parts())
-        return [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in sorted(grid.get_node_ids())]
+        self._outbox = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in sorted(grid.get_node_ids())]
+        return self._outbox
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Count-weighted mean of the sites' private test accuracies.
@@ -348,7 +370,7 @@ class CoAutoGenStrategy(Strategy):
             except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
                 self._drop(release, msg, f"evaluation: {exc}")
                 continue
-            self.sites[msg.metadata.src_node_id].evaluations_answered += 1
+            self.sites[self.sender(msg)].evaluations_answered += 1
             correct += c
             count += n
         if count <= 0:

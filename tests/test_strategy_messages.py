@@ -291,3 +291,22 @@ def test_central_site_unit_normalises_each_site_vector(tmp_path):
     np.testing.assert_allclose(total, expected)
 
 
+
+
+def test_an_error_reply_flower_makes_for_a_lost_node_names_that_node(tmp_path):
+    """Flower answers for a node that died with its own error (code 5, sent from the SuperLink's
+    id): the strategy names the node the request went to, not the SuperLink."""
+    from flwr.common.constant import ErrorCode
+
+    s = build_strategy(small_config("federation.min_sites=2"), tmp_path)
+    messages = train_messages(s, 1)
+    for i, m in enumerate(messages):  # what the Grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"msg-{i}"
+    by = by_node(messages)
+    lost = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=by[13])
+    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's id
+    assert lost.metadata.src_node_id == 1 and lost.metadata.reply_to_message_id == "msg-2"
+    s.aggregate_train(1, [vote_reply(by[11], integer_votes(1), 0.5, 0), vote_reply(by[12], integer_votes(2), 0.5, 1), lost])
+    assert sorted(s.sites) == [11, 12, 13] and s.sites[13].status == "failed"
+    assert s.sites[13].failures == ["round 1: failed: the node was lost (Flower: node unavailable) (code 5)"]
+    assert [d["node"] for d in s.dropped] == [13]  # once: not also as a missing reply
