@@ -129,6 +129,7 @@ class CoAutoGenStrategy(Strategy):
         self.planned_sites = 0  # the nodes the federation had when the run asked
         self.sampled: dict[int, list[int]] = {}  # round -> nodes asked
         self._outbox: list[Message] = []  # this round's requests: a reply names its request
+        self._sent_to: dict[str, int] = {}  # message id -> node, of the sent outbox
         self._node_rng = random.Random(cfg.generator.seed)
         self._round_start = time.time()
 
@@ -174,7 +175,7 @@ class CoAutoGenStrategy(Strategy):
         for node in nodes:  # every site asked is named in the summary, also if it never answers
             self.sites.setdefault(node, SiteRecord(-1, node))
         log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
-        self._outbox = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        self._outbox, self._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes], {}
         return self._outbox
 
     def _parse_vote_reply(self, msg: Message, noise_std: float) -> P.VoteReply:
@@ -186,8 +187,9 @@ class CoAutoGenStrategy(Strategy):
     def sender(self, msg: Message) -> int:
         """The site a reply is about: the node its request went to. An error reply Flower makes
         itself (a lost node) comes from the SuperLink's id, not from the site's."""
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox if m.metadata.message_id}
-        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        if len(self._sent_to) != len(self._outbox):  # the Grid sets message ids when it sends
+            self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox if m.metadata.message_id}
+        return self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def _site(self, msg: Message, partition_id: int = -1, label: str = "") -> SiteRecord:
         node = self.sender(msg)
@@ -347,7 +349,8 @@ class CoAutoGenStrategy(Strategy):
             **self.final.model_spec(),
         )
         content = to_content(request.to_parts())
-        self._outbox = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in sorted(grid.get_node_ids())]
+        nodes = sorted(grid.get_node_ids())
+        self._outbox, self._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes], {}
         return self._outbox
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
