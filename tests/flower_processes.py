@@ -17,12 +17,15 @@ itself (tree walk, PID-reuse guard, stopping) is ``simulations/processes.py``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -297,3 +300,51 @@ def node_id_of(node: FlowerProcess, timeout: float = 60.0) -> int:
 
 def tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------- deployment tests
+def site_config(pid: int, num_sites: int, state_dir: Path, budget: float | None) -> str:
+    """A deployed site's node config: its partition, its state dir and (unless None) its budget."""
+    config = f'partition-id={pid} num-partitions={num_sites} state-dir="{state_dir}"'
+    return config if budget is None else f"{config} site-epsilon={budget}"
+
+
+def flwr(args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """The ``flwr`` CLI of this venv (output captured, never raising on a non-zero exit)."""
+    return subprocess.run([str(BIN / "flwr"), *args], env=dict(env), cwd=cwd, capture_output=True, text=True,
+                          check=False, timeout=timeout)  # fmt: skip
+
+
+def run_id_of(output: str) -> int | None:
+    """The run id `flwr run` printed, if any."""
+    match = re.search(r"run (?:ID|id)[:\s]+(\d+)|Successfully started run (\d+)", output)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def ledger_of(state_dir: Path) -> list[dict]:
+    """A site's ledger entries ([] while it has none; a torn read counts as none yet)."""
+    try:
+        return json.loads((state_dir / "privacy_ledger.json").read_text())["entries"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def kill_tree(process: FlowerProcess) -> list[processes.ProcessRecord]:
+    """SIGKILL ``process`` and everything below it at once, by PID: its machine dies. Returns
+    what was killed."""
+    root = processes.record(process.pid)
+    assert root is not None and process.proc.poll() is None, f"{process.name} was already gone"
+    victims = [root, *processes.descendants(root)]
+    for rec in victims:
+        proc = processes.current(rec)
+        if proc is not None:
+            proc.kill()
+    process.proc.wait(timeout=30)
+    return victims
+
+
+def stop_all(procs: Sequence[FlowerProcess]) -> None:
+    """Stop each process and its tree by PID (:meth:`FlowerProcess.stop`), all at the same time."""
+    with ThreadPoolExecutor(max_workers=max(1, len(procs))) as pool:
+        for future in [pool.submit(p.stop) for p in procs]:
+            future.result()

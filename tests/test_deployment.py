@@ -36,10 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from coautogen_fl import protocol as P
-from coautogen_fl.config import load_config, save_config
-from coautogen_fl.privacy import PrivacyLedger, epsilon_for_noise, noise_multiplier_for_epsilon
 from flower_processes import (
     BIN,
     FlowerProcess,
@@ -48,10 +44,20 @@ from flower_processes import (
     flower_env,
     node_id_of,
     processes_naming,
+    run_id_of,
+    site_config,
     start_superlink,
     start_supernode,
     tail,
     write_connection,
+)
+
+from coautogen_fl import protocol as P
+from coautogen_fl.config import load_config, save_config
+from coautogen_fl.privacy import (
+    PrivacyLedger,
+    epsilon_for_noise,
+    noise_multiplier_for_epsilon,
 )
 from simulations.launcher import app_dir, free_port, parse_status
 
@@ -93,7 +99,7 @@ class Federation:
         self.watch.add_marker(f"127.0.0.1:{self.link_port}")
         write_connection(Path(self.env["FLWR_HOME"]), CONNECTION, f"127.0.0.1:{self.link_port}")
         self.superlink = start_superlink(self.link_port, self.env, self.cwd, self.root / f"{self.name}-superlink.log", self.watch)
-        self.add_nodes({pid: site_config(pid, state_dir, budget) for pid, (state_dir, budget) in sites.items()})
+        self.add_nodes({pid: site_config(pid, NUM_SITES, state_dir, budget) for pid, (state_dir, budget) in sites.items()})
 
     def add_nodes(self, configs: dict[int | str, str]) -> None:
         """Start one SuperNode per node config (key -> config) and wait until all registered."""
@@ -118,12 +124,6 @@ class Federation:
         return "\n".join(parts)
 
 
-def site_config(pid: int, state_dir: Path, budget: float | None) -> str:
-    """A deployed site's node config: its partition, its state dir and (unless None) its budget."""
-    config = f'partition-id={pid} num-partitions={NUM_SITES} state-dir="{state_dir}"'
-    return config if budget is None else f"{config} site-epsilon={budget}"
-
-
 def write_run_config(root: Path, name: str, rounds: int, run_dir: Path | None = None) -> Path:
     run_dir = root / name if run_dir is None else run_dir
     cfg = load_config(overrides=[*TINY, f"feedback.rounds={rounds}", f"tracking.run_dir={run_dir}"])
@@ -142,9 +142,8 @@ def flwr_run(federation: Federation, config_file: Path, extra: dict[str, str] | 
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT_S:.0f} s:\n{tail(output)}\n{federation.logs()}")
-    match = re.search(r"run (?:ID|id)[:\s]+(\d+)|Successfully started run (\d+)", output)
-    assert match, f"`flwr run` started no run (exit {result.returncode}):\n{tail(output)}\n{federation.logs()}"
-    run_id = int(match.group(1) or match.group(2))
+    run_id = run_id_of(output)
+    assert run_id is not None, f"`flwr run` started no run (exit {result.returncode}):\n{tail(output)}\n{federation.logs()}"
     listing = subprocess.run([str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
                              env=federation.env, cwd=federation.cwd, capture_output=True, text=True, timeout=60)
     return run_id, parse_status(listing.stdout, run_id), output
@@ -304,7 +303,7 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             # Two more SuperNodes join the same federation: a fresh site with its whole budget
             # (it would have something to spend) and one with data and state but no site-epsilon.
             untouched, no_terms = tmp_path / "site-untouched", tmp_path / "site-no-terms"
-            second.add_nodes({"untouched": site_config(1, untouched, EPSILON), "no-terms": site_config(2, no_terms, None)})
+            second.add_nodes({"untouched": site_config(1, NUM_SITES, untouched, EPSILON), "no-terms": site_config(2, NUM_SITES, no_terms, None)})
             sites3 = {0: state[0], 1: fresh, 2: state[2], "untouched": untouched, "no-terms": no_terms}
             ledgers_before = {key: snapshot(folder) for key, folder in sites3.items()}
             attacker = tmp_path / "attacker" / "run"

@@ -32,14 +32,10 @@ naming the test's tmp folder or ports may remain.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 from flower_processes import (
     BIN,
@@ -47,10 +43,16 @@ from flower_processes import (
     ProcessWatch,
     alive,
     flower_env,
+    flwr,
+    kill_tree,
+    ledger_of,
     node_id_of,
     processes_naming,
+    run_id_of,
+    site_config,
     start_superlink,
     start_supernode,
+    stop_all,
     tail,
     write_connection,
 )
@@ -74,7 +76,6 @@ TINY = [
     "federation.timeout_s=150",
     f"feedback.rounds={ROUNDS}",
 ]
-LEDGER = "privacy_ledger.json"
 CRASH_ROUND = 2  # the round in flight when the server machine dies
 RUN_TIMEOUT_S = 300.0  # each phase; a run takes ~50-60 s on 2 idle cores
 DOWN_S = 60.0  # for every SuperNode to notice that the SuperLink is gone
@@ -87,40 +88,6 @@ NOTICED, RECONNECTED = "Connection attempt failed", "Connection successful after
 
 
 # ---------------------------------------------------------------------------------- helpers
-def site_config(pid: int, state_dir: Path) -> str:
-    """A deployed site's own terms: its partition, its state dir, its budget."""
-    return f'partition-id={pid} num-partitions={NUM_SITES} state-dir="{state_dir}" site-epsilon={EPSILON}'
-
-
-def flwr(
-    args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 120.0
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args],
-        env=dict(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
-
-
-def run_id_of(output: str) -> int | None:
-    match = re.search(
-        r"run (?:ID|id)[:\s]+(\d+)|Successfully started run (\d+)", output
-    )
-    return int(match.group(1) or match.group(2)) if match else None
-
-
-def ledger(state_dir: Path) -> list[dict]:
-    """The site's ledger entries ([] while it has none; a torn read counts as none yet)."""
-    try:
-        return json.loads((state_dir / LEDGER).read_text())["entries"]
-    except (OSError, ValueError, KeyError):
-        return []
-
-
 def completed_rounds(run_dir: Path) -> int:
     try:
         return Checkpoint.load(run_dir).completed_rounds
@@ -128,32 +95,9 @@ def completed_rounds(run_dir: Path) -> int:
         return 0
 
 
-def crash_server(link: FlowerProcess) -> list[processes.ProcessRecord]:
-    """SIGKILL the SuperLink and everything below it (its SuperExec, the ``flwr-serverapp``
-    process) at once, by PID: a crash of the server machine. Returns what was killed."""
-    root = processes.record(link.pid)
-    assert root is not None and link.proc.poll() is None, (
-        "the SuperLink was already gone"
-    )
-    victims = [root, *processes.descendants(root)]
-    for rec in victims:
-        proc = processes.current(rec)
-        if proc is not None:
-            proc.kill()
-    link.proc.wait(timeout=30)
-    return victims
-
-
 def since(process: FlowerProcess, offset: int) -> str:
     """What ``process`` logged after the first ``offset`` characters."""
     return process.output()[offset:]
-
-
-def stop_all(procs: Sequence[FlowerProcess]) -> None:
-    """Stop each process and its tree by PID (:meth:`FlowerProcess.stop`), all at the same time."""
-    with ThreadPoolExecutor(max_workers=max(1, len(procs))) as pool:
-        for future in [pool.submit(p.stop) for p in procs]:
-            future.result()
 
 
 # ---------------------------------------------------------------------------------- the test
@@ -210,7 +154,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
                 nodes[i] = start_supernode(
                     link_port,
                     port,
-                    site_config(i, state[i]),
+                    site_config(i, NUM_SITES, state[i], EPSILON),
                     env,
                     cwd,
                     tmp_path / f"site{i}.log",
@@ -246,7 +190,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
                 paid = [
                     i
                     for i in range(NUM_SITES)
-                    if CRASH_ROUND in [e["round"] for e in ledger(state[i])]
+                    if CRASH_ROUND in [e["round"] for e in ledger_of(state[i])]
                 ]
                 if (
                     paid
@@ -268,7 +212,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
 
             # ---------------------------------------------------------- crash of the server machine
             watch.scan()
-            killed = crash_server(links[0])
+            killed = kill_tree(links[0])
             links[0].stop()  # already dead: closes its log
             mark("crash")
             commands = " ".join(rec.command for rec in killed)
@@ -337,7 +281,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
                 nodes[i] = start_supernode(
                     link_port,
                     port,
-                    site_config(i, state[i]),
+                    site_config(i, NUM_SITES, state[i], EPSILON),
                     env,
                     cwd,
                     tmp_path / f"site{i}-restarted.log",
@@ -358,7 +302,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
                     f"ClientApps still running {CLIENTAPPS_S:.0f} s after the crash\n{logs()}"
                 )
                 time.sleep(0.2)
-            before = {i: ledger(state[i]) for i in range(NUM_SITES)}
+            before = {i: ledger_of(state[i]) for i in range(NUM_SITES)}
             paid = [
                 i
                 for i in range(NUM_SITES)
@@ -441,7 +385,7 @@ def test_server_machine_killed_mid_round_resumes_on_the_same_database(tmp_path):
                     and site["failures"] == []
                 ), (i, site)
                 assert site["epsilon_spent"] <= EPSILON + 1e-6, (i, site)
-                entries = ledger(state[i])
+                entries = ledger_of(state[i])
                 # Three votes and the noised evaluation, once each, all under the crashed run's key.
                 assert [e["round"] for e in entries] == [1, 2, 3, ROUNDS + 1], (
                     i,

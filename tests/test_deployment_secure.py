@@ -56,9 +56,12 @@ from flower_processes import (
     FlowerProcess,
     ProcessWatch,
     flower_env,
+    flwr,
     node_id_of,
     processes_naming,
+    site_config,
     start_superlink,
+    stop_all,
     tail,
 )
 
@@ -240,26 +243,8 @@ def wait_exit(process: FlowerProcess, timeout: float) -> int:
         pytest.fail(f"{process.name} still running after {timeout:.0f} s:\n{tail(process.output())}")
 
 
-def stop_all(processes: Sequence[FlowerProcess]) -> None:
-    """Stop each process and its tree by PID (:meth:`FlowerProcess.stop`), all at the same time."""
-    with ThreadPoolExecutor(max_workers=max(1, len(processes))) as pool:
-        for future in [pool.submit(p.stop) for p in processes]:
-            future.result()
-
-
-def flwr(args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args], env=dict(env), cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout
-    )
-
-
 def json_of(text: str) -> dict:
     return json.loads(text[text.index("{") :])
-
-
-def site_config(pid: int, state_dir: Path) -> str:
-    """A deployed site's own terms (docs/privacy.md): its partition, its state dir, its budget."""
-    return f'partition-id={pid} num-partitions={NUM_SITES} state-dir="{state_dir}" site-epsilon={EPSILON}'
 
 
 # ---------------------------------------------------------------------------------- the doc's commands
@@ -409,7 +394,7 @@ def test_secure_deployment_tls_node_auth_and_database(tmp_path):
                 nodes[i] = start_node(
                     f"site {i}",
                     link_port,
-                    site_config(i, state[i]),
+                    site_config(i, NUM_SITES, state[i], EPSILON),
                     env,
                     cwd,
                     tmp_path / f"node-site{i}.log",

@@ -32,12 +32,8 @@ naming the test's tmp folder or ports may remain.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from flower_processes import (
@@ -46,10 +42,16 @@ from flower_processes import (
     ProcessWatch,
     alive,
     flower_env,
+    flwr,
+    kill_tree,
+    ledger_of,
     node_id_of,
     processes_naming,
+    run_id_of,
+    site_config,
     start_superlink,
     start_supernode,
+    stop_all,
     tail,
     write_connection,
 )
@@ -73,7 +75,6 @@ TINY = [
     f"federation.timeout_s={TIMEOUT_S}",
     f"feedback.rounds={ROUNDS}",
 ]
-LEDGER = "privacy_ledger.json"
 VICTIM = 2  # partition id of the site whose machine dies
 LOST_ROUND = 1  # the round in flight when it dies
 RUN_TIMEOUT_S = 400.0
@@ -83,40 +84,6 @@ SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the sender of t
 
 
 # ---------------------------------------------------------------------------------- helpers
-def site_config(pid: int, state_dir: Path) -> str:
-    """A deployed site's own terms: its partition, its state dir, its budget."""
-    return f'partition-id={pid} num-partitions={NUM_SITES} state-dir="{state_dir}" site-epsilon={EPSILON}'
-
-
-def flwr(
-    args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 120.0
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args],
-        env=dict(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
-
-
-def run_id_of(output: str) -> int | None:
-    match = re.search(
-        r"run (?:ID|id)[:\s]+(\d+)|Successfully started run (\d+)", output
-    )
-    return int(match.group(1) or match.group(2)) if match else None
-
-
-def ledger(state_dir: Path) -> list[dict]:
-    """The site's ledger entries ([] while it has none; a torn read counts as none yet)."""
-    try:
-        return json.loads((state_dir / LEDGER).read_text())["entries"]
-    except (OSError, ValueError, KeyError):
-        return []
-
-
 def clientapps_under(node: FlowerProcess) -> list[str]:
     root = processes.record(node.pid)
     if root is None:
@@ -126,27 +93,6 @@ def clientapps_under(node: FlowerProcess) -> list[str]:
         for rec in processes.descendants(root)
         if "flwr-clientapp" in rec.command
     ]
-
-
-def kill_site(node: FlowerProcess) -> list[processes.ProcessRecord]:
-    """SIGKILL the SuperNode and everything below it (its SuperExec, its ``flwr-clientapp``
-    processes) at once, by PID: the site's machine dies. Returns what was killed."""
-    root = processes.record(node.pid)
-    assert root is not None and node.proc.poll() is None, "the SuperNode was already gone"
-    victims = [root, *processes.descendants(root)]
-    for rec in victims:
-        proc = processes.current(rec)
-        if proc is not None:
-            proc.kill()
-    node.proc.wait(timeout=30)
-    return victims
-
-
-def stop_all(procs: Sequence[FlowerProcess]) -> None:
-    """Stop each process and its tree by PID (:meth:`FlowerProcess.stop`), all at the same time."""
-    with ThreadPoolExecutor(max_workers=max(1, len(procs))) as pool:
-        for future in [pool.submit(p.stop) for p in procs]:
-            future.result()
 
 
 # ---------------------------------------------------------------------------------- the test
@@ -199,7 +145,7 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
                 port = free_port()
                 watch.add_marker(f"127.0.0.1:{port}")
                 nodes[i] = start_supernode(
-                    link_port, port, site_config(i, state[i]), env, cwd, tmp_path / f"site{i}.log", watch
+                    link_port, port, site_config(i, NUM_SITES, state[i], EPSILON), env, cwd, tmp_path / f"site{i}.log", watch
                 )
             node_ids = {i: node_id_of(nodes[i]) for i in range(NUM_SITES)}
             mark("deployment up")
@@ -243,7 +189,7 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
 
             # ---------------------------------------------------------- the site's machine dies
             watch.scan()
-            killed = kill_site(nodes[VICTIM])
+            killed = kill_tree(nodes[VICTIM])
             killed_at = time.monotonic()
             nodes[VICTIM].stop()  # already dead: closes its log
             mark("site killed")
@@ -253,8 +199,8 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
             while any(processes.is_alive(rec) for rec in killed) and time.monotonic() < gone_by:
                 time.sleep(0.1)
             assert not [rec.describe() for rec in killed if processes.is_alive(rec)]
-            assert ledger(state[VICTIM]) == [], (
-                f"the victim had already paid for round {LOST_ROUND}: {ledger(state[VICTIM])}"
+            assert ledger_of(state[VICTIM]) == [], (
+                f"the victim had already paid for round {LOST_ROUND}: {ledger_of(state[VICTIM])}"
             )
             assert not (run_dir / "summary.json").exists()
 
@@ -300,9 +246,9 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
                 assert site["status"] == "answered", (i, site)
                 assert site["rounds_answered"] == ROUNDS and site["refusals"] == [] and site["failures"] == [], (i, site)
                 assert site["epsilon_spent"] <= EPSILON + 1e-6, (i, site)
-                rounds_paid = [e["round"] for e in ledger(state[i])]
+                rounds_paid = [e["round"] for e in ledger_of(state[i])]
                 assert set(range(1, ROUNDS + 1)) <= set(rounds_paid), (i, rounds_paid)
-            assert ledger(state[VICTIM]) == []  # it stayed dead: it never paid for anything
+            assert ledger_of(state[VICTIM]) == []  # it stayed dead: it never paid for anything
             metrics = read_metrics(run_dir)
             assert [r["round"] for r in metrics] == list(range(1, ROUNDS + 1)), metrics
             for r in metrics:  # every round decided on the two live sites' valid votes
