@@ -36,7 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feedback.selection": ("sample", "rank"),
     "feedback.evolve": ("auto", "distribution", "candidates"),
     "postprocess.upscale_on": ("final", "rounds"),
-    "feedback.task_type": ("syn",),
+    "feedback.task_type": ("syn", "real", "mix"),
     "feedback.task_mode": ("I2I", "T2I"),
     "privacy.mode": ("local", "central"),
     "privacy.unit": ("image", "site"),
@@ -246,11 +246,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"generator.prompt_template must contain {{name}} (got {g.prompt_template!r})")
     if not g.degree_end <= g.degree_start:
         raise ConfigError(f"generator.degree_end ({g.degree_end}) must be <= generator.degree_start ({g.degree_start})")
-    if cfg.feedback.volume_per_label < cfg.feedback.candidates_per_label:
-        raise ConfigError(
-            "feedback.volume_per_label must be >= feedback.candidates_per_label "
-            f"(got {cfg.feedback.volume_per_label} < {cfg.feedback.candidates_per_label})"
-        )
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:

@@ -147,15 +147,12 @@ def test_bad_device_choice_lists_the_choices():
         load_config(overrides=["device=gpu"])
 
 
-def test_volume_per_label_below_candidates_per_label_is_refused():
-    with pytest.raises(ConfigError) as info:
-        load_config(overrides=["feedback.candidates_per_label=30", "feedback.volume_per_label=20"])
-    message = str(info.value)
-    assert "feedback.volume_per_label must be >= feedback.candidates_per_label" in message
-    assert "20 < 30" in message
-    # equal is fine
-    cfg = load_config(overrides=["feedback.candidates_per_label=30", "feedback.volume_per_label=30"])
-    assert cfg.feedback.volume_per_label == 30
+def test_final_volume_is_decoupled_from_the_voted_pool():
+    # The seed's `-vpl 8` alone works: the final volume may be smaller than the pool voted on.
+    cfg = load_config(overrides=["feedback.volume_per_label=8"])
+    assert (cfg.feedback.volume_per_label, cfg.feedback.candidates_per_label) == (8, 50)
+    cfg = load_config(overrides=["feedback.candidates_per_label=30", "feedback.volume_per_label=2000"])
+    assert cfg.feedback.volume_per_label == 2000
 
 
 @pytest.mark.parametrize(
