@@ -19,7 +19,7 @@ from coautogen_fl.generation.glyph import (
 from coautogen_fl.generation.schedule import DegreeSchedule
 
 DIGITS = [str(d) for d in range(10)]
-CONTINUOUS = [k for k in PARAMETER_RANGES if k != "resolution"]
+CONTINUOUS = [k for k in PARAMETER_RANGES if k not in ("resolution", "levels")]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ def clean_genotype(**overrides: object) -> dict:
         "font": "DejaVuSans", "font_size": 0.8, "stroke_width": 0.0, "rotation": 0.0,
         "translate_x": 0.0, "translate_y": 0.0, "scale_x": 1.0, "scale_y": 1.0, "shear": 0.0,
         "blur": 0.0, "resolution": 28, "contrast": 1.0, "background_noise": 0.0, "noise_seed": 0,
+        "elastic_alpha": 0.0, "elastic_scale": 0.1, "stroke_weight": 0.0, "levels": 256,
     }  # fmt: skip
     genotype.update(overrides)
     return genotype
@@ -77,7 +78,7 @@ def test_images_are_float32_in_unit_range_with_ink(size: int) -> None:
     for c in candidates:
         assert c.image.shape == (size, size) and c.image.dtype == np.float32
         assert c.image.min() >= 0.0 and c.image.max() <= 1.0
-        assert c.image.max() > 0.3  # the glyph is visible
+        assert c.image.max() > 0.2  # the glyph is visible (dimmest ink 0.3, less after blur and grey levels)
         assert set(c.genotype) == set(GENOTYPE_KEYS)
         json.dumps(c.genotype)  # JSON-serialisable
         assert c.label == 3 and c.parent_id is None
@@ -281,3 +282,37 @@ def test_schedule_rejects_bad_settings(kwargs: dict, needle: str) -> None:
 def test_schedule_rejects_negative_round() -> None:
     with pytest.raises(ValueError, match="round_index"):
         DegreeSchedule().degree(-1)
+
+
+# --- handwriting and scan model ------------------------------------------------------------
+def test_handwriting_parameters_round_trip_through_the_genotype():
+    g = GlyphGenerator(DIGITS, 28, seed=5)
+    for c in g.random(3, 6) + g.vary(g.random(7, 6), 0.7):
+        for name in ("elastic_alpha", "elastic_scale", "stroke_weight", "levels"):
+            low, high = g.parameter_ranges[name]
+            assert low <= c.genotype[name] <= high
+        assert isinstance(c.genotype["levels"], int)
+        copy = json.loads(json.dumps(c.genotype))  # a genotype survives JSON (the round files)
+        assert np.array_equal(render_glyph(copy, DIGITS[c.label], 28), c.image)
+
+
+def test_elastic_deformation_moves_ink_and_is_seeded_by_the_genotype():
+    plain = render_glyph(clean_genotype(), "5")
+    warped = render_glyph(clean_genotype(elastic_alpha=0.08, elastic_scale=0.08, noise_seed=1), "5")
+    again = render_glyph(clean_genotype(elastic_alpha=0.08, elastic_scale=0.08, noise_seed=1), "5")
+    other = render_glyph(clean_genotype(elastic_alpha=0.08, elastic_scale=0.08, noise_seed=2), "5")
+    assert np.array_equal(warped, again)
+    assert np.abs(warped - plain).mean() > 0.02 and np.abs(warped - other).mean() > 0.02
+    assert abs(warped.sum() - plain.sum()) < 0.25 * plain.sum()  # a warp, not an eraser
+
+
+def test_stroke_weight_thickens_and_thins_the_pen():
+    ink = {w: render_glyph(clean_genotype(stroke_weight=w), "4").sum() for w in (-0.012, 0.0, 0.03)}
+    assert ink[-0.012] < 0.8 * ink[0.0] and ink[0.03] > 1.3 * ink[0.0]
+
+
+def test_scanner_levels_quantize_grey_values_at_the_scan_resolution():
+    genotype = clean_genotype(resolution=28, levels=4)
+    values = np.unique(np.round(render_glyph(genotype, "8") * 255))
+    assert set(values) <= {0.0, 85.0, 170.0, 255.0} and len(values) > 2
+    assert len(np.unique(render_glyph(clean_genotype(levels=256), "8"))) > 8

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from coautogen_fl.generation import handwriting
 from coautogen_fl.generation.base import Candidate, check_int
 from coautogen_fl.generation.distribution import GenotypeDistribution
 from coautogen_fl.generation.fonts import load_font, select_fonts
@@ -33,6 +34,10 @@ from coautogen_fl.generation.schedule import check_degree
 #:   above the image size leave the image as is. The upper bound 28 is for the default image
 #:   size: a generator uses its own image_size as the upper bound (``parameter_ranges``).
 #: - contrast: ink intensity (1 = pure white). background_noise: std of additive sensor noise.
+#: - elastic_alpha / elastic_scale: the hand's wobble, a smooth random displacement field (largest
+#:   shift and smoothness, fractions of the side); stroke_weight: pen weight, dilation (> 0) or
+#:   erosion (< 0) as a fraction of the side; levels: the scanner's grey levels (integer), applied
+#:   at the scan resolution (see ``coautogen_fl.generation.handwriting``).
 PARAMETER_RANGES: dict[str, tuple[float, float]] = {
     "font_size": (0.4, 1.0),
     "stroke_width": (0.0, 0.1),
@@ -46,10 +51,14 @@ PARAMETER_RANGES: dict[str, tuple[float, float]] = {
     "resolution": (5, 28),
     "contrast": (0.3, 1.0),
     "background_noise": (0.0, 0.2),
+    "elastic_alpha": (0.0, 0.08),
+    "elastic_scale": (0.04, 0.2),
+    "stroke_weight": (-0.012, 0.03),
+    "levels": (4, 64),
 }
 
 #: Parameters stored as integers (stepped on a continuous scale, then rounded).
-INTEGER_PARAMETERS = frozenset({"resolution"})
+INTEGER_PARAMETERS = frozenset({"resolution", "levels"})
 
 #: Gaussian step std of ``vary`` = degree * (high - low) * STEP_SCALE: at degree 1 a step spans a
 #: quarter of the range, so even the strongest variation stays related to its parent.
@@ -88,7 +97,9 @@ def render_glyph(genotype: dict[str, Any], text: str, image_size: int = 28) -> n
     source = _draw_text(genotype, text, em_size=canvas)
     data = _affine_coefficients(genotype, source.size, canvas)
     work = source.transform((canvas,) * 2, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
-    image = _degrade(work, image_size, int(genotype["resolution"]), float(genotype["blur"]))
+    work = handwriting.elastic(work, float(genotype["elastic_alpha"]), float(genotype["elastic_scale"]), int(genotype["noise_seed"]))
+    work = handwriting.stroke(work, float(genotype["stroke_weight"]))
+    image = _degrade(work, image_size, int(genotype["resolution"]), float(genotype["blur"]), int(genotype["levels"]))
     pixels = np.asarray(image, dtype=np.float32) * np.float32(float(genotype["contrast"]) / 255.0)
     noise_std = float(genotype["background_noise"])
     if noise_std > 0:
@@ -144,13 +155,14 @@ def _affine_coefficients(genotype: dict[str, Any], size: tuple[int, int], canvas
     return (a, b, offset_x, d, e, src_h / 2 - d * centre_x - e * centre_y)
 
 
-def _degrade(work: Image.Image, image_size: int, resolution: int, blur: float) -> Image.Image:
-    """Downsample to the scan resolution (and back up), then blur at the output size."""
+def _degrade(work: Image.Image, image_size: int, resolution: int, blur: float, levels: int = 256) -> Image.Image:
+    """Downsample to the scan resolution with its grey levels (and back up), then blur at the
+    output size."""
     if resolution < image_size:
-        small = work.resize((resolution, resolution), Image.Resampling.BOX)
+        small = handwriting.quantize(work.resize((resolution, resolution), Image.Resampling.BOX), levels)
         image = small.resize((image_size, image_size), Image.Resampling.BILINEAR)
     else:
-        image = work.resize((image_size, image_size), Image.Resampling.BOX)
+        image = handwriting.quantize(work.resize((image_size, image_size), Image.Resampling.BOX), levels)
     if blur > 0:
         image = image.filter(ImageFilter.GaussianBlur(blur))
     return image
