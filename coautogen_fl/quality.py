@@ -168,3 +168,52 @@ def quality_metrics(
         for c, name in enumerate(class_names)
     }
     return {"k": k, "overall": _metrics(real, synthetic, k), "per_class": per_class}
+
+
+#: At most this many synthetic (and real) images per class are embedded for the measures: the
+#: final dataset can hold thousands per class, and the estimates settle long before that.
+MAX_PER_CLASS = 1000
+
+
+def measure_synthetic_data(
+    embed: Any,
+    real_images: np.ndarray,
+    real_labels: np.ndarray,
+    synthetic_images: np.ndarray,
+    synthetic_labels: np.ndarray,
+    class_names: Sequence[str],
+    k: int = DEFAULT_K,
+    max_per_class: int = MAX_PER_CLASS,
+) -> dict[str, Any]:
+    """:func:`quality_metrics` of synthetic images against real ones, embedded by ``embed``.
+
+    Parameters
+    ----------
+    embed : callable
+        Images (N, H, W[, C]) floats in [0, 1] -> embeddings (N, D); the run's embedder's ``embed``.
+    real_images, real_labels, synthetic_images, synthetic_labels : np.ndarray
+        The two labelled image sets.
+    class_names : sequence of str
+        In label order.
+    k : int (default: 3)
+        Neighbourhood size of precision and recall.
+    max_per_class : int (default: MAX_PER_CLASS = 1000)
+        Images per class and set that are embedded (a seeded sample of larger classes).
+
+    Returns
+    -------
+    dict
+        :func:`quality_metrics`'s dict plus ``available: True`` and ``max_per_class``.
+    """
+    real_keep = sample_per_class(real_labels, max_per_class)
+    synthetic_keep = sample_per_class(synthetic_labels, max_per_class)
+    real = np.asarray(embed(np.asarray(real_images)[real_keep]), dtype=np.float64)
+    synthetic = np.asarray(embed(np.asarray(synthetic_images)[synthetic_keep]), dtype=np.float64)
+    metrics = quality_metrics(real, np.asarray(real_labels)[real_keep], synthetic,
+                              np.asarray(synthetic_labels)[synthetic_keep], class_names, k)
+    return {"available": True, "max_per_class": max_per_class, **metrics}
+
+
+def unavailable(reason: str) -> dict[str, Any]:
+    """The ``quality`` entry of a run that could not measure its synthetic data, with why."""
+    return {"available": False, "reason": reason}

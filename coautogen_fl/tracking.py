@@ -180,6 +180,30 @@ class RunTracker:
             self._run.log({key: self._wandb.Image(str(path), caption=caption)}, step=int(round))
         return path
 
+    def log_final(self, key: str, metrics: dict[str, Any]) -> None:
+        """Mirror end-of-run numbers (e.g. the synthetic data's quality) to wandb's run summary
+        as ``key/a/b`` entries; on disk they belong to summary.json, not to the per-round
+        metrics.jsonl. Non-numeric values are left out.
+
+        Parameters
+        ----------
+        key : str
+            Prefix of the entries, e.g. "quality".
+        metrics : dict
+            Nested dicts of numbers (None and strings are skipped).
+        """
+        if self._run is None:
+            return
+        flat = {}
+        stack = [(key, metrics)]
+        while stack:
+            prefix, value = stack.pop()
+            if isinstance(value, dict):
+                stack.extend((f"{prefix}/{k}", v) for k, v in value.items())
+            elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                flat[prefix] = float(value)
+        self._run.summary.update(flat)
+
     def write_summary(self, summary: dict) -> Path:
         """Atomically write ``summary`` to run_dir/summary.json (temp file + fsync + rename).
 

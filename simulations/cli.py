@@ -3,6 +3,7 @@
     coautogen run [--config FILE] [--num-hospitals N] [--out DIR] [seed flags] [key=value ...]
     coautogen privacy (--epsilon E | --noise S) [--delta D] [--rounds T] [--mode M --sites K] [--json]
     coautogen cleanup [RUN_DIR ...] [--all-under OUT_DIR]
+    coautogen report RUN_DIR [RUN_DIR ...]
 
 runs one simulation through Flower's simulation engine and ends by printing the run
 directory and its summary. The seed project's short flags map onto config keys.
@@ -19,6 +20,7 @@ from typing import IO, Sequence
 
 from coautogen_fl.checkpoint import CHECKPOINT_FILE
 from coautogen_fl.config import ConfigError, RunConfig, load_config, save_config
+from coautogen_fl.report import REPORT_FILE, write_report
 from coautogen_fl.rundir import resolve_run_dir
 from coautogen_fl.tracking import site_lines
 
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     clean = commands.add_parser("cleanup", help="stop the Flower processes a killed `coautogen run` left running")
     clean.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (or their flower/ folder)")
     clean.add_argument("--all-under", metavar="OUT_DIR", help="every run directory directly below OUT_DIR")
+    report = commands.add_parser("report", help="(re)build a run directory's report.html from its files")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     return parser
 
 
@@ -243,6 +247,8 @@ def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
             cfg.federation.client_num_gpus,
             output=ProgressFilter(log, out, args.verbose),  # type: ignore[arg-type]
         )
+    if not (run_dir / REPORT_FILE).is_file():  # the ServerApp died before it could write one
+        write_report(run_dir)
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if summary.get("status") == "failed":  # stopped on purpose: say why, and who did not count
@@ -299,6 +305,22 @@ def command_cleanup(args: argparse.Namespace, out: IO[str] | None = None) -> int
     return 1 if failed else 0
 
 
+def command_report(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """Rebuild report.html of each run directory from its files; 2 if one is not a directory."""
+    out = out or sys.stdout
+    for run_dir in args.run_dirs:
+        path = Path(run_dir).expanduser().resolve()
+        if not path.is_dir():
+            print(f"coautogen report: {run_dir} is not a directory", file=sys.stderr)
+            return 2
+        if not any((path / name).exists() for name in ("summary.json", "config.yaml", "metrics.jsonl")):
+            print(f"coautogen report: {run_dir} holds no summary.json, config.yaml or metrics.jsonl: not a run directory",
+                  file=sys.stderr)
+            return 2
+        out.write(f"coautogen report: {write_report(path)}\n")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``key=value`` overrides may stand anywhere after ``run``, also
     between options (argparse alone takes positionals only in one block)."""
@@ -323,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_privacy(args)
         if args.command == "cleanup":
             return command_cleanup(args)
+        if args.command == "report":
+            return command_report(args)
     except (ConfigError, PreflightError, SimulationError) as exc:
         print(f"coautogen: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ it, evaluate it on the central real test split, and keep what the summary report
 from __future__ import annotations
 
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +16,7 @@ from coautogen_fl.config import RunConfig
 from coautogen_fl.data import ImageSet
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, state_dict_to_numpy, train_classifier
 from coautogen_fl.generation.base import Candidate, stack_images
+from coautogen_fl.quality import measure_synthetic_data, unavailable
 from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker
 
@@ -40,6 +41,9 @@ class FinalStage:
         Torch device for downstream training.
     upscaler : stage or None
         Applied to the final dataset before it is stored (``postprocess.upscale_on=final``).
+    embedder : Embedder or None
+        The run's embedder: the final dataset's quality (coautogen_fl/quality.py) is measured in
+        its space against ``real_test``; None skips the measure.
     """
 
     cfg: RunConfig
@@ -49,6 +53,8 @@ class FinalStage:
     real_test: ImageSet | None
     device: str = "cpu"
     upscaler: Any = None
+    embedder: Any = None
+    quality: dict[str, Any] | None = None  # summary.json "quality"; None until finish()
     model_arrays: ArrayRecord | None = None
     accuracy_real_test: float | None = None
     num_synthetic: int = 0
@@ -76,6 +82,7 @@ class FinalStage:
         images = stack_images(final)
         labels = np.array([c.label for c in final], dtype=np.int64)
         self.tracker.log_image_grid("synthetic", images, labels, self.class_names, server_round)
+        self.quality = self.measure_quality(images, labels)
         ds = self.cfg.downstream
         d = self.cfg.data
         log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), ds.epochs)
@@ -89,3 +96,22 @@ class FinalStage:
         arrays = {name: Array(value) for name, value in state_dict_to_numpy(model).items()}
         self.model_arrays = ArrayRecord(arrays)
         return self.model_arrays
+
+    def measure_quality(self, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        """Fréchet distance and precision/recall of the final dataset against the central real
+        test split in the embedder's space; says why not when the server holds no real data."""
+        if self.real_test is None or not len(self.real_test):
+            return unavailable("the server holds no real test data (a deployment): nothing to compare the synthetic data with")
+        if self.embedder is None:
+            return unavailable("no embedder was given to the final stage")
+        try:
+            quality = measure_synthetic_data(self.embedder.embed, self.real_test.images, self.real_test.labels,
+                                             images, labels, self.class_names)
+        except Exception as exc:  # a diagnostic: it must not fail a run whose dataset is already stored
+            log(WARNING, "the synthetic data's quality could not be measured: %s", exc)
+            return unavailable(f"could not be measured: {type(exc).__name__}: {exc}")
+        overall = quality["overall"]
+        log(INFO, "synthetic data vs the central real test split (%s space): Fréchet distance %s, precision %s, recall %s",
+            getattr(self.embedder, "name", "embedder"), overall["frechet_distance"], overall["precision"], overall["recall"])
+        self.tracker.log_final("quality", quality)
+        return quality

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.pipeline import build_upscaler, save_prompt_pool
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
+from coautogen_fl.report import write_report
 from coautogen_fl.rundir import resolve_run_dir
 from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker, site_lines
@@ -47,7 +48,7 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
     upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"
     final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device,
-                       upscaler=build_upscaler(cfg, device) if upscale_final else None)  # fmt: skip
+                       upscaler=build_upscaler(cfg, device) if upscale_final else None, embedder=embedder)  # fmt: skip
     feedback = cfg.feedback.framework == "Feedback"
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
@@ -120,10 +121,22 @@ def run_summary(
         "num_synthetic": strategy.final.num_synthetic,
         "accuracy_real_test": strategy.final.accuracy_real_test,
         "accuracy_federated": strategy.federated_accuracy,
+        # The final dataset against the central real test split (coautogen_fl/quality.py);
+        # None when the run stopped before it had one.
+        "quality": strategy.final.quality,
         "dropped_replies": strategy.dropped,
         "wall_time_s": wall_time_s,
         "run_dir": str(run_dir),
     }
+
+
+def write_run_report(run_dir: Path) -> None:
+    """``report.html`` from the run directory's files (coautogen_fl/report.py). It is a view of
+    what is already written, so a problem with it is logged and never fails the run."""
+    try:
+        log(INFO, "run report written to %s", write_report(run_dir))
+    except Exception as exc:
+        log(WARNING, "the run report could not be written: %s: %s", type(exc).__name__, exc)
 
 
 @app.main()
@@ -148,6 +161,9 @@ def main(grid: Grid, context: Context) -> None:
     except RoundFailed as exc:
         failure = str(exc)
         log(ERROR, "coautogen-fl run stopped: %s", failure)
+    except BaseException:
+        write_run_report(run_dir)  # a crash: the report shows what the run left, without a summary
+        raise
     summary = run_summary(cfg, strategy, run_dir, time.time() - started, failure)
     if save_prompt_pool(strategy.evolution.generator, str(run_dir)):
         log(INFO, "prompt pool written to %s", run_dir / "prompts.json")
@@ -157,6 +173,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, line)
     log(INFO, "accuracy_real_test %s, accuracy_federated %s", summary["accuracy_real_test"], summary["accuracy_federated"])
     log(INFO, "summary written to %s", run_dir / "summary.json")
+    write_run_report(run_dir)
     if failure:
         # Flower marks the run failed; `coautogen run` prints the reason and exits non-zero.
         raise RoundFailed(failure)
