@@ -16,3 +16,20 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
     echo "$want" > "$stamp"
 fi
+# Headless Chromium (Debian's chromium package) renders the run report in tests/test_report.py.
+# Tried once per .venv: a machine that cannot install it is not asked again on every run.
+chromium_stamp=.venv/.coautogen-chromium-tried
+if [ ! -x /usr/bin/chromium ] && [ ! -f "$chromium_stamp" ]; then
+    touch "$chromium_stamp"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing chromium with apt-get (renders the run report in tests/test_report.py)"
+        install_chromium() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }
+        # A fresh machine may have no package lists yet: update once, only if the first try fails.
+        if ! install_chromium && ! { apt-get update -qq >/dev/null 2>&1 && install_chromium; }; then
+            echo "setup: could not install chromium with apt-get; tests/test_report.py skips its rendering check"
+        fi
+    else
+        echo "setup: no /usr/bin/chromium and no apt-get as root to install it; tests/test_report.py skips its" \
+             "rendering check (install Debian's chromium package to run it)"
+    fi
+fi
