@@ -130,7 +130,7 @@ def _table(header: list[str], rows: list[list[str]], row_attrs: list[str] | None
     """An HTML table; cells are HTML already (escape them with _e / _num)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     attrs = row_attrs or [""] * len(rows)
-    body = "".join(f"<tr{a}>{''.join(rows_i)}</tr>" for a, rows_i in zip(attrs, rows))
+    body = "".join(f"<tr{attr}>{''.join(cells)}</tr>" for attr, cells in zip(attrs, rows))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -176,14 +176,16 @@ def _pool_grid(folder: Path, entries: list[dict], element_id: str, by_votes: boo
             members.sort(key=lambda e: -(e.get("votes") or 0.0))
         shown = [members[i] for i in fig.evenly_spaced(len(members), IMAGES_PER_CLASS)]
         strip = fig.image_strip([folder / str(e.get("file", "")) for e in shown])
-        votes = [e.get("votes") for e in members if isinstance(e.get("votes"), (int, float))]
-        span = f"votes {max(votes):.3g} to {min(votes):.3g}" if by_votes and votes else ""
         cell = _img(strip[0], f"class {name}", css="strip") if strip else "<i>no readable image</i>"
-        rows.append([f"<th>{_e(name)}</th>", f'<td class="num">{len(members)}</td>', f"<td>{_e(span)}</td>" if by_votes else "", f"<td>{cell}</td>"])
+        row = [f"<th>{_e(name)}</th>", f'<td class="num">{len(members)}</td>']
+        if by_votes:
+            votes = [e["votes"] for e in members if isinstance(e.get("votes"), (int, float))]
+            row.append(f"<td>{_e(f'{max(votes):.3g} to {min(votes):.3g}' if votes else '–')}</td>")
+        rows.append([*row, f"<td>{cell}</td>"])
         attrs.append(f' data-class="{_e(name)}"')
     header = ["class", "images"] + (["votes (best to worst)"] if by_votes else []) + ["sample"]
-    more = f" (the first {MAX_CLASSES_SHOWN} of {len(names)} classes)" if len(names) > MAX_CLASSES_SHOWN else ""
-    return f'<div id="{_e(element_id)}">' + _table(header, [[c for c in r if c] for r in rows], attrs) + (_note(more) if more else "") + "</div>"
+    more = _note(f"The first {MAX_CLASSES_SHOWN} of {len(names)} classes are shown.") if len(names) > MAX_CLASSES_SHOWN else ""
+    return f'<div id="{_e(element_id)}">{_table(header, rows, attrs)}{more}</div>'
 
 
 def _grids(run_dir: Path, summary: dict | None) -> str:
@@ -232,7 +234,7 @@ def _curves(summary: dict | None, metrics: dict[int, dict]) -> str:
     parts = []
     sites = (summary or {}).get("sites") or {}
     names = list(sites) or sorted({n for m in metrics.values() for n in (m.get("epsilon_spent") or {})}, key=str)
-    steps = [f"round {r}" for r in metrics] + (["end of run"] if sites else [])
+    steps = [str(r) for r in metrics] + (["end"] if sites else [])
     spends = {n: [(m.get("epsilon_spent") or {}).get(n) for m in metrics.values()]
               + ([sites[n].get("epsilon_spent")] if sites else []) for n in names}
     if names and steps:

@@ -131,7 +131,9 @@ def spend_curve(spends: Mapping[str, Sequence[float | None]], steps: Sequence[st
     top = np.nanmax(np.append(rows.ravel(), budget if budget is not None else 0.0)) if rows.size else (budget or 1.0)
     ax.set_ylim(0, 1.15 * top if np.isfinite(top) and top > 0 else 1.0)
     ax.legend(fontsize=6, ncol=2 if len(rows) > 6 else 1, loc="lower right")
-    ax.set_xticks(x, list(steps))
+    ticks = sorted(set(x[:: max(1, len(x) // 15)]) | {len(x) - 1})  # at most ~15 labels, the last always
+    ax.set_xticks(ticks, [steps[i] for i in ticks])
+    ax.set_xlabel("after voting round (end: after the run, with the evaluation if it is noised)", fontsize=8)
     ax.set_ylabel("epsilon spent", fontsize=8)
     ax.set_title("privacy spend per site", fontsize=9)
     ax.tick_params(labelsize=7)
