@@ -92,3 +92,28 @@ def test_distribution_mode_refuses_a_generator_without_fit():
 
     with pytest.raises(ValueError, match="feedback.evolve=candidates"):
         Evolution(NoFit(), PixelEmbedder(6), 2, FeedbackConfig(evolve="distribution"), DegreeSchedule())
+
+
+@pytest.mark.parametrize("refit", ["per_class", "shared"])
+def test_per_class_refit_moves_each_class_toward_its_own_voted_candidates(refit):
+    # Votes favour steep rotations for class 0 and the opposite for class 1: a per-class refit
+    # moves each class its own way; a shared one can only move both the same way.
+    g = GlyphGenerator([str(d) for d in range(2)], 28, seed=0, refit=refit)
+    pool = g.random(0, 60) + g.random(1, 60)
+    votes = np.array([c.genotype["rotation"] * (1 if c.label == 0 else -1) for c in pool])
+    labels = np.array([c.label for c in pool])
+    g.fit(pool, vote_weights(votes, labels), mix=1.0, min_spread=0.05)
+    mean = {label: np.mean([c.genotype["rotation"] for c in g.random(label, 300)]) for label in (0, 1)}
+    if refit == "per_class":
+        assert mean[0] > 10.0 and mean[1] < -10.0
+    else:
+        assert abs(mean[0] - mean[1]) < 5.0 and set(g.class_distributions) == set()
+
+
+def test_per_class_refit_keeps_a_class_whose_votes_carry_no_signal():
+    g = GlyphGenerator(["0", "1"], 28, seed=0)
+    pool = g.random(0, 20) + g.random(1, 20)
+    votes = np.array([c.genotype["blur"] if c.label == 0 else 1.0 for c in pool])  # class 1: all equal
+    g.fit(pool, vote_weights(votes, np.array([c.label for c in pool])), mix=1.0)
+    assert set(g.class_distributions) == {0}
+    assert g.distribution_of(1) is g.distribution

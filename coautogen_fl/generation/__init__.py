@@ -22,7 +22,7 @@ def _glyph(cfg: RunConfig, ctx: GeneratorContext) -> Generator:
 
     if ctx.channels != 1:
         raise ValueError("the Glyph generator renders grayscale images; set data.channels=1")
-    return GlyphGenerator(ctx.class_names, image_size=ctx.image_size, seed=cfg.generator.seed)
+    return GlyphGenerator(ctx.class_names, image_size=ctx.image_size, seed=cfg.generator.seed, refit=cfg.feedback.refit)
 
 
 def _latent(cfg: RunConfig, ctx: GeneratorContext) -> Generator:

@@ -190,6 +190,10 @@ class GlyphGenerator:
     fonts : Sequence[str] or None, default None
         Bundled font names to draw from; None means every bundled font that renders all
         class names (see ``bundled_fonts``).
+    refit : str, default "per_class"
+        What ``fit`` moves: ``per_class`` gives every class its own distribution (a "1" and an
+        "8" are drawn by different hands), started from the shared fit; ``shared`` fits one
+        distribution to all classes' votes (pools the noise of the fewest candidates).
 
     Attributes
     ----------
@@ -205,8 +209,11 @@ class GlyphGenerator:
         image_size: int = 28,
         seed: int = 0,
         fonts: Sequence[str] | None = None,
+        refit: str = "per_class",
     ) -> None:
         names = tuple(str(c) for c in class_names)
+        if refit not in ("per_class", "shared"):
+            raise ValueError(f"refit must be 'per_class' or 'shared', got {refit!r}")
         if not names or any(not c.strip() for c in names) or len(set(names)) != len(names):
             raise ValueError(
                 f"class_names must be a non-empty sequence of unique, non-blank texts, got "
@@ -225,12 +232,31 @@ class GlyphGenerator:
         # Broad on purpose: the server cannot look at the private data, so the prior covers
         # many looks and the votes (feedback.evolve=distribution) narrow it down.
         self.distribution = GenotypeDistribution(self.parameter_ranges, self.fonts, "font", INTEGER_PARAMETERS)
+        self.refit = refit
+        #: Per-class distributions (``refit="per_class"``); a class without one draws from the shared one.
+        self.class_distributions: dict[int, GenotypeDistribution] = {}
 
     def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
         """Move the sampling distribution toward the vote-weighted genotypes of ``candidates``
-        (see ``GenotypeDistribution.fitted``); later ``random`` calls draw from it."""
-        genotypes = [c.genotype for c in candidates]
-        self.distribution = self.distribution.fitted(genotypes, np.asarray(weights, dtype=np.float64), mix, min_spread)
+        (see ``GenotypeDistribution.fitted``); later ``random`` calls draw from it. With
+        ``refit="per_class"`` each class is also fitted to its own candidates' votes, starting
+        from its previous fit (or the shared one before this round's)."""
+        weights = np.asarray(weights, dtype=np.float64)
+        shared_before = self.distribution
+        self.distribution = shared_before.fitted([c.genotype for c in candidates], weights, mix, min_spread)
+        if self.refit == "shared":
+            return
+        labels = np.array([c.label for c in candidates])
+        for label in np.unique(labels).tolist():
+            members = np.flatnonzero(labels == label)
+            base = self.class_distributions.get(label, shared_before)
+            fitted = base.fitted([candidates[i].genotype for i in members], weights[members], mix, min_spread)
+            if fitted is not base:  # a class whose votes carried no signal keeps what it had
+                self.class_distributions[label] = fitted
+
+    def distribution_of(self, label: int) -> GenotypeDistribution:
+        """The distribution class ``label`` is drawn from."""
+        return self.class_distributions.get(label, self.distribution)
 
     def render(self, genotype: dict[str, Any], text: str) -> np.ndarray:
         """Re-render a genotype at this generator's image size (see ``render_glyph``)."""
@@ -253,7 +279,7 @@ class GlyphGenerator:
         """
         label = check_int("label", label, 0, len(self.class_names) - 1)
         n = check_int("n", n, 0)
-        return [self._make(label, self._sample_genotype(), None, 0) for _ in range(n)]
+        return [self._make(label, self._sample_genotype(label), None, 0) for _ in range(n)]
 
     def vary(self, candidates: Sequence[Candidate], degree: float) -> list[Candidate]:
         """One child per parent: Gaussian parameter steps scaled by ``degree``.
@@ -285,9 +311,9 @@ class GlyphGenerator:
             children.append(self._make(label, genotype, parent.candidate_id, parent.round + 1))
         return children
 
-    def _sample_genotype(self) -> dict[str, Any]:
-        """A draw from the current distribution (uniform prior until ``fit``), fixed draw order."""
-        genotype = self.distribution.sample(self._rng)
+    def _sample_genotype(self, label: int) -> dict[str, Any]:
+        """A draw from the class's current distribution (uniform prior until ``fit``), fixed draw order."""
+        genotype = self.distribution_of(label).sample(self._rng)
         genotype["noise_seed"] = int(self._rng.integers(2**31 - 1))
         return genotype
 
