@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feedback.rater": ("PE",),
     "feedback.selection": ("sample", "rank"),
     "feedback.evolve": ("auto", "distribution", "candidates"),
+    "feedback.refit": ("per_class", "shared"),
     "postprocess.upscale_on": ("final", "rounds"),
     "feedback.task_type": ("syn", "real", "mix"),
     "feedback.task_mode": ("I2I", "T2I"),
@@ -42,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.unit": ("image", "site"),
     "privacy.evaluation": ("clear", "noised"),
     "downstream.model": ("cnn", "resnet18"),
+    "downstream.dp_optimizer": ("adam", "sgd"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
 }
 
@@ -96,6 +98,15 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("postprocess.max_draws", 1, True),
     ("downstream.lr", 0, False),
     ("downstream.batch_size", 1, True),
+    ("downstream.dp_rounds", 1, True),
+    ("downstream.dp_local_steps", 1, True),
+    ("downstream.dp_sample_rate", 0, False),
+    ("downstream.dp_max_grad_norm", 0, False),
+    ("downstream.dp_lr", 0, False),
+    ("downstream.mix_synthetic_steps", 0, True),
+    ("privacy.training_share", 0, True),
+    ("downstream.augment", 0, True),
+    ("downstream.label_smoothing", 0, True),
 )
 _UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
     ("data.test_fraction", 1.0),
@@ -112,6 +123,9 @@ _UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
     ("postprocess.camera", 1.0 + 1e-12),
     ("postprocess.background_probability", 1.0 + 1e-12),
     ("postprocess.upscale_strength", 1.0 + 1e-12),
+    ("downstream.dp_sample_rate", 1.0 + 1e-12),
+    ("privacy.training_share", 1.0),  # all of epsilon to training would leave the evaluation nothing
+    ("downstream.label_smoothing", 1.0),
 )
 
 

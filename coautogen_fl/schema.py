@@ -105,6 +105,7 @@ class FeedbackConfig:
     threshold: float = 1.0  # candidates mode: votes below threshold x aggregate noise std count as zero
     distribution_mix: float = 0.8  # distribution mode: weight of this round's moments vs the previous
     min_spread: float = 0.08  # distribution mode: smallest std (fraction of each range)
+    refit: str = "per_class"  # distribution mode (Glyph): per_class | shared, what the votes refit
     task_type: str = "syn"  # -tt
     task_mode: str = "I2I"  # -tm: I2I | T2I
 
@@ -146,6 +147,7 @@ class PrivacyConfig:
     mode: str = "local"  # local | central
     unit: str = "image"  # image | site
     evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
+    training_share: float = 0.0  # -tt real/mix: share of epsilon for DP-SGD; 0 = real 0.9 (rest: evaluation), mix 0.5
 
 
 @dataclass
@@ -166,6 +168,16 @@ class DownstreamConfig:
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
+    # -tt real/mix: federated DP-SGD at the sites (docs/privacy.md; defaults from the grid in docs/benchmarks.md)
+    dp_rounds: int = 10  # federated rounds (one global average each)
+    dp_local_steps: int = 5  # DP-SGD steps per site and round
+    dp_sample_rate: float = 0.25  # public Poisson rate: each private image joins a step with this probability
+    dp_max_grad_norm: float = 1.0  # per-example clipping bound
+    dp_lr: float = 1e-2
+    dp_optimizer: str = "adam"  # adam | sgd (steps on the noised gradient sum)
+    mix_synthetic_steps: int = 20  # -tt mix: server Adam steps on the synthetic data after each average
+    augment: float = 1.0  # strength of random affine moves of each training batch (shift, turn, scale); 0 = none
+    label_smoothing: float = 0.1  # cross-entropy label smoothing against the synthetic-to-real gap
 
 
 @dataclass
