@@ -1,5 +1,6 @@
-"""The ClientApp of a site: answers TRAIN with differentially private votes and EVALUATE with
-the downstream model's accuracy on the site's private test split.
+"""The ClientApp of a site: answers TRAIN with differentially private votes, ``train.dpsgd``
+with the global model after DP-SGD steps on its private data (``-tt real`` / ``mix``), and
+EVALUATE with the downstream model's accuracy on the site's private test split.
 
 Only the fields declared in :data:`coautogen_fl.protocol.SITE_REPLY_FIELDS` leave the site.
 An error reply carries a code and its generic line; the details (paths, sizes, tracebacks)
@@ -105,6 +106,17 @@ def train(msg: Message, context: Context) -> Message:
     try:
         request = P.VoteRequest.from_parts(from_content(msg.content))
         reply = get_site(context).vote(request, run_id=str(context.run_id))
+    except _HANDLED as exc:
+        return error_reply(msg, exc)
+    return Message(content=to_content(reply.to_parts()), reply_to=msg)
+
+
+@app.train("dpsgd")
+def train_dpsgd(msg: Message, context: Context) -> Message:
+    """Run the requested DP-SGD steps on the global model (``-tt real`` / ``mix``), charged first."""
+    try:
+        request = P.TrainRequest.from_parts(from_content(msg.content))
+        reply = get_site(context).train_dp(request, run_id=str(context.run_id))
     except _HANDLED as exc:
         return error_reply(msg, exc)
     return Message(content=to_content(reply.to_parts()), reply_to=msg)

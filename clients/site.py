@@ -26,6 +26,8 @@ from coautogen_fl.data import (
     split_site,
 )
 from coautogen_fl.device import resolve_device
+from coautogen_fl.downstream import build_classifier, load_numpy_state_dict, state_dict_to_numpy
+from coautogen_fl.dpsgd import DPSGDSettings, dp_train
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.privacy.release_store import ReleaseMismatchError, ReleaseStore
@@ -204,3 +206,30 @@ class Site:
         return P.EvaluationReply(
             float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id, site_label=self.label
         )
+
+    def train_dp(self, request: P.TrainRequest, run_id: str = "") -> P.TrainReply:
+        """:meth:`_train_dp` under the site's release lock."""
+        with self.releases.exclusive():
+            return self._train_dp(request, run_id)
+
+    def _train_dp(self, request: P.TrainRequest, run_id: str = "") -> P.TrainReply:
+        """DP-SGD on this site's voter images (``-tt real`` / ``mix``): the ledger is charged with
+        the request's (noise multiplier, public sample rate, steps) before any step runs; a charge
+        past the budget raises ``BudgetExceededError`` and nothing is trained or released. A round
+        this site already paid for is answered with the stored weights if the request is the
+        same, and refused otherwise."""
+        settings = DPSGDSettings(request.noise_multiplier, request.sample_rate, request.steps,
+                                 request.max_grad_norm, request.lr, request.optimizer).validate()  # fmt: skip
+        model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
+        load_numpy_state_dict(model, request.weights)  # a malformed model fails before the charge
+        run_key, fingerprint = request.run_key or run_id, request.fingerprint()
+        stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
+        if stored is None:
+            spent = self.ledger.charge(settings.noise_multiplier, request.round, run_key, settings.sample_rate, settings.steps)
+            dp_train(model, self.data.train.images, self.data.train.labels, settings)
+            weights = state_dict_to_numpy(model)
+            self.releases.save(run_key, "dpsgd", request.round, fingerprint, {k: v.tolist() for k, v in weights.items()})
+        else:
+            spent = self.ledger.spent_epsilon()
+            weights = {k: np.asarray(v, dtype=request.weights[k].dtype) for k, v in stored.items()}
+        return P.TrainReply(weights, spent, self.terms.epsilon_budget, self.partition_id, settings.noise_multiplier, self.label)

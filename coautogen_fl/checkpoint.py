@@ -26,6 +26,12 @@ from .atomic import write_text_atomic
 
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_VERSION = 1
+#: Why a -tt real/mix run is refused on resume: asking the sites again would charge them again.
+RESUME_UNSUPPORTED = (
+    "a -tt {task_type} run cannot be resumed yet ({run_dir}): its DP-SGD rounds are checkpointed "
+    "(training/round-*.npz) but not replayed, and asking the sites again would charge their ledgers again. "
+    "Start a new run"
+)
 
 
 class CheckpointError(RuntimeError):

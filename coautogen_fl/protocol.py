@@ -35,6 +35,12 @@ RUN_KEY = "run-key"
 SITE, SITE_LABEL = "site", "site-label"
 EPSILON_SPENT, EPSILON_BUDGET, PARTITION_ID = "epsilon-spent", "epsilon-budget", "partition-id"
 CORRECT, NUM_EXAMPLES, ACCURACY = "correct", "num-examples", "accuracy"
+SAMPLE_RATE, LOCAL_STEPS, MAX_GRAD_NORM = "sample-rate", "local-steps", "max-grad-norm"
+LEARNING_RATE, OPTIMIZER = "learning-rate", "optimizer"
+#: The Flower message type of a DP-SGD round (``@app.train("dpsgd")`` at the site).
+TRAIN_DPSGD = "train.dpsgd"
+#: A declared field whose key is any key of its record (the model's parameter names).
+ANY_KEY = "*"
 
 
 class Release(str, Enum):
@@ -76,6 +82,11 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
         *_SITE_BOOKKEEPING,
     ),
+    TRAIN_DPSGD: (
+        WireField(WEIGHTS, ANY_KEY, Release.CHARGED, "the model after the site's DP-SGD steps, one array per parameter"),
+        WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+        *_SITE_BOOKKEEPING,
+    ),
     "evaluate": (
         WireField(METRICS, CORRECT, Release.CHARGED, "correctly classified site-test images, noised"),
         WireField(METRICS, NUM_EXAMPLES, Release.CHARGED, "site-test images, noised"),
@@ -88,6 +99,15 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
         *_SITE_BOOKKEEPING,
     ),
 }
+
+
+def declared_field(kind: str, record: str, key: str) -> Optional[WireField]:
+    """The declaration of ``record/key`` in a ``kind`` reply (an ``ANY_KEY`` field covers its
+    whole record), or None when the site must not send it."""
+    for f in SITE_REPLY_FIELDS[kind]:
+        if f.record == record and f.key in (key, ANY_KEY):
+            return f
+    return None
 
 
 # Error replies carry one of these codes and its generic line, nothing else: the details
@@ -340,6 +360,122 @@ class EvaluationReply:
             accuracy=accuracy,
             site_label=_label(parts),
         )
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Server -> site (``train.dpsgd``): the global model and the DP-SGD steps to run on it.
+
+    The sample rate is public and the same for every site: the noise is calibrated to it, and a
+    rate derived from a site's size would reveal that size.
+    """
+
+    round: int
+    model: str
+    num_classes: int
+    channels: int
+    image_size: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    lr: float
+    optimizer: str
+    weights: dict[str, np.ndarray]
+    run_key: str = ""
+
+    def to_parts(self) -> WireParts:
+        config: dict[str, Scalar] = {
+            RUN_KEY: self.run_key,
+            ROUND: int(self.round),
+            MODEL: self.model,
+            NUM_CLASSES: int(self.num_classes),
+            CHANNELS: int(self.channels),
+            IMAGE_SIZE: int(self.image_size),
+            NOISE_MULTIPLIER: float(self.noise_multiplier),
+            SAMPLE_RATE: float(self.sample_rate),
+            LOCAL_STEPS: int(self.steps),
+            MAX_GRAD_NORM: float(self.max_grad_norm),
+            LEARNING_RATE: float(self.lr),
+            OPTIMIZER: self.optimizer,
+        }
+        return WireParts(arrays={WEIGHTS: dict(self.weights)}, configs={CONFIG: config})
+
+    @classmethod
+    def from_parts(cls, parts: WireParts) -> "TrainRequest":
+        what, config = "training request", parts.configs.get(CONFIG)
+        if WEIGHTS not in parts.arrays:
+            raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
+        return cls(
+            round=_get(config, ROUND, int, what),
+            model=_get(config, MODEL, str, what),
+            num_classes=_get(config, NUM_CLASSES, int, what),
+            channels=_get(config, CHANNELS, int, what),
+            image_size=_get(config, IMAGE_SIZE, int, what),
+            noise_multiplier=_get(config, NOISE_MULTIPLIER, float, what),
+            sample_rate=_get(config, SAMPLE_RATE, float, what),
+            steps=_get(config, LOCAL_STEPS, int, what),
+            max_grad_norm=_get(config, MAX_GRAD_NORM, float, what),
+            lr=_get(config, LEARNING_RATE, float, what),
+            optimizer=_get(config, OPTIMIZER, str, what),
+            weights=dict(parts.arrays[WEIGHTS]),
+            run_key=str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of the whole request (global weights included): a site replays a stored
+        release only for the very same request."""
+        return fingerprint(self.to_parts())
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """Site -> server (``train.dpsgd`` reply): the DP-SGD-trained weights, charged, and public
+    bookkeeping. No example count: the server weighs every site equally."""
+
+    weights: dict[str, np.ndarray]
+    epsilon_spent: float
+    epsilon_budget: float
+    partition_id: int
+    noise_multiplier: float
+    site_label: str = ""
+
+    def to_parts(self) -> WireParts:
+        metrics = {
+            EPSILON_SPENT: float(self.epsilon_spent),
+            EPSILON_BUDGET: float(self.epsilon_budget),
+            PARTITION_ID: int(self.partition_id),
+            NOISE_MULTIPLIER: float(self.noise_multiplier),
+        }
+        arrays = {WEIGHTS: {k: np.asarray(v) for k, v in self.weights.items()}}
+        return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
+
+    @classmethod
+    def from_parts(cls, parts: WireParts) -> "TrainReply":
+        what, metrics = "training reply", parts.metrics.get(METRICS)
+        if WEIGHTS not in parts.arrays:
+            raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
+        return cls(
+            weights=dict(parts.arrays[WEIGHTS]),
+            epsilon_spent=_finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
+            epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
+            partition_id=_get(metrics, PARTITION_ID, int, what),
+            noise_multiplier=_get(metrics, NOISE_MULTIPLIER, float, what),
+            site_label=_label(parts),
+        )
+
+
+def validate_weights(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    """Check a site's trained weights before they are averaged: the very keys and shapes of the
+    model the server sent, finite float values."""
+    if set(weights) != set(reference):
+        raise ReplyError(f"weights have keys {sorted(set(weights) ^ set(reference))} the model does not (or lack them)")
+    for key, ref in reference.items():
+        array = np.asarray(weights[key])
+        if array.shape != np.shape(ref) or array.dtype.kind != "f":
+            raise ReplyError(f"weights '{key}' are {array.dtype}{array.shape}, expected float{np.shape(ref)}")
+        if not np.all(np.isfinite(array)):
+            raise ReplyError(f"weights '{key}' contain NaN or infinite values")
 
 
 def validate_votes(votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float) -> None:

@@ -58,6 +58,7 @@ class FinalStage:
     model_arrays: ArrayRecord | None = None
     accuracy_real_test: float | None = None
     num_synthetic: int = 0
+    synthetic: tuple[np.ndarray, np.ndarray] | None = None  # the final dataset's (images, labels), for -tt mix
 
     def log_round(self, server_round: int, metrics: dict[str, Any], voted: Sequence[Candidate]) -> None:
         """Append the round to metrics.jsonl / W&B with a grid of the voted pool."""
@@ -81,6 +82,7 @@ class FinalStage:
         self.num_synthetic = len(final)
         images = stack_images(final)
         labels = np.array([c.label for c in final], dtype=np.int64)
+        self.synthetic = (images, labels)
         self.tracker.log_image_grid("synthetic", images, labels, self.class_names, server_round)
         self.quality = self.measure_quality(images, labels)
         ds = self.cfg.downstream
@@ -88,7 +90,8 @@ class FinalStage:
         log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), ds.epochs)
         model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
         model = train_classifier(
-            model, images, labels, epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device
+            model, images, labels, epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device,
+            augment=ds.augment, label_smoothing=ds.label_smoothing,
         )
         if self.real_test is not None and len(self.real_test):
             self.accuracy_real_test, _ = evaluate_classifier(model, self.real_test.images, self.real_test.labels, device=self.device)
@@ -115,3 +118,12 @@ class FinalStage:
             getattr(self.embedder, "name", "embedder"), overall["frechet_distance"], overall["precision"], overall["recall"])
         self.tracker.log_final("quality", quality)
         return quality
+
+    def adopt(self, model: Any) -> ArrayRecord:
+        """Make a model trained elsewhere (the DP-SGD rounds of -tt real/mix) the run's downstream
+        model: evaluated on the central real test split, then sent to the sites' evaluation."""
+        if self.real_test is not None and len(self.real_test):
+            self.accuracy_real_test, _ = evaluate_classifier(model, self.real_test.images, self.real_test.labels, device=self.device)
+            log(INFO, "federated DP-SGD model: accuracy on the central real test split %.4f", self.accuracy_real_test)
+        self.model_arrays = ArrayRecord({name: Array(value) for name, value in state_dict_to_numpy(model).items()})
+        return self.model_arrays

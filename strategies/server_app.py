@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from coautogen_fl.checkpoint import Checkpoint, CheckpointError
+from coautogen_fl.checkpoint import RESUME_UNSUPPORTED, Checkpoint, CheckpointError
 from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
 from coautogen_fl.device import resolve_device
@@ -21,6 +21,7 @@ from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.pipeline import build_upscaler, save_prompt_pool
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
+from coautogen_fl.privacy.split import NoisePlan, plan_noise, training_share
 from coautogen_fl.report import write_report
 from coautogen_fl.rundir import resolve_run_dir
 from coautogen_fl.store import SyntheticStore
@@ -29,6 +30,7 @@ from coautogen_fl.tracking import RunTracker, site_lines
 from .outcome import FinalStage
 from .resume import restore, rounds_left
 from .strategy import CoAutoGenStrategy, RoundFailed, SiteRecord
+from .training import TrainingRounds
 
 app = ServerApp()
 
@@ -51,9 +53,26 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
                        upscaler=build_upscaler(cfg, device) if upscale_final else None, embedder=embedder)  # fmt: skip
     feedback = cfg.feedback.framework == "Feedback"
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
-    releases = (cfg.feedback.rounds if feedback else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
-    sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
-    return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
+    votes = feedback and cfg.feedback.task_type != "real"
+    releases = (cfg.feedback.rounds if votes else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
+    if cfg.feedback.task_type == "syn":
+        sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
+        return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
+    plan = training_plan(cfg, releases)  # -tt real/mix: one epsilon for the Gaussian releases and DP-SGD
+    strategy = CoAutoGenStrategy(cfg, evolution, final, plan.gaussian, cfg.federation.max_site_images)
+    strategy.training = TrainingRounds(cfg, plan.training, strategy.rounds + 1, run_dir)
+    return strategy
+
+
+def training_plan(cfg: RunConfig, gaussian_releases: int) -> NoisePlan:
+    """The noise of a -tt real/mix run: the Gaussian releases' share, the DP-SGD noise for the rest."""
+    p, d = cfg.privacy, cfg.downstream
+    share = training_share(cfg.feedback.task_type, p.training_share)
+    plan = plan_noise(p.epsilon, p.delta, gaussian_releases, share, d.dp_sample_rate, d.dp_local_steps, d.dp_rounds)
+    log(INFO, "privacy plan (-tt %s): %d Gaussian release(s) at noise %.4g, %d DP-SGD rounds of %d steps at rate %g and "
+        "noise %.4g; each site's ledger will hold epsilon %.4f of %g", cfg.feedback.task_type, gaussian_releases,
+        plan.gaussian, d.dp_rounds, d.dp_local_steps, d.dp_sample_rate, plan.training, plan.epsilon, p.epsilon)
+    return plan
 
 
 def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
@@ -67,6 +86,8 @@ def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     if saved is None:
         raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml (was it a coautogen-fl run directory?)")
+    if saved.feedback.task_type != "syn":
+        raise CheckpointError(RESUME_UNSUPPORTED.format(task_type=saved.feedback.task_type, run_dir=run_dir))
     given, own = flatten(to_dict(cfg)), flatten(to_dict(saved))
     differ = sorted(k for k in set(given) | set(own) if k != "tracking.resume" and given.get(k) != own.get(k))
     if differ:
@@ -124,6 +145,8 @@ def run_summary(
         # The final dataset against the central real test split (coautogen_fl/quality.py);
         # None when the run stopped before it had one.
         "quality": strategy.final.quality,
+        "task_type": cfg.feedback.task_type,
+        "training": strategy.training.summary() if strategy.training is not None else None,  # -tt real/mix
         "dropped_replies": strategy.dropped,
         "wall_time_s": wall_time_s,
         "run_dir": str(run_dir),
@@ -153,7 +176,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.tracking.run_dir = str(run_dir)  # pinned, so that the saved config can resume this run
         save_config(cfg, run_dir / "config.yaml")
         strategy = build_strategy(cfg, run_dir)
-        strategy.run_key, num_rounds = str(context.run_id), strategy.rounds
+        strategy.run_key, num_rounds = str(context.run_id), strategy.total_rounds
     log(INFO, "coautogen-fl run directory: %s", run_dir)
     failure = None
     try:

@@ -33,6 +33,7 @@ from clients.wire import from_content, to_content
 
 from .outcome import FinalStage
 from .resume import checkpoint_of
+from .training import TrainingRounds
 
 
 #: Error replies Flower itself makes, by its code (``flwr.common.constant.ErrorCode``); their text
@@ -122,7 +123,9 @@ class CoAutoGenStrategy(Strategy):
         self.max_site_images = max_site_images
         # L2 sensitivity of one site's votes: what local sites and the central noise calibrate to.
         self.sensitivity = vote_sensitivity(cfg.privacy.unit, capped=cfg.data.real_per_label > 0)
-        self.rounds = cfg.feedback.rounds if cfg.feedback.framework == "Feedback" else 1  # Gen, GenLLM: one round
+        # Vote rounds: -iter for Feedback, one for Gen/GenLLM, none for -tt real (only DP-SGD rounds).
+        self.rounds = 0 if cfg.feedback.task_type == "real" else cfg.feedback.rounds if self.is_feedback else 1
+        self.training: TrainingRounds | None = None  # -tt real/mix: the DP-SGD rounds after the votes
         self.sites: dict[int, SiteRecord] = {}
         self.dropped: list[dict[str, Any]] = []
         self.federated_accuracy: float | None = None
@@ -137,6 +140,11 @@ class CoAutoGenStrategy(Strategy):
     @property
     def is_feedback(self) -> bool:
         return self.cfg.feedback.framework == "Feedback"
+
+    @property
+    def total_rounds(self) -> int:
+        """Flower rounds of the run: the vote rounds, then the DP-SGD rounds (-tt real/mix)."""
+        return self.training.last_round if self.training is not None else self.rounds
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -163,6 +171,8 @@ class CoAutoGenStrategy(Strategy):
         """Send the pool's embeddings to every sampled site (none in the Gen framework)."""
         server_round += self.round_offset
         self._round_start = time.time()
+        if self.training is not None and server_round > self.rounds:
+            return self.training.configure(self, server_round, grid)
         if not self.is_feedback or self.voting_done:
             return []
         if not self.evolution.pool:
@@ -276,6 +286,8 @@ class CoAutoGenStrategy(Strategy):
         """Sum the votes, breed the next pool; after the last round build the final dataset."""
         replies = list(replies)
         server_round += self.round_offset
+        if self.training is not None and server_round > self.rounds:
+            return self.training.aggregate(self, server_round, replies)
         last = server_round == self.rounds
         if self.voting_done:  # resumed after the last round: the replayed final children
             return self.final.finish(self.evolution.pool, server_round), MetricRecord({"num-synthetic": len(self.evolution.pool)})
@@ -338,7 +350,7 @@ class CoAutoGenStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """After the last round, send the downstream model to every site for evaluation."""
         server_round += self.round_offset
-        if server_round != self.rounds or self.final.model_arrays is None:
+        if server_round != self.total_rounds or self.final.model_arrays is None:
             return []
         noised = self.cfg.privacy.evaluation == "noised"
         request = P.EvaluationRequest(

@@ -107,7 +107,8 @@ class InProcessGrid(FakeGrid):
 
         replies = []
         for m in messages:
-            handler = client_app.train if m.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            handlers = {MessageType.TRAIN: client_app.train, P.TRAIN_DPSGD: client_app.train_dpsgd}
+            handler = handlers.get(m.metadata.message_type, client_app.evaluate)
             replies.append(handler(m, self.contexts[m.metadata.dst_node_id]))
         return replies
 

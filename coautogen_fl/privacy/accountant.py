@@ -184,6 +184,42 @@ def epsilon_for_noise(noise_multipliers: Sequence[float], delta: float) -> float
     return epsilon_for_mu(gdp_mu(noise_multipliers), delta)
 
 
+def epsilon_for_releases(releases: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of composed Gaussian releases ``(noise_multiplier, sample_rate, steps)``.
+
+    With full participation only (every sample rate 1), the exact GDP composition of
+    :func:`epsilon_for_noise` (a release of ``steps`` steps counts as ``steps`` releases). With
+    any Poisson-subsampled release (DP-SGD), all of them go through one opacus PRV accountant,
+    a full-participation release as sample rate 1. The releases are grouped by (noise, rate) in
+    sorted order first, so the result does not depend on the order they were charged in: a
+    server that plans a schedule and a site that charges it compute the very same number.
+
+    Parameters
+    ----------
+    releases : Sequence[tuple[float, float, int]]
+        Noise multiplier > 0, sample rate in (0, 1], steps >= 1, per release; empty gives 0.0.
+    delta : float
+        Target delta, 0 < delta < 1.
+    """
+    grouped: dict[tuple[float, float], int] = {}
+    for noise, rate, steps in releases:
+        q = float(rate)
+        _require(0.0 < q <= 1.0, "sample_rate", rate, "satisfy 0 < sample_rate <= 1", "use 1.0 for full participation")
+        key = (_check_noise(noise), q)
+        grouped[key] = grouped.get(key, 0) + _check_int(steps, "steps", 1, "count the release's steps")
+    if all(q == 1.0 for _, q in grouped):  # in the given order: bit-for-bit the votes-only ledger of old
+        return epsilon_for_noise([float(s) for s, _, n in releases for _ in range(int(n))], delta)
+    from opacus.accountants import PRVAccountant  # lazy: importing this module must not import torch
+
+    accountant = PRVAccountant()
+    accountant.history = [(s, q, n) for (s, q), n in sorted(grouped.items())]
+    delta = _check_delta(delta)
+    with np.errstate(divide="ignore"), warnings.catch_warnings():  # see OpacusAccountant.get_epsilon
+        warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(accountant.get_epsilon(delta))
+
+
 @runtime_checkable
 class Accountant(Protocol):
     """Records releases and reports the epsilon spent at a given delta."""

@@ -23,13 +23,20 @@ from .accountant import (
     PrivacyError,
     _check_int,
     _check_noise,
-    epsilon_for_noise,
+    epsilon_for_releases,
     validate_epsilon_delta,
 )
 
 LEDGER_VERSION = 1
 # Calibrated schedules land exactly on the budget up to float rounding in the root finders.
 BUDGET_RTOL = 1e-6
+
+
+def _check_rate(sample_rate: float) -> float:
+    q = float(sample_rate)
+    if not 0.0 < q <= 1.0:  # rejects nan
+        raise PrivacyError(f"sample_rate must satisfy 0 < sample_rate <= 1 (got {sample_rate!r}); use 1.0 for a vote")
+    return q
 
 
 class BudgetExceededError(RuntimeError):
@@ -56,12 +63,31 @@ class LedgerCorruptError(RuntimeError):
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One charged release: its noise multiplier, round, run id and UTC ISO timestamp."""
+    """One charged release: its noise multiplier, round, run id and UTC ISO timestamp.
+
+    A DP-SGD release (``-tt real`` / ``mix``) also has its Poisson ``sample_rate`` < 1 and its
+    number of ``steps``; a vote or evaluation release is one full-participation Gaussian
+    (sample rate 1, one step), and is written without those two keys, as before they existed.
+    """
 
     noise_multiplier: float
     round: int
     run_id: str
     timestamp: str
+    sample_rate: float = 1.0
+    steps: int = 1
+
+    @property
+    def release(self) -> tuple[float, float, int]:
+        """``(noise_multiplier, sample_rate, steps)``, as :func:`epsilon_for_releases` takes it."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_json(self) -> dict:
+        """The entry in the file: a Gaussian release keeps the four keys of ledger files of old."""
+        data = asdict(self)
+        if self.sample_rate == 1.0 and self.steps == 1:
+            del data["sample_rate"], data["steps"]
+        return data
 
 
 class PrivacyLedger:
@@ -129,6 +155,8 @@ class PrivacyLedger:
                     round=_check_int(raw["round"], "round", 0, "fix the entry"),
                     run_id=str(raw["run_id"]),
                     timestamp=str(raw["timestamp"]),
+                    sample_rate=_check_rate(raw.get("sample_rate", 1.0)),
+                    steps=_check_int(raw.get("steps", 1), "steps", 1, "fix the entry"),
                 )
             except (TypeError, KeyError, ValueError) as exc:
                 raise self._corrupt(f"entry {i} is invalid: {exc!r}") from exc
@@ -146,24 +174,27 @@ class PrivacyLedger:
         return len(self._entries)
 
     def spent_epsilon(self) -> float:
-        """Epsilon spent so far at the ledger's delta (exact GDP composition)."""
-        return epsilon_for_noise([e.noise_multiplier for e in self._entries], self.delta)
+        """Epsilon spent so far at the ledger's delta: exact GDP composition while every release is
+        a full-participation Gaussian, opacus PRV over all of them once a DP-SGD release is in."""
+        return epsilon_for_releases([e.release for e in self._entries], self.delta)
 
     def remaining_epsilon(self) -> float:
         """Budget left (never negative)."""
         return max(0.0, self.epsilon_budget - self.spent_epsilon())
 
-    def epsilon_after(self, noise_multiplier: float) -> float:
-        """Total epsilon that would be spent after one more release at ``noise_multiplier``."""
-        noises = [e.noise_multiplier for e in self._entries]
-        return epsilon_for_noise(noises + [_check_noise(noise_multiplier)], self.delta)
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1) -> float:
+        """Total epsilon that would be spent after one more release (defaults: one Gaussian release)."""
+        extra = (_check_noise(noise_multiplier), _check_rate(sample_rate), _check_int(steps, "steps", 1, "pass >= 1"))
+        return epsilon_for_releases([e.release for e in self._entries] + [extra], self.delta)
 
     def has_charge(self, run_id: str, round: int) -> bool:
         """Whether a release of ``round`` of run ``run_id`` is already charged (read from the file)."""
         with self._exclusive_lock():
             return any(e.run_id == str(run_id) and e.round == int(round) for e in self._entries)
 
-    def charge(self, noise_multiplier: float, round: int, run_id: str = "") -> float:
+    def charge(
+        self, noise_multiplier: float, round: int, run_id: str = "", sample_rate: float = 1.0, steps: int = 1
+    ) -> float:
         """Record one release, or refuse it if it would exceed the budget.
 
         Parameters
@@ -175,6 +206,10 @@ class PrivacyLedger:
             never trusts it).
         run_id : str (default: "")
             Identifier of the run requesting the release.
+        sample_rate : float (default: 1.0)
+            Poisson sampling probability of a DP-SGD release (public); 1.0 for a vote/evaluation.
+        steps : int (default: 1)
+            DP-SGD steps of the release; 1 for a vote/evaluation.
 
         Returns
         -------
@@ -188,8 +223,10 @@ class PrivacyLedger:
         """
         round = _check_int(round, "round", 0, "pass the server's round number")
         _check_noise(noise_multiplier)  # bad arguments touch nothing, not even the lock file
+        _check_rate(sample_rate)
+        steps = _check_int(steps, "steps", 1, "pass the number of DP-SGD steps (1 for a vote)")
         with self._exclusive_lock():
-            return self._charge_locked(noise_multiplier, round, run_id)
+            return self._charge_locked(noise_multiplier, round, run_id, float(sample_rate), steps)
 
     @contextmanager
     def _exclusive_lock(self) -> Iterator[None]:
@@ -210,10 +247,10 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _charge_locked(self, noise_multiplier: float, round: int, run_id: str) -> float:
-        spent = self.spent_epsilon()
-        new_total = self.epsilon_after(noise_multiplier)
+    def _charge_locked(self, noise_multiplier: float, round: int, run_id: str, sample_rate: float, steps: int) -> float:
+        new_total = self.epsilon_after(noise_multiplier, sample_rate, steps)
         if new_total > self.epsilon_budget * (1.0 + BUDGET_RTOL):
+            spent = self.spent_epsilon()  # only for the message: a PRV composition is not free
             raise BudgetExceededError(
                 f"privacy budget exceeded: round {round} (run {run_id!r}) at noise_multiplier "
                 f"{float(noise_multiplier):g} would bring this site's epsilon to "
@@ -229,6 +266,8 @@ class PrivacyLedger:
             round=round,
             run_id=str(run_id),
             timestamp=datetime.now(timezone.utc).isoformat(),
+            sample_rate=sample_rate,
+            steps=steps,
         )
         # Persist first: if the write fails, memory must not claim a charge the file lacks.
         self._write(self._entries + [entry])
@@ -240,6 +279,6 @@ class PrivacyLedger:
             "version": LEDGER_VERSION,
             "delta": self.delta,
             "epsilon_budget": self.epsilon_budget,  # informational; the caller's value rules
-            "entries": [asdict(e) for e in entries],
+            "entries": [e.to_json() for e in entries],
         }
         write_text_atomic(self.path, json.dumps(data, indent=2) + "\n")

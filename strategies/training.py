@@ -1,0 +1,196 @@
+"""The DP-SGD rounds of ``-tt real`` and ``-tt mix``, run by the strategy after its vote rounds.
+
+Each round the server sends the global weights and the DP-SGD settings (a
+:class:`coautogen_fl.protocol.TrainRequest`, message type ``train.dpsgd``) to the sampled sites;
+each site charges its ledger, runs its DP-SGD steps on its private voter images and replies with
+its new weights. The server averages them with equal weights (sites send no example counts),
+in ``mix`` runs ``downstream.mix_synthetic_steps`` Adam steps on the synthetic dataset the
+votes built (post-processing: no privacy cost), and writes the global weights of the round to
+``training/round-NNNN.npz``. After the last round the model goes through the FinalStage
+evaluation like a synthetic-data model (central test, the sites' noised evaluation).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from logging import INFO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from clients.wire import from_content, to_content
+from coautogen_fl import protocol as P
+from coautogen_fl.config import RunConfig
+from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
+from coautogen_fl.dpsgd import public_steps
+
+if TYPE_CHECKING:
+    from .strategy import CoAutoGenStrategy
+
+
+class TrainingRounds:
+    """Federated DP-SGD rounds after ``first_round - 1`` vote rounds.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration (``downstream.dp_*``, ``downstream.mix_synthetic_steps``).
+    noise_multiplier : float
+        Each round's DP-SGD noise, calibrated by :func:`coautogen_fl.privacy.split.plan_noise`.
+    first_round : int
+        The strategy round of the first DP-SGD round (the vote rounds + 1; 1 for ``real``).
+    run_dir : Path
+        Where ``training/round-NNNN.npz`` checkpoints of the global weights go.
+    """
+
+    def __init__(self, cfg: RunConfig, noise_multiplier: float, first_round: int, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.noise_multiplier = float(noise_multiplier)
+        self.first_round = int(first_round)
+        self.rounds = cfg.downstream.dp_rounds
+        self.run_dir = Path(run_dir)
+        self.weights: dict[str, np.ndarray] | None = None  # the global model, after the last finished round
+        self.accuracy_synthetic: float | None = None  # mix: the model pretrained on the synthetic data
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def last_round(self) -> int:
+        """The strategy round of the last DP-SGD round."""
+        return self.first_round + self.rounds - 1
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json "training": the settings, the pretrained (mix) accuracy and each round."""
+        d = self.cfg.downstream
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "rounds": self.rounds,
+            "local_steps": d.dp_local_steps,
+            "sample_rate": d.dp_sample_rate,
+            "max_grad_norm": d.dp_max_grad_norm,
+            "lr": d.dp_lr,
+            "optimizer": d.dp_optimizer,
+            "mix_synthetic_steps": d.mix_synthetic_steps if self.cfg.feedback.task_type == "mix" else 0,
+            "accuracy_synthetic_pretrained": self.accuracy_synthetic,
+            "history": self.history,
+        }
+
+    def _start(self, strategy: "CoAutoGenStrategy") -> dict[str, np.ndarray]:
+        """The first global model: the synthetic-data model (mix), or a fresh one under downstream.seed."""
+        final = strategy.final
+        if final.model_arrays is not None:  # mix: the vote rounds' final stage pretrained it
+            self.accuracy_synthetic = final.accuracy_real_test
+            return {name: array.numpy() for name, array in final.model_arrays.items()}
+        spec = final.model_spec()
+        model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"], seed=self.cfg.downstream.seed)
+        return state_dict_to_numpy(model)
+
+    def request(self, strategy: "CoAutoGenStrategy", server_round: int) -> P.TrainRequest:
+        """The ``train.dpsgd`` request of a round."""
+        d = self.cfg.downstream
+        return P.TrainRequest(
+            round=server_round, noise_multiplier=self.noise_multiplier, sample_rate=d.dp_sample_rate, steps=d.dp_local_steps,
+            max_grad_norm=d.dp_max_grad_norm, lr=d.dp_lr, optimizer=d.dp_optimizer, weights=dict(self.weights or {}),
+            run_key=strategy.run_key, **strategy.final.model_spec(),
+        )
+
+    def configure(self, strategy: "CoAutoGenStrategy", server_round: int, grid: Grid) -> list[Message]:
+        """Send the global weights to every sampled site."""
+        from .strategy import SiteRecord
+
+        if self.weights is None:
+            self.weights = self._start(strategy)
+        content = to_content(self.request(strategy, server_round).to_parts())
+        nodes = strategy._sample_nodes(grid)
+        strategy.planned_sites = max(strategy.planned_sites, len(grid.get_node_ids()))
+        strategy.sampled[server_round] = nodes
+        for node in nodes:
+            strategy.sites.setdefault(node, SiteRecord(-1, node))
+        log(INFO, "DP-SGD round %d/%d: global model sent to %d sites", server_round - self.first_round + 1, self.rounds, len(nodes))
+        strategy._outbox = [Message(content=content, dst_node_id=n, message_type=P.TRAIN_DPSGD) for n in nodes]
+        strategy._sent_to = {}
+        return strategy._outbox
+
+    def _collect(self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]) -> list[dict[str, np.ndarray]]:
+        """The valid weights of a round; every other reply is recorded against its site."""
+        updates = []
+        for msg in replies:
+            if msg.has_error():
+                strategy._site_error(server_round, msg, what="DP-SGD: ")
+                continue
+            try:
+                reply = P.TrainReply.from_parts(from_content(msg.content))
+                P.validate_weights(reply.weights, self.weights or {})
+            except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
+                strategy._drop(server_round, msg, f"DP-SGD: {exc}")
+                continue
+            site = strategy._site(msg, reply.partition_id, reply.site_label)
+            site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
+            site.epsilon_budget = reply.epsilon_budget
+            site.rounds_answered += 1
+            updates.append(reply.weights)
+        strategy._record_missing(server_round, replies)
+        return updates
+
+    def aggregate(self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        """Average the sites' weights (equal weights), mix in synthetic steps, checkpoint; after the
+        last round hand the model to the final stage."""
+        from .strategy import RoundFailed
+
+        started = time.time()
+        updates = self._collect(strategy, server_round, list(replies))
+        if len(updates) < strategy.min_sites(server_round):
+            raise RoundFailed(
+                f"DP-SGD round {server_round}: valid weights from {len(updates)} of {len(strategy.sampled.get(server_round, []))} "
+                f"sites, fewer than the {strategy.min_sites(server_round)} the run needs (federation.min_sites); nothing more "
+                "was asked of any site. summary.json names each site and why it did not count"
+            )
+        model = self._average(strategy, updates)
+        self.weights = state_dict_to_numpy(model)
+        self._checkpoint(server_round)
+        metrics = self._metrics(strategy, server_round, len(replies), len(updates), model, started)
+        self.history.append(metrics)
+        strategy.final.tracker.log_round(server_round, metrics)
+        arrays = strategy.final.adopt(model) if server_round == self.last_round else None
+        return arrays, MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def _average(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]]) -> Any:
+        spec, d = strategy.final.model_spec(), self.cfg.downstream
+        model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"])
+        load_numpy_state_dict(model, {k: np.mean([u[k] for u in updates], axis=0).astype(self.weights[k].dtype) for k in self.weights})
+        synthetic = strategy.final.synthetic
+        if self.cfg.feedback.task_type == "mix" and synthetic is not None:
+            public_steps(model, *synthetic, steps=d.mix_synthetic_steps, lr=d.lr, batch_size=d.batch_size, seed=d.seed + len(self.history))
+        return model
+
+    def _checkpoint(self, server_round: int) -> None:
+        """The global weights after the round, written whole or not at all (then renamed)."""
+        target = self.run_dir / "training" / f"round-{server_round:04d}.npz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.tmp")
+        with open(partial, "wb") as fh:
+            np.savez(fh, **self.weights)
+        os.replace(partial, target)
+
+    def _metrics(self, strategy: "CoAutoGenStrategy", server_round: int, sent: int, valid: int, model: Any, started: float) -> dict[str, Any]:
+        spends = [s.epsilon_spent for s in strategy.sites.values()]
+        metrics: dict[str, Any] = {
+            "phase": "dpsgd",
+            "replies": sent,
+            "updates_received": valid,
+            "dropped": sum(1 for d in strategy.dropped if d["round"] == server_round),
+            "dp_noise_multiplier": self.noise_multiplier,
+            "epsilon_spent_max": max(spends) if spends else 0.0,
+            "epsilon_spent": {s.name: s.epsilon_spent for s in strategy.sites.values()},
+            "round_time_s": time.time() - started,
+        }
+        test = strategy.final.real_test
+        if test is not None and len(test):  # the public central split: free to look at every round
+            metrics["accuracy_real_test"], _ = evaluate_classifier(model, test.images, test.labels)
+        log(INFO, "DP-SGD round %d: weights from %d of %d sites, central accuracy %s, epsilon spent (max) %.4f",
+            server_round, valid, sent, metrics.get("accuracy_real_test"), metrics["epsilon_spent_max"])
+        return metrics
