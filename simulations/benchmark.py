@@ -1,11 +1,16 @@
-"""Benchmark: Feedback against Gen on the embedded default, through the real `coautogen run`.
+"""Benchmark harness: every way to get a model out of the sites' private data, side by side.
 
-    python -m simulations.benchmark --out /tmp/bench --seeds 0 1 2 [key=value ...]
+    python -m simulations.benchmark --out /tmp/bench [--seeds 0 1 2] [--epsilons 1 4]
+                                    [--rows gen feedback-local ...] [--doc docs/benchmarks.md] [key=value ...]
 
-Runs both frameworks (same generator, same volume, same downstream training) for each
-generator seed, each as a full Flower simulation, and prints a Markdown table of
-accuracy_real_test, accuracy_federated, epsilon_spent_max and wall-clock time (the end-to-end
-time of the command, SuperLink start-up included) for docs/benchmarks.md.
+Each row is run for every (epsilon, seed): the `coautogen run` rows go through the real command
+(a full Flower simulation, the embedded default plus the row's overrides), ``dpsgd-pooled`` is
+the pooled DP-SGD reference (best of a small stated grid, :mod:`simulations.dpsgd_baseline`).
+Every finished run is appended to ``<out>/results.jsonl`` at once, and a rerun skips what is
+there, so an interrupted benchmark loses nothing. At the end the harness writes the table (mean
+and sd over seeds, wall time per run), the accuracy-vs-epsilon plot and the targets of issue 10
+met or missed in numbers; with ``--doc`` it replaces the block between the benchmark markers of
+that Markdown file (and copies the plot beside it).
 """
 
 from __future__ import annotations
@@ -13,56 +18,217 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .cli import main as coautogen_main
+#: Markers of the generated block in the --doc file.
+START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 
-def run_once(out: Path, name: str, framework: str, seed: int, overrides: list[str]) -> dict:
-    """One `coautogen run`; returns its summary plus the command's wall-clock seconds."""
-    argv = ["run", "--out", str(out), "--name", name, "-f", framework, f"generator.seed={seed}", *overrides]
+@dataclass(frozen=True)
+class Row:
+    """One way to get a model: a `coautogen run` with overrides, or the pooled reference."""
+
+    name: str
+    description: str
+    overrides: tuple[str, ...] = ()
+    pooled: bool = False
+
+
+ROWS: dict[str, Row] = {r.name: r for r in (
+    Row("gen", "Gen: the generator's prior, no votes", ("-f", "Gen")),
+    Row("feedback-local", "Feedback, local DP (the main job)"),
+    Row("feedback-central", "Feedback, central DP", ("privacy.mode=central",)),
+    Row("candidates", "Feedback, central, feedback.evolve=candidates (Private Evolution proper)",
+        ("privacy.mode=central", "feedback.evolve=candidates")),
+    Row("dpsgd-pooled", "DP-SGD on the pooled private data (opacus, best of a stated grid)", pooled=True),
+    Row("real", "-tt real: federated DP-SGD at the sites", ("-tt", "real")),
+    Row("mix", "-tt mix: votes, synthetic data and federated DP-SGD", ("-tt", "mix")),
+)}
+
+
+def run_key(row: str, epsilon: float, seed: int) -> str:
+    return f"{row}|{epsilon:g}|{seed}"
+
+
+def coautogen_run(out: Path, row: Row, epsilon: float, seed: int, overrides: list[str]) -> dict:
+    """One `coautogen run` of a row; its summary plus the command's wall-clock seconds."""
+    from .cli import main as coautogen_main
+
+    name = f"{row.name}-eps{epsilon:g}-seed{seed}"
+    argv = ["run", "--out", str(out), "--name", name, *row.overrides, f"privacy.epsilon={epsilon}",
+            f"generator.seed={seed}", f"downstream.seed={seed}", *overrides]  # fmt: skip
     started = time.time()
     code = coautogen_main(argv)
-    elapsed = time.time() - started
+    seconds = time.time() - started
+    summary_file = out / name / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if code != 0:
-        raise SystemExit(f"benchmark run {name} failed with exit code {code}; see {out / name / 'flower.log'}")
-    summary = json.loads((out / name / "summary.json").read_text())
-    return {**summary, "command_s": elapsed}
+        return {"status": "failed", "reason": summary.get("reason") or f"exit code {code}; see {out / name / 'flower.log'}",
+                "seconds": seconds, "run_dir": str(out / name)}  # fmt: skip
+    return {"status": summary.get("status", "completed"), "accuracy_real_test": summary.get("accuracy_real_test"),
+            "accuracy_federated": summary.get("accuracy_federated"), "epsilon_spent_max": summary.get("epsilon_spent_max"),
+            "seconds": seconds, "run_dir": str(out / name)}  # fmt: skip
 
 
-def table(rows: list[dict]) -> str:
+def pooled_run(out: Path, row: Row, epsilon: float, seed: int, overrides: list[str]) -> dict:
+    """The pooled DP-SGD reference at ``epsilon``: best of its grid (see simulations.dpsgd_baseline)."""
+    from .dpsgd_baseline import run_pooled
+
+    result = run_pooled(epsilon, seed, overrides=overrides)
+    return {"status": "completed", "accuracy_real_test": result["accuracy_real_test"], "epsilon_spent_max": epsilon,
+            "seconds": result["seconds"], "settings": result.get("settings"), "grid": result.get("grid")}  # fmt: skip
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """The finished runs of an earlier (possibly interrupted) invocation, by run key."""
+    if not path.is_file():
+        return {}
+    results = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            results[record["key"]] = record
+    return results
+
+
+def run_all(out: Path, rows: list[str], epsilons: list[float], seeds: list[int], overrides: list[str],
+            runner: Callable[[Path, Row, float, int, list[str]], dict] | None = None) -> list[dict]:  # fmt: skip
+    """Run every (row, epsilon, seed) not yet in ``<out>/results.jsonl``; return all records."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    done = load_results(path)
+    for epsilon in epsilons:
+        for seed in seeds:
+            for name in rows:
+                key = run_key(name, epsilon, seed)
+                if key in done:
+                    continue
+                row = ROWS[name]
+                run = runner or (pooled_run if row.pooled else coautogen_run)
+                print(f"benchmark: {key} ...", file=sys.stderr, flush=True)
+                record = {"key": key, "row": name, "epsilon": epsilon, "seed": seed, **run(out, row, epsilon, seed, overrides)}
+                with path.open("a") as handle:  # at once: an interrupted benchmark keeps every finished run
+                    handle.write(json.dumps(record) + "\n")
+                done[key] = record
+    return [r for r in done.values() if r["row"] in rows and r["epsilon"] in epsilons and r["seed"] in seeds]
+
+
+def aggregate(records: list[dict]) -> dict[tuple[str, float], dict]:
+    """Mean, sd, count and mean seconds of accuracy_real_test per (row, epsilon)."""
+    cells: dict[tuple[str, float], dict] = {}
+    for key in sorted({(r["row"], r["epsilon"]) for r in records}, key=lambda k: (list(ROWS).index(k[0]), k[1])):
+        runs = [r for r in records if (r["row"], r["epsilon"]) == key]
+        accs = [r["accuracy_real_test"] for r in runs if r.get("status") == "completed" and r.get("accuracy_real_test") is not None]
+        cells[key] = {
+            "mean": statistics.mean(accs) if accs else None,
+            "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "runs": accs, "failed": len(runs) - len(accs),
+            "seconds": statistics.mean(r["seconds"] for r in runs),
+        }  # fmt: skip
+    return cells
+
+
+def table(cells: dict[tuple[str, float], dict]) -> str:
+    """The Markdown table: one line per (row, epsilon)."""
     buf = io.StringIO()
-    buf.write("| framework | seed | accuracy_real_test | accuracy_federated | epsilon_spent_max | command time (s) |\n")
-    buf.write("|---|---|---|---|---|---|\n")
-    for r in rows:
-        buf.write(f"| {r['framework']} | {r['seed']} | {r['accuracy_real_test']:.4f} | {r['accuracy_federated']:.4f} "
-                  f"| {r['epsilon_spent_max']:.4f} | {r['command_s']:.1f} |\n")
-    for framework in ("Gen", "Feedback"):
-        accs = [r["accuracy_real_test"] for r in rows if r["framework"] == framework]
-        if accs:
-            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            buf.write(f"| **{framework} mean** | | **{statistics.mean(accs):.4f}** (sd {spread:.4f}) | | | |\n")
+    buf.write("| row | epsilon | accuracy_real_test mean (sd) | per seed | failed | wall time per run (s) |\n|---|---|---|---|---|---|\n")
+    for (name, epsilon), c in cells.items():
+        mean = "n/a" if c["mean"] is None else f"**{c['mean']:.4f}** ({c['sd']:.4f})"
+        seeds = ", ".join(f"{a:.4f}" for a in c["runs"])
+        buf.write(f"| {ROWS[name].description} | {epsilon:g} | {mean} | {seeds} | {c['failed']} | {c['seconds']:.0f} |\n")
     return buf.getvalue()
+
+
+def targets(cells: dict[tuple[str, float], dict]) -> str:
+    """Issue 10's targets at epsilon 1, each met or missed in numbers (n/a when a row did not run)."""
+    def mean(row: str, eps: float = 1.0) -> float | None:
+        return cells.get((row, eps), {}).get("mean")
+
+    def line(what: str, value: float | None, target: float) -> str:
+        if value is None:
+            return f"- {what}: not measured in this invocation (target >= {target:.2f})"
+        return f"- {what}: {value:.4f}, target >= {target:.2f}: **{'met' if value >= target else f'missed by {target - value:.4f}'}**"
+
+    gen, local = mean("gen"), mean("feedback-local")
+    lines = [
+        line("Synthetic only (Feedback, local, epsilon 1)", local, 0.70),
+        line("Feedback - Gen at epsilon 1 (same generator, same volume)", None if gen is None or local is None else local - gen, 0.15),
+        line("Mix at epsilon 1", mean("mix"), 0.85),
+        line("Mix beats real at epsilon 1 (mix - real)", None if mean("mix") is None or mean("real") is None else mean("mix") - mean("real"), 0.0),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict[tuple[str, float], dict], target: Path) -> Path:
+    """Accuracy vs epsilon, one line per row with sd error bars (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ROWS:
+        points = sorted((eps, c) for (row, eps), c in cells.items() if row == name and c["mean"] is not None)
+        if points:
+            ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["sd"] for p in points],
+                        marker="o", capsize=3, label=name)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (per site, delta 1e-5)")
+    ax.set_ylabel("accuracy on the central real test split")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def report(cells: dict[tuple[str, float], dict], command: str, plot_name: str) -> str:
+    """The generated Markdown block: command, table, targets, plot."""
+    return (f"Command (one invocation; results.jsonl keeps every run):\n\n```bash\n{command}\n```\n\n"
+            f"{table(cells)}\n{targets(cells)}\n![accuracy vs epsilon]({plot_name})\n")  # fmt: skip
+
+
+def write_doc(doc: Path, block: str) -> None:
+    """Replace the block between START and END in ``doc`` (appended when absent)."""
+    text = doc.read_text() if doc.is_file() else ""
+    generated = f"{START}\n{block}{END}"
+    if START in text and END in text:
+        text = text[: text.index(START)] + generated + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + f"\n\n## Benchmark harness (issue 10)\n\n{generated}\n"
+    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="parent folder of the benchmark's run directories")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="generator seeds")
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    parser.add_argument("--out", required=True, help="folder of the run directories and results.jsonl")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="generator, downstream and DP-SGD seeds")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--doc", type=Path, help="Markdown file whose benchmark block is replaced (e.g. docs/benchmarks.md)")
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every coautogen run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    rows = []
-    for seed in args.seeds:
-        for framework in ("Gen", "Feedback"):
-            summary = run_once(out, f"{framework.lower()}-seed{seed}", framework, seed, args.overrides)
-            rows.append({**summary, "seed": seed})
-    report = table(rows)
-    (out / "benchmark.md").write_text(report)
-    sys.stdout.write("\n" + report)
+    records = run_all(out, args.rows, args.epsilons, args.seeds, args.overrides)
+    cells = aggregate(records)
+    chart = plot(cells, out / "accuracy_vs_epsilon.png")
+    command = "python -m simulations.benchmark --out <dir> --seeds " + " ".join(map(str, args.seeds)) + " --epsilons " + \
+        " ".join(f"{e:g}" for e in args.epsilons) + " --rows " + " ".join(args.rows) + "".join(f" {o}" for o in args.overrides)  # fmt: skip
+    plot_name = "benchmark_accuracy_vs_epsilon.png"
+    block = report(cells, command, plot_name)
+    (out / "benchmark.md").write_text(block)
+    if args.doc:
+        shutil.copyfile(chart, args.doc.parent / plot_name)
+        write_doc(args.doc, block)
+    sys.stdout.write("\n" + block)
     return 0
 
 
