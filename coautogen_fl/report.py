@@ -208,7 +208,8 @@ def _grids(run_dir: Path, summary: dict | None) -> str:
 def _final(run_dir: Path, summary: dict | None) -> str:
     entries = _read_jsonl(run_dir / "synthetic" / "index.jsonl")
     if not entries:
-        return _note("No final dataset is stored (synthetic/ is empty or missing): the run stopped before it was drawn.")
+        why = ": the run stopped before it was drawn" if (summary or {}).get("status") != "completed" else ""
+        return _note(f"No final dataset is stored (synthetic/ is empty or missing){why}.")
     note = f'<p class="muted">{len(entries)} images in synthetic/; up to {IMAGES_PER_CLASS} per class shown, spread over the class.</p>'
     return note + _pool_grid(run_dir / "synthetic", entries, "final-grid", False)
 
@@ -291,7 +292,10 @@ def _quality(summary: dict | None) -> str:
     if summary is None:
         return _note("Not measured: there is no summary.json.")
     if not isinstance(quality, dict):
-        return _note("Not measured: the run stopped before the final dataset was drawn (or predates the measure).")
+        if summary.get("status") == "completed":
+            return _note("Not measured: summary.json has no quality entry (a run without a synthetic dataset, "
+                         "or one from before the measure).")
+        return _note("Not measured: the run stopped before the final dataset was drawn.")
     if not quality.get("available"):
         return _note(f"Not measured: {quality.get('reason', 'no reason recorded')}.")
     k = quality.get("k")

@@ -237,3 +237,18 @@ def test_the_report_renders_in_headless_chromium(feedback_run, tmp_path):
     page = Page(dom)
     assert page.headings == list(SECTIONS.values()) and page.sections == list(SECTIONS)
     assert page.site_rows and "votes-round-002" in page.images
+
+
+def test_log_final_mirrors_the_quality_numbers_to_the_trackers_run_summary(tmp_path):
+    from coautogen_fl.tracking import RunTracker
+
+    class FakeRun:  # the part of a wandb run log_final uses
+        summary: dict = {}
+
+    tracker = RunTracker(tmp_path)
+    tracker.log_final("quality", {"available": True})  # no wandb run: nothing to do
+    tracker._run = FakeRun()
+    tracker.log_final("quality", {"available": True, "k": 3, "overall": {"precision": 0.5, "recall": None},
+                                  "per_class": {"a": {"frechet_distance": np.float64(1.5)}}})
+    assert FakeRun.summary == {"quality/k": 3.0, "quality/overall/precision": 0.5, "quality/per_class/a/frechet_distance": 1.5}
+    assert not (tmp_path / "metrics.jsonl").exists()  # end-of-run numbers are no round
