@@ -252,3 +252,13 @@ def test_log_final_mirrors_the_quality_numbers_to_the_trackers_run_summary(tmp_p
                                   "per_class": {"a": {"frechet_distance": np.float64(1.5)}}})
     assert FakeRun.summary == {"quality/k": 3.0, "quality/overall/precision": 0.5, "quality/per_class/a/frechet_distance": 1.5}
     assert not (tmp_path / "metrics.jsonl").exists()  # end-of-run numbers are no round
+
+
+def test_without_real_test_data_the_quality_section_says_so(identity, tmp_path):
+    s = build_strategy(small_config(), tmp_path)
+    s.final.real_test = None  # a deployment's server: no central real test split
+    quality = s.final.measure_quality(np.zeros((4, 28, 28), np.float32), np.zeros(4, np.int64))
+    assert quality == {"available": False, "reason": quality["reason"]} and "no real test data" in quality["reason"]
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "quality": quality}))
+    text = write_report(tmp_path).read_text()
+    assert "Not measured: the server holds no real test data" in text
