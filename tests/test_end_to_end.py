@@ -92,6 +92,9 @@ def test_coautogen_run_command(tmp_path):
     assert all(site["rounds_answered"] == 2 and not site["refusals"] for site in summary["sites"].values())
     assert summary["dropped_replies"] == []
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert summary["quality"]["available"] and 0.0 <= summary["quality"]["overall"]["recall"] <= 1.0
+    report = (run_dir / "report.html").read_text()  # written by the ServerApp at the end of the run
+    assert 'id="quality-table"' in report and 'id="votes-round-002"' in report
     classes = sorted(p for p in (run_dir / "synthetic").iterdir() if p.is_dir())
     assert len(classes) == 10
     assert all(len(list(c.glob("*.png"))) == 10 for c in classes)
