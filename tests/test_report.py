@@ -262,3 +262,24 @@ def test_without_real_test_data_the_quality_section_says_so(identity, tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "quality": quality}))
     text = write_report(tmp_path).read_text()
     assert "Not measured: the server holds no real test data" in text
+
+
+def test_a_server_app_that_crashes_still_leaves_a_report(identity, tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from coautogen_fl.config import save_config
+    from strategies import server_app
+    from strategies.strategy import CoAutoGenStrategy
+
+    def crash(self, **kwargs):
+        raise RuntimeError("a generator ran out of memory")
+
+    monkeypatch.setattr(CoAutoGenStrategy, "start", crash)
+    cfg = small_config(f"tracking.run_dir={tmp_path / 'run'}")
+    save_config(cfg, tmp_path / "run.yaml")
+    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"config-file": str(tmp_path / "run.yaml")})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        server_app.main(FakeGrid(NODES), context)
+    text = (tmp_path / "run" / REPORT_FILE).read_text()
+    assert "wrote no summary.json" in text and Page(text).sections == list(SECTIONS)
