@@ -236,7 +236,8 @@ def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
         cfg, run_dir = prepare_run(cfg)
     started.append(run_dir)
     _sweep_leftovers(run_dir.parent, out)
-    out.write(f"coautogen: {'resuming ' if resuming else ''}{cfg.feedback.framework} with {cfg.federation.num_hospitals} "
+    task = "" if cfg.feedback.task_type == "syn" else f" -tt {cfg.feedback.task_type}"  # real/mix: DP-SGD rounds too
+    out.write(f"coautogen: {'resuming ' if resuming else ''}{cfg.feedback.framework}{task} with {cfg.federation.num_hospitals} "
               f"simulated hospitals, epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
     run_config: dict[str, object] = {"config-file": str(run_dir / "config.yaml")}
     if resuming:

@@ -29,6 +29,8 @@ from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import public_steps
 
+from .sites import SiteRecord
+
 if TYPE_CHECKING:
     from .strategy import CoAutoGenStrategy
 
@@ -100,8 +102,6 @@ class TrainingRounds:
 
     def configure(self, strategy: "CoAutoGenStrategy", server_round: int, grid: Grid) -> list[Message]:
         """Send the global weights to every sampled site."""
-        from .strategy import SiteRecord
-
         if self.weights is None:
             self.weights = self._start(strategy)
         content = to_content(self.request(strategy, server_round).to_parts())
