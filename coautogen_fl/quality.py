@@ -19,7 +19,8 @@ test split (simulation only; a deployment's server holds no real data).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
@@ -112,7 +113,7 @@ def precision_recall(real: np.ndarray, synthetic: np.ndarray, k: int = DEFAULT_K
 
 def _metrics(real: np.ndarray, synthetic: np.ndarray, k: int) -> dict[str, Any]:
     """The three numbers for one pair of sets; None where a set is too small to define them."""
-    out: dict[str, Any] = {"num_real": int(len(real)), "num_synthetic": int(len(synthetic)),
+    out: dict[str, Any] = {"num_real": len(real), "num_synthetic": len(synthetic),
                            "frechet_distance": None, "precision": None, "recall": None}
     if len(real) >= 2 and len(synthetic) >= 2:
         out["frechet_distance"] = frechet_distance(real, synthetic)

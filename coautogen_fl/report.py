@@ -19,11 +19,12 @@ import html
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .atomic import write_text_atomic
 from . import report_figures as fig
+from .atomic import write_text_atomic
 
 REPORT_FILE = "report.html"
 #: Section id -> heading, in page order. The ids are stable: tests and links rely on them.

@@ -21,13 +21,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
+from strategy_helpers import (
+    NUM_CLASSES,
+    FakeGrid,
+    eval_reply,
+    integer_votes,
+    small_config,
+    train_messages,
+    vote_reply,
+)
 
 from coautogen_fl import protocol as P
 from coautogen_fl.report import REPORT_FILE, SECTIONS, write_report
 from simulations.cli import main as cli_main
 from strategies.server_app import build_strategy, run_summary, write_run_report
 from strategies.strategy import RoundFailed
-from strategy_helpers import NUM_CLASSES, FakeGrid, eval_reply, integer_votes, small_config, train_messages, vote_reply
 
 NODES = [11, 12, 13, 14]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
