@@ -40,6 +40,7 @@ SECTIONS = {
 IMAGES_PER_CLASS = 12
 MAX_ROUNDS_SHOWN = 8
 MAX_CLASSES_SHOWN = 20
+REAL_ONLY = "Task type real: the model is trained on the sites' private data by DP-SGD alone; there is no synthetic data."
 #: Lines of flower.log shown when a run left no summary.json (it crashed or was killed).
 LOG_TAIL_LINES = 30
 
@@ -152,7 +153,7 @@ def _overview(run_dir: Path, summary: dict | None) -> str:
     parts = [f'<p><span class="status {_e(status if status in ("completed", "failed") else "unknown")}">{_e(status)}</span></p>']
     if summary.get("reason"):
         parts.append(f'<p class="reason" id="failure-reason"><b>Why the run stopped:</b> {_e(summary["reason"])}</p>')
-    keys = [("framework", "framework"), ("rater", "rater"), ("generator", "generator"), ("embedder", "embedder"),
+    keys = [("framework", "framework"), ("task_type", "task type"), ("rater", "rater"), ("generator", "generator"), ("embedder", "embedder"),
             ("epsilon", "epsilon (budget per site)"), ("delta", "delta"), ("privacy_mode", "privacy mode"),
             ("privacy_unit", "privacy unit"), ("noise_multiplier", "noise multiplier"), ("rounds", "voting rounds"),
             ("num_hospitals", "sites that took part"), ("num_hospitals_planned", "sites planned"),
@@ -192,6 +193,8 @@ def _pool_grid(folder: Path, entries: list[dict], element_id: str, by_votes: boo
 def _grids(run_dir: Path, summary: dict | None) -> str:
     folders = _round_folders(run_dir)
     if not folders:
+        if (summary or {}).get("task_type") == "real":
+            return _note(REAL_ONLY)
         if summary and summary.get("framework") not in (None, "Feedback"):
             return _note(f"The {summary['framework']} framework draws the final dataset without voting rounds: no voted pools.")
         return _note("No voted pool is stored (rounds/ is empty or missing): the run finished no voting round.")
@@ -208,6 +211,8 @@ def _grids(run_dir: Path, summary: dict | None) -> str:
 
 def _final(run_dir: Path, summary: dict | None) -> str:
     entries = _read_jsonl(run_dir / "synthetic" / "index.jsonl")
+    if not entries and (summary or {}).get("task_type") == "real":
+        return _note(REAL_ONLY)
     if not entries:
         why = ": the run stopped before it was drawn" if (summary or {}).get("status") != "completed" else ""
         return _note(f"No final dataset is stored (synthetic/ is empty or missing){why}.")
@@ -232,32 +237,49 @@ def _votes(run_dir: Path, metrics: dict[int, dict]) -> str:
             f'<div class="figs">{"".join(images)}</div>')
 
 
+#: Per-round table columns: (label, keys tried in order). Vote rounds and the DP-SGD rounds of
+#: ``-tt real`` / ``-tt mix`` name the same things differently.
+ROUND_COLUMNS = [("phase", ("phase",)), ("valid replies", ("votes_received", "updates_received")), ("dropped", ("dropped",)),
+                 ("noise", ("aggregate_noise_std", "dp_noise_multiplier")), ("kept", ("kept",)),
+                 ("accuracy, central test", ("accuracy_real_test",)), ("epsilon spent (max)", ("epsilon_spent_max",)),
+                 ("time (s)", ("round_time_s",))]
+
+
+def _first(record: dict, keys: tuple[str, ...]) -> Any:
+    return next((record[k] for k in keys if record.get(k) is not None), None)
+
+
 def _curves(summary: dict | None, metrics: dict[int, dict]) -> str:
-    parts = []
+    figures, parts = [], []
     sites = (summary or {}).get("sites") or {}
     names = list(sites) or sorted({n for m in metrics.values() for n in (m.get("epsilon_spent") or {})}, key=str)
     steps = [str(r) for r in metrics] + (["end"] if sites else [])
     spends = {n: [(m.get("epsilon_spent") or {}).get(n) for m in metrics.values()]
               + ([sites[n].get("epsilon_spent")] if sites else []) for n in names}
+    dpsgd = [i for i, m in enumerate(metrics.values()) if m.get("phase") == "dpsgd"]
     if names and steps:
         budget = (summary or {}).get("epsilon")
-        parts.append(_img(fig.spend_curve(spends, steps, budget if isinstance(budget, (int, float)) else None),
-                          "epsilon spent per site", "spend-curve"))
+        mixed = dpsgd[0] if dpsgd and dpsgd[0] > 0 else None  # -tt mix: votes first, then DP-SGD
+        uri = fig.spend_curve(spends, steps, budget if isinstance(budget, (int, float)) else None, mixed)
+        figures.append(_img(uri, "epsilon spent per site", "spend-curve"))
     else:
         parts.append(_note("No site reported a spend (no metrics.jsonl and no sites in summary.json)."))
+    per_round = {r: m["accuracy_real_test"] for r, m in metrics.items() if isinstance(m.get("accuracy_real_test"), (int, float))}
+    if per_round:  # the DP-SGD rounds of -tt real / mix evaluate the global model every round
+        figures.append(_img(fig.accuracy_curve(list(per_round), list(per_round.values())), "accuracy per round", "accuracy-curve"))
     labels = {"accuracy_real_test": "central real test split", "accuracy_federated": "federated (sites' test splits)"}
     accuracies = {label: (summary or {}).get(k) for k, label in labels.items()}
     accuracies = {k: v for k, v in accuracies.items() if isinstance(v, (int, float))}
     if accuracies:
-        parts.append(_img(fig.accuracy_bars(accuracies), "final accuracies", "accuracy-bars"))
+        figures.append(_img(fig.accuracy_bars(accuracies), "final accuracies", "accuracy-bars"))
     else:
         parts.append(_note("No accuracy was measured: the run stopped before the downstream model was trained and evaluated."))
     if metrics:
-        cols = [("votes_received", "valid votes"), ("dropped", "dropped"), ("aggregate_noise_std", "aggregate noise std"),
-                ("kept", "kept"), ("epsilon_spent_max", "epsilon spent (max)"), ("round_time_s", "time (s)")]
-        rows = [[f'<td class="num">{r}</td>'] + [f'<td class="num">{_num(m.get(k))}</td>' for k, _ in cols] for r, m in metrics.items()]
-        parts.append("<h3>Per round</h3>" + _table(["round"] + [c for _, c in cols], rows))
-    return f'<div class="figs">{"".join(parts[:2])}</div>' + "".join(parts[2:])
+        columns = [(label, keys) for label, keys in ROUND_COLUMNS if any(_first(m, keys) is not None for m in metrics.values())]
+        rows = [[f'<td class="num">{r}</td>'] + [f'<td class="num">{_num(_first(m, keys))}</td>' for _, keys in columns]
+                for r, m in metrics.items()]
+        parts.append("<h3>Per round</h3>" + _table(["round"] + [label for label, _ in columns], rows))
+    return f'<div class="figs">{"".join(figures)}</div>' + "".join(parts)
 
 
 def _ledger_file(run_dir: Path, site: dict) -> dict | None:
@@ -293,6 +315,8 @@ def _quality(summary: dict | None) -> str:
     if summary is None:
         return _note("Not measured: there is no summary.json.")
     if not isinstance(quality, dict):
+        if summary.get("task_type") == "real":
+            return _note(REAL_ONLY)
         if summary.get("status") == "completed":
             return _note("Not measured: summary.json has no quality entry (a run without a synthetic dataset, "
                          "or one from before the measure).")

@@ -110,10 +110,13 @@ def vote_histogram(votes: Sequence[float], noise_std: float | None, title: str) 
     return _png(figure)
 
 
-def spend_curve(spends: Mapping[str, Sequence[float | None]], steps: Sequence[str], budget: float | None) -> str:
-    """Epsilon spent by every site after each step (the voting rounds, then the run's end, which
-    adds the noised evaluation), against the run's budget. More than 12 sites are drawn as the
-    range (min to max) and the median, so the picture stays readable."""
+def spend_curve(
+    spends: Mapping[str, Sequence[float | None]], steps: Sequence[str], budget: float | None, dpsgd_from: int | None = None
+) -> str:
+    """Epsilon spent by every site after each step (the rounds, then the run's end, which adds the
+    noised evaluation), against the run's budget. More than 12 sites are drawn as the range (min to
+    max) and the median, so the picture stays readable. ``dpsgd_from``: the index of the first
+    DP-SGD round (``-tt real`` / ``mix``), marked with a dotted line."""
     figure, ax = _figure(6.0, 2.8)
     x = np.arange(len(steps))
     rows = np.array([[np.nan if v is None else v for v in values] for values in spends.values()], dtype=np.float64)
@@ -128,12 +131,14 @@ def spend_curve(spends: Mapping[str, Sequence[float | None]], steps: Sequence[st
             ax.plot(x, np.nanmedian(rows, 0), marker="o", markersize=3, color="#4c72b0", label=f"median of {len(rows)} sites")
     if budget is not None:
         ax.axhline(budget, color="#c44e52", linestyle="--", linewidth=1, label=f"run budget {budget:g}")
+    if dpsgd_from is not None:
+        ax.axvline(dpsgd_from - 0.5, color="#555555", linestyle=":", linewidth=1, label="DP-SGD rounds from here")
     top = np.nanmax(np.append(rows.ravel(), budget if budget is not None else 0.0)) if rows.size else (budget or 1.0)
     ax.set_ylim(0, 1.15 * top if np.isfinite(top) and top > 0 else 1.0)
     ax.legend(fontsize=6, ncol=2 if len(rows) > 6 else 1, loc="lower right")
     ticks = sorted(set(x[:: max(1, len(x) // 15)]) | {len(x) - 1})  # at most ~15 labels, the last always
     ax.set_xticks(ticks, [steps[i] for i in ticks])
-    ax.set_xlabel("after voting round (end: after the run, with the evaluation if it is noised)", fontsize=8)
+    ax.set_xlabel("after round (end: after the run, with the evaluation if it is noised)", fontsize=8)
     ax.set_ylabel("epsilon spent", fontsize=8)
     ax.set_title("privacy spend per site", fontsize=9)
     ax.tick_params(labelsize=7)
@@ -151,5 +156,18 @@ def accuracy_bars(accuracies: Mapping[str, float]) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("accuracy of the downstream model", fontsize=8)
     ax.set_title("final accuracies", fontsize=9)
+    ax.tick_params(labelsize=7)
+    return _png(figure)
+
+
+def accuracy_curve(rounds: Sequence[int], accuracies: Sequence[float]) -> str:
+    """The global model's accuracy on the central real test split after each round that measured
+    it (the DP-SGD rounds of ``-tt real`` / ``mix``)."""
+    figure, ax = _figure(4.6, 2.4)
+    ax.plot(list(rounds), list(accuracies), marker="o", markersize=3, color="#55a868")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("round", fontsize=8)
+    ax.set_ylabel("accuracy, central test", fontsize=8)
+    ax.set_title("accuracy per round", fontsize=9)
     ax.tick_params(labelsize=7)
     return _png(figure)

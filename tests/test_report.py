@@ -291,3 +291,22 @@ def test_a_server_app_that_crashes_still_leaves_a_report(identity, tmp_path, mon
         server_app.main(FakeGrid(NODES), context)
     text = (tmp_path / "run" / REPORT_FILE).read_text()
     assert "wrote no summary.json" in text and Page(text).sections == list(SECTIONS)
+
+
+def test_dpsgd_rounds_of_real_and_mix_runs_get_an_accuracy_curve(tmp_path):
+    spend = {"0": 0.2}
+    lines = [{"round": 1, "votes_received": 3, "aggregate_noise_std": 9.0, "epsilon_spent": spend},
+             {"round": 2, "phase": "dpsgd", "updates_received": 3, "dp_noise_multiplier": 1.1, "accuracy_real_test": 0.4,
+              "epsilon_spent": {"0": 0.6}},
+             {"round": 3, "phase": "dpsgd", "updates_received": 3, "dp_noise_multiplier": 1.1, "accuracy_real_test": 0.5,
+              "epsilon_spent": {"0": 0.9}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    site = {"partition_id": 0, "node_id": 1, "status": "answered", "rounds_answered": 3, "epsilon_budget": 1.0,
+            "epsilon_spent": 0.95, "refusals": [], "failures": []}
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "task_type": "mix", "epsilon": 1.0,
+                                                       "accuracy_real_test": 0.5, "sites": {"0": site}}))
+    page = Page(text := write_report(tmp_path).read_text())
+    assert {"spend-curve", "accuracy-curve", "accuracy-bars"} <= set(page.images)
+    assert "<th>phase</th>" in text and "<th>valid replies</th>" in text and page.site_rows == ["0"]
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "task_type": "real", "sites": {"0": site}}))
+    assert write_report(tmp_path).read_text().count("Task type real") == 3  # pools, final dataset, quality
