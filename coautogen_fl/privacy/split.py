@@ -12,7 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .accountant import PrivacyError, epsilon_for_releases, noise_multiplier_for_epsilon, validate_epsilon_delta
+from .accountant import (
+    PrivacyError,
+    epsilon_for_releases,
+    mu_for_epsilon,
+    noise_multiplier_for_epsilon,
+    validate_epsilon_delta,
+)
 
 #: privacy.training_share = 0 means: real 0.9 (the rest pays the noised evaluation), mix 0.5.
 DEFAULT_TRAINING_SHARE = {"real": 0.9, "mix": 0.5}
@@ -83,9 +89,12 @@ def plan_noise(
         return epsilon_for_releases(fixed + [(sigma, sample_rate, steps)] * rounds, delta)
 
     # Secant steps on log(epsilon) against log(noise): smooth and near-linear, so a few PRV
-    # evaluations (each ~0.1-1 s) find the noise; the last step only ever moves it up.
-    x0, x1 = 0.0, math.log(2.0)
-    f0, f1 = math.log(spent(1.0) / epsilon), math.log(spent(2.0) / epsilon)
+    # evaluations (each ~0.1-1 s) find the noise; the last step only ever moves it up. The
+    # start is the central-limit (GDP) estimate for the training share: mu = q sqrt(n (e^(1/s^2) - 1)).
+    mu = mu_for_epsilon(share * epsilon, delta) if 0 < share else mu_for_epsilon(epsilon, delta)
+    guess = 1.0 / math.sqrt(math.log1p(mu * mu / (sample_rate * sample_rate * steps * rounds)))
+    x0, x1 = math.log(guess), math.log(guess * 1.05)
+    f0, f1 = math.log(spent(guess) / epsilon), math.log(spent(guess * 1.05) / epsilon)
     for _ in range(30):
         if abs(f1) < _RELATIVE_TOLERANCE and f1 <= 0:
             break
