@@ -76,7 +76,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("federation.client_num_gpus", 0, True),
     ("federation.max_site_images", 0, True),
     ("federation.min_sites", 0, True),
-    ("downstream.epochs", 1, True),
+    ("downstream.epochs", 0, True),
     ("generator.inpaint", 0, True),
     ("generator.latent_dim", 0, True),
     ("generator.perturb_scale", 0, True),

@@ -116,6 +116,17 @@ def _num_outputs(model: nn.Module, sample: torch.Tensor) -> int:
     return int(out.shape[-1])
 
 
+#: Training examples seen (epochs x images) that ``derived_epochs`` aims at: 30 epochs of 1,000
+#: images, the issue-2 protocol, and the same number of steps when the final volume is larger.
+EPOCH_SAMPLES = 30_000
+
+
+def derived_epochs(num_images: int, low: int = 3, high: int = 30) -> int:
+    """Epochs for ``num_images`` training images (``downstream.epochs=0``): ``EPOCH_SAMPLES /
+    num_images`` within [low, high], so a larger final volume costs little extra time."""
+    return int(min(max(round(EPOCH_SAMPLES / max(num_images, 1)), low), high))
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """Random small affine moves of an NCHW batch: shift up to 10 % of the side, rotation up to
     10 degrees, scale 0.9-1.1, each times ``strength``. Synthetic data is clean and centred;

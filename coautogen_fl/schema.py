@@ -164,7 +164,7 @@ class FederationConfig:
 @dataclass
 class DownstreamConfig:
     model: str = "cnn"  # -cmodel: cnn | resnet18
-    epochs: int = 30
+    epochs: int = 0  # 0 = derived from the final volume: 30,000 / images, within [3, 30] (downstream.derived_epochs)
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0

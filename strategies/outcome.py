@@ -14,7 +14,7 @@ from flwr.common import log
 
 from coautogen_fl.config import RunConfig
 from coautogen_fl.data import ImageSet
-from coautogen_fl.downstream import build_classifier, evaluate_classifier, state_dict_to_numpy, train_classifier
+from coautogen_fl.downstream import build_classifier, derived_epochs, evaluate_classifier, state_dict_to_numpy, train_classifier
 from coautogen_fl.generation.base import Candidate, stack_images
 from coautogen_fl.quality import measure_synthetic_data, unavailable
 from coautogen_fl.store import SyntheticStore
@@ -87,10 +87,11 @@ class FinalStage:
         self.quality = self.measure_quality(images, labels)
         ds = self.cfg.downstream
         d = self.cfg.data
-        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), ds.epochs)
+        epochs = ds.epochs or derived_epochs(len(final))
+        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), epochs)
         model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
         model = train_classifier(
-            model, images, labels, epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device,
+            model, images, labels, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device,
             augment=ds.augment, label_smoothing=ds.label_smoothing,
         )
         if self.real_test is not None and len(self.real_test):

@@ -203,3 +203,29 @@ def test_empty_data():
 def test_bad_image_rank_raises():
     with pytest.raises(ValueError, match="shape"):
         images_to_tensor(np.zeros((28, 28), np.float32))
+
+
+# --- volume-aware training ----------------------------------------------------------------
+def test_derived_epochs_keep_the_training_steps_bounded_as_the_volume_grows():
+    from coautogen_fl.downstream import derived_epochs
+
+    assert derived_epochs(1000) == 30  # the issue-2 protocol: 30 epochs of 1,000 images
+    assert derived_epochs(5000) == 6 and derived_epochs(10_000) == 3
+    assert derived_epochs(50) == 30 and derived_epochs(10**6) == 3
+    assert 5000 * derived_epochs(5000) == 1000 * derived_epochs(1000)
+
+
+def test_augmentation_moves_the_glyph_and_keeps_the_background():
+    import torch
+
+    from coautogen_fl.downstream import augment_batch, images_to_tensor
+
+    images = np.zeros((8, 28, 28), np.float32)
+    images[:, 10:18, 12:16] = 1.0
+    x = images_to_tensor(images)
+    moved = augment_batch(x, torch.Generator().manual_seed(0), 1.0)
+    assert moved.shape == x.shape
+    assert torch.allclose(moved[:, :, :3, :3], x[:, :, :3, :3])  # corners stay background (-1)
+    changed = (moved - x).abs().flatten(1).mean(1)
+    assert (changed > 0.01).sum() >= 6  # nearly every image moved
+    assert torch.equal(augment_batch(x, torch.Generator().manual_seed(0), 0.0), x)  # strength 0: unchanged
