@@ -27,7 +27,7 @@ from coautogen_fl.data import (
 )
 from coautogen_fl.device import resolve_device
 from coautogen_fl.downstream import build_classifier, load_numpy_state_dict, state_dict_to_numpy
-from coautogen_fl.dpsgd import DPSGDSettings, dp_train
+from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, dp_train
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.privacy.release_store import ReleaseMismatchError, ReleaseStore
@@ -222,6 +222,7 @@ class Site:
                                  request.max_grad_norm, request.lr, request.optimizer).validate()  # fmt: skip
         model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
         load_numpy_state_dict(model, request.weights)  # a malformed model fails before the charge
+        check_private_model(model)  # so does one opacus cannot train per example (BatchNorm)
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
         if stored is None:

@@ -248,6 +248,9 @@ def validate(cfg: RunConfig) -> None:
         value = get_value(cfg, key)
         if value >= high:
             raise ConfigError(f"{key} must be < {high} (got {value})")
+    if cfg.feedback.task_type != "syn" and cfg.downstream.model != "cnn":  # resnet18's BatchNorm mixes examples
+        raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} trains with per-example DP-SGD, which needs "
+                          f"downstream.model=cnn (got {cfg.downstream.model!r}: BatchNorm breaks per-example privacy)")
     g = cfg.generator
     from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
 

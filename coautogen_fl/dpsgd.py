@@ -108,6 +108,16 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
     return plan_noise(epsilon, delta, 0, 0.0, sample_rate, int(steps), 1).training
 
 
+def check_private_model(model: nn.Module) -> None:
+    """Raise ValueError if opacus cannot compute exact per-example gradients of ``model`` (e.g.
+    BatchNorm, which mixes the examples of a batch): a site checks before it charges its ledger."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"the model cannot be trained with per-example DP-SGD: {errors[0]}")
+
+
 def _optimizer(params, settings: DPSGDSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr)

@@ -71,3 +71,14 @@ def test_public_steps_are_reproducible_under_their_seed():
         model = build_classifier("cnn", 3, 1, 12, seed=0)
         runs.append(state_dict_to_numpy(public_steps(model, IMAGES, LABELS, steps=3, lr=1e-2, batch_size=8, seed=5)))
     assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_model_with_batchnorm_is_refused_before_anything_runs():
+    from coautogen_fl.config import ConfigError, load_config
+    from coautogen_fl.dpsgd import check_private_model
+
+    with pytest.raises(ValueError, match="per-example"):
+        check_private_model(build_classifier("resnet18", 3, 1, 12))
+    check_private_model(build_classifier("cnn", 3, 1, 12))
+    with pytest.raises(ConfigError, match="downstream.model=cnn"):
+        load_config(overrides=["feedback.task_type=real", "downstream.model=resnet18"])

@@ -102,6 +102,14 @@ def test_a_site_replays_a_repeated_request_and_refuses_over_budget(tmp_path):
     reply = grid.send_and_receive([Message(content=to_content(greedy.to_parts()), dst_node_id=messages[0].metadata.dst_node_id,
                                            message_type=P.TRAIN_DPSGD)])[0]
     assert reply.has_error() and reply.error.code == P.ERROR_BUDGET_EXCEEDED
+    # A model opacus cannot train per example (BatchNorm) is a bad request, refused before the charge.
+    from coautogen_fl.downstream import build_classifier, state_dict_to_numpy
+
+    resnet = state_dict_to_numpy(build_classifier("resnet18", 10, 1, 28))
+    batchnorm = P.TrainRequest(**{**greedy.__dict__, "round": 3, "noise_multiplier": 50.0, "model": "resnet18", "weights": resnet})
+    reply = grid.send_and_receive([Message(content=to_content(batchnorm.to_parts()), dst_node_id=messages[0].metadata.dst_node_id,
+                                           message_type=P.TRAIN_DPSGD)])[0]
+    assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
     assert len(ledgers(cfg, tmp_path)[0].entries) == 1
 
 
