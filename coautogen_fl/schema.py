@@ -99,8 +99,8 @@ class FeedbackConfig:
     # distribution: votes refit the generator's sampling distribution;
     # candidates: Private Evolution, voted candidates are varied into the next pool
     candidates_per_label: int = 50  # pool size voted on per class and round
-    volume_per_label: int = 100  # -vpl: final synthetic images per class
-    k: int = 1  # nearest candidates each private sample votes for
+    volume_per_label: int = 500  # -vpl: final synthetic images per class, drawn after the last vote (free in privacy)
+    k: int = 5  # nearest candidates each private sample votes for (weight 1/sqrt(k): sensitivity 1 for any k)
     selection: str = "rank"  # sample | rank
     threshold: float = 1.0  # candidates mode: votes below threshold x aggregate noise std count as zero
     distribution_mix: float = 0.8  # distribution mode: weight of this round's moments vs the previous
@@ -176,7 +176,7 @@ class DownstreamConfig:
     dp_lr: float = 1e-2
     dp_optimizer: str = "adam"  # adam | sgd (steps on the noised gradient sum)
     mix_synthetic_steps: int = 0  # -tt mix: server Adam steps on the synthetic data after each average (0: pretrain only; measured best)
-    augment: float = 1.0  # strength of random affine moves of each training batch (shift, turn, scale); 0 = none
+    augment: float = 0.5  # strength of random affine moves of each training batch (shift, turn, scale); 0 = none
     label_smoothing: float = 0.1  # cross-entropy label smoothing against the synthetic-to-real gap
 
 

@@ -38,7 +38,7 @@ def test_defaults_load_without_file_and_equal_the_dataclass_defaults():
     assert cfg.privacy.delta == 1e-5
     assert cfg.feedback.candidates_per_label == 50
     assert cfg.feedback.evolve == "auto"  # distribution for generators that can fit(), else candidates
-    assert cfg.feedback.volume_per_label == 100
+    assert cfg.feedback.volume_per_label == 500
 
 
 def test_config_keys_and_flat_defaults_cover_the_same_dotted_keys():

@@ -41,7 +41,7 @@ def test_configure_train_sends_the_pool_to_every_node(strategy):
         np.testing.assert_array_equal(np.bincount(labels, minlength=NUM_CLASSES), [3] * NUM_CLASSES)
         config = m.content.config_records[P.CONFIG]
         assert config["round"] == 1
-        assert config["rater"] == "PE" and config["k"] == 1
+        assert config["rater"] == "PE" and config["k"] == 5  # the schema default
         assert config["privacy-mode"] == "local" and config["privacy-unit"] == "image"
         assert "delta" not in config  # a site measures its spend at its own delta
         assert config[P.NOISE_MULTIPLIER] == pytest.approx(expected_sigma, rel=1e-12)
