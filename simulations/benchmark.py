@@ -158,6 +158,7 @@ def targets(cells: dict[tuple[str, float], dict]) -> str:
     gen, local = mean("gen"), mean("feedback-local")
     lines = [
         line("Synthetic only (Feedback, local, epsilon 1)", local, 0.70),
+        line("Noise-free ceiling (Feedback, central, epsilon 1000)", mean("feedback-central", 1000.0), 0.85),
         line("Feedback - Gen at epsilon 1 (same generator, same volume)", None if gen is None or local is None else local - gen, 0.15),
         line("Mix at epsilon 1", mean("mix"), 0.85),
         line("Mix beats real at epsilon 1 (mix - real)", None if mean("mix") is None or mean("real") is None else mean("mix") - mean("real"), 0.0),

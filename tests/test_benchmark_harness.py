@@ -43,6 +43,7 @@ def test_table_targets_and_doc_block_come_from_the_runs(tmp_path):
     assert "Synthetic only (Feedback, local, epsilon 1): 0.5100, target >= 0.70: **missed by 0.1900**" in text
     assert "Feedback - Gen at epsilon 1 (same generator, same volume): 0.2000, target >= 0.15: **met**" in text
     assert "Mix at epsilon 1: 0.8100" in text and "missed by 0.0400" in text
+    assert "Noise-free ceiling (Feedback, central, epsilon 1000): not measured" in text
     chart = B.plot(cells, tmp_path / "plot.png")
     assert chart.stat().st_size > 5000 and chart.read_bytes()[:4] == b"\x89PNG"
     doc = tmp_path / "benchmarks.md"
