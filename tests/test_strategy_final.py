@@ -227,3 +227,18 @@ def test_refused_evaluation_is_recorded_at_its_release(strategy):
     assert strategy.dropped[0] == {"round": 3, "node": 11, "site": "node-11", "refused": True, "reason": line}
     assert strategy.sites[11].refusals == [f"round 3: {line}"]
     assert strategy.dropped[1]["refused"] is True and strategy.sites[12].refusals[0].startswith("round 3: evaluation: refused")
+
+
+@pytest.mark.parametrize("evolve", ["distribution", "candidates"])
+def test_final_volume_is_decoupled_from_the_pool_voted_on(tmp_path, evolve):
+    # -vpl 2 alone with a pool of 3 per class: 2 per class come out, drawn after the last vote
+    s = build_strategy(small_config("feedback.volume_per_label=2", f"feedback.evolve={evolve}"), tmp_path)
+    grid = FakeGrid()
+    for server_round in (1, 2):
+        messages = train_messages(s, server_round, grid)
+        assert len(s.evolution.pool) == 3 * NUM_CLASSES  # the voted pool keeps its own size
+        replies = [vote_reply(m, integer_votes(m.metadata.dst_node_id), 0.5, i) for i, m in enumerate(messages)]
+        s.aggregate_train(server_round, replies)
+    index = read_index(tmp_path / "synthetic")
+    assert np.bincount([e["label"] for e in index], minlength=NUM_CLASSES).tolist() == [2] * NUM_CLASSES
+    assert s.final.num_synthetic == 2 * NUM_CLASSES
