@@ -251,6 +251,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.feedback.task_type != "syn" and cfg.downstream.model != "cnn":  # resnet18's BatchNorm mixes examples
         raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} trains with per-example DP-SGD, which needs "
                           f"downstream.model=cnn (got {cfg.downstream.model!r}: BatchNorm breaks per-example privacy)")
+    if cfg.feedback.task_type != "syn" and cfg.privacy.unit != "image":  # DP-SGD clips one example, not one site
+        raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} protects one image (per-example DP-SGD); "
+                          "privacy.unit=site is not supported with it: use privacy.unit=image")
     g = cfg.generator
     from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
 

@@ -82,3 +82,5 @@ def test_a_model_with_batchnorm_is_refused_before_anything_runs():
     check_private_model(build_classifier("cnn", 3, 1, 12))
     with pytest.raises(ConfigError, match="downstream.model=cnn"):
         load_config(overrides=["feedback.task_type=real", "downstream.model=resnet18"])
+    with pytest.raises(ConfigError, match="privacy.unit=image"):
+        load_config(overrides=["feedback.task_type=mix", "privacy.unit=site"])

@@ -98,3 +98,20 @@ def test_the_integer_order_domain_gives_opacus_prv_epsilon(history):
     stock = PRVAccountant()
     stock.history = list(history)
     assert epsilon_for_releases(list(history), DELTA) == pytest.approx(stock.get_epsilon(DELTA), abs=1e-4)
+
+
+def test_the_two_accountants_cross_check():
+    """Votes only: the exact GDP total and opacus' PRV agree within PRV's documented 1-2 %; with
+    DP-SGD, RDP (looser) is above PRV and within 15 % of it."""
+    from opacus.accountants import RDPAccountant
+
+    votes = [(7.0, 1.0, 1)] * 3
+    exact = epsilon_for_releases(votes, DELTA)
+    from coautogen_fl.privacy.accountant import _prv_epsilon
+
+    assert exact <= _prv_epsilon(((7.0, 1.0, 3),), DELTA) <= exact * 1.02
+    mixed = [(7.0, 1.0, 1), (6.9, 0.25, 50)]
+    rdp = RDPAccountant()
+    rdp.history = [(7.0, 1.0, 1), (6.9, 0.25, 50)]
+    prv = epsilon_for_releases(mixed, DELTA)
+    assert prv < rdp.get_epsilon(DELTA) <= prv * 1.15
