@@ -193,7 +193,7 @@ def plot(cells: dict[tuple[str, float], dict], target: Path) -> Path:
 
 def report(cells: dict[tuple[str, float], dict], command: str, plot_name: str) -> str:
     """The generated Markdown block: command, table, targets, plot."""
-    return (f"Command (one invocation; results.jsonl keeps every run):\n\n```bash\n{command}\n```\n\n"
+    return (f"Commands (results.jsonl keeps every run; a rerun skips finished runs):\n\n```bash\n{command}\n```\n\n"
             f"{table(cells)}\n{targets(cells)}\n![accuracy vs epsilon]({plot_name})\n")  # fmt: skip
 
 
@@ -215,14 +215,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--doc", type=Path, help="Markdown file whose benchmark block is replaced (e.g. docs/benchmarks.md)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate every run in <out>/results.jsonl (e.g. after invocations of different rows)")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every coautogen run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    records = run_all(out, args.rows, args.epsilons, args.seeds, args.overrides)
+    if args.report_only:
+        records = list(load_results(out / "results.jsonl").values())
+        args.rows = [r for r in ROWS if any(rec["row"] == r for rec in records)]
+        args.epsilons = sorted({rec["epsilon"] for rec in records})
+        args.seeds = sorted({rec["seed"] for rec in records})
+    else:
+        records = run_all(out, args.rows, args.epsilons, args.seeds, args.overrides)
     cells = aggregate(records)
     chart = plot(cells, out / "accuracy_vs_epsilon.png")
-    command = "python -m simulations.benchmark --out <dir> --seeds " + " ".join(map(str, args.seeds)) + " --epsilons " + \
-        " ".join(f"{e:g}" for e in args.epsilons) + " --rows " + " ".join(args.rows) + "".join(f" {o}" for o in args.overrides)  # fmt: skip
+    commands = out / "commands.txt"  # every invocation that ran something, for the report-only table
+    if args.report_only:
+        command = commands.read_text().strip() if commands.is_file() else "(commands not recorded)"
+    else:
+        command = "python -m simulations.benchmark --out <dir> --seeds " + " ".join(map(str, args.seeds)) + " --epsilons " + \
+            " ".join(f"{e:g}" for e in args.epsilons) + " --rows " + " ".join(args.rows) + "".join(f" {o}" for o in args.overrides)  # fmt: skip
+        with commands.open("a") as handle:
+            handle.write(command + "\n")
     plot_name = "benchmark_accuracy_vs_epsilon.png"
     block = report(cells, command, plot_name)
     (out / "benchmark.md").write_text(block)

@@ -58,3 +58,13 @@ def test_results_file_is_json_lines_with_the_run_key(tmp_path):
     B.run_all(tmp_path, ["gen"], [1.0], [0], [], runner=fake_runner([]))
     record = json.loads((tmp_path / "results.jsonl").read_text())
     assert record["key"] == "gen|1|0" and record["accuracy_real_test"] == pytest.approx(0.30)
+
+
+def test_report_only_tabulates_every_recorded_run_without_running(tmp_path, monkeypatch):
+    B.run_all(tmp_path, ["gen"], [1.0], [0, 1], [], runner=fake_runner([]))
+    B.run_all(tmp_path, ["feedback-local"], [1000.0], [0], [], runner=fake_runner([]))
+    monkeypatch.setattr(B, "coautogen_run", lambda *a: pytest.fail("--report-only must not run anything"))
+    assert B.main(["--out", str(tmp_path), "--report-only"]) == 0
+    block = (tmp_path / "benchmark.md").read_text()
+    assert "| Gen: the generator's prior, no votes | 1 |" in block and "| Feedback, local DP (the main job) | 1000 |" in block
+    assert (tmp_path / "accuracy_vs_epsilon.png").is_file()
