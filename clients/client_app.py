@@ -10,8 +10,9 @@ go to the site's own log only.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from logging import ERROR, WARNING
+from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -100,26 +101,26 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     return Message(Error(code=code, reason=P.ERROR_REASONS[code]), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract)."""
+def answer(msg: Message, handle: Callable[[], Any]) -> Message:
+    """The reply to ``msg``: what ``handle`` returns (a typed record), or the error reply for a
+    refusal or a bad request it raises."""
     try:
-        request = P.VoteRequest.from_parts(from_content(msg.content))
-        reply = get_site(context).vote(request, run_id=str(context.run_id))
+        reply = handle()
     except _HANDLED as exc:
         return error_reply(msg, exc)
     return Message(content=to_content(reply.to_parts()), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract)."""
+    return answer(msg, lambda: get_site(context).vote(P.VoteRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)))
 
 
 @app.train("dpsgd")
 def train_dpsgd(msg: Message, context: Context) -> Message:
     """Run the requested DP-SGD steps on the global model (``-tt real`` / ``mix``), charged first."""
-    try:
-        request = P.TrainRequest.from_parts(from_content(msg.content))
-        reply = get_site(context).train_dp(request, run_id=str(context.run_id))
-    except _HANDLED as exc:
-        return error_reply(msg, exc)
-    return Message(content=to_content(reply.to_parts()), reply_to=msg)
+    return answer(msg, lambda: get_site(context).train_dp(P.TrainRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)))
 
 
 @app.evaluate()
@@ -130,14 +131,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     test image moves both by 1: L2 sensitivity sqrt 2), charged to the site's ledger first; a
     request with noise multiplier 0 gets them in the clear only if the site's terms allow it.
     """
-    try:
+    def release() -> P.EvaluationReply:
         request = P.EvaluationRequest.from_parts(from_content(msg.content))
         site = get_site(context)
         model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
         load_numpy_state_dict(model, request.weights)
         accuracy, count = evaluate_classifier(model, site.data.test.images, site.data.test.labels)
-        correct = int(round(accuracy * count))
-        reply = site.release_accuracy(correct, count, request, str(context.run_id))
-    except _HANDLED as exc:
-        return error_reply(msg, exc)
-    return Message(content=to_content(reply.to_parts()), reply_to=msg)
+        return site.release_accuracy(int(round(accuracy * count)), count, request, str(context.run_id))
+
+    return answer(msg, release)

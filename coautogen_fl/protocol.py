@@ -272,6 +272,36 @@ class VoteReply:
         )
 
 
+def _model_config(request: Any) -> dict[str, Scalar]:
+    """The config entries every request carrying a model shares: run key, round, model spec."""
+    return {
+        RUN_KEY: request.run_key,
+        ROUND: int(request.round),
+        MODEL: request.model,
+        NUM_CLASSES: int(request.num_classes),
+        CHANNELS: int(request.channels),
+        IMAGE_SIZE: int(request.image_size),
+    }
+
+
+def _model_fields(parts: WireParts, what: str) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """(the shared fields of a request carrying a model, its config) read back; raises
+    ReplyError when the weights or a field are missing."""
+    config = parts.configs.get(CONFIG)
+    if WEIGHTS not in parts.arrays:
+        raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
+    fields = {
+        "round": _get(config, ROUND, int, what),
+        "model": _get(config, MODEL, str, what),
+        "num_classes": _get(config, NUM_CLASSES, int, what),
+        "channels": _get(config, CHANNELS, int, what),
+        "image_size": _get(config, IMAGE_SIZE, int, what),
+        "weights": dict(parts.arrays[WEIGHTS]),
+        "run_key": str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
+    }
+    return fields, config  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class EvaluationRequest:
     """Server -> site (EVALUATE): the downstream model and how to release its accuracy.
@@ -290,32 +320,14 @@ class EvaluationRequest:
     run_key: str = ""
 
     def to_parts(self) -> WireParts:
-        config: dict[str, Scalar] = {
-            RUN_KEY: self.run_key,
-            ROUND: int(self.round),
-            MODEL: self.model,
-            NUM_CLASSES: int(self.num_classes),
-            CHANNELS: int(self.channels),
-            IMAGE_SIZE: int(self.image_size),
-            EVALUATION_NOISE: float(self.noise_multiplier),
-        }
+        config = {**_model_config(self), EVALUATION_NOISE: float(self.noise_multiplier)}
         return WireParts(arrays={WEIGHTS: dict(self.weights)}, configs={CONFIG: config})
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "EvaluationRequest":
-        what, config = "evaluation request", parts.configs.get(CONFIG)
-        if WEIGHTS not in parts.arrays:
-            raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
-        return cls(
-            round=_get(config, ROUND, int, what),
-            model=_get(config, MODEL, str, what),
-            num_classes=_get(config, NUM_CLASSES, int, what),
-            channels=_get(config, CHANNELS, int, what),
-            image_size=_get(config, IMAGE_SIZE, int, what),
-            noise_multiplier=_get(config, EVALUATION_NOISE, float, what),
-            weights=dict(parts.arrays[WEIGHTS]),
-            run_key=str(config.get(RUN_KEY, "")) if config is not None else "",
-        )
+        what = "evaluation request"
+        fields, config = _model_fields(parts, what)
+        return cls(noise_multiplier=_get(config, EVALUATION_NOISE, float, what), **fields)
 
     def fingerprint(self) -> str:
         """A hash of the whole request (model weights included)."""
@@ -386,12 +398,7 @@ class TrainRequest:
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
-            RUN_KEY: self.run_key,
-            ROUND: int(self.round),
-            MODEL: self.model,
-            NUM_CLASSES: int(self.num_classes),
-            CHANNELS: int(self.channels),
-            IMAGE_SIZE: int(self.image_size),
+            **_model_config(self),
             NOISE_MULTIPLIER: float(self.noise_multiplier),
             SAMPLE_RATE: float(self.sample_rate),
             LOCAL_STEPS: int(self.steps),
@@ -403,23 +410,16 @@ class TrainRequest:
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "TrainRequest":
-        what, config = "training request", parts.configs.get(CONFIG)
-        if WEIGHTS not in parts.arrays:
-            raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
+        what = "training request"
+        fields, config = _model_fields(parts, what)
         return cls(
-            round=_get(config, ROUND, int, what),
-            model=_get(config, MODEL, str, what),
-            num_classes=_get(config, NUM_CLASSES, int, what),
-            channels=_get(config, CHANNELS, int, what),
-            image_size=_get(config, IMAGE_SIZE, int, what),
             noise_multiplier=_get(config, NOISE_MULTIPLIER, float, what),
             sample_rate=_get(config, SAMPLE_RATE, float, what),
             steps=_get(config, LOCAL_STEPS, int, what),
             max_grad_norm=_get(config, MAX_GRAD_NORM, float, what),
             lr=_get(config, LEARNING_RATE, float, what),
             optimizer=_get(config, OPTIMIZER, str, what),
-            weights=dict(parts.arrays[WEIGHTS]),
-            run_key=str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
+            **fields,
         )
 
     def fingerprint(self) -> str:
