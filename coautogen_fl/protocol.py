@@ -236,6 +236,28 @@ class VoteRequest:
         return fingerprint(self.to_parts())
 
 
+def _bookkeeping(reply: Any) -> dict[str, Scalar]:
+    """The public bookkeeping a vote or training reply carries: spend, budget, partition, noise."""
+    return {
+        EPSILON_SPENT: float(reply.epsilon_spent),
+        EPSILON_BUDGET: float(reply.epsilon_budget),
+        PARTITION_ID: int(reply.partition_id),
+        NOISE_MULTIPLIER: float(reply.noise_multiplier),
+    }
+
+
+def _bookkeeping_fields(parts: WireParts, what: str) -> dict[str, Any]:
+    """:func:`_bookkeeping` and the site's label read back, checked."""
+    metrics = parts.metrics.get(METRICS)
+    return {
+        "epsilon_spent": _finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
+        "epsilon_budget": _finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
+        "partition_id": _get(metrics, PARTITION_ID, int, what),
+        "noise_multiplier": _get(metrics, NOISE_MULTIPLIER, float, what),
+        "site_label": _label(parts),
+    }
+
+
 @dataclass(frozen=True)
 class VoteReply:
     """Site -> server (TRAIN reply): the charged votes and public bookkeeping only."""
@@ -248,27 +270,17 @@ class VoteReply:
     site_label: str = ""
 
     def to_parts(self) -> WireParts:
-        metrics = {
-            EPSILON_SPENT: float(self.epsilon_spent),
-            EPSILON_BUDGET: float(self.epsilon_budget),
-            PARTITION_ID: int(self.partition_id),
-            NOISE_MULTIPLIER: float(self.noise_multiplier),
-        }
+        metrics = _bookkeeping(self)
         arrays = {VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}
         return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "VoteReply":
         what = "vote reply"
-        metrics = parts.metrics.get(METRICS)
         votes = np.asarray(_get(parts.arrays.get(VOTES), VOTES, np.asarray, what), dtype=np.float64)
         return cls(
             votes=votes,
-            epsilon_spent=_finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
-            epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
-            partition_id=_get(metrics, PARTITION_ID, int, what),
-            noise_multiplier=_get(metrics, NOISE_MULTIPLIER, float, what),
-            site_label=_label(parts),
+            **_bookkeeping_fields(parts, what),
         )
 
 
@@ -441,27 +453,18 @@ class TrainReply:
     site_label: str = ""
 
     def to_parts(self) -> WireParts:
-        metrics = {
-            EPSILON_SPENT: float(self.epsilon_spent),
-            EPSILON_BUDGET: float(self.epsilon_budget),
-            PARTITION_ID: int(self.partition_id),
-            NOISE_MULTIPLIER: float(self.noise_multiplier),
-        }
+        metrics = _bookkeeping(self)
         arrays = {WEIGHTS: {k: np.asarray(v) for k, v in self.weights.items()}}
         return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "TrainReply":
-        what, metrics = "training reply", parts.metrics.get(METRICS)
+        what = "training reply"
         if WEIGHTS not in parts.arrays:
             raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
         return cls(
             weights=dict(parts.arrays[WEIGHTS]),
-            epsilon_spent=_finite_non_negative(_get(metrics, EPSILON_SPENT, float, what), EPSILON_SPENT),
-            epsilon_budget=_finite_non_negative(_get(metrics, EPSILON_BUDGET, float, what), EPSILON_BUDGET),
-            partition_id=_get(metrics, PARTITION_ID, int, what),
-            noise_multiplier=_get(metrics, NOISE_MULTIPLIER, float, what),
-            site_label=_label(parts),
+            **_bookkeeping_fields(parts, what),
         )
 
 
