@@ -56,11 +56,26 @@ def run_key(row: str, epsilon: float, seed: int) -> str:
     return f"{row}|{epsilon:g}|{seed}"
 
 
+def set_aside(run_dir: Path) -> Path | None:
+    """Move the directory of an interrupted earlier attempt (a run not in results.jsonl) aside to
+    ``<name>.interrupted-N`` instead of deleting it or letting `coautogen run` refuse the name."""
+    if not run_dir.exists():
+        return None
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.interrupted-{n}").exists():
+        n += 1
+    target = run_dir.with_name(f"{run_dir.name}.interrupted-{n}")
+    run_dir.rename(target)
+    print(f"benchmark: {run_dir.name} held an interrupted attempt; moved to {target.name}", file=sys.stderr)
+    return target
+
+
 def coautogen_run(out: Path, row: Row, epsilon: float, seed: int, overrides: list[str]) -> dict:
     """One `coautogen run` of a row; its summary plus the command's wall-clock seconds."""
     from .cli import main as coautogen_main
 
     name = f"{row.name}-eps{epsilon:g}-seed{seed}"
+    set_aside(out / name)
     argv = ["run", "--out", str(out), "--name", name, *row.overrides, f"privacy.epsilon={epsilon}",
             f"generator.seed={seed}", f"downstream.seed={seed}", *overrides]  # fmt: skip
     started = time.time()

@@ -68,3 +68,14 @@ def test_report_only_tabulates_every_recorded_run_without_running(tmp_path, monk
     block = (tmp_path / "benchmark.md").read_text()
     assert "| Gen: the generator's prior, no votes | 1 |" in block and "| Feedback, local DP (the main job) | 1000 |" in block
     assert (tmp_path / "accuracy_vs_epsilon.png").is_file()
+
+
+def test_an_interrupted_attempt_is_set_aside_not_deleted(tmp_path):
+    run_dir = tmp_path / "gen-eps1-seed0"
+    run_dir.mkdir()
+    (run_dir / "flower.log").write_text("killed")
+    assert B.set_aside(run_dir) == tmp_path / "gen-eps1-seed0.interrupted-1"
+    run_dir.mkdir()
+    assert B.set_aside(run_dir) == tmp_path / "gen-eps1-seed0.interrupted-2"
+    assert (tmp_path / "gen-eps1-seed0.interrupted-1" / "flower.log").read_text() == "killed"
+    assert not run_dir.exists() and B.set_aside(run_dir) is None
