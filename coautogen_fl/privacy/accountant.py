@@ -250,9 +250,13 @@ def _integer_order_prv():
 def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """PRV epsilon (upper bound) of a grouped history; cached: a pure function, asked for the same
     schedule by the server's plan and every site of a simulation in one process."""
+    from threadpoolctl import threadpool_limits  # lazy, like opacus
+
     accountant = _integer_order_prv()
     accountant.history = list(history)
-    with np.errstate(divide="ignore"), warnings.catch_warnings():  # see OpacusAccountant.get_epsilon
+    # One BLAS thread: in a process that forked after OpenBLAS started its pool (Flower's
+    # simulation with Ray), a threaded np.dot inside opacus' discretisation can hang for good.
+    with threadpool_limits(limits=1, user_api="blas"), np.errstate(divide="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(accountant.get_epsilon(delta))
