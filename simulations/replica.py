@@ -28,7 +28,7 @@ from coautogen_fl.evolution import Evolution
 from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.base import Candidate, stack_images
 from coautogen_fl.generation.schedule import DegreeSchedule
-from coautogen_fl.privacy import noise_multiplier_for_epsilon
+from coautogen_fl.privacy import aggregate_noise_std, noise_multiplier_for_epsilon
 from coautogen_fl.rater import vote_histogram, vote_sensitivity
 
 
@@ -37,7 +37,8 @@ def evolve(cfg: RunConfig, evolution: Evolution, site_sets: list, embedder) -> l
     rounds = cfg.feedback.rounds
     releases = rounds + (1 if cfg.privacy.evaluation == "noised" else 0)
     sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases)
-    std = sigma * vote_sensitivity(cfg.privacy.unit, cfg.data.real_per_label > 0)
+    sensitivity = vote_sensitivity(cfg.privacy.unit, cfg.data.real_per_label > 0)
+    std = sigma * sensitivity
     private = [(embedder.embed(s.images), s.labels) for s in site_sets]
     local = cfg.privacy.mode == "local"
     evolution.start()
@@ -51,7 +52,8 @@ def evolve(cfg: RunConfig, evolution: Evolution, site_sets: list, embedder) -> l
             total += np.random.normal(0.0, std, total.shape)
         last = server_round == rounds
         per_label = cfg.feedback.volume_per_label if last else cfg.feedback.candidates_per_label
-        evolution.advance(server_round, total, std * (np.sqrt(len(private)) if local else 1.0), per_label)
+        aggregate_std = aggregate_noise_std(sigma, sensitivity, len(private), cfg.privacy.mode)
+        evolution.advance(server_round, total, aggregate_std, per_label)
     return evolution.pool
 
 
