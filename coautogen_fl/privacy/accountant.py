@@ -185,32 +185,83 @@ def epsilon_for_noise(noise_multipliers: Sequence[float], delta: float) -> float
     return epsilon_for_mu(gdp_mu(noise_multipliers), delta)
 
 
-def epsilon_for_releases(releases: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon at ``delta`` of composed Gaussian releases ``(noise_multiplier, sample_rate, steps)``.
+#: Kinds of release a ledger records: a Gaussian (vote, evaluation, DP-SGD) release, or a
+#: distributed discrete Gaussian sum through secure aggregation, recorded as its equivalent noise
+#: multiplier (:func:`coautogen_fl.privacy.distributed.ddg_noise_multiplier`).
+RELEASE_KINDS = ("gaussian", "ddg")
 
-    With full participation only (every sample rate 1), the exact GDP composition of
-    :func:`epsilon_for_noise` (a release of ``steps`` steps counts as ``steps`` releases). With
-    any Poisson-subsampled release (DP-SGD), all of them go through one opacus PRV accountant,
-    a full-participation release as sample rate 1. The releases are grouped by (noise, rate) in
-    sorted order first, so the result does not depend on the order they were charged in: a
-    server that plans a schedule and a site that charges it compute the very same number.
+
+def _check_kind(kind: str) -> str:
+    _require(kind in RELEASE_KINDS, "release kind", kind, f"be one of {', '.join(map(repr, RELEASE_KINDS))}",
+             "use 'gaussian' for a noised vote or DP-SGD release, 'ddg' for a secure-aggregation sum")
+    return str(kind)
+
+
+def _unpack_release(release: Sequence) -> tuple[float, float, int, str]:
+    """``(noise, rate, steps)`` or ``(noise, rate, steps, kind)``, validated."""
+    _require(len(release) in (3, 4), "release", release, "be (noise_multiplier, sample_rate, steps[, kind])",
+             "pass one tuple per release")
+    noise, rate, steps = release[:3]
+    kind = _check_kind(release[3]) if len(release) == 4 else "gaussian"
+    q = float(rate)
+    _require(0.0 < q <= 1.0, "sample_rate", rate, "satisfy 0 < sample_rate <= 1", "use 1.0 for full participation")
+    _require(kind == "gaussian" or q == 1.0, "sample_rate of a 'ddg' release", rate, "be 1.0",
+             "a secure-aggregation sum takes every site's votes: record it with sample_rate=1.0")
+    return _check_noise(noise), q, _check_int(steps, "steps", 1, "count the release's steps"), kind
+
+
+def epsilon_for_releases(releases: Sequence[tuple], delta: float) -> float:
+    """Epsilon at ``delta`` of composed releases ``(noise_multiplier, sample_rate, steps[, kind])``.
+
+    With full-participation Gaussian releases only (every sample rate 1, no ``"ddg"``), the exact
+    GDP composition of :func:`epsilon_for_noise` (a release of ``steps`` steps counts as ``steps``
+    releases). With any Poisson-subsampled release (DP-SGD) and no ``"ddg"`` release, all of them go
+    through one opacus PRV accountant, a full-participation release as sample rate 1. With any
+    ``"ddg"`` release (a distributed discrete Gaussian sum, whose guarantee is zCDP, which does not
+    compose exactly with GDP), all of them go through opacus' RDP accountant, a ``"ddg"`` release
+    as a Gaussian of its equivalent noise multiplier at sample rate 1 (the same Renyi curve). The
+    releases are grouped by (noise, rate) in sorted order first, so the result does not depend on
+    the order they were charged in: a server that plans a schedule and a site that charges it
+    compute the very same number.
 
     Parameters
     ----------
-    releases : Sequence[tuple[float, float, int]]
-        Noise multiplier > 0, sample rate in (0, 1], steps >= 1, per release; empty gives 0.0.
+    releases : Sequence[tuple]
+        Per release: noise multiplier > 0, sample rate in (0, 1], steps >= 1 and optionally its
+        kind, ``"gaussian"`` (default) or ``"ddg"`` (sample rate must be 1); empty gives 0.0.
     delta : float
         Target delta, 0 < delta < 1.
+
+    Raises
+    ------
+    PrivacyError
+        On an invalid release or delta.
     """
+    unpacked = [_unpack_release(r) for r in releases]
     grouped: dict[tuple[float, float], int] = {}
-    for noise, rate, steps in releases:
-        q = float(rate)
-        _require(0.0 < q <= 1.0, "sample_rate", rate, "satisfy 0 < sample_rate <= 1", "use 1.0 for full participation")
-        key = (_check_noise(noise), q)
-        grouped[key] = grouped.get(key, 0) + _check_int(steps, "steps", 1, "count the release's steps")
+    for noise, q, steps, _ in unpacked:
+        grouped[(noise, q)] = grouped.get((noise, q), 0) + steps
+    history = tuple((s, q, n) for (s, q), n in sorted(grouped.items()))
+    if any(kind == "ddg" for *_, kind in unpacked):
+        return _rdp_epsilon(history, _check_delta(delta))
     if all(q == 1.0 for _, q in grouped):  # in the given order: bit-for-bit the votes-only ledger of old
-        return epsilon_for_noise([float(s) for s, _, n in releases for _ in range(int(n))], delta)
-    return _prv_epsilon(tuple((s, q, n) for (s, q), n in sorted(grouped.items())), _check_delta(delta))
+        return epsilon_for_noise([s for s, _, n, _ in unpacked for _ in range(n)], delta)
+    return _prv_epsilon(history, _check_delta(delta))
+
+
+@lru_cache(maxsize=256)
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """opacus RDP epsilon (upper bound, default orders) of a grouped history; cached like
+    :func:`_prv_epsilon`, and on one BLAS thread for the same reason."""
+    from opacus.accountants import RDPAccountant  # lazy: opacus pulls in torch
+    from threadpoolctl import threadpool_limits
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        return float(accountant.get_epsilon(delta))
 
 
 #: Integer Renyi orders: opacus' closed form, where its fractional orders take a slow series.
@@ -226,7 +277,10 @@ def _integer_order_prv():
     grow: the truncation stays safe, the mesh (from eps_error) is the same, and the epsilon moves
     by well under PRV's own 0.01 error (tests/test_ledger_dpsgd.py compares both).
     """
-    from opacus.accountants import PRVAccountant, RDPAccountant  # lazy: not on this module's import
+    from opacus.accountants import (  # lazy: not on this module's import
+        PRVAccountant,
+        RDPAccountant,
+    )
     from opacus.accountants.analysis.prv import Domain
 
     class IntegerOrderPRV(PRVAccountant):

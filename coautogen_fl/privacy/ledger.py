@@ -22,6 +22,7 @@ from ..atomic import write_text_atomic
 from .accountant import (
     PrivacyError,
     _check_int,
+    _check_kind,
     _check_noise,
     epsilon_for_releases,
     validate_epsilon_delta,
@@ -68,6 +69,9 @@ class LedgerEntry:
     A DP-SGD release (``-tt real`` / ``mix``) also has its Poisson ``sample_rate`` < 1 and its
     number of ``steps``; a vote or evaluation release is one full-participation Gaussian
     (sample rate 1, one step), and is written without those two keys, as before they existed.
+    A distributed discrete Gaussian sum through secure aggregation has ``kind="ddg"`` and its
+    equivalent noise multiplier (:func:`~coautogen_fl.privacy.distributed.ddg_noise_multiplier`);
+    ``kind`` is written only when it is not ``"gaussian"``.
     """
 
     noise_multiplier: float
@@ -76,17 +80,20 @@ class LedgerEntry:
     timestamp: str
     sample_rate: float = 1.0
     steps: int = 1
+    kind: str = "gaussian"
 
     @property
-    def release(self) -> tuple[float, float, int]:
-        """``(noise_multiplier, sample_rate, steps)``, as :func:`epsilon_for_releases` takes it."""
-        return (self.noise_multiplier, self.sample_rate, self.steps)
+    def release(self) -> tuple[float, float, int, str]:
+        """``(noise_multiplier, sample_rate, steps, kind)``, as :func:`epsilon_for_releases` takes it."""
+        return (self.noise_multiplier, self.sample_rate, self.steps, self.kind)
 
     def to_json(self) -> dict:
         """The entry in the file: a Gaussian release keeps the four keys of ledger files of old."""
         data = asdict(self)
         if self.sample_rate == 1.0 and self.steps == 1:
             del data["sample_rate"], data["steps"]
+        if self.kind == "gaussian":
+            del data["kind"]
         return data
 
 
@@ -157,7 +164,10 @@ class PrivacyLedger:
                     timestamp=str(raw["timestamp"]),
                     sample_rate=_check_rate(raw.get("sample_rate", 1.0)),
                     steps=_check_int(raw.get("steps", 1), "steps", 1, "fix the entry"),
+                    kind=_check_kind(raw.get("kind", "gaussian")),
                 )
+                if entry.kind == "ddg" and entry.sample_rate != 1.0:
+                    raise ValueError("a 'ddg' entry must have sample_rate 1.0")
             except (TypeError, KeyError, ValueError) as exc:
                 raise self._corrupt(f"entry {i} is invalid: {exc!r}") from exc
             entries.append(entry)
@@ -175,16 +185,24 @@ class PrivacyLedger:
 
     def spent_epsilon(self) -> float:
         """Epsilon spent so far at the ledger's delta: exact GDP composition while every release is
-        a full-participation Gaussian, opacus PRV over all of them once a DP-SGD release is in."""
+        a full-participation Gaussian, opacus PRV over all of them once a DP-SGD release is in, opacus
+        RDP over all of them once a distributed discrete Gaussian (``kind="ddg"``) release is in."""
         return epsilon_for_releases([e.release for e in self._entries], self.delta)
 
     def remaining_epsilon(self) -> float:
         """Budget left (never negative)."""
         return max(0.0, self.epsilon_budget - self.spent_epsilon())
 
-    def epsilon_after(self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1) -> float:
+    def epsilon_after(
+        self, noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1, kind: str = "gaussian"
+    ) -> float:
         """Total epsilon that would be spent after one more release (defaults: one Gaussian release)."""
-        extra = (_check_noise(noise_multiplier), _check_rate(sample_rate), _check_int(steps, "steps", 1, "pass >= 1"))
+        extra = (
+            _check_noise(noise_multiplier),
+            _check_rate(sample_rate),
+            _check_int(steps, "steps", 1, "pass >= 1"),
+            _check_kind(kind),
+        )
         return epsilon_for_releases([e.release for e in self._entries] + [extra], self.delta)
 
     def has_charge(self, run_id: str, round: int) -> bool:
@@ -193,7 +211,13 @@ class PrivacyLedger:
             return any(e.run_id == str(run_id) and e.round == int(round) for e in self._entries)
 
     def charge(
-        self, noise_multiplier: float, round: int, run_id: str = "", sample_rate: float = 1.0, steps: int = 1
+        self,
+        noise_multiplier: float,
+        round: int,
+        run_id: str = "",
+        sample_rate: float = 1.0,
+        steps: int = 1,
+        kind: str = "gaussian",
     ) -> float:
         """Record one release, or refuse it if it would exceed the budget.
 
@@ -210,6 +234,10 @@ class PrivacyLedger:
             Poisson sampling probability of a DP-SGD release (public); 1.0 for a vote/evaluation.
         steps : int (default: 1)
             DP-SGD steps of the release; 1 for a vote/evaluation.
+        kind : str (default: "gaussian")
+            ``"gaussian"``, or ``"ddg"`` for a distributed discrete Gaussian sum through secure
+            aggregation, charged at its equivalent noise multiplier
+            (:func:`~coautogen_fl.privacy.distributed.ddg_noise_multiplier`) with sample rate 1.
 
         Returns
         -------
@@ -220,13 +248,21 @@ class PrivacyLedger:
         ------
         BudgetExceededError
             If the new total exceeds ``epsilon_budget * (1 + 1e-6)``; nothing is written.
+        PrivacyError
+            On an invalid argument (e.g. an unknown kind, or a ``"ddg"`` release with sample_rate < 1).
         """
         round = _check_int(round, "round", 0, "pass the server's round number")
         _check_noise(noise_multiplier)  # bad arguments touch nothing, not even the lock file
         _check_rate(sample_rate)
         steps = _check_int(steps, "steps", 1, "pass the number of DP-SGD steps (1 for a vote)")
+        kind = _check_kind(kind)
+        if kind == "ddg" and float(sample_rate) != 1.0:
+            raise PrivacyError(
+                f"sample_rate of a 'ddg' release must be 1.0 (got {sample_rate!r}); a secure-aggregation "
+                "sum is charged as one full-participation release"
+            )
         with self._exclusive_lock():
-            return self._charge_locked(noise_multiplier, round, run_id, float(sample_rate), steps)
+            return self._charge_locked(noise_multiplier, round, run_id, float(sample_rate), steps, kind)
 
     @contextmanager
     def _exclusive_lock(self) -> Iterator[None]:
@@ -247,13 +283,15 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
-    def _charge_locked(self, noise_multiplier: float, round: int, run_id: str, sample_rate: float, steps: int) -> float:
-        new_total = self.epsilon_after(noise_multiplier, sample_rate, steps)
+    def _charge_locked(
+        self, noise_multiplier: float, round: int, run_id: str, sample_rate: float, steps: int, kind: str
+    ) -> float:
+        new_total = self.epsilon_after(noise_multiplier, sample_rate, steps, kind)
         if new_total > self.epsilon_budget * (1.0 + BUDGET_RTOL):
             spent = self.spent_epsilon()  # only for the message: a PRV composition is not free
             raise BudgetExceededError(
                 f"privacy budget exceeded: round {round} (run {run_id!r}) at noise_multiplier "
-                f"{float(noise_multiplier):g} would bring this site's epsilon to "
+                f"{float(noise_multiplier):g} ({kind}) would bring this site's epsilon to "
                 f"{new_total:.6g} (requested), above its budget {self.epsilon_budget:.6g} "
                 f"(already spent {spent:.6g} over {self.rounds_charged} releases, delta "
                 f"{self.delta:g}); the release was refused and nothing was recorded",
@@ -268,6 +306,7 @@ class PrivacyLedger:
             timestamp=datetime.now(timezone.utc).isoformat(),
             sample_rate=sample_rate,
             steps=steps,
+            kind=kind,
         )
         # Persist first: if the write fails, memory must not claim a charge the file lacks.
         self._write(self._entries + [entry])
