@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from logging import ERROR, WARNING
 from typing import Any
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
@@ -26,12 +26,13 @@ from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, Privac
 from coautogen_fl.privacy.release_store import ReleaseMismatchError
 from coautogen_fl.privacy.site_key import SiteKeyError
 
+from .secagg import SecAggSetup, is_secure_vote, make_secagg_mod, secure_vote_content, secure_vote_request
 from .site import Site
 from .terms import DataPathError, SiteTermsError
 from .wire import from_content, to_content
 from .wire_log import wire_log_mods
 
-app = ClientApp(mods=wire_log_mods())
+app = ClientApp(mods=[*wire_log_mods(), make_secagg_mod(lambda msg, exc: error_reply(msg, exc))])
 _SITES: dict[tuple, Site] = {}  # one per (run, node) in this process: data embedded once
 _START_FAILURES: dict[tuple, Exception] = {}  # why the site of the message being handled could not start
 
@@ -101,19 +102,23 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     return Message(Error(code=code, reason=P.ERROR_REASONS[code]), reply_to=msg)
 
 
-def answer(msg: Message, handle: Callable[[], Any]) -> Message:
-    """The reply to ``msg``: what ``handle`` returns (a typed record), or the error reply for a
-    refusal or a bad request it raises."""
+def answer(msg: Message, handle: Callable[[], Any], content: Callable[[Any], RecordDict] | None = None) -> Message:
+    """The reply to ``msg``: what ``handle`` returns (a typed record, as ``content`` makes it a
+    RecordDict; default its parts), or the error reply for a refusal or a bad request it raises."""
     try:
         reply = handle()
     except _HANDLED as exc:
         return error_reply(msg, exc)
-    return Message(content=to_content(reply.to_parts()), reply_to=msg)
+    return Message(content=content(reply) if content else to_content(reply.to_parts()), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract)."""
+    """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract); inside
+    SecAgg+ (``privacy.mode=secagg``), with integer votes and a noise share the mod then masks."""
+    if is_secure_vote(msg):
+        return answer(msg, lambda: get_site(context).secure_vote(secure_vote_request(msg), SecAggSetup.from_context(context),
+                                                                  run_id=str(context.run_id)), secure_vote_content)  # fmt: skip
     return answer(msg, lambda: get_site(context).vote(P.VoteRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)))
 
 

@@ -30,10 +30,13 @@ from coautogen_fl.downstream import build_classifier, load_numpy_state_dict, sta
 from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, dp_train
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
+from coautogen_fl.privacy.distributed import discrete_gaussian
 from coautogen_fl.privacy.release_store import ReleaseMismatchError, ReleaseStore
 from coautogen_fl.privacy.site_key import site_secret
 from coautogen_fl.rater import build_rater, normalise_site_vector, vote_sensitivity
+from coautogen_fl.secure_votes import SecureVoteEncoding
 
+from .secagg import SecAggSetup
 from .terms import DATA_PATH_KEY, DataPathError, SiteTerms, site_data_path
 
 #: One site-test image moves both the correct count and the test count by 1.
@@ -142,7 +145,8 @@ class Site:
         if mode not in ("local", "central") or unit not in ("image", "site"):
             # Never guess: an unknown mode could mean "release clean votes".
             raise PrivacyError(
-                f"privacy-mode {mode!r} / privacy-unit {unit!r} not understood; expected local|central and image|site"
+                f"privacy-mode {mode!r} / privacy-unit {unit!r} not understood; expected local|central and image|site "
+                "(a secagg vote arrives only inside Flower's SecAgg+ protocol)"
             )
         if mode == "central" and not self.terms.trusts_server:
             raise P.SiteRefusal(
@@ -153,12 +157,7 @@ class Site:
         if stored is not None:
             votes = np.asarray(stored["votes"], dtype=np.float64)
             return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
-        rater = build_rater(request.rater, request.k)
-        votes = rater.score(
-            self.embeddings, self.data.train.labels, request.embeddings.astype(np.float32), request.labels
-        )
-        if unit == "site":
-            votes = normalise_site_vector(votes)
+        votes = self._clean_votes(request)
         sigma = request.noise_multiplier
         sensitivity = vote_sensitivity(unit, capped=self.cfg.data.real_per_label > 0)
         mechanism = GaussianMechanism(sigma, sensitivity)  # validates sigma before the charge
@@ -167,6 +166,53 @@ class Site:
             votes = mechanism.apply(votes)
         self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
         return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma, self.label)
+
+    def _clean_votes(self, request: P.VoteRequest) -> np.ndarray:
+        """The rater's votes of this site's voters on the request's candidates (never sent as is)."""
+        rater = build_rater(request.rater, request.k)
+        votes = rater.score(
+            self.embeddings, self.data.train.labels, request.embeddings.astype(np.float32), request.labels
+        )
+        return normalise_site_vector(votes) if request.privacy_unit == "site" else votes
+
+    def secure_vote(self, request: P.VoteRequest, setup: SecAggSetup, run_id: str = "") -> P.VoteReply:
+        """:meth:`_secure_vote` under the site's release lock."""
+        with self.releases.exclusive():
+            return self._secure_vote(request, setup, run_id)
+
+    def _secure_vote(self, request: P.VoteRequest, setup: SecAggSetup, run_id: str = "") -> P.VoteReply:
+        """Integer votes plus this site's discrete-Gaussian share of the noise (``privacy.mode=secagg``),
+        charged first; Flower's SecAgg+ masks them before they leave, and reveals only a sum.
+
+        The share is sized for ``min(the round's threshold, SecAgg+'s setup threshold, the site's
+        own secagg-trust-sites)`` sites: fewer means more noise from this site, never less. The
+        ledger charges the distributed discrete Gaussian bound for that many sites.
+        """
+        unit = request.privacy_unit
+        if request.privacy_mode != "secagg" or unit not in ("image", "site") or request.secagg_threshold < 2:
+            raise PrivacyError(
+                f"a SecAgg+ round asked for privacy-mode {request.privacy_mode!r}, unit {unit!r}, threshold "
+                f"{request.secagg_threshold}; expected secagg, image|site and a threshold >= 2"
+            )
+        capped = self.cfg.data.real_per_label > 0
+        encoding = SecureVoteEncoding.plan(request.noise_multiplier, request.secagg_threshold, request.k, unit,
+                                           vote_sensitivity(unit, capped), capped, request.secagg_vote_cap, len(request.labels))  # fmt: skip
+        setup.check(encoding)
+        summands = self.terms.secagg_summands(min(request.secagg_threshold, setup.threshold))
+        run_key, fingerprint = request.run_key or run_id, request.fingerprint()
+        stored = self._stored(run_key, "train", request.round, fingerprint)
+        if stored is not None:
+            votes = np.asarray(stored["votes"], dtype=np.int64)
+            return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
+        clean = encoding.encode(self._clean_votes(request))
+        charge = encoding.charge_multiplier(summands)  # validates the request before the charge
+        spent = self.ledger.charge(charge, round=request.round, run_id=run_key, kind="ddg")
+        noised = clean + discrete_gaussian(encoding.share_variance(summands), clean.shape)
+        # The bound's slack is exceeded with probability <= 2^-64 (secure_votes.SecureVoteEncoding.bound):
+        # a no-op but for that, and it keeps SecAgg+'s own clipping from ever acting.
+        votes = np.clip(noised, -encoding.bound, encoding.bound)
+        self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
+        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
 
     def release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
         """:meth:`_release_accuracy` under the site's release lock."""

@@ -27,6 +27,7 @@ SITE_NODE_KEYS = SIMULATION_NODE_KEYS | {
     "site-delta",
     "trust-server",
     "allow-clear-evaluation",
+    "secagg-trust-sites",
 }
 SITE_DEFAULT_DELTA = 1e-5
 #: A deployed site's ledger and key when its node config names no state-dir: fixed, per user.
@@ -95,6 +96,17 @@ def _number(node_config: Mapping[str, Any], key: str, default: float | None) -> 
     return value
 
 
+def _count(node_config: Mapping[str, Any], key: str, default: int) -> int:
+    value = node_config.get(key, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise SiteTermsError(f"node config {key}={value!r} is not a whole number; e.g. {key}=3") from None
+    if number < 1:
+        raise SiteTermsError(f"node config {key}={number} must be >= 1 (1: this site adds all the noise itself)")
+    return number
+
+
 @dataclass(frozen=True)
 class SiteTerms:
     """What a site agrees to.
@@ -116,6 +128,11 @@ class SiteTerms:
         ``~/.local/state/coautogen-fl/site``: the same for every run).
     operator_run : bool
         True in a simulation, where the run config stood in for all of the above.
+    secagg_trust_sites : int
+        In a secure-aggregation round, the most sites whose noise this site counts on being in
+        the sum (``secagg-trust-sites``, default 1: it adds the full noise itself, as in local
+        mode). It adds the share for ``min(this, the round's threshold)`` sites. 0 in a
+        simulation: the round's threshold.
     """
 
     epsilon_budget: float
@@ -124,6 +141,7 @@ class SiteTerms:
     allow_clear_evaluation: bool
     state_dir: Path
     operator_run: bool
+    secagg_trust_sites: int = 0
 
     @classmethod
     def from_node_config(
@@ -153,4 +171,9 @@ class SiteTerms:
             allow_clear_evaluation=_flag(node_config.get("allow-clear-evaluation", False), "allow-clear-evaluation"),
             state_dir=state_dir,
             operator_run=False,
+            secagg_trust_sites=_count(node_config, "secagg-trust-sites", 1),
         )
+
+    def secagg_summands(self, threshold: int) -> int:
+        """How many sites' noise this site counts on in a secure sum of threshold ``threshold``."""
+        return min(threshold, self.secagg_trust_sites) if self.secagg_trust_sites else threshold

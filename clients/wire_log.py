@@ -34,8 +34,17 @@ def reply_fields(reply: Message) -> dict[str, Any]:
         for name, rec in content.array_records.items()
     }
     entry["metrics"] = {name: dict(rec) for name, rec in content.metric_records.items()}
-    entry["configs"] = {name: dict(rec) for name, rec in content.config_records.items()}
+    entry["configs"] = {name: {k: _plain(v) for k, v in rec.items()} for name, rec in content.config_records.items()}
     return entry
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON: bytes (SecAgg+'s keys, shares, masked vectors) as hex."""
+    if isinstance(value, bytes):
+        return {"hex": value.hex()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def make_wire_log_mod(path: str) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:

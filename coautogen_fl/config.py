@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "postprocess.upscale_on": ("final", "rounds"),
     "feedback.task_type": ("syn", "real", "mix"),
     "feedback.task_mode": ("I2I", "T2I"),
-    "privacy.mode": ("local", "central"),
+    "privacy.mode": ("local", "central", "secagg"),
     "privacy.unit": ("image", "site"),
     "privacy.evaluation": ("clear", "noised"),
     "downstream.model": ("cnn", "resnet18"),
@@ -69,6 +69,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("feedback.min_spread", 0, True),
     ("privacy.epsilon", 0, False),
     ("privacy.delta", 0, False),
+    ("privacy.secagg_threshold", 0, False),
+    ("privacy.secagg_vote_cap", 1, True),
     ("federation.num_hospitals", 1, True),
     ("federation.fraction_train", 0, False),
     ("federation.timeout_s", 0, False),
@@ -112,6 +114,7 @@ _UPPER_BOUNDS: tuple[tuple[str, float], ...] = (
     ("data.test_fraction", 1.0),
     ("data.site_test_fraction", 1.0),
     ("privacy.delta", 1.0),
+    ("privacy.secagg_threshold", 1.0 + 1e-12),
     ("federation.fraction_train", 1.0 + 1e-12),
     ("feedback.distribution_mix", 1.0 + 1e-12),
     ("feedback.min_spread", 0.5),
@@ -254,6 +257,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.feedback.task_type != "syn" and cfg.privacy.unit != "image":  # DP-SGD clips one example, not one site
         raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} protects one image (per-example DP-SGD); "
                           "privacy.unit=site is not supported with it: use privacy.unit=image")
+    if cfg.privacy.mode == "secagg" and cfg.feedback.task_type != "syn":
+        raise ConfigError(f"privacy.mode=secagg carries the vote rounds of -tt syn; -tt {cfg.feedback.task_type}'s DP-SGD "
+                          "rounds do not go through SecAgg+ yet: use privacy.mode=local with -tt real/mix")
     g = cfg.generator
     from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
 

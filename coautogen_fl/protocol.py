@@ -39,6 +39,14 @@ SAMPLE_RATE, LOCAL_STEPS, MAX_GRAD_NORM = "sample-rate", "local-steps", "max-gra
 LEARNING_RATE, OPTIMIZER = "learning-rate", "optimizer"
 #: The Flower message type of a DP-SGD round (``@app.train("dpsgd")`` at the site).
 TRAIN_DPSGD = "train.dpsgd"
+#: ``privacy.mode=secagg``: SecAgg+'s reconstruction threshold and the public clean-vote cap.
+SECAGG_THRESHOLD, SECAGG_VOTE_CAP = "secagg-threshold", "secagg-vote-cap"
+#: Flower's SecAgg+ record (``flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS``;
+#: tests/test_secagg.py checks the spelling) and the legacy fit records it wraps.
+SECAGG_CONFIGS = "secaggplus_configs"
+FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
+FITRES_ARRAYS, FITRES_METRICS = "fitres.parameters", "fitres.metrics"
+FITRES_NUM_EXAMPLES, FITRES_STATUS = "fitres.num_examples", "fitres.status"
 #: A declared field whose key is any key of its record (the model's parameter names).
 ANY_KEY = "*"
 
@@ -75,7 +83,14 @@ _SITE_BOOKKEEPING = (
     WireField(SITE, SITE_LABEL, Release.PUBLIC, "the site's own name (node config site-name; empty if unset)"),
 )
 
-#: Every field a site may send, by message type. Nothing else leaves a site.
+#: A SecAgg+ stage's fields (Flower's ``Key`` values): data-independent protocol values.
+def _secagg_public(*keys_meanings: tuple[str, str]) -> tuple[WireField, ...]:
+    return tuple(WireField(SECAGG_CONFIGS, key, Release.PUBLIC, meaning) for key, meaning in keys_meanings)
+
+
+#: Every field a site may send, by message type. Nothing else leaves a site. A SecAgg+ vote
+#: round (``privacy.mode=secagg``) is four TRAIN replies, one per stage.
+
 SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
     "train": (
         WireField(VOTES, VOTES, Release.CHARGED, "vote per candidate (float64 on the 1/16 grid)"),
@@ -91,6 +106,29 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
         WireField(METRICS, CORRECT, Release.CHARGED, "correctly classified site-test images, noised"),
         WireField(METRICS, NUM_EXAMPLES, Release.CHARGED, "site-test images, noised"),
         *_SITE_BOOKKEEPING,
+    ),
+    "secagg-setup": _secagg_public(
+        ("pk1", "a fresh public key for pairwise masks (random, this round only)"),
+        ("pk2", "a fresh public key for encrypting shares (random, this round only)"),
+    ),
+    "secagg-share-keys": _secagg_public(
+        ("dsts", "the node ids of its neighbours (from the server's setup)"),
+        ("ctxts", "Shamir shares of its own random mask seed and key, each encrypted to one neighbour"),
+    ),
+    "secagg-collect": (
+        WireField(SECAGG_CONFIGS, "masked_params", Release.CHARGED,
+                  "integer votes plus the site's discrete-Gaussian noise share, under masks (uniform mod 2^32 alone)"),
+        WireField(FITRES_NUM_EXAMPLES, "num_examples", Release.PUBLIC, "the constant 1: SecAgg+'s weight (sizes never leave)"),
+        WireField(FITRES_STATUS, "code", Release.PUBLIC, "the constant OK code of a legacy fit reply"),
+        WireField(FITRES_STATUS, "message", Release.PUBLIC, "the constant message of a legacy fit reply"),
+        *(WireField(FITRES_METRICS, f.key, f.release, f.meaning) for f in (
+            WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+            *_SITE_BOOKKEEPING,
+        )),
+    ),
+    "secagg-unmask": _secagg_public(
+        ("nids", "the node ids whose shares follow (from the server's lists)"),
+        ("shares", "shares of neighbours' mask seeds (survivors) or keys (dropped): removes masks, reveals only the sum"),
     ),
     "evaluate-clear": (
         WireField(METRICS, CORRECT, Release.CONSENTED, "correctly classified site-test images"),
@@ -197,6 +235,8 @@ class VoteRequest:
     embeddings: np.ndarray  # float16 (N, D)
     labels: np.ndarray  # int64 (N,)
     run_key: str = ""  # the run's identity in the sites' ledgers (kept by a resumed run); "" = the Flower run id
+    secagg_threshold: int = 0  # privacy_mode secagg: SecAgg+'s reconstruction threshold t
+    secagg_vote_cap: int = 0  # privacy_mode secagg: clean votes per candidate are clipped to this
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
@@ -208,8 +248,22 @@ class VoteRequest:
             PRIVACY_MODE: self.privacy_mode,
             PRIVACY_UNIT: self.privacy_unit,
         }
+        if self.privacy_mode == "secagg":
+            config.update({SECAGG_THRESHOLD: int(self.secagg_threshold), SECAGG_VOTE_CAP: int(self.secagg_vote_cap)})
         arrays = {EMBEDDINGS: np.asarray(self.embeddings), LABELS: np.asarray(self.labels, dtype=np.int64)}
         return WireParts(arrays={CANDIDATES: arrays}, configs={CONFIG: config})
+
+    def to_legacy(self) -> tuple[list[np.ndarray], dict[str, Scalar]]:
+        """The request as a legacy FitIns (arrays, config): how SecAgg+ carries it."""
+        parts = self.to_parts()
+        return [parts.arrays[CANDIDATES][EMBEDDINGS], parts.arrays[CANDIDATES][LABELS]], parts.configs[CONFIG]
+
+    @classmethod
+    def from_legacy(cls, arrays: list[np.ndarray], config: Mapping[str, Scalar]) -> "VoteRequest":
+        """The request a SecAgg+ round carried as a legacy FitIns."""
+        if len(arrays) != 2:
+            raise ReplyError(f"secure vote request carries {len(arrays)} arrays, expected embeddings and labels")
+        return cls.from_parts(WireParts(arrays={CANDIDATES: {EMBEDDINGS: arrays[0], LABELS: arrays[1]}}, configs={CONFIG: dict(config)}))
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "VoteRequest":
@@ -228,6 +282,8 @@ class VoteRequest:
             embeddings=embeddings,
             labels=labels.astype(np.int64),
             run_key=str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
+            secagg_threshold=int(config.get(SECAGG_THRESHOLD, 0)),
+            secagg_vote_cap=int(config.get(SECAGG_VOTE_CAP, 0)),
         )
 
     def fingerprint(self) -> str:
@@ -273,6 +329,17 @@ class VoteReply:
         metrics = _bookkeeping(self)
         arrays = {VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}
         return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
+
+    def to_legacy(self) -> tuple[list[np.ndarray], dict[str, Scalar]]:
+        """A secure vote reply as a legacy FitRes (arrays, metrics): the integer votes, which
+        SecAgg+ masks before they leave, and the public bookkeeping, which travels in the clear."""
+        return [np.asarray(self.votes, dtype=np.int64)], {**_bookkeeping(self), SITE_LABEL: self.site_label}
+
+    @staticmethod
+    def legacy_bookkeeping(metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The public bookkeeping of a secure vote reply's legacy metrics, checked."""
+        parts = WireParts(configs={SITE: {SITE_LABEL: str(metrics.get(SITE_LABEL, ""))}}, metrics={METRICS: dict(metrics)})
+        return _bookkeeping_fields(parts, "secure vote reply")
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "VoteReply":

@@ -144,9 +144,11 @@ class PostprocessConfig:
 class PrivacyConfig:
     epsilon: float = 1.0  # -eps: total for the run, per site
     delta: float = 1e-5
-    mode: str = "local"  # local | central
+    mode: str = "local"  # local | central | secagg (Flower's SecAgg+: each site adds a discrete-Gaussian share)
     unit: str = "image"  # image | site
     evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
+    secagg_threshold: float = 0.6  # secagg: reconstruction threshold t as a fraction of the sampled sites (>= 2 sites)
+    secagg_vote_cap: int = 1024  # secagg: clean votes per candidate clipped to this (public), so sums never wrap
     training_share: float = 0.0  # -tt real/mix: share of epsilon for DP-SGD; 0 = real 0.9 (rest: evaluation), mix 0.5
 
 

@@ -22,7 +22,9 @@ from coautogen_fl.generation.pipeline import build_upscaler, save_prompt_pool
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
 from coautogen_fl.privacy.split import NoisePlan, plan_noise, training_share
+from coautogen_fl.rater import vote_sensitivity
 from coautogen_fl.report import write_report
+from coautogen_fl.secure_votes import plan_secagg_noise
 from coautogen_fl.rundir import resolve_run_dir
 from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker, site_lines
@@ -55,6 +57,9 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     votes = feedback and cfg.feedback.task_type != "real"
     releases = (cfg.feedback.rounds if votes else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
+    if cfg.feedback.task_type == "syn" and cfg.privacy.mode == "secagg" and votes:
+        sigma = secagg_noise(cfg, len(class_names), evaluations=releases - cfg.feedback.rounds)
+        return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
     if cfg.feedback.task_type == "syn":
         sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
         return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
@@ -62,6 +67,20 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     strategy = CoAutoGenStrategy(cfg, evolution, final, plan.gaussian, cfg.federation.max_site_images)
     strategy.training = TrainingRounds(cfg, plan.training, strategy.rounds + 1, run_dir)
     return strategy
+
+
+def secagg_noise(cfg: RunConfig, num_classes: int, evaluations: int) -> float:
+    """The noise multiplier of a secagg run's vote sums (and its noised evaluation), for the
+    sites the federation is expected to sample each round."""
+    p, f = cfg.privacy, cfg.feedback
+    sampled = max(2, round(cfg.federation.num_hospitals * cfg.federation.fraction_train))
+    args = dict(k=f.k, unit=p.unit, sensitivity=vote_sensitivity(p.unit, capped=cfg.data.real_per_label > 0),
+                capped=cfg.data.real_per_label > 0, vote_cap=p.secagg_vote_cap, coordinates=num_classes * f.candidates_per_label)  # fmt: skip
+    sigma = plan_secagg_noise(p.epsilon, p.delta, f.rounds, evaluations, sampled, p.secagg_threshold, args)
+    log(INFO, "privacy plan (secagg): %d secure vote sum(s) and %d noised evaluation(s) at noise multiplier %.4g; each site "
+        "adds a discrete-Gaussian share for the threshold of %.0f%% of the sampled sites", f.rounds, evaluations, sigma,
+        100 * p.secagg_threshold)  # fmt: skip
+    return sigma
 
 
 def training_plan(cfg: RunConfig, gaussian_releases: int) -> NoisePlan:

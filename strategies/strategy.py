@@ -32,6 +32,7 @@ from clients.wire import from_content, to_content
 
 from .outcome import FinalStage
 from .resume import checkpoint_of
+from .secagg import SecureVotes
 from .sites import SiteRecord
 from .training import TrainingRounds
 
@@ -96,6 +97,8 @@ class CoAutoGenStrategy(Strategy):
         # Vote rounds: -iter for Feedback, one for Gen/GenLLM, none for -tt real (only DP-SGD rounds).
         self.rounds = 0 if cfg.feedback.task_type == "real" else cfg.feedback.rounds if self.is_feedback else 1
         self.training: TrainingRounds | None = None  # -tt real/mix: the DP-SGD rounds after the votes
+        capped = cfg.data.real_per_label > 0
+        self.secure = SecureVotes(cfg, noise_multiplier, self.sensitivity, capped) if cfg.privacy.mode == "secagg" else None
         self.sites: dict[int, SiteRecord] = {}
         self.dropped: list[dict[str, Any]] = []
         self.federated_accuracy: float | None = None
@@ -130,10 +133,12 @@ class CoAutoGenStrategy(Strategy):
         return sorted(self._node_rng.sample(nodes, min(count, len(nodes))))
 
     def vote_request(self, server_round: int, embeddings: np.ndarray, labels: np.ndarray) -> P.VoteRequest:
-        """The TRAIN request of a round."""
+        """The TRAIN request of a round (with SecAgg+'s threshold and the vote cap in secagg mode)."""
         f, p = self.cfg.feedback, self.cfg.privacy
+        encoding = self.secure.encoding if self.secure is not None else None
         return P.VoteRequest(
-            server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels, self.run_key
+            server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels, self.run_key,
+            secagg_threshold=encoding.threshold if encoding else 0, secagg_vote_cap=encoding.vote_cap if encoding else 0,
         )
 
     # ------------------------------------------------------------------ train
@@ -148,13 +153,17 @@ class CoAutoGenStrategy(Strategy):
         if not self.evolution.pool:
             self.evolution.start()
         embeddings, labels = self.evolution.payload()
-        content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())
         nodes = self._sample_nodes(grid)
         self.planned_sites = max(self.planned_sites, len(grid.get_node_ids()))
         self.sampled[server_round] = nodes
         for node in nodes:  # every site asked is named in the summary, also if it never answers
             self.sites.setdefault(node, SiteRecord(-1, node))
         log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
+        if self.secure is not None:  # SecAgg+'s four stages run here; Flower's loop then sends nothing
+            self.secure.encoding = self.secure.plan(len(nodes), len(labels))
+            self.secure.configure(grid, nodes, self.vote_request(server_round, embeddings, labels))
+            return []
+        content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())
         self._outbox, self._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes], {}
         return self._outbox
 
@@ -172,7 +181,9 @@ class CoAutoGenStrategy(Strategy):
         return self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def _site(self, msg: Message, partition_id: int = -1, label: str = "") -> SiteRecord:
-        node = self.sender(msg)
+        return self._site_of(self.sender(msg), partition_id, label)
+
+    def _site_of(self, node: int, partition_id: int = -1, label: str = "") -> SiteRecord:
         record = self.sites.setdefault(node, SiteRecord(-1, node))
         record.label = label or record.label
         if partition_id >= 0 and record.partition_id != partition_id:
@@ -193,9 +204,12 @@ class CoAutoGenStrategy(Strategy):
                 del self.sites[node]
 
     def _drop(self, server_round: int, msg: Message, reason: str, refused: bool = False) -> None:
-        node = self.sender(msg)
+        self.note_failure(server_round, self.sender(msg), reason, refused)
+
+    def note_failure(self, server_round: int, node: int, reason: str, refused: bool = False) -> None:
+        """Record that ``node`` did not count in ``server_round``, and why (summary and log)."""
         log(WARNING, "round %d: %s reply of node %d: %s", server_round, "refused" if refused else "dropped", node, reason)
-        site = self._site(msg)
+        site = self._site_of(node)
         self.dropped.append({"round": server_round, "node": node, "site": site.name, "refused": refused, "reason": reason})
         (site.refusals if refused else site.failures).append(f"round {server_round}: {reason}")
 
@@ -246,11 +260,15 @@ class CoAutoGenStrategy(Strategy):
                 votes = normalise_site_vector(votes)  # a site the server trusts may still send more
             total += votes
             valid += 1
-            site = self._site(msg, reply.partition_id, reply.site_label)
-            site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
-            site.epsilon_budget = reply.epsilon_budget
-            site.rounds_answered += 1
+            self.note_answer(self.sender(msg), vars(reply))
         return total, valid
+
+    def note_answer(self, node: int, bookkeeping: dict[str, Any]) -> None:
+        """Record a site's counted vote reply: its public bookkeeping (spend, budget, name)."""
+        site = self._site_of(node, bookkeeping["partition_id"], bookkeeping["site_label"])
+        site.epsilon_spent = max(site.epsilon_spent, bookkeeping["epsilon_spent"])
+        site.epsilon_budget = bookkeeping["epsilon_budget"]
+        site.rounds_answered += 1
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the votes, breed the next pool; after the last round build the final dataset."""
@@ -264,8 +282,12 @@ class CoAutoGenStrategy(Strategy):
         if not self.is_feedback:
             final = self.evolution.random_population(self.cfg.feedback.volume_per_label)
             return self.final.finish(final, server_round), MetricRecord({"num-synthetic": len(final)})
-        votes, valid = self.collect_votes(server_round, replies)
-        self._record_missing(server_round, replies)
+        if self.secure is not None:
+            votes, valid, noise_std = self.secure.collect(self, server_round)
+        else:
+            votes, valid = self.collect_votes(server_round, replies)
+            self._record_missing(server_round, replies)
+            noise_std = aggregate_noise_std(self.noise_multiplier, self.sensitivity, max(valid, 1), self.cfg.privacy.mode)
         if valid < self.min_sites(server_round):
             # Re-asking would charge the sites that did answer a second time: stop instead.
             raise RoundFailed(
@@ -273,7 +295,6 @@ class CoAutoGenStrategy(Strategy):
                 f"than the {self.min_sites(server_round)} the run needs (federation.min_sites); nothing more was asked "
                 "of any site. summary.json names each site and why it did not count"
             )
-        noise_std = aggregate_noise_std(self.noise_multiplier, self.sensitivity, max(valid, 1), self.cfg.privacy.mode)
         if self.cfg.privacy.mode == "central" and valid:
             votes = self.noise_aggregate(votes)
         per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label

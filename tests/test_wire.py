@@ -17,28 +17,28 @@ from flwr.clientapp import ClientApp
 from clients import client_app
 from clients.wire_log import make_wire_log_mod
 from coautogen_fl import protocol as P
-from coautogen_fl.privacy import PrivacyLedger, epsilon_for_noise
+from coautogen_fl.privacy import PrivacyLedger, epsilon_for_noise, epsilon_for_releases
 from strategies.server_app import build_strategy
-from strategy_helpers import InProcessGrid, small_config
+from clients.secagg import make_secagg_mod, secure_vote_fields
+from strategy_helpers import SecureGrid, small_config
 from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
 
 
-class WireGrid(InProcessGrid):
-    """Delivers each Message through a ClientApp carrying the wire-log mod and the real handlers."""
+class WireGrid(SecureGrid):
+    """Delivers each Message (a copy) through a ClientApp carrying the wire-log mod, the SecAgg+
+    mod and the real handlers."""
 
     def __init__(self, cfg, tmp_path, log_path) -> None:
-        super().__init__(cfg, tmp_path)
-        self.app = ClientApp(mods=[make_wire_log_mod(str(log_path))])
+        super().__init__(cfg, tmp_path, **{"secagg-trust-sites": 3})
+        self.app = ClientApp(mods=[make_wire_log_mod(str(log_path)), make_secagg_mod(client_app.error_reply)])
         self.app.train()(client_app.train)
         self.app.evaluate()(client_app.evaluate)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
-
-def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[str], Counter]:
+def wire_problems(entries: list[dict], noise_multiplier: float, secagg: bool = False) -> tuple[list[str], Counter]:
     """Every field of every logged reply that is not declared, or whose public value is not the
-    one public inputs give; and the number of charged releases per site."""
+    one public inputs give; and the number of charged releases per site. With ``secagg`` the
+    spend (an RDP composition of the sites' discrete-Gaussian charges) is left to the caller."""
     problems, charged, sigmas = [], Counter(), defaultdict(list)
     for i, entry in enumerate(entries):
         node = entry["node_config"]
@@ -48,7 +48,7 @@ def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[st
             if P.ERROR_REASONS.get(code) != reason:
                 problems.append(f"reply {i}: error reason {reason!r} is not the generic line of code {code}")
             continue
-        kind = "train" if entry["message_type"] == MessageType.TRAIN else "evaluate"
+        kind = secure_vote_fields(entry["configs"]) if entry["message_type"] == MessageType.TRAIN else "evaluate"
         fields = {(rec, key) for rec, values in entry["arrays"].items() for key in values}
         fields |= {(rec, key) for rec, values in entry["metrics"].items() for key in values}
         fields |= {(rec, key) for rec, values in entry["configs"].items() for key in values}
@@ -58,6 +58,8 @@ def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[st
         if any(declared[f].release == P.Release.CHARGED for f in fields & set(declared)):
             charged[site] += 1
             sigmas[site].append(noise_multiplier)
+        if kind.startswith("secagg"):  # its spend (an RDP composition) is checked against the ledger
+            continue
         metrics = entry["metrics"].get(P.METRICS, {})
         public = {  # what each public field must be, from public inputs alone
             P.PARTITION_ID: int(site),
@@ -72,6 +74,7 @@ def wire_problems(entries: list[dict], noise_multiplier: float) -> tuple[list[st
             field = declared.get((P.METRICS, key))
             if (
                 field is not None
+                and not (secagg and key == P.EPSILON_SPENT)
                 and field.release == P.Release.PUBLIC
                 and value != pytest.approx(public[key], rel=1e-9)
             ):
@@ -102,6 +105,36 @@ def test_every_field_of_a_whole_run_is_charged_or_public(tmp_path, monkeypatch, 
     if mode == "local":  # noised at the site, on the public grid
         votes = [v for e in entries if "votes" in e["arrays"] for v in e["arrays"]["votes"]["votes"]["values"]]
         assert all(v * 16 == round(v * 16) for v in votes) and any(v != round(v) for v in votes)
+
+
+def test_every_field_of_a_secagg_run_is_charged_or_public(tmp_path, monkeypatch):
+    """In secagg mode a vote round is SecAgg+'s four stages: keys, encrypted shares and the
+    masked vector go out, never a vote in the clear; the masked vector is the charged release."""
+    monkeypatch.setattr(client_app, "_SITES", {})
+    log_path = tmp_path / "wire.jsonl"
+    cfg = small_config("privacy.mode=secagg")
+    s = build_strategy(cfg, tmp_path / "run")
+    s.start(grid=WireGrid(cfg, tmp_path, log_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    kinds = Counter(secure_vote_fields(e["configs"]) if e["message_type"] == MessageType.TRAIN else "evaluate" for e in entries)
+    rounds = cfg.feedback.rounds
+    assert kinds == {"secagg-setup": 3 * rounds, "secagg-share-keys": 3 * rounds, "secagg-collect": 3 * rounds,
+                     "secagg-unmask": 3 * rounds, "evaluate": 3}  # fmt: skip
+    problems, charged = wire_problems(entries, s.noise_multiplier, secagg=True)
+    assert problems == []
+    for i in range(3):
+        ledger = PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta)
+        assert charged[str(i)] == len(ledger.entries) == rounds + 1
+        evaluated = [e["metrics"][P.METRICS][P.EPSILON_SPENT] for e in entries if e["node_config"]["partition-id"] == str(i) and "metrics" in e
+                     and P.METRICS in e["metrics"]]  # fmt: skip
+        assert evaluated == [pytest.approx(ledger.spent_epsilon())]
+        collected = [e for e in entries if e["node_config"]["partition-id"] == str(i) and secure_vote_fields(e["configs"]) == "secagg-collect"]
+        spent = [e["configs"][P.FITRES_METRICS][P.EPSILON_SPENT] for e in collected]
+        assert spent == [pytest.approx(epsilon_for_releases([x.release for x in ledger.entries[: r + 1]], cfg.privacy.delta))
+                         for r in range(rounds)]  # fmt: skip
+        assert all(e["configs"][P.FITRES_METRICS][P.NOISE_MULTIPLIER] == s.noise_multiplier for e in collected)
+    assert not any(P.VOTES in e["arrays"] for e in entries)  # no vote ever travels in the clear
 
 
 def test_the_wire_check_flags_what_the_old_replies_carried(tmp_path):

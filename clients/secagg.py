@@ -1,0 +1,124 @@
+"""The site's side of a secure vote round (``privacy.mode=secagg``) on Flower's SecAgg+.
+
+Flower's ``secaggplus_mod`` runs the protocol's four stages; in its third it calls this
+ClientApp's ``train`` handler with a legacy FitIns (the vote request) and masks the FitRes
+arrays it gets back (the noised integer votes) before anything leaves. :func:`make_secagg_mod`
+installs it for SecAgg+ messages only, and keeps its exceptions (which Flower would otherwise
+send to the server as text) on the site: the server gets an error code, as for any refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+from flwr.app import Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key
+
+from coautogen_fl import protocol as P
+from coautogen_fl.secure_votes import MODULUS, SecureVoteEncoding
+
+ClientAppCallable = Callable[[Message, Context], Message]
+
+
+@dataclass(frozen=True)
+class SecAggSetup:
+    """What the server's SecAgg+ setup stage told this site (kept in the mod's node state)."""
+
+    threshold: int
+    clipping_range: float
+    target_range: int
+    mod_range: int
+    max_weight: float
+
+    @classmethod
+    def from_context(cls, context: Context) -> "SecAggSetup":
+        """The setup of the round under way, as ``secaggplus_mod`` stored it."""
+        state = context.state.config_records.get(RECORD_KEY_STATE)
+        if state is None or Key.THRESHOLD not in state:
+            raise P.ReplyError("a secure vote request arrived before SecAgg+'s setup stage")
+        return cls(
+            int(state[Key.THRESHOLD]),
+            float(state[Key.CLIPPING_RANGE]),
+            int(state[Key.TARGET_RANGE]),
+            int(state[Key.MOD_RANGE]),
+            float(state[Key.MAX_WEIGHT]),
+        )
+
+    def check(self, encoding: SecureVoteEncoding) -> None:
+        """Refuse a setup under which SecAgg+'s quantisation would not be the identity on this
+        site's integers (they would be clipped or stochastically rounded) or the sum could wrap."""
+        bound = encoding.bound
+        if (self.clipping_range, self.target_range, self.mod_range, self.max_weight) != (float(bound), 2 * bound, MODULUS, 1.0):
+            raise P.SiteRefusal(
+                f"SecAgg+ setup (clipping range {self.clipping_range:g}, quantization range {self.target_range}, modulus "
+                f"{self.mod_range}, max weight {self.max_weight:g}) does not carry this site's integer votes exactly; "
+                f"it needs {bound}, {2 * bound}, {MODULUS} and 1"
+            )
+
+
+def is_secure_vote(msg: Message) -> bool:
+    """Whether a TRAIN message is SecAgg+'s collect stage (the vote request inside it)."""
+    return P.SECAGG_CONFIGS in msg.content.config_records
+
+
+def secure_vote_request(msg: Message) -> P.VoteRequest:
+    """The vote request a SecAgg+ round carries as a legacy FitIns."""
+    try:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise P.ReplyError(f"secure vote request is not a legacy FitIns: {exc!r}") from None
+    return P.VoteRequest.from_legacy(parameters_to_ndarrays(fitins.parameters), fitins.config)
+
+
+def secure_vote_content(reply: P.VoteReply) -> RecordDict:
+    """The legacy FitRes ``secaggplus_mod`` masks: integer votes, weight 1, public bookkeeping."""
+    arrays, metrics = reply.to_legacy()
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, metrics)
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+class _Declined(Exception):
+    """The site answered SecAgg+'s collect stage with an error reply (a refusal)."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__("declined")
+        self.reply = reply
+
+
+def make_secagg_mod(error_reply: Callable[[Message, BaseException], Message]) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """A client mod running Flower's ``secaggplus_mod`` on SecAgg+ messages only (a local- or
+    central-mode vote is a TRAIN message too). A refusal of the site passes through as its error
+    reply; an exception of the protocol becomes ``error_reply(msg, exc)``, logged on the site."""
+
+    def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not is_secure_vote(msg):
+            return call_next(msg, context)
+
+        def site(inner: Message, ctxt: Context) -> Message:
+            reply = call_next(inner, ctxt)
+            if reply.has_error():
+                raise _Declined(reply)
+            return reply
+
+        try:
+            return secaggplus_mod(msg, context, site)
+        except _Declined as declined:
+            return Message(declined.reply.error, reply_to=msg)
+        except Exception as exc:  # noqa: BLE001  (its text stays in the site's log)
+            return error_reply(msg, exc)
+
+    return secagg_mod
+
+
+def secure_vote_fields(configs: dict[str, Any]) -> str:
+    """The SITE_REPLY_FIELDS kind of a SecAgg+ reply, from the keys of its SecAgg+ record."""
+    keys = set(configs.get(P.SECAGG_CONFIGS, {}))
+    for kind in ("secagg-setup", "secagg-share-keys", "secagg-collect", "secagg-unmask"):
+        if keys and keys <= {f.key for f in P.SITE_REPLY_FIELDS[kind] if f.record == P.SECAGG_CONFIGS}:
+            return kind
+    return "train"
