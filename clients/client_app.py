@@ -10,6 +10,7 @@ go to the site's own log only.
 from __future__ import annotations
 
 import traceback
+from functools import lru_cache
 from collections.abc import Callable, Iterator
 from logging import ERROR, WARNING
 from typing import Any
@@ -19,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from coautogen_fl import protocol as P
-from coautogen_fl.config import config_from_run_config
+from coautogen_fl.config import RunConfig, config_from_run_config
 from coautogen_fl.data import DataError
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict
 from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, PrivacyError
@@ -65,13 +66,21 @@ def _site_key(context: Context) -> tuple:
     return (context.run_id, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
 
 
+@lru_cache(maxsize=4)
+def _run_config(items: tuple) -> RunConfig:
+    """The validated config of a run config, parsed once per process: a simulation process
+    serves many sites of one run, and omegaconf's validation is most of a site's start-up.
+    Shared by those sites: nothing on the site side changes it."""
+    return config_from_run_config(dict(items))
+
+
 def get_site(context: Context) -> Site:
     """The cached site of this run and node (built on first use)."""
     key = _site_key(context)
     if key in _START_FAILURES:
         raise _START_FAILURES[key]  # it failed at start-up: the handler answers with its code
     if key not in _SITES:
-        _SITES[key] = Site(config_from_run_config(context.run_config), context.node_config, context.run_id)
+        _SITES[key] = Site(_run_config(tuple(sorted(context.run_config.items()))), context.node_config, context.run_id)
     return _SITES[key]
 
 

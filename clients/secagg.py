@@ -20,7 +20,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key
 
 from coautogen_fl import protocol as P
-from coautogen_fl.secure_votes import MODULUS, SecureVoteEncoding
+from coautogen_fl.secure_votes import MODULUS, SecAggShape, SecureVoteEncoding
 
 ClientAppCallable = Callable[[Message, Context], Message]
 
@@ -29,6 +29,8 @@ ClientAppCallable = Callable[[Message, Context], Message]
 class SecAggSetup:
     """What the server's SecAgg+ setup stage told this site (kept in the mod's node state)."""
 
+    sampled: int
+    neighbours: int
     threshold: int
     clipping_range: float
     target_range: int
@@ -42,12 +44,19 @@ class SecAggSetup:
         if state is None or Key.THRESHOLD not in state:
             raise P.ReplyError("a secure vote request arrived before SecAgg+'s setup stage")
         return cls(
+            int(state[Key.SAMPLE_NUMBER]),
+            int(state[Key.SHARE_NUMBER]),
             int(state[Key.THRESHOLD]),
             float(state[Key.CLIPPING_RANGE]),
             int(state[Key.TARGET_RANGE]),
             int(state[Key.MOD_RANGE]),
             float(state[Key.MAX_WEIGHT]),
         )
+
+    @property
+    def sites_in_sum(self) -> int:
+        """The fewest sites any sum this SecAgg+ round reveals can hold (from its own setup)."""
+        return SecAggShape(self.sampled, self.neighbours, self.threshold).sites_in_sum
 
     def check(self, encoding: SecureVoteEncoding) -> None:
         """Refuse a setup under which SecAgg+'s quantisation would not be the identity on this

@@ -62,6 +62,20 @@ def log_data_report(report: FolderReport | None, source: str) -> None:
         log(INFO, "%s", head)
 
 
+#: One embedder per (embedder config, device) in this process: every site a simulation process
+#: serves uses the same copy (on a GPU: one copy per actor, whatever the number of sites).
+_EMBEDDERS: dict[tuple, Any] = {}
+
+
+def shared_embedder(cfg: RunConfig) -> Any:
+    """This process's embedder for ``cfg.embedder`` on ``cfg.device``, built on first use."""
+    device = resolve_device(cfg.device, cfg.device_id)
+    key = (repr(cfg.embedder), str(device))
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = build_embedder(cfg.embedder, device)
+    return _EMBEDDERS[key]
+
+
 class Site:
     """A site: its terms, private data, voter embeddings (computed once), its own ledger.
 
@@ -94,7 +108,7 @@ class Site:
         )
         self.data = self._load_data(cfg, node_config, images, site_secret(self.terms.state_dir))
         self.releases = ReleaseStore(self.terms.state_dir / "releases")
-        self.embedder = build_embedder(cfg.embedder, resolve_device(cfg.device, cfg.device_id))
+        self.embedder = shared_embedder(cfg)
         self.embeddings = self.embedder.embed(self.data.train.images) if len(self.data.train) else np.zeros((0, 1))
 
     @staticmethod
@@ -184,21 +198,21 @@ class Site:
         """Integer votes plus this site's discrete-Gaussian share of the noise (``privacy.mode=secagg``),
         charged first; Flower's SecAgg+ masks them before they leave, and reveals only a sum.
 
-        The share is sized for ``min(the round's threshold, SecAgg+'s setup threshold, the site's
-        own secagg-trust-sites)`` sites: fewer means more noise from this site, never less. The
-        ledger charges the distributed discrete Gaussian bound for that many sites.
+        The share is sized for ``min(the request's sites in the sum, the fewest SecAgg+'s own setup
+        allows, the site's own secagg-trust-sites)`` sites: fewer means more noise from this site,
+        never less. The ledger charges the distributed discrete Gaussian bound for that many sites.
         """
         unit = request.privacy_unit
-        if request.privacy_mode != "secagg" or unit not in ("image", "site") or request.secagg_threshold < 2:
+        if request.privacy_mode != "secagg" or unit not in ("image", "site") or request.secagg_summands < 2:
             raise PrivacyError(
-                f"a SecAgg+ round asked for privacy-mode {request.privacy_mode!r}, unit {unit!r}, threshold "
-                f"{request.secagg_threshold}; expected secagg, image|site and a threshold >= 2"
+                f"a SecAgg+ round asked for privacy-mode {request.privacy_mode!r}, unit {unit!r}, sites in the sum "
+                f"{request.secagg_summands}; expected secagg, image|site and >= 2 sites"
             )
         capped = self.cfg.data.real_per_label > 0
-        encoding = SecureVoteEncoding.plan(request.noise_multiplier, request.secagg_threshold, request.k, unit,
+        encoding = SecureVoteEncoding.plan(request.noise_multiplier, request.secagg_summands, request.k, unit,
                                            vote_sensitivity(unit, capped), capped, request.secagg_vote_cap, len(request.labels))  # fmt: skip
         setup.check(encoding)
-        summands = self.terms.secagg_summands(min(request.secagg_threshold, setup.threshold))
+        summands = self.terms.secagg_summands(min(request.secagg_summands, setup.sites_in_sum))
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "train", request.round, fingerprint)
         if stored is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -239,8 +240,9 @@ def load_image_folder(
 
 
 def load_real_dataset(cfg: DataConfig) -> ImageSet:
-    """The private data named by ``data.name``: "digits" or an ImageFolder path."""
-    if cfg.name == "digits":
+    """The private data named by ``data.name``: "digits" or an ImageFolder path ("digits-shifted",
+    the scale workload, is the digits here; :func:`load_pool_and_test` shifts its pool)."""
+    if cfg.name in ("digits", "digits-shifted"):
         return load_digits_dataset(cfg.image_size, cfg.channels)
     return load_image_folder(cfg.name, cfg.image_size, cfg.channels, cfg.on_bad_image, key="data.name (or -cdata)")
 
@@ -264,8 +266,28 @@ def central_split(data: ImageSet, cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     return data.subset(np.sort(pool)), data.subset(np.sort(test))
 
 
+#: Partitioners built in this process, by (labels digest, sites, partitioner, alpha, seed): a
+#: simulation process serves many sites of one pool, and building the table is the slow part.
+_PARTITIONERS: dict[tuple, Any] = {}
+
+
 def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig, partition_id: int) -> np.ndarray:
     """Indices of site ``partition_id``'s share of the private pool (flwr-datasets partitioners)."""
+    key = (hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(), num_partitions, cfg.partitioner,
+           cfg.dirichlet_alpha, cfg.seed)  # fmt: skip
+    if key not in _PARTITIONERS:
+        _PARTITIONERS.clear()  # one pool at a time
+        _PARTITIONERS[key] = _partitioner(labels, num_partitions, cfg)
+    try:
+        return np.array(_PARTITIONERS[key].load_partition(partition_id)["index"], dtype=np.int64)
+    except (IndexError, ValueError) as exc:
+        raise DataError(
+            f"cannot split {labels.shape[0]} private images across {num_partitions} sites ({exc}). "
+            "Use fewer hospitals (federation.num_hospitals) or more data"
+        ) from None
+
+
+def _partitioner(labels: np.ndarray, num_partitions: int, cfg: DataConfig) -> Any:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -284,13 +306,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig, 
             seed=cfg.seed,
         )
     partitioner.dataset = table
-    try:
-        return np.array(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
-    except (IndexError, ValueError) as exc:
-        raise DataError(
-            f"cannot split {labels.shape[0]} private images across {num_partitions} sites ({exc}). "
-            "Use fewer hospitals (federation.num_hospitals) or more data"
-        ) from None
+    return partitioner
 
 
 def keyed_uniforms(data: ImageSet, key: bytes) -> np.ndarray:
@@ -344,9 +360,33 @@ def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: 
     return split_site(share, cfg, key, partition_id)
 
 
+#: ``data.name=digits-shifted``: every private digit appears this many times, shifted.
+SHIFTED_COPIES = 40
+#: ... by up to this many pixels each way (of the data.image_size image).
+MAX_SHIFT = 2
+
+
+def shifted_copies(data: ImageSet, copies: int = SHIFTED_COPIES, max_shift: int = MAX_SHIFT, seed: int = 0) -> ImageSet:
+    """A scale workload: each image ``copies`` times, moved by a random whole-pixel shift in
+    [-max_shift, max_shift]^2 (zero fill; a fixed public seed: this is the data, not noise)."""
+    rng = np.random.default_rng(seed)
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(len(data), copies, 2))
+    size = data.images.shape[1]
+    padded = np.pad(data.images, [(0, 0), (max_shift, max_shift), (max_shift, max_shift)] + [(0, 0)] * (data.images.ndim - 3))
+    out = np.empty((len(data) * copies, *data.images.shape[1:]), dtype=data.images.dtype)
+    for c in range(copies):
+        for i, (dy, dx) in enumerate(shifts[:, c]):
+            y, x = max_shift - dy, max_shift - dx
+            out[c * len(data) + i] = padded[i, y : y + size, x : x + size]
+    return ImageSet(out, np.tile(data.labels, copies), data.class_names)
+
+
 @lru_cache(maxsize=4)
 def _cached_pool(cfg_key: tuple) -> tuple[ImageSet, ImageSet]:
     cfg = DataConfig(*cfg_key)
+    if cfg.name == "digits-shifted":  # the test split stays the 540 original digits: no shifted twin in it
+        pool, test = central_split(load_digits_dataset(cfg.image_size, cfg.channels), cfg)
+        return shifted_copies(pool), test
     data = load_real_dataset(cfg)
     pool, test = central_split(data, cfg)
     pool.report = data.report  # the folder's report, for the preflight and the sites' logs

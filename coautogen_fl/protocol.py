@@ -39,8 +39,8 @@ SAMPLE_RATE, LOCAL_STEPS, MAX_GRAD_NORM = "sample-rate", "local-steps", "max-gra
 LEARNING_RATE, OPTIMIZER = "learning-rate", "optimizer"
 #: The Flower message type of a DP-SGD round (``@app.train("dpsgd")`` at the site).
 TRAIN_DPSGD = "train.dpsgd"
-#: ``privacy.mode=secagg``: SecAgg+'s reconstruction threshold and the public clean-vote cap.
-SECAGG_THRESHOLD, SECAGG_VOTE_CAP = "secagg-threshold", "secagg-vote-cap"
+#: ``privacy.mode=secagg``: the fewest sites any revealed sum holds, and the public clean-vote cap.
+SECAGG_SUMMANDS, SECAGG_VOTE_CAP = "secagg-summands", "secagg-vote-cap"
 #: Flower's SecAgg+ record (``flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS``;
 #: tests/test_secagg.py checks the spelling) and the legacy fit records it wraps.
 SECAGG_CONFIGS = "secaggplus_configs"
@@ -235,7 +235,7 @@ class VoteRequest:
     embeddings: np.ndarray  # float16 (N, D)
     labels: np.ndarray  # int64 (N,)
     run_key: str = ""  # the run's identity in the sites' ledgers (kept by a resumed run); "" = the Flower run id
-    secagg_threshold: int = 0  # privacy_mode secagg: SecAgg+'s reconstruction threshold t
+    secagg_summands: int = 0  # privacy_mode secagg: the fewest sites any revealed sum holds
     secagg_vote_cap: int = 0  # privacy_mode secagg: clean votes per candidate are clipped to this
 
     def to_parts(self) -> WireParts:
@@ -249,7 +249,7 @@ class VoteRequest:
             PRIVACY_UNIT: self.privacy_unit,
         }
         if self.privacy_mode == "secagg":
-            config.update({SECAGG_THRESHOLD: int(self.secagg_threshold), SECAGG_VOTE_CAP: int(self.secagg_vote_cap)})
+            config.update({SECAGG_SUMMANDS: int(self.secagg_summands), SECAGG_VOTE_CAP: int(self.secagg_vote_cap)})
         arrays = {EMBEDDINGS: np.asarray(self.embeddings), LABELS: np.asarray(self.labels, dtype=np.int64)}
         return WireParts(arrays={CANDIDATES: arrays}, configs={CONFIG: config})
 
@@ -282,7 +282,7 @@ class VoteRequest:
             embeddings=embeddings,
             labels=labels.astype(np.int64),
             run_key=str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
-            secagg_threshold=int(config.get(SECAGG_THRESHOLD, 0)),
+            secagg_summands=int(config.get(SECAGG_SUMMANDS, 0)),
             secagg_vote_cap=int(config.get(SECAGG_VOTE_CAP, 0)),
         )
 

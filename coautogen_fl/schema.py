@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # "digits" (sklearn's bundled digits) or an ImageFolder path
+    name: str = "digits"  # "digits" (sklearn's bundled digits), "digits-shifted" (scale workload: 50,280 shifted) or an ImageFolder path
     image_size: int = 28
     channels: int = 1
     partitioner: str = "iid"  # iid | dirichlet
@@ -147,7 +147,7 @@ class PrivacyConfig:
     mode: str = "local"  # local | central | secagg (Flower's SecAgg+: each site adds a discrete-Gaussian share)
     unit: str = "image"  # image | site
     evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
-    secagg_threshold: float = 0.6  # secagg: reconstruction threshold t as a fraction of the sampled sites (>= 2 sites)
+    secagg_threshold: float = 0.6  # secagg: sites of each SecAgg+ neighbourhood (all sampled, at most 51) that must stay alive
     secagg_vote_cap: int = 1024  # secagg: clean votes per candidate clipped to this (public), so sums never wrap
     training_share: float = 0.0  # -tt real/mix: share of epsilon for DP-SGD; 0 = real 0.9 (rest: evaluation), mix 0.5
 

@@ -3,7 +3,7 @@
 Flower's SecAgg+ sums integer vectors modulo 2^32 and reveals only the sum. A site turns its
 vote vector into integers, adds its share of the noise (a discrete Gaussian of variance
 ``(s * D)^2 / t``, where ``s`` is the run's noise multiplier, ``D`` the integer L2 sensitivity and
-``t`` the number of sites the site counts on being in the sum), and hands the result to SecAgg+.
+``t`` the number of sites the site counts on being in the sum, :class:`SecAggShape`), and hands the result to SecAgg+.
 Any sum over ``t`` or more sites then carries at least the planned noise.
 
 The encoding is chosen so that SecAgg+'s own quantisation is the identity on it:
@@ -37,15 +37,54 @@ ROUNDING_SCALE = 64
 MIN_SHARE_STD = 4.0
 
 
-def threshold_for(sampled: int, fraction: float) -> int:
-    """SecAgg+'s reconstruction threshold ``t`` for ``sampled`` sites: ``ceil(fraction * sampled)``,
-    at least 2 (SecAgg+ needs two) and at most ``sampled``."""
-    if sampled < 2:
-        raise PrivacyError(
-            f"privacy.mode=secagg needs at least 2 sites in a round (got {sampled}); "
-            "add sites or use privacy.mode=local"
-        )
-    return min(sampled, max(2, math.ceil(fraction * sampled)))
+#: Largest SecAgg+ neighbourhood (a site and the sites it shares keys with): SecAgg+'s work grows
+#: with sites x neighbourhood, so beyond this many sites each one shares with a window of them.
+MAX_NEIGHBOURS = 51
+
+
+@dataclass(frozen=True)
+class SecAggShape:
+    """How SecAgg+ is laid out for a round, and the fewest sites any sum it reveals can hold.
+
+    Flower's SecAgg+ puts the sampled sites on a shuffled ring; each shares its keys with the
+    window of ``neighbours`` sites centred on it (all of them up to :data:`MAX_NEIGHBOURS` sites),
+    and aborts unless every site keeps at least ``reconstruction`` live sites in its window. So a
+    revealed sum holds at least ``reconstruction`` sites for each of the ``sampled // neighbours``
+    disjoint windows of the ring (:attr:`sites_in_sum`).
+
+    Parameters
+    ----------
+    sampled : int
+        Sites asked this round (>= 2).
+    neighbours : int
+        SecAgg+'s ``num_shares`` (odd when less than ``sampled``).
+    reconstruction : int
+        SecAgg+'s ``reconstruction_threshold`` (Shamir), >= 2.
+    """
+
+    sampled: int
+    neighbours: int
+    reconstruction: int
+
+    @classmethod
+    def plan(cls, sampled: int, fraction: float, max_neighbours: int | None = None) -> "SecAggShape":
+        """Windows of at most ``max_neighbours`` sites (default :data:`MAX_NEIGHBOURS`), each
+        needing ``ceil(fraction x window)`` alive."""
+        max_neighbours = MAX_NEIGHBOURS if max_neighbours is None else max_neighbours
+        if sampled < 2:
+            raise PrivacyError(
+                f"privacy.mode=secagg needs at least 2 sites in a round (got {sampled}); add sites or use privacy.mode=local"
+            )
+        neighbours = sampled if sampled <= max_neighbours else max_neighbours | 1
+        cap = neighbours if neighbours == sampled else neighbours - 1  # Flower: threshold < num_shares
+        return cls(sampled, neighbours, min(cap, max(2, math.ceil(fraction * neighbours))))
+
+    @property
+    def sites_in_sum(self) -> int:
+        """The fewest sites whose inputs (and noise shares) any revealed sum holds."""
+        if self.neighbours >= self.sampled:
+            return self.reconstruction
+        return (self.sampled // self.neighbours) * self.reconstruction
 
 
 @dataclass(frozen=True)
@@ -55,9 +94,9 @@ class SecureVoteEncoding:
     Parameters
     ----------
     noise_multiplier : float
-        ``s``: the sum of any ``threshold`` sites carries noise of std ``s * D`` (integer units).
-    threshold : int
-        ``t``: SecAgg+'s reconstruction threshold, the fewest sites any revealed sum holds.
+        ``s``: the sum of any ``summands`` sites carries noise of std ``s * D`` (integer units).
+    summands : int
+        ``t``: the fewest sites any revealed sum holds (:attr:`SecAggShape.sites_in_sum`).
     scale : int
         Integer votes are ``scale * votes`` (rounded unless the votes are integer counts).
     exact : bool
@@ -74,7 +113,7 @@ class SecureVoteEncoding:
     """
 
     noise_multiplier: float
-    threshold: int
+    summands: int
     scale: int
     exact: bool
     sensitivity: float
@@ -84,18 +123,18 @@ class SecureVoteEncoding:
 
     @classmethod
     def plan(
-        cls, noise_multiplier: float, threshold: int, k: int, unit: str, sensitivity: float,
+        cls, noise_multiplier: float, summands: int, k: int, unit: str, sensitivity: float,
         capped: bool, vote_cap: int, coordinates: int,
     ) -> "SecureVoteEncoding":  # fmt: skip
         """The encoding a site and the server both derive from public settings."""
         exact = k == 1 and unit == "image"
         changed = coordinates if unit == "site" else (2 * k if capped else k)
         if exact:  # counts: scale them until a share of the noise is MIN_SHARE_STD wide
-            share_std = noise_multiplier * sensitivity / math.sqrt(threshold)
+            share_std = noise_multiplier * sensitivity / math.sqrt(summands)
             scale = 1 << max(0, math.ceil(math.log2(MIN_SHARE_STD / share_std))) if share_std < MIN_SHARE_STD else 1
         else:
             scale = ROUNDING_SCALE
-        return cls(noise_multiplier, threshold, scale, exact, sensitivity, changed, vote_cap, coordinates)
+        return cls(noise_multiplier, summands, scale, exact, sensitivity, changed, vote_cap, coordinates)
 
     @property
     def integer_sensitivity(self) -> float:
@@ -136,8 +175,8 @@ class SecureVoteEncoding:
         return np.asarray(integer_sum, dtype=np.float64) / self.scale
 
     def sum_noise_std(self, sites: int) -> float:
-        """Std (vote units) of the noise in a sum of ``sites`` shares planned for ``threshold``."""
-        return self.noise_multiplier * self.integer_sensitivity / self.scale * math.sqrt(sites / self.threshold)
+        """Std (vote units) of the noise in a sum of ``sites`` shares planned for ``summands``."""
+        return self.noise_multiplier * self.integer_sensitivity / self.scale * math.sqrt(sites / self.summands)
 
 
 def plan_secagg_noise(
@@ -153,7 +192,7 @@ def plan_secagg_noise(
     ``encoding_args`` are :meth:`SecureVoteEncoding.plan`'s k, unit, sensitivity, capped,
     vote_cap and coordinates; ``sampled`` is the expected number of sites per round.
     """
-    threshold = threshold_for(sampled, fraction)
+    threshold = SecAggShape.plan(sampled, fraction).sites_in_sum
     s = noise_multiplier_for_epsilon(epsilon, delta, rounds + gaussian_releases)  # the Gaussian plan: a first guess
     for _ in range(2):
         encoding = SecureVoteEncoding.plan(s, threshold, **encoding_args)

@@ -212,14 +212,14 @@ def report(cells: dict[tuple[str, float], dict], command: str, plot_name: str) -
             f"{table(cells)}\n{targets(cells)}\n![accuracy vs epsilon]({plot_name})\n")  # fmt: skip
 
 
-def write_doc(doc: Path, block: str) -> None:
-    """Replace the block between START and END in ``doc`` (appended when absent)."""
+def write_doc(doc: Path, block: str, start: str = START, end: str = END, heading: str = "## Benchmark harness (issue 10)") -> None:
+    """Replace the block between ``start`` and ``end`` in ``doc`` (appended under ``heading`` when absent)."""
     text = doc.read_text() if doc.is_file() else ""
-    generated = f"{START}\n{block}{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + generated + text[text.index(END) + len(END):]
+    generated = f"{start}\n{block}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + generated + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + f"\n\n## Benchmark harness (issue 10)\n\n{generated}\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{generated}\n"
     doc.write_text(text)
 
 

@@ -29,7 +29,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from coautogen_fl import protocol as P
-from coautogen_fl.secure_votes import MODULUS, SecureVoteEncoding, threshold_for
+from coautogen_fl.secure_votes import MODULUS, SecAggShape, SecureVoteEncoding
 
 
 @dataclass
@@ -88,22 +88,26 @@ class SecureVoteRound:
 
     Parameters
     ----------
+    shape : SecAggShape
+        SecAgg+'s neighbourhoods and reconstruction threshold.
     encoding : SecureVoteEncoding
-        The round's integer encoding (threshold, scale, clipping range).
+        The round's integer encoding (sites in the sum, scale, clipping range).
     timeout : float
         Seconds each of the four stages waits for replies.
     """
 
+    shape: SecAggShape
     encoding: SecureVoteEncoding
     timeout: float
 
     def workflow(self) -> SecAggPlusWorkflow:
-        """SecAgg+ with every sampled site as a neighbour of every other, the round's threshold,
-        and a quantisation that is the identity on integers in [-B, B] (weight 1 per site)."""
+        """SecAgg+ with the round's neighbourhoods and threshold, and a quantisation that is the
+        identity on integers in [-B, B] (weight 1 per site)."""
         bound = self.encoding.bound
+        everyone = self.shape.neighbours >= self.shape.sampled
         return SecAggPlusWorkflow(
-            num_shares=1.0,
-            reconstruction_threshold=self.encoding.threshold,
+            num_shares=1.0 if everyone else self.shape.neighbours,  # 1.0: every sampled site
+            reconstruction_threshold=self.shape.reconstruction,
             max_weight=1.0,
             clipping_range=float(bound),
             quantization_range=2 * bound,
@@ -148,20 +152,22 @@ class SecureVotes:
 
     def __init__(self, cfg: Any, noise_multiplier: float, sensitivity: float, capped: bool) -> None:
         self.cfg, self.noise_multiplier, self.sensitivity, self.capped = cfg, noise_multiplier, sensitivity, capped
+        self.shape: SecAggShape | None = None
         self.encoding: SecureVoteEncoding | None = None
         self.revealed: SecureSum | None = None
 
     def plan(self, sampled: int, coordinates: int) -> SecureVoteEncoding:
-        """The encoding of a round with ``sampled`` sites and ``coordinates`` candidates."""
+        """The shape and encoding of a round with ``sampled`` sites and ``coordinates`` candidates."""
         p, f = self.cfg.privacy, self.cfg.feedback
-        threshold = threshold_for(sampled, p.secagg_threshold)
-        return SecureVoteEncoding.plan(self.noise_multiplier, threshold, f.k, p.unit, self.sensitivity, self.capped,
-                                       p.secagg_vote_cap, coordinates)  # fmt: skip
+        self.shape = SecAggShape.plan(sampled, p.secagg_threshold)
+        self.encoding = SecureVoteEncoding.plan(self.noise_multiplier, self.shape.sites_in_sum, f.k, p.unit, self.sensitivity,
+                                                self.capped, p.secagg_vote_cap, coordinates)  # fmt: skip
+        return self.encoding
 
     def configure(self, grid: Grid, nodes: list[int], request: P.VoteRequest) -> None:
         """Run the round's SecAgg+ stages with ``nodes``; the sum waits for :meth:`collect`."""
-        assert self.encoding is not None, "plan() the round first"
-        self.revealed = SecureVoteRound(self.encoding, self.cfg.federation.timeout_s).run(grid, nodes, request)
+        assert self.shape is not None and self.encoding is not None, "plan() the round first"
+        self.revealed = SecureVoteRound(self.shape, self.encoding, self.cfg.federation.timeout_s).run(grid, nodes, request)
 
     def collect(self, strategy: Any, server_round: int) -> tuple[np.ndarray, int, float]:
         """(summed votes, sites in the sum, noise std of the sum); every asked site that is not
@@ -176,8 +182,9 @@ class SecureVotes:
                 strategy.note_failure(server_round, node, "not in the secure sum (refused, failed or lost during SecAgg+)")
         if revealed is None or self.encoding is None:
             raise RoundFailed(
-                f"round {server_round}: secure aggregation aborted: fewer than {self.encoding.threshold if self.encoding else 2} "
-                f"of {len(asked)} sites completed SecAgg+ (privacy.secagg_threshold), so nothing was revealed; the sites "
+                f"round {server_round}: secure aggregation aborted: too few of the {len(asked)} sites completed SecAgg+ "
+                f"(each needs {self.shape.reconstruction if self.shape else 2} live sites among its SecAgg+ neighbours; "
+                "privacy.secagg_threshold), so nothing was revealed; the sites "
                 "that were charged keep the charge. summary.json names each site"
             )
         for node, book in in_sum.items():

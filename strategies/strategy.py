@@ -138,7 +138,7 @@ class CoAutoGenStrategy(Strategy):
         encoding = self.secure.encoding if self.secure is not None else None
         return P.VoteRequest(
             server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels, self.run_key,
-            secagg_threshold=encoding.threshold if encoding else 0, secagg_vote_cap=encoding.vote_cap if encoding else 0,
+            secagg_summands=encoding.summands if encoding else 0, secagg_vote_cap=encoding.vote_cap if encoding else 0,
         )
 
     # ------------------------------------------------------------------ train
@@ -160,7 +160,7 @@ class CoAutoGenStrategy(Strategy):
             self.sites.setdefault(node, SiteRecord(-1, node))
         log(INFO, "round %d/%d: %d candidates sent to %d sites", server_round, self.rounds, len(labels), len(nodes))
         if self.secure is not None:  # SecAgg+'s four stages run here; Flower's loop then sends nothing
-            self.secure.encoding = self.secure.plan(len(nodes), len(labels))
+            self.secure.plan(len(nodes), len(labels))
             self.secure.configure(grid, nodes, self.vote_request(server_round, embeddings, labels))
             return []
         content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())

@@ -22,7 +22,7 @@ from clients.site import Site
 from coautogen_fl import protocol as P
 from coautogen_fl.config import ConfigError, load_config
 from coautogen_fl.privacy import PrivacyLedger
-from coautogen_fl.secure_votes import MODULUS, SecureVoteEncoding, threshold_for
+from coautogen_fl.secure_votes import MODULUS, SecAggShape, SecureVoteEncoding
 from strategies.secagg import SecureVoteRound
 from strategies.server_app import build_strategy
 from strategy_helpers import SecureGrid, small_config
@@ -66,9 +66,9 @@ def secure_round(tmp_path, nodes, *overrides, lost=None):
     strategy.evolution.start()
     embeddings, labels = strategy.evolution.payload()
     secure = strategy.secure
-    secure.encoding = secure.plan(len(nodes), len(labels))
+    secure.plan(len(nodes), len(labels))
     grid = SecureGrid(cfg, tmp_path, nodes, lost=lost, **TRUST_ALL)
-    revealed = SecureVoteRound(secure.encoding, 10).run(grid, nodes, strategy.vote_request(1, embeddings, labels))
+    revealed = SecureVoteRound(secure.shape, secure.encoding, 10).run(grid, nodes, strategy.vote_request(1, embeddings, labels))
     return strategy, grid, revealed
 
 
@@ -103,6 +103,22 @@ def test_one_of_five_sites_dropping_mid_round_still_completes(tmp_path, spy):
     np.testing.assert_array_equal(revealed.votes * strategy.secure.encoding.scale, sum(survivors))
 
 
+def test_sparse_neighbourhoods_beyond_the_largest_window(tmp_path, spy, monkeypatch):
+    """12 sites, windows of 5: SecAgg+ shares keys within each window only, and the sum still
+    holds every site; the sites size their noise for the 2 x 3 = 6 any revealed sum holds."""
+    import coautogen_fl.secure_votes as secure_votes
+
+    monkeypatch.setattr(secure_votes, "MAX_NEIGHBOURS", 5)
+    nodes = list(range(51, 63))
+    strategy, grid, revealed = secure_round(tmp_path, nodes, lost={62: {Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK}})
+    shape = strategy.secure.shape
+    assert (shape.neighbours, shape.reconstruction, shape.sites_in_sum) == (5, 3, 6)
+    assert revealed is not None and sorted(revealed.bookkeeping) == nodes[:-1]
+    np.testing.assert_array_equal(revealed.votes * strategy.secure.encoding.scale, sum(spy["sent"].values()))
+    shares = [r for _, stage, r in grid.replies if stage == Stage.SHARE_KEYS]
+    assert all(len(r.content.config_records[RECORD_KEY_CONFIGS][Key.DESTINATION_LIST]) == 4 for r in shares)
+
+
 def test_a_site_lost_while_unmasking_is_still_in_the_sum(tmp_path, spy):
     strategy, _, revealed = secure_round(tmp_path, FIVE, lost={24: {Stage.UNMASK}})
     assert revealed is not None and len(revealed.bookkeeping) == 5
@@ -112,7 +128,7 @@ def test_a_site_lost_while_unmasking_is_still_in_the_sum(tmp_path, spy):
 def test_dropouts_below_the_threshold_reveal_nothing_and_the_charges_stand(tmp_path, spy):
     lost = {n: {Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK} for n in FIVE[2:]}  # 2 of 5 left, threshold 3
     strategy, _, revealed = secure_round(tmp_path, FIVE, lost=lost)
-    assert strategy.secure.encoding.threshold == 3
+    assert strategy.secure.encoding.summands == strategy.secure.shape.reconstruction == 3
     assert revealed is None
     cfg = strategy.cfg
     for pid in range(5):
@@ -132,7 +148,7 @@ def test_secagg_noise_equals_central_noise_when_every_site_counts(tmp_path, spy)
     strategy, _, revealed = secure_round(tmp_path, nodes, "privacy.secagg_threshold=1.0", "feedback.candidates_per_label=30",
                                          "feedback.k=1")
     encoding = strategy.secure.encoding
-    assert encoding.threshold == 10 and encoding.exact
+    assert encoding.summands == 10 and encoding.exact
     clean = sum(encoding.encode(v) for v in spy["clean"].values()) / encoding.scale
     residual = revealed.votes - clean
     central_std = strategy.noise_multiplier * strategy.sensitivity
@@ -161,17 +177,17 @@ def test_a_site_trusting_fewer_sites_adds_more_noise_and_is_charged_for_it(tmp_p
     embeddings, labels = strategy.evolution.payload()
     encoding = strategy.secure.plan(5, len(labels))
     trusting_one = encoding.share_variance(1)
-    assert trusting_one == pytest.approx(encoding.share_variance(encoding.threshold) * encoding.threshold)
+    assert trusting_one == pytest.approx(encoding.share_variance(encoding.summands) * encoding.summands)
     assert encoding.charge_multiplier(1) == pytest.approx(strategy.noise_multiplier, rel=1e-6)
 
 
 def test_a_setup_that_would_clip_or_round_the_votes_is_refused():
     encoding = SecureVoteEncoding.plan(5.0, 3, 1, "image", 1.0, False, 1024, 30)
     bound = encoding.bound
-    SecAggSetup(3, float(bound), 2 * bound, MODULUS, 1.0).check(encoding)
-    for bad in [SecAggSetup(3, float(bound - 1), 2 * bound, MODULUS, 1.0),  # would clip
-                SecAggSetup(3, float(bound), 2 ** 22, MODULUS, 1.0),  # would round stochastically
-                SecAggSetup(3, float(bound), 2 * bound, MODULUS, 1000.0)]:  # fmt: skip
+    SecAggSetup(5, 5, 3, float(bound), 2 * bound, MODULUS, 1.0).check(encoding)
+    for bad in [SecAggSetup(5, 5, 3, float(bound - 1), 2 * bound, MODULUS, 1.0),  # would clip
+                SecAggSetup(5, 5, 3, float(bound), 2 ** 22, MODULUS, 1.0),  # would round stochastically
+                SecAggSetup(5, 5, 3, float(bound), 2 * bound, MODULUS, 1000.0)]:  # fmt: skip
         with pytest.raises(P.SiteRefusal, match="does not carry this site's integer votes exactly"):
             bad.check(encoding)
 
@@ -189,9 +205,15 @@ def test_the_encoding_never_wraps_and_scales_counts_until_a_share_is_wide():
 
 
 def test_threshold_and_config_refusals():
-    assert threshold_for(5, 0.6) == 3 and threshold_for(2, 0.1) == 2 and threshold_for(10, 1.0) == 10
+    assert SecAggShape.plan(5, 0.6) == SecAggShape(5, 5, 3) and SecAggShape.plan(2, 0.1).sites_in_sum == 2
+    assert SecAggShape.plan(10, 1.0).sites_in_sum == 10
+    # Beyond 51 sites each shares keys with a window of 51; every window keeps 31 alive, and the
+    # ring holds 1000 // 51 = 19 disjoint windows: any revealed sum holds >= 589 sites.
+    big = SecAggShape.plan(1000, 0.6)
+    assert (big.neighbours, big.reconstruction, big.sites_in_sum) == (51, 31, 589)
+    assert SecAggShape.plan(100, 1.0).reconstruction == 50  # Flower: threshold < num_shares
     with pytest.raises(Exception, match="at least 2 sites"):
-        threshold_for(1, 0.6)
+        SecAggShape.plan(1, 0.6)
     with pytest.raises(ConfigError, match="privacy.mode=secagg"):
         load_config(overrides=["privacy.mode=secagg", "feedback.task_type=real"])
     with pytest.raises(ConfigError, match="secagg_threshold"):
