@@ -147,7 +147,7 @@ class PrivacyConfig:
     mode: str = "local"  # local | central | secagg (Flower's SecAgg+: each site adds a discrete-Gaussian share)
     unit: str = "image"  # image | site
     evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
-    secagg_threshold: float = 0.6  # secagg: sites of each SecAgg+ neighbourhood (all sampled, at most 51) that must stay alive
+    secagg_threshold: float = 0.6  # secagg: sites of each SecAgg+ neighbourhood (all sampled, at most 25) that must stay alive
     secagg_vote_cap: int = 1024  # secagg: clean votes per candidate clipped to this (public), so sums never wrap
     training_share: float = 0.0  # -tt real/mix: share of epsilon for DP-SGD; 0 = real 0.9 (rest: evaluation), mix 0.5
 

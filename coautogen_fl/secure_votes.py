@@ -37,9 +37,11 @@ ROUNDING_SCALE = 64
 MIN_SHARE_STD = 4.0
 
 
-#: Largest SecAgg+ neighbourhood (a site and the sites it shares keys with): SecAgg+'s work grows
-#: with sites x neighbourhood, so beyond this many sites each one shares with a window of them.
-MAX_NEIGHBOURS = 51
+#: Largest SecAgg+ neighbourhood (a site and the sites it shares keys with). SecAgg+'s work grows
+#: with sites x neighbourhood^2 (Shamir shares in pure Python: 1,000 sites in windows of 51 took
+#: 11 min a round here), so beyond this many sites each shares with a window of them; Bell et al.
+#: (2020) size the windows O(log n).
+MAX_NEIGHBOURS = 25
 
 
 @dataclass(frozen=True)

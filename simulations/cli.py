@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -226,6 +227,22 @@ def resume_target(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     return load_config(run_dir / "config.yaml"), run_dir
 
 
+def gpu_share(cfg: RunConfig, cpus: int | None = None) -> float:
+    """The GPU fraction each simulated site's actor asks Ray for (``federation.client_num_gpus``).
+
+    0 with ``-dev cuda`` (or ``auto`` finding a GPU) would hide the GPU from every actor, so it is
+    derived: one GPU shared by all the actors the CPUs allow (``cpus // client_num_cpus``). The
+    number of actors, not of sites, sets the GPU memory: each actor process holds one embedder
+    copy, whatever the number of sites it serves (clients/site.py ``shared_embedder``)."""
+    from coautogen_fl.device import resolve_device  # torch: only for a run
+
+    share = cfg.federation.client_num_gpus
+    if share > 0 or cfg.device == "cpu" or resolve_device(cfg.device, cfg.device_id) == "cpu":
+        return share
+    actors = max(1, (cpus or os.cpu_count() or 1) // cfg.federation.client_num_cpus)
+    return 1.0 / actors
+
+
 def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
     resuming = bool(getattr(args, "resume", None))
     if resuming:
@@ -248,7 +265,7 @@ def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
             cfg.federation.num_hospitals,
             run_dir / "flower",
             cfg.federation.client_num_cpus,
-            cfg.federation.client_num_gpus,
+            gpu_share(cfg),
             output=ProgressFilter(log, out, args.verbose),  # type: ignore[arg-type]
         )
     if not (run_dir / REPORT_FILE).is_file():  # the ServerApp died before it could write one

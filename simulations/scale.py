@@ -113,15 +113,23 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def memory_fit(records: list[dict]) -> str:
-    """Peak RSS against sites: the least-squares line (base + per site), in words."""
+def fits(records: list[dict]) -> str:
+    """Least-squares lines against sites, in words: peak RSS (base + per site, all runs) and, per
+    mode, the vote rounds' time (fixed + per site-round: the marginal cost of one more site)."""
     import numpy as np
 
-    points = [(r["sites"], r["peak_rss_mb"]) for r in records if r["status"] == "completed"]
-    if len({s for s, _ in points}) < 2:
-        return ""
-    slope, base = np.polyfit([s for s, _ in points], [m for _, m in points], 1)
-    return f"Peak RSS fit over all runs: {base:.0f} MB + {slope:.2f} MB per site.\n"
+    done = [r for r in records if r["status"] == "completed"]
+    lines = []
+    if len({r["sites"] for r in done}) >= 2:
+        slope, base = np.polyfit([r["sites"] for r in done], [r["peak_rss_mb"] for r in done], 1)
+        lines.append(f"- Peak RSS of the process tree, fit over all runs: {base:.0f} MB + {slope:.3f} MB per site.")
+    for mode in ("local", "central", "secagg"):
+        rows = [r for r in done if r["mode"] == mode]
+        if len({r["sites"] for r in rows}) >= 2:
+            rounds = 2  # WORKLOAD's feedback.rounds
+            slope, fixed = np.polyfit([r["sites"] for r in rows], [r["round_s"] / rounds for r in rows], 1)
+            lines.append(f"- {mode}: a vote round takes {fixed:.1f} s + {slope:.3f} s per site (marginal time per site-round).")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def plot(records: list[dict], target: Path) -> Path:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                + " ".join(args.modes) + "".join(f" {o}" for o in args.overrides))  # fmt: skip
     block = (f"Command (results.jsonl keeps every run; a rerun skips finished runs):\n\n```bash\n{command}\n```\n\n"
              f"Workload: {' '.join(WORKLOAD)} (see the module docstring), epsilon 1, one run per cell.\n\n"
-             f"{table(records)}\n{memory_fit(records)}\n![scale](benchmark_scale.png)\n")  # fmt: skip
+             f"{table(records)}\n{fits(records)}\n![scale](benchmark_scale.png)\n")  # fmt: skip
     (out / "scale.md").write_text(block)
     if args.doc:
         import shutil

@@ -13,7 +13,7 @@ mean" it reveals times the number of inputs is the exact integer sum.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -29,7 +29,13 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from coautogen_fl import protocol as P
+from coautogen_fl.config import RunConfig
 from coautogen_fl.secure_votes import MODULUS, SecAggShape, SecureVoteEncoding
+
+from .sites import RoundFailed
+
+if TYPE_CHECKING:
+    from .strategy import CoAutoGenStrategy
 
 
 @dataclass
@@ -40,14 +46,15 @@ class SecureSum:
     ----------
     votes : np.ndarray
         The decoded sum of the sites' noised integer votes, float64.
-    bookkeeping : dict[int, dict]
-        Node id -> the public bookkeeping of its reply (spend, budget, partition id, label).
+    bookkeeping : dict[int, dict | None]
+        Node id -> the public bookkeeping of its reply (spend, budget, partition id, label), for
+        every site in the sum; None where it was malformed.
     failures : int
         Error replies the workflow saw across its four stages (refusals, crashes).
     """
 
     votes: np.ndarray
-    bookkeeping: dict[int, dict[str, Any]] = field(default_factory=dict)
+    bookkeeping: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     failures: int = 0
 
 
@@ -131,8 +138,16 @@ class SecureVoteRound:
         inputs = len(collector.results)
         # The workflow divides the exact integer sum by the number of inputs: undo it.
         integer_sum = np.rint(collector.mean[0].astype(np.float64) * inputs)
-        bookkeeping = {proxy.node_id: P.VoteReply.legacy_bookkeeping(res.metrics) for proxy, res in collector.results}
+        bookkeeping = {proxy.node_id: _bookkeeping_or_none(res.metrics) for proxy, res in collector.results}
         return SecureSum(self.encoding.decode(integer_sum), bookkeeping, collector.failures)
+
+
+def _bookkeeping_or_none(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """A site's public bookkeeping, or None when it is malformed (its votes are in the sum anyway)."""
+    try:
+        return P.VoteReply.legacy_bookkeeping(metrics)
+    except P.ReplyError:
+        return None
 
 
 class SecureVotes:
@@ -150,7 +165,7 @@ class SecureVotes:
         Whether a per-label cap (-rvpl) lets an added image push another out (twice the changes).
     """
 
-    def __init__(self, cfg: Any, noise_multiplier: float, sensitivity: float, capped: bool) -> None:
+    def __init__(self, cfg: RunConfig, noise_multiplier: float, sensitivity: float, capped: bool) -> None:
         self.cfg, self.noise_multiplier, self.sensitivity, self.capped = cfg, noise_multiplier, sensitivity, capped
         self.shape: SecAggShape | None = None
         self.encoding: SecureVoteEncoding | None = None
@@ -169,11 +184,9 @@ class SecureVotes:
         assert self.shape is not None and self.encoding is not None, "plan() the round first"
         self.revealed = SecureVoteRound(self.shape, self.encoding, self.cfg.federation.timeout_s).run(grid, nodes, request)
 
-    def collect(self, strategy: Any, server_round: int) -> tuple[np.ndarray, int, float]:
+    def collect(self, strategy: "CoAutoGenStrategy", server_round: int) -> tuple[np.ndarray, int, float]:
         """(summed votes, sites in the sum, noise std of the sum); every asked site that is not
         in the sum is recorded. Raises RoundFailed when SecAgg+ revealed nothing."""
-        from .strategy import RoundFailed  # the strategy module imports this one
-
         revealed, self.revealed = self.revealed, None
         asked = strategy.sampled.get(server_round, [])
         in_sum = revealed.bookkeeping if revealed is not None else {}
@@ -188,5 +201,8 @@ class SecureVotes:
                 "that were charged keep the charge. summary.json names each site"
             )
         for node, book in in_sum.items():
-            strategy.note_answer(node, book)
+            if book is None:
+                strategy.note_failure(server_round, node, "malformed public bookkeeping (its masked votes are in the sum)")
+            else:
+                strategy.note_answer(node, book)
         return revealed.votes, len(in_sum), self.encoding.sum_noise_std(len(in_sum))

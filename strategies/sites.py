@@ -1,8 +1,14 @@
-"""What the server knows of each site it asked: the strategy's record behind summary.json's "sites"."""
+"""What the server knows of each site it asked: the strategy's record behind summary.json's "sites",
+and the error that stops a run when too few of them count."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+class RoundFailed(RuntimeError):
+    """Too few sites sent valid votes (or completed SecAgg+) for a round to carry private signal;
+    the run stops."""
 
 
 @dataclass

@@ -33,7 +33,7 @@ from clients.wire import from_content, to_content
 from .outcome import FinalStage
 from .resume import checkpoint_of
 from .secagg import SecureVotes
-from .sites import SiteRecord
+from .sites import RoundFailed, SiteRecord
 from .training import TrainingRounds
 
 
@@ -47,10 +47,6 @@ FLOWER_ERRORS = {
     ErrorCode.MESSAGE_UNAVAILABLE: "failed: Flower lost the request",
     ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "failed: Flower lost the reply",
 }
-
-
-class RoundFailed(RuntimeError):
-    """Too few sites sent valid votes for a round to carry private signal; the run stops."""
 
 
 class CoAutoGenStrategy(Strategy):
@@ -300,7 +296,8 @@ class CoAutoGenStrategy(Strategy):
         per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label
         ids = [c.candidate_id for c in self.evolution.pool]
         outcome = self.evolution.advance(server_round, votes, noise_std, per_label)
-        metrics = self._round_metrics(server_round, len(replies), valid, noise_std, outcome)
+        asked = len(replies) if self.secure is None else len(self.sampled.get(server_round, []))
+        metrics = self._round_metrics(server_round, asked, valid, noise_std, outcome)
         self.history.append(RoundRecord(server_round, votes.tolist(), float(noise_std), ids, metrics))
         checkpoint_of(self).save(self.final.store.run_dir)  # the round is decided: it is never asked again
         self.final.store.write_round(server_round, outcome.voted)

@@ -29,7 +29,7 @@ from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import public_steps
 
-from .sites import SiteRecord
+from .sites import RoundFailed, SiteRecord
 
 if TYPE_CHECKING:
     from .strategy import CoAutoGenStrategy
@@ -139,8 +139,6 @@ class TrainingRounds:
     def aggregate(self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         """Average the sites' weights (equal weights), mix in synthetic steps, checkpoint; after the
         last round hand the model to the final stage."""
-        from .strategy import RoundFailed
-
         started = time.time()
         updates = self._collect(strategy, server_round, list(replies))
         if len(updates) < strategy.min_sites(server_round):

@@ -207,11 +207,11 @@ def test_the_encoding_never_wraps_and_scales_counts_until_a_share_is_wide():
 def test_threshold_and_config_refusals():
     assert SecAggShape.plan(5, 0.6) == SecAggShape(5, 5, 3) and SecAggShape.plan(2, 0.1).sites_in_sum == 2
     assert SecAggShape.plan(10, 1.0).sites_in_sum == 10
-    # Beyond 51 sites each shares keys with a window of 51; every window keeps 31 alive, and the
-    # ring holds 1000 // 51 = 19 disjoint windows: any revealed sum holds >= 589 sites.
+    # Beyond 25 sites each shares keys with a window of 25; every window keeps 15 alive, and the
+    # ring holds 1000 // 25 = 40 disjoint windows: any revealed sum holds >= 600 sites.
     big = SecAggShape.plan(1000, 0.6)
-    assert (big.neighbours, big.reconstruction, big.sites_in_sum) == (51, 31, 589)
-    assert SecAggShape.plan(100, 1.0).reconstruction == 50  # Flower: threshold < num_shares
+    assert (big.neighbours, big.reconstruction, big.sites_in_sum) == (25, 15, 600)
+    assert SecAggShape.plan(100, 1.0).reconstruction == 24  # Flower: threshold < num_shares
     with pytest.raises(Exception, match="at least 2 sites"):
         SecAggShape.plan(1, 0.6)
     with pytest.raises(ConfigError, match="privacy.mode=secagg"):
