@@ -6,6 +6,7 @@ the layout the generators produce, so callers never handle torch tensors themsel
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,6 +37,41 @@ def _build_resnet18(num_classes: int, channels: int, image_size: int) -> nn.Modu
     else:
         model.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
     return model
+
+
+def pretrained_weights(pretrained: bool, model: str, weights: str = "") -> Path | None:
+    """The ImageNet weights file ``-cmp`` will load (resnet18 only; None otherwise). Raises the
+    embedder's error, naming the file and the fix, when it is missing: checked before a run starts."""
+    if not (pretrained and model == "resnet18"):
+        return None
+    from .embedding.resnet import resolve_resnet18_weights
+
+    return resolve_resnet18_weights(weights, "downstream.weights", "run without -cmp (downstream.pretrained=false)")
+
+
+def load_imagenet_weights(model: nn.Module, weights: str = "") -> list[str]:
+    """``-cmp``: copy ImageNet ResNet-18 weights into ``model`` wherever the shapes match (the stem
+    and the head are this project's own sizes and stay as built). ``weights`` is a local file, or
+    "" for torchvision's cache; nothing is downloaded. Returns the keys that were not copied."""
+    path = pretrained_weights(True, "resnet18", weights)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError("the ImageNet ResNet-18 weights match no tensor of this model: -cmp needs -cmodel resnet18")
+    model.load_state_dict(matching, strict=False)
+    return sorted(set(own) - set(matching))
+
+
+def fix_encoder(model: nn.Module) -> None:
+    """``-cef``: freeze every parameter but those of the last Linear layer (the classifier head)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no Linear layer to train with the encoder fixed")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in linears[-1].parameters():
+        p.requires_grad_(True)
 
 
 #: Registry of classifier builders: name -> builder(num_classes, channels, image_size).
@@ -191,7 +227,7 @@ def train_classifier(
         raise ValueError(f"labels outside [0, {num_classes}): min {y_np.min()}, max {y_np.max()}")
     # A private generator keeps shuffling reproducible whatever else uses the global RNG.
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)  # -cef: the head only
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
     with torch.random.fork_rng(devices=[]):

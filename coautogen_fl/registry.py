@@ -136,8 +136,9 @@ def resolve(kind: str, name: str, load: bool = True) -> Resolved:
     if name in BUILTIN[kind]:
         return Resolved("builtin", name)
     known = aliases(kind)
-    if name in known:
-        return Resolved("model", known[name])
+    folded = {k.lower(): v for k, v in known.items()}  # the seed's names, any case: StableDiffusion, stablediffusion
+    if name.lower() in folded:
+        return Resolved("model", folded[name.lower()])
     registered = plugins(kind)
     if name in registered:
         if not load:

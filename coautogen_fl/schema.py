@@ -166,6 +166,9 @@ class FederationConfig:
 @dataclass
 class DownstreamConfig:
     model: str = "cnn"  # -cmodel: cnn | resnet18
+    pretrained: bool = False  # -cmp: resnet18 starts from ImageNet weights (downstream.weights or torchvision's cache)
+    weights: str = ""  # -cmp: a local ImageNet ResNet-18 .pth; "" = torchvision's cache (nothing is downloaded)
+    encoder_fixed: bool = False  # -cef: train only the classifier's last layer
     epochs: int = 0  # 0 = derived from the final volume: 30,000 / images, within [3, 30] (downstream.derived_epochs)
     lr: float = 1e-3
     batch_size: int = 64

@@ -28,27 +28,7 @@ from coautogen_fl.tracking import site_lines
 from . import processes
 from .launcher import Cleanup, SimulationError, cleanup, flwr_homes, run_simulation
 from .privacy_cli import add_privacy_parser, command_privacy
-
-#: The seed project's short flags -> config keys.
-SHORT_FLAGS: dict[str, str] = {
-    "-f": "feedback.framework",
-    "-r": "feedback.rater",
-    "-eps": "privacy.epsilon",
-    "-rvpl": "data.real_per_label",
-    "-vpl": "feedback.volume_per_label",
-    "-sgen": "generator.name",
-    "-cue": "embedder.name",
-    "-sllm": "prompts.llm",
-    "-scap": "prompts.captioner",
-    "-cmodel": "downstream.model",
-    "-cdata": "data.name",
-    "-tt": "feedback.task_type",
-    "-tm": "feedback.task_mode",
-    "-iter": "feedback.rounds",
-    "-dev": "device",
-    "-did": "device_id",
-}
-LONG_ALIASES = {"-f": "--framework", "-r": "--rater"}
+from .seed_flags import CLI_KEYS, SEED_FLAGS, dest
 
 #: Log lines worth showing live (the full stream goes to <run_dir>/flower.log).
 PROGRESS_MARKERS = ("round ", "site ", "accuracy", "federated evaluation", "downstream", "summary written",
@@ -65,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run directory name (tracking.run_name)")
     run.add_argument("--verbose", action="store_true", help="print Flower's full log stream")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint.json (its own config)")
-    for flag, key in SHORT_FLAGS.items():
-        names = [flag] + ([LONG_ALIASES[flag]] if flag in LONG_ALIASES else [])
-        run.add_argument(*names, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
+    for flag in SEED_FLAGS:  # the seed project's flags (docs/cli.md)
+        run.add_argument(flag.short, flag.long, dest=dest(flag), metavar=flag.long.lstrip("-").upper(),
+                         help=f"sets {flag.key}: {flag.meaning}" if flag.key else f"ignored: {flag.note}")  # fmt: skip
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. privacy.epsilon=2")
     add_privacy_parser(commands)
     clean = commands.add_parser("cleanup", help="stop the Flower processes a killed `coautogen run` left running")
@@ -78,9 +58,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def seed_overrides(args: argparse.Namespace) -> list[str]:
+    """``key=value`` for every seed flag given that sets a config key (values converted: booleans,
+    lower-case model names; ``-cdata NAME`` found under ``-ddir``, default ./dataset)."""
+    overrides = []
+    for flag in SEED_FLAGS:
+        value = getattr(args, dest(flag), None)
+        if value is None or flag.key is None or flag.key in CLI_KEYS:
+            continue
+        try:
+            value = flag.convert(value) if flag.convert else value
+        except ValueError as exc:
+            raise ConfigError(f"{flag.short} {exc}") from None
+        if flag.key == "data.name":
+            value = dataset_folder(value, getattr(args, "dataset_dir", None))
+        overrides.append(f"{flag.key}={value}")
+    return overrides
+
+
+def dataset_folder(name: str, dataset_dir: str | None) -> str:
+    """``-cdata NAME`` as the seed read it: a folder NAME under ``-ddir`` (default ./dataset) when
+    NAME itself is neither a bundled dataset nor an existing path."""
+    if name in ("digits", "digits-shifted") or Path(name).expanduser().exists():
+        return name
+    candidate = Path(dataset_dir or "dataset").expanduser() / name
+    return str(candidate.resolve()) if candidate.is_dir() else name
+
+
+def seed_notes(args: argparse.Namespace) -> list[str]:
+    """One line per seed flag given that means nothing here, saying why."""
+    return [f"coautogen: note: {f.short} is ignored: {f.note}" for f in SEED_FLAGS
+            if f.key is None and getattr(args, dest(f), None) is not None]  # fmt: skip
+
+
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """Short flags and named options first, then key=value pairs (which win)."""
-    overrides = [f"{key}={getattr(args, key)}" for key in SHORT_FLAGS.values() if getattr(args, key, None) is not None]
+    """Seed flags and named options first, then key=value pairs (which win)."""
+    overrides = seed_overrides(args)
     if args.num_hospitals is not None:
         overrides.append(f"federation.num_hospitals={args.num_hospitals}")
     if args.out is not None:
@@ -145,6 +158,7 @@ def preflight(cfg: RunConfig, out: IO[str] | None = None) -> None:
 
     from coautogen_fl.data import DataError, load_pool_and_test, partition_indices, site_partition
     from coautogen_fl.device import DeviceError, resolve_device
+    from coautogen_fl.downstream import pretrained_weights
     from coautogen_fl.embedding import build_embedder
     from coautogen_fl.generation.pipeline import check_model_sources
     from coautogen_fl.hub import ModelLoadError
@@ -164,6 +178,7 @@ def preflight(cfg: RunConfig, out: IO[str] | None = None) -> None:
                 small_sites.append(f"site {partition_id}: {', '.join(small)}")
         build_embedder(cfg.embedder)
         check_model_sources(cfg, resolve_device(cfg.device, cfg.device_id))
+        pretrained_weights(cfg.downstream.pretrained, cfg.downstream.model, cfg.downstream.weights)
     except (DataError, ModelLoadError, DeviceError) as exc:
         raise PreflightError(str(exc)) from None
     report = pool.report
@@ -183,6 +198,10 @@ def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     number, with one line on stderr; a run killed outright (SIGKILL) leaves its processes to
     the next run in the same out dir, or to `coautogen cleanup`."""
     out = out or sys.stdout  # resolved per call, so callers can redirect stdout
+    for line in seed_notes(args):
+        out.write(line + "\n")
+    if int(getattr(args, "repeat", None) or 1) > 1:
+        return repeat_runs(args, out)
     handler = processes.SignalHandler().install()
     started: list[Path] = []  # the run directory, once there is one
     try:
@@ -204,6 +223,41 @@ def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         handler.uninstall()
 
 
+def repeat_runs(args: argparse.Namespace, out: IO[str]) -> int:
+    """``-T N``: the run N times with generator and downstream seeds +0..N-1, each in its own run
+    directory ``<name>-t<i>``; then the mean and sd of accuracy_real_test, also written to
+    ``<out_dir>/<name>-repeats.json``. Stops at the first run that fails (its exit code)."""
+    import copy
+    import statistics
+    import time
+
+    if getattr(args, "resume", None):
+        raise ConfigError("-T repeats a new run; --resume continues one run: give one or the other")
+    times = int(args.repeat)
+    cfg = load_config(args.config, overrides_from_args(args))
+    base = args.name or cfg.tracking.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    accuracies, run_dirs = [], []
+    for i in range(times):
+        one = copy.copy(args)
+        one.repeat, one.name = None, f"{base}-t{i}"
+        one.overrides = [*args.overrides, f"generator.seed={cfg.generator.seed + i}", f"downstream.seed={cfg.downstream.seed + i}"]
+        out.write(f"coautogen: run {i + 1} of {times} ({one.name})\n")
+        code = command_run(one, out)
+        run_dir = Path(cfg.tracking.out_dir).expanduser().resolve() / one.name
+        if code != 0:
+            return code
+        summary = json.loads((run_dir / "summary.json").read_text())
+        accuracies.append(summary["accuracy_real_test"])
+        run_dirs.append(str(run_dir))
+    mean = statistics.fmean(accuracies)
+    sd = statistics.stdev(accuracies)
+    report = {"times": times, "accuracy_real_test": accuracies, "mean": mean, "sd": sd, "run_dirs": run_dirs}
+    target = Path(cfg.tracking.out_dir).expanduser().resolve() / f"{base}-repeats.json"
+    target.write_text(json.dumps(report, indent=1) + "\n")
+    out.write(f"\naccuracy_real_test over {times} runs: mean {mean:.4f}, sd {sd:.4f} ({', '.join(f'{a:.4f}' for a in accuracies)}); {target}\n")
+    return 0
+
+
 def _sweep_leftovers(out_dir: Path, out: IO[str]) -> None:
     """Stop what runs in ``out_dir`` whose launcher was killed (SIGKILL) left running."""
     for home in flwr_homes(out_dir, all_under=True):
@@ -214,7 +268,7 @@ def _sweep_leftovers(out_dir: Path, out: IO[str]) -> None:
 
 def resume_target(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The run directory ``--resume`` names and its own config; nothing else may be set."""
-    if args.overrides or args.config or any(getattr(args, key, None) is not None for key in SHORT_FLAGS.values()):
+    if args.overrides or args.config or any(getattr(args, dest(f), None) is not None for f in SEED_FLAGS):
         raise ConfigError("--resume continues a run with its own config.yaml: give no --config, flags or key=value")
     run_dir = Path(args.resume).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():

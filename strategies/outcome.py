@@ -14,7 +14,15 @@ from flwr.common import log
 
 from coautogen_fl.config import RunConfig
 from coautogen_fl.data import ImageSet
-from coautogen_fl.downstream import build_classifier, derived_epochs, evaluate_classifier, state_dict_to_numpy, train_classifier
+from coautogen_fl.downstream import (
+    build_classifier,
+    derived_epochs,
+    evaluate_classifier,
+    fix_encoder,
+    load_imagenet_weights,
+    state_dict_to_numpy,
+    train_classifier,
+)
 from coautogen_fl.generation.base import Candidate, stack_images
 from coautogen_fl.quality import measure_synthetic_data, unavailable
 from coautogen_fl.store import SyntheticStore
@@ -90,6 +98,11 @@ class FinalStage:
         epochs = ds.epochs or derived_epochs(len(final))
         log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), epochs)
         model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
+        if ds.pretrained and ds.model == "resnet18":
+            fresh = load_imagenet_weights(model, ds.weights)
+            log(INFO, "downstream %s starts from ImageNet weights (%d tensors of its own size stay fresh)", ds.model, len(fresh))
+        if ds.encoder_fixed:
+            fix_encoder(model)
         model = train_classifier(
             model, images, labels, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device,
             augment=ds.augment, label_smoothing=ds.label_smoothing,

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from coautogen_fl.checkpoint import RESUME_UNSUPPORTED, Checkpoint, CheckpointError
 from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
+from coautogen_fl.downstream import pretrained_weights
 from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.evolution import Evolution
@@ -42,6 +43,7 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     device = resolve_device(cfg.device, cfg.device_id)
     pool, real_test = load_pool_and_test(cfg.data)
     validate_epsilon_delta(cfg.privacy.epsilon, cfg.privacy.delta, num_private=max(1, len(pool)))
+    check_downstream_weights(cfg)
     class_names = pool.class_names
     g = cfg.generator
     embedder = build_embedder(cfg.embedder, device)
@@ -81,6 +83,15 @@ def secagg_noise(cfg: RunConfig, num_classes: int, evaluations: int) -> float:
         "adds a discrete-Gaussian share for the threshold of %.0f%% of the sampled sites", f.rounds, evaluations, sigma,
         100 * p.secagg_threshold)  # fmt: skip
     return sigma
+
+
+def check_downstream_weights(cfg: RunConfig) -> None:
+    """-cmp: find the ImageNet weights before any site is charged (a run that spends privacy and
+    then cannot train is the worst failure); the cnn has none, so there the flag does nothing."""
+    if cfg.downstream.pretrained and cfg.downstream.model != "resnet18":
+        log(WARNING, "downstream.pretrained (-cmp) applies to -cmodel resnet18; the %s has no ImageNet weights and "
+            "starts from random ones", cfg.downstream.model)  # fmt: skip
+    pretrained_weights(cfg.downstream.pretrained, cfg.downstream.model, cfg.downstream.weights)
 
 
 def training_plan(cfg: RunConfig, gaussian_releases: int) -> NoisePlan:

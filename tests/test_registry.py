@@ -33,9 +33,10 @@ def test_builtin_alias_model_and_spec_names_resolve() -> None:
 
 
 def test_seed_flags_map_to_config_keys() -> None:
-    from simulations.cli import SHORT_FLAGS
+    from simulations.seed_flags import SEED_FLAGS
 
-    assert SHORT_FLAGS["-sllm"] == "prompts.llm" and SHORT_FLAGS["-scap"] == "prompts.captioner"
+    keys = {f.short: f.key for f in SEED_FLAGS}
+    assert keys["-sllm"] == "prompts.llm" and keys["-scap"] == "prompts.captioner"
     cfg = load_config(overrides=["prompts.llm=Llama3", "prompts.captioner=BlipBase", "prompts.reference=/data/ref"])
     assert cfg.prompts.llm == "Llama3" and cfg.prompts.captioner == "BlipBase"
 

@@ -15,14 +15,15 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_resnet18_weights(weights: str) -> Path:
-    """The ImageNet ResNet-18 weights file: ``weights`` if given, else torchvision's cache."""
+def resolve_resnet18_weights(weights: str, key: str = "embedder.weights",
+                             instead: str = "use embedder.name=pixels; embedder.random_weights=true only for tests") -> Path:
+    """The ImageNet ResNet-18 weights file: ``weights`` if given, else torchvision's cache.
+    ``key`` names the setting and ``instead`` the way out, in the error."""
     candidate = Path(weights).expanduser() if weights else Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_FILE
     if not candidate.is_file():
         raise EmbedderError(
             f"ResNet-18 weights not found at {candidate}. Nothing is downloaded at run time: copy "
-            f"torchvision's {RESNET18_FILE} there (or set embedder.weights=/path/to/file.pth), or "
-            "use embedder.name=pixels; embedder.random_weights=true only for tests"
+            f"torchvision's {RESNET18_FILE} there (or set {key}=/path/to/file.pth), or {instead}"
         )
     return candidate
 
