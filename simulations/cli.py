@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     clean = commands.add_parser("cleanup", help="stop the Flower processes a killed `coautogen run` left running")
     clean.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (or their flower/ folder)")
     clean.add_argument("--all-under", metavar="OUT_DIR", help="every run directory directly below OUT_DIR")
+    export = commands.add_parser("export", help="export a run's final synthetic dataset (review decisions honoured)")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", default="imagefolder", choices=["imagefolder", "hf"],
+                        help="imagefolder: <class>/<id>.png; hf: a Hugging Face datasets folder (save_to_disk)")
+    export.add_argument("--out", help="target folder (default RUN_DIR/export-FORMAT; replaced whole)")
     report = commands.add_parser("report", help="(re)build a run directory's report.html from its files")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     return parser
@@ -396,6 +401,20 @@ def command_report(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     return 0
 
 
+def command_export(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """Export a run's final dataset; 2 when the run directory holds none."""
+    from coautogen_fl.export import ExportError, export_run
+
+    out = out or sys.stdout
+    try:
+        folder, count = export_run(args.run_dir, args.format, args.out)
+    except ExportError as exc:
+        print(f"coautogen export: {exc}", file=sys.stderr)
+        return 2
+    out.write(f"coautogen export: {count} images ({args.format}) in {folder}\n")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``key=value`` overrides may stand anywhere after ``run``, also
     between options (argparse alone takes positionals only in one block)."""
@@ -422,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_cleanup(args)
         if args.command == "report":
             return command_report(args)
+        if args.command == "export":
+            return command_export(args)
     except (ConfigError, PreflightError, SimulationError) as exc:
         print(f"coautogen: error: {exc}", file=sys.stderr)
         return 2
