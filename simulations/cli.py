@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="imagefolder", choices=["imagefolder", "hf"],
                         help="imagefolder: <class>/<id>.png; hf: a Hugging Face datasets folder (save_to_disk)")
     export.add_argument("--out", help="target folder (default RUN_DIR/export-FORMAT; replaced whole)")
+    review = commands.add_parser("review", help="accept, reject or relabel a run's final images in a local page")
+    review.add_argument("run_dir", metavar="RUN_DIR")
+    review.add_argument("--port", type=int, default=8765, help="local port (0: any free one)")
+    review.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     report = commands.add_parser("report", help="(re)build a run directory's report.html from its files")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     return parser
@@ -415,6 +419,31 @@ def command_export(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     return 0
 
 
+def command_review(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """Serve the review page of a run until Ctrl-C; decisions land in RUN_DIR/review.json."""
+    from coautogen_fl.export import ExportError
+
+    from .review import serve
+
+    out = out or sys.stdout
+    try:
+        server = serve(args.run_dir, args.port, args.host)
+    except (ExportError, OSError) as exc:
+        print(f"coautogen review: {exc}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    out.write(f"coautogen review: open http://{host}:{port}/ (Ctrl-C stops; decisions are saved as you go in "
+              f"{Path(args.run_dir).resolve() / 'review.json'})\n")
+    out.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``key=value`` overrides may stand anywhere after ``run``, also
     between options (argparse alone takes positionals only in one block)."""
@@ -443,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_report(args)
         if args.command == "export":
             return command_export(args)
+        if args.command == "review":
+            return command_review(args)
     except (ConfigError, PreflightError, SimulationError) as exc:
         print(f"coautogen: error: {exc}", file=sys.stderr)
         return 2
