@@ -31,8 +31,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.channels": (1, 3),
     "data.partitioner": ("iid", "dirichlet"),
     "data.on_bad_image": ("skip", "error"),
-    "feedback.framework": ("Gen", "GenLLM", "Feedback"),
-    "feedback.rater": ("PE",),
+    "feedback.framework": ("Gen", "GenLLM", "Feedback", "Filter"),
+    "feedback.rater": ("PE", "RF"),
     "feedback.selection": ("sample", "rank"),
     "feedback.evolve": ("auto", "distribution", "candidates"),
     "feedback.refit": ("per_class", "shared"),
@@ -257,6 +257,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.feedback.task_type != "syn" and cfg.privacy.unit != "image":  # DP-SGD clips one example, not one site
         raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} protects one image (per-example DP-SGD); "
                           "privacy.unit=site is not supported with it: use privacy.unit=image")
+    if cfg.privacy.mode == "secagg" and cfg.feedback.rater == "RF":
+        raise ConfigError("privacy.mode=secagg carries non-negative integer votes; -r RF's keep-minus-reject scores can be "
+                          "negative: use privacy.mode=local or central with -r RF")
     if cfg.privacy.mode == "secagg" and cfg.feedback.task_type != "syn":
         raise ConfigError(f"privacy.mode=secagg carries the vote rounds of -tt syn; -tt {cfg.feedback.task_type}'s DP-SGD "
                           "rounds do not go through SecAgg+ yet: use privacy.mode=local with -tt real/mix")

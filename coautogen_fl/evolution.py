@@ -7,6 +7,11 @@ are selected and varied into the next pool); ``distribution`` lets the votes ref
 generator's sampling distribution over genotypes and draws the next pool fresh from it, which
 averages the per-candidate noise over the whole pool (see generation/distribution.py).
 
+The Filter framework (``-f Filter``) does not evolve: every round draws a fresh pool, the votes
+keep the candidates whose noised score clears ``threshold x`` the aggregate noise std, and the kept
+ones accumulate until ``volume_per_label`` per class; after the last round a class still short is
+filled with that round's best-scoring candidates, then fresh draws (named in ``fallback_labels``).
+
 Round numbering follows Flower: round ``r`` (1..T) votes on the pool born in round ``r - 1``
 (round 0 is the initial random population); the variations made after round ``r`` are born
 in round ``r`` and use the degree ``schedule.degree(r - 1)``. After the last round the
@@ -73,8 +78,13 @@ class Evolution:
         self.schedule = schedule
         self.rng = np.random.default_rng(seed)
         can_fit = callable(getattr(generator, "fit", None))
-        #: The evolution mode in effect: ``auto`` becomes distribution when the generator can fit().
+        #: The evolution mode in effect: ``auto`` becomes distribution when the generator can fit();
+        #: the Filter framework filters and accumulates instead.
         self.evolve = ("distribution" if can_fit else "candidates") if cfg.evolve == "auto" else cfg.evolve
+        if cfg.framework == "Filter":
+            self.evolve = "filter"
+        #: Filter: the candidates kept so far, per class.
+        self.accepted: dict[int, list[Candidate]] = {label: [] for label in range(num_classes)}
         if self.evolve == "distribution" and not can_fit:
             raise ValueError(
                 f"feedback.evolve=distribution needs a generator with a fit() method; "
@@ -104,7 +114,7 @@ class Evolution:
             self._payload = (embeddings, labels)
         return self._payload
 
-    def advance(self, server_round: int, votes: np.ndarray, noise_std: float, children_per_label: int) -> RoundOutcome:
+    def advance(self, server_round: int, votes: np.ndarray, noise_std: float, children_per_label: int, final: bool = False) -> RoundOutcome:
         """Record the summed noised votes on the pool and breed the next pool from them.
 
         Parameters
@@ -117,6 +127,8 @@ class Evolution:
             Std of the noise on ``votes`` (scales the threshold).
         children_per_label : int
             Size per class of the next pool (``volume_per_label`` after the last round).
+        final : bool (default: False)
+            The last round: the children are the final dataset (the Filter framework's accumulated one).
         """
         if votes.shape != (len(self.pool),):
             raise ValueError(f"votes have shape {votes.shape}, the pool has {len(self.pool)} candidates")
@@ -126,6 +138,8 @@ class Evolution:
         _, labels = self.payload()
         if self.evolve == "distribution":
             return self._refit(server_round, voted, votes, labels, children_per_label)
+        if self.evolve == "filter":
+            return self._filter(server_round, voted, votes, noise_std, final)
         observe = getattr(self.generator, "observe_votes", None)
         if callable(observe):  # e.g. latent generators estimate attribute directions from the votes
             observe(voted)
@@ -149,3 +163,32 @@ class Evolution:
         self._set_pool(children)
         fallback = [int(c) for c in np.unique(labels) if weights[labels == c].sum() <= 0]
         return RoundOutcome(voted, children, int((weights > 0).sum()), fallback, 0.0)
+
+    def _filter(self, server_round: int, voted: list[Candidate], votes: np.ndarray, noise_std: float, final: bool) -> RoundOutcome:
+        """The Filter framework: keep what clears the threshold (best first, up to the volume),
+        then a fresh pool, or after the last round the accumulated dataset, topped up."""
+        volume = self.cfg.volume_per_label
+        cleared = np.flatnonzero((votes >= self.cfg.threshold * noise_std) & (votes > 0))
+        kept = 0
+        for i in cleared[np.argsort(-votes[cleared], kind="stable")]:
+            bucket = self.accepted[voted[i].label]
+            if len(bucket) < volume:
+                bucket.append(voted[i])
+                kept += 1
+        if not final:
+            pool = self.random_population(self.cfg.candidates_per_label)
+            for child in pool:
+                child.round = server_round
+            self._set_pool(pool)
+            return RoundOutcome(voted, pool, kept)
+        taken = {id(c) for bucket in self.accepted.values() for c in bucket}
+        short = [label for label, bucket in self.accepted.items() if len(bucket) < volume]
+        for label in short:  # this round's best-scoring leftovers, then fresh draws (the prior: no votes)
+            bucket = self.accepted[label]
+            rest = [i for i in np.argsort(-votes, kind="stable") if voted[i].label == label and id(voted[i]) not in taken]
+            bucket.extend(voted[i] for i in rest[: volume - len(bucket)])
+            if len(bucket) < volume:
+                bucket.extend(self.generator.random(label, volume - len(bucket)))
+        final_set = [c for label in range(self.num_classes) for c in self.accepted[label]]
+        self._set_pool(final_set)
+        return RoundOutcome(voted, final_set, kept, short)

@@ -67,6 +67,42 @@ def vote_histogram(
     return votes
 
 
+def filter_scores(
+    private_embeddings: np.ndarray,
+    private_labels: np.ndarray,
+    candidate_embeddings: np.ndarray,
+    candidate_labels: np.ndarray,
+    k: int = 1,
+) -> np.ndarray:
+    """Real Filter (RF) votes made DP: each private sample looks at its ``k`` nearest candidates
+    over *all* classes and gives each ``+1/sqrt(k)`` ("keep") when their labels agree and
+    ``-1/sqrt(k)`` ("reject") otherwise; a candidate's score is keeps minus rejects.
+
+    One sample moves ``k`` entries by ``1/sqrt(k)`` each: L2 sensitivity exactly 1, whatever the
+    data. (The seed's own RF, a distance to any other-class real image, has no such bound.)
+
+    Returns
+    -------
+    np.ndarray
+        float64 scores, shape (num_candidates,), negative for candidates mostly rejected.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k})")
+    scores = np.zeros(candidate_labels.shape[0], dtype=np.float64)
+    if private_embeddings.shape[0] == 0 or candidate_labels.shape[0] == 0:
+        return scores
+    if private_embeddings.shape[1:] != candidate_embeddings.shape[1:]:
+        raise ValueError(
+            f"embedding dimensions differ: private {private_embeddings.shape[1:]} vs candidates "
+            f"{candidate_embeddings.shape[1:]}; the site and the server must use the same embedder"
+        )
+    k_eff = min(k, candidate_labels.shape[0])
+    nearest = np.argpartition(_squared_distances(private_embeddings, candidate_embeddings), k_eff - 1, axis=1)[:, :k_eff]
+    agree = candidate_labels[nearest] == private_labels[:, None]
+    np.add.at(scores, nearest.ravel(), np.where(agree, 1.0, -1.0).ravel() / np.sqrt(k_eff))
+    return scores
+
+
 def normalise_site_vector(votes: np.ndarray) -> np.ndarray:
     """Scale a site's whole vote vector to L2 norm <= 1 (the per-site privacy unit)."""
     norm = float(np.linalg.norm(votes))
@@ -107,10 +143,30 @@ class PERater:
         return vote_histogram(private_embeddings, private_labels, candidate_embeddings, candidate_labels, self.k)
 
 
-RATERS = {"PE": PERater}
+@dataclass(frozen=True)
+class RFRater:
+    """The Real Filter rater made DP (keep minus reject of the nearest candidates over all
+    classes), per-sample sensitivity 1. Scores can be negative."""
+
+    k: int = 1
+    sensitivity: float = 1.0
+    name: str = "RF"
+
+    def score(
+        self,
+        private_embeddings: np.ndarray,
+        private_labels: np.ndarray,
+        candidate_embeddings: np.ndarray,
+        candidate_labels: np.ndarray,
+    ) -> np.ndarray:
+        """The clean keep-minus-reject scores (no noise), sensitivity :attr:`sensitivity`."""
+        return filter_scores(private_embeddings, private_labels, candidate_embeddings, candidate_labels, self.k)
 
 
-def build_rater(name: str, k: int = 1) -> PERater:
+RATERS = {"PE": PERater, "RF": RFRater}
+
+
+def build_rater(name: str, k: int = 1) -> PERater | RFRater:
     """The rater named by ``feedback.rater`` (``-r``)."""
     if name not in RATERS:
         raise ValueError(f"unknown rater '{name}'; choose one of {', '.join(RATERS)}")

@@ -195,7 +195,7 @@ def _grids(run_dir: Path, summary: dict | None) -> str:
     if not folders:
         if (summary or {}).get("task_type") == "real":
             return _note(REAL_ONLY)
-        if summary and summary.get("framework") not in (None, "Feedback"):
+        if summary and summary.get("framework") not in (None, "Feedback", "Filter"):
             return _note(f"The {summary['framework']} framework draws the final dataset without voting rounds: no voted pools.")
         return _note("No voted pool is stored (rounds/ is empty or missing): the run finished no voting round.")
     rounds = list(folders)

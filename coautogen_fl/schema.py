@@ -92,8 +92,8 @@ class EmbedderConfig:
 
 @dataclass
 class FeedbackConfig:
-    framework: str = "Feedback"  # -f: Gen | Feedback
-    rater: str = "PE"  # -r
+    framework: str = "Feedback"  # -f: Gen | GenLLM | Feedback | Filter (generate, filter by votes, accumulate)
+    rater: str = "PE"  # -r: PE (own-class nearest votes) | RF (keep minus reject over all classes)
     rounds: int = 2  # -iter: voting rounds
     evolve: str = "auto"  # auto: distribution when the generator can fit(), else candidates.
     # distribution: votes refit the generator's sampling distribution;

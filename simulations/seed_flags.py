@@ -64,8 +64,8 @@ class SeedFlag:
 
 SEED_FLAGS: tuple[SeedFlag, ...] = (
     # general
-    SeedFlag("-f", "--framework", "feedback.framework", "Gen | GenLLM | Feedback"),
-    SeedFlag("-r", "--rater", "feedback.rater", "the rater of the votes: PE"),
+    SeedFlag("-f", "--framework", "feedback.framework", "Gen | GenLLM | Feedback | Filter"),
+    SeedFlag("-r", "--rater", "feedback.rater", "the rater of the votes: PE | RF (the Real Filter made DP)"),
     SeedFlag("-tt", "--task_type", "feedback.task_type", "syn | real | mix"),
     SeedFlag("-tm", "--task_mode", "feedback.task_mode", "I2I | T2I (diffusers generators)"),
     SeedFlag("-dev", "--device", "device", "cpu | cuda | auto", lower),
@@ -117,8 +117,8 @@ SEED_FLAGS: tuple[SeedFlag, ...] = (
     SeedFlag("-hth", "--hit_threshold", None, "(ignored)", None,
              "votes are thresholded against the aggregate noise (feedback.threshold), not a hit count"),
     SeedFlag("-s", "--selector", None, "(ignored)", None, "selection is feedback.selection (rank | sample)"),
-    SeedFlag("-cuf", "--client_use_filtered", None, "(ignored)", boolean, "the Filter framework is not built yet"),
-    SeedFlag("-caf", "--client_accumulate_filter", None, "(ignored)", boolean, "the Filter framework is not built yet"),
+    SeedFlag("-cuf", "--client_use_filtered", None, "(ignored)", boolean, "-f Filter always trains on the filtered data"),
+    SeedFlag("-caf", "--client_accumulate_filter", None, "(ignored)", boolean, "-f Filter always accumulates over its -iter rounds"),
     SeedFlag("-cst", "--client_send_topk", None, "(ignored)", boolean,
              "sites never send their top-k candidates: only charged, noised votes leave a site"),
     SeedFlag("-ctpl", "--client_topk_per_label", None, "(ignored)", None,

@@ -32,7 +32,7 @@ from coautogen_fl.tracking import RunTracker, site_lines
 
 from .outcome import FinalStage
 from .resume import restore, rounds_left
-from .strategy import CoAutoGenStrategy, RoundFailed, SiteRecord
+from .strategy import VOTING_FRAMEWORKS, CoAutoGenStrategy, RoundFailed, SiteRecord
 from .training import TrainingRounds
 
 app = ServerApp()
@@ -55,7 +55,7 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"
     final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device,
                        upscaler=build_upscaler(cfg, device) if upscale_final else None, embedder=embedder)  # fmt: skip
-    feedback = cfg.feedback.framework == "Feedback"
+    feedback = cfg.feedback.framework in VOTING_FRAMEWORKS
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     votes = feedback and cfg.feedback.task_type != "real"
     releases = (cfg.feedback.rounds if votes else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
@@ -118,6 +118,9 @@ def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
         raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml (was it a coautogen-fl run directory?)")
     if saved.feedback.task_type != "syn":
         raise CheckpointError(RESUME_UNSUPPORTED.format(task_type=saved.feedback.task_type, run_dir=run_dir))
+    if saved.feedback.framework == "Filter":
+        raise CheckpointError(f"a -f Filter run cannot be resumed yet ({run_dir}): the candidates it accumulated are "
+                              "not checkpointed, and asking the sites again would charge them again. Start a new run")
     given, own = flatten(to_dict(cfg)), flatten(to_dict(saved))
     differ = sorted(k for k in set(given) | set(own) if k != "tracking.resume" and given.get(k) != own.get(k))
     if differ:

@@ -49,6 +49,10 @@ FLOWER_ERRORS = {
 }
 
 
+#: Frameworks whose rounds are votes of the sites (the others generate once).
+VOTING_FRAMEWORKS = ("Feedback", "Filter")
+
+
 class CoAutoGenStrategy(Strategy):
     """Private Evolution across sites (``Feedback``) or one-shot generation (``Gen``).
 
@@ -108,7 +112,7 @@ class CoAutoGenStrategy(Strategy):
     # ------------------------------------------------------------------ helpers
     @property
     def is_feedback(self) -> bool:
-        return self.cfg.feedback.framework == "Feedback"
+        return self.cfg.feedback.framework in VOTING_FRAMEWORKS
 
     @property
     def total_rounds(self) -> int:
@@ -295,7 +299,7 @@ class CoAutoGenStrategy(Strategy):
             votes = self.noise_aggregate(votes)
         per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label
         ids = [c.candidate_id for c in self.evolution.pool]
-        outcome = self.evolution.advance(server_round, votes, noise_std, per_label)
+        outcome = self.evolution.advance(server_round, votes, noise_std, per_label, final=last)
         asked = len(replies) if self.secure is None else len(self.sampled.get(server_round, []))
         metrics = self._round_metrics(server_round, asked, valid, noise_std, outcome)
         self.history.append(RoundRecord(server_round, votes.tolist(), float(noise_std), ids, metrics))
