@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import FeedbackConfig
 from .embedding import Embedder
-from .generation.base import Candidate, Generator, stack_images
+from .generation.base import Candidate, Generator, GeneratorCapabilities, stack_images
 from .generation.distribution import vote_weights
 from .generation.schedule import DegreeSchedule
 from .selection import select_parents, threshold_votes
@@ -77,7 +77,9 @@ class Evolution:
         self.cfg = cfg
         self.schedule = schedule
         self.rng = np.random.default_rng(seed)
-        can_fit = callable(getattr(generator, "fit", None))
+        #: What the generator can do beyond random() and vary(), checked once (generation/base.py).
+        self.capabilities = GeneratorCapabilities.of(generator)
+        can_fit = self.capabilities.refit
         #: The evolution mode in effect: ``auto`` becomes distribution when the generator can fit();
         #: the Filter framework filters and accumulates instead.
         self.evolve = ("distribution" if can_fit else "candidates") if cfg.evolve == "auto" else cfg.evolve
@@ -92,6 +94,16 @@ class Evolution:
             )
         self.pool: list[Candidate] = []
         self._payload: tuple[np.ndarray, np.ndarray] | None = None
+
+    def diagnostics(self) -> dict:
+        """What this round did to the generator, for ``metrics.jsonl``: where the votes moved its
+        distribution (distribution mode) and what its filters drew, kept and filled."""
+        found: dict = {}
+        if self.evolve == "distribution" and self.capabilities.refit:
+            found["distribution"] = self.generator.distribution.describe()  # type: ignore[attr-defined]
+        if self.capabilities.filtering and self.generator.filter_stats:  # type: ignore[attr-defined]
+            found["filter"] = dict(self.generator.filter_stats["total"])  # type: ignore[attr-defined]
+        return found
 
     def random_population(self, per_label: int) -> list[Candidate]:
         """``per_label`` fresh candidates of every class (born in round 0)."""
@@ -140,9 +152,8 @@ class Evolution:
             return self._refit(server_round, voted, votes, labels, children_per_label)
         if self.evolve == "filter":
             return self._filter(server_round, voted, votes, noise_std, final)
-        observe = getattr(self.generator, "observe_votes", None)
-        if callable(observe):  # e.g. latent generators estimate attribute directions from the votes
-            observe(voted)
+        if self.capabilities.observes_votes:  # e.g. latent generators estimate attribute directions from the votes
+            self.generator.observe_votes(voted)  # type: ignore[attr-defined]
         kept = threshold_votes(votes, self.cfg.threshold, noise_std)
         selection = select_parents(kept, labels, children_per_label, self.cfg.selection, self.rng)
         degree = self.schedule.degree(server_round - 1)
@@ -156,7 +167,7 @@ class Evolution:
         """Distribution evolution: the votes refit the generator's sampling distribution and
         the next pool (or the final dataset) is drawn fresh from it."""
         weights = vote_weights(votes, labels)
-        self.generator.fit(voted, weights, self.cfg.distribution_mix, self.cfg.min_spread)  # type: ignore[attr-defined]
+        self.generator.fit(voted, weights, self.cfg.distribution_mix, self.cfg.min_spread)  # type: ignore[attr-defined]  (Refittable)
         children = self.random_population(per_label)
         for child in children:
             child.round = server_round

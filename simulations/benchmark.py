@@ -46,6 +46,7 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("feedback-central", "Feedback, central DP", ("privacy.mode=central",)),
     Row("candidates", "Feedback, central, feedback.evolve=candidates (Private Evolution proper)",
         ("privacy.mode=central", "feedback.evolve=candidates")),
+    Row("filter-rf", "Filter framework with the RF rater (the seed's -f Filter -r RF, made DP)", ("-f", "Filter", "-r", "RF")),
     Row("dpsgd-pooled", "DP-SGD on the pooled private data (opacus, best of a stated grid)", pooled=True),
     Row("real", "-tt real: federated DP-SGD at the sites", ("-tt", "real")),
     Row("mix", "-tt mix: votes, synthetic data and federated DP-SGD", ("-tt", "mix")),

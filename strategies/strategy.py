@@ -325,12 +325,7 @@ class CoAutoGenStrategy(Strategy):
             "epsilon_spent": {s.name: s.epsilon_spent for s in self.sites.values()},
             "round_time_s": time.time() - self._round_start,
         }
-        distribution = getattr(self.evolution.generator, "distribution", None)
-        if self.evolution.evolve == "distribution" and distribution is not None:
-            metrics["distribution"] = distribution.describe()  # where the votes moved the generator
-        filter_stats = getattr(self.evolution.generator, "filter_stats", None)
-        if filter_stats:  # e.g. the CLIP filter: candidates drawn, kept and filled so far
-            metrics["filter"] = dict(filter_stats["total"])
+        metrics.update(self.evolution.diagnostics())  # where the votes moved the generator, what its filters kept
         log(
             INFO,
             "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max, as the sites report) %.4f",

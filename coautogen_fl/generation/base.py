@@ -76,6 +76,82 @@ class Generator(Protocol):
         ...
 
 
+# ---------------------------------------------------------------------------------- optional capabilities
+# A generator implements Generator; each Protocol below is an optional extra the loop uses when
+# present. They are checked once, when the generator is built (GeneratorCapabilities.of): a
+# plug-in author implements the ones they want from this file alone.
+
+
+class Describable(Protocol):
+    """A sampling distribution that can say where it stands (``metrics.jsonl``'s ``distribution``)."""
+
+    def describe(self) -> dict[str, Any]:
+        ...
+
+
+@runtime_checkable
+class Refittable(Protocol):
+    """Votes refit the generator's sampling distribution (``feedback.evolve=distribution``)."""
+
+    distribution: Any  # a Describable
+
+    def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
+        """Move the sampling distribution toward ``candidates`` weighted by their votes."""
+        ...
+
+
+@runtime_checkable
+class VoteObserver(Protocol):
+    """Learns from each round's voted pool (e.g. latent attribute directions), Private Evolution mode."""
+
+    def observe_votes(self, voted: Sequence[Candidate]) -> None:
+        ...
+
+
+@runtime_checkable
+class Prompted(Protocol):
+    """Draws from text prompts: its prompt source (an LLM's pool goes to ``prompts.json``)."""
+
+    prompts: Any  # coautogen_fl.prompts.base.PromptSource
+
+
+@runtime_checkable
+class TokenLimited(Protocol):
+    """Has a text encoder with a token limit that prompts written for it must fit."""
+
+    @property
+    def token_limit(self) -> int | None:
+        ...
+
+    def count_tokens(self, prompt: str) -> int:
+        ...
+
+
+@runtime_checkable
+class Filtering(Protocol):
+    """Filters its draws (e.g. the CLIP filter) and counts what it drew, kept and filled."""
+
+    filter_stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GeneratorCapabilities:
+    """What a built generator can do beyond :class:`Generator`, checked once."""
+
+    refit: bool
+    observes_votes: bool
+    prompted: bool
+    token_limited: bool
+    filtering: bool
+
+    @classmethod
+    def of(cls, generator: Any) -> "GeneratorCapabilities":
+        """Check ``generator`` (or the wrapper that forwards to it) against every Protocol."""
+        return cls(refit=isinstance(generator, Refittable), observes_votes=isinstance(generator, VoteObserver),
+                   prompted=isinstance(generator, Prompted), token_limited=isinstance(generator, TokenLimited),
+                   filtering=isinstance(generator, Filtering))  # fmt: skip
+
+
 def stack_images(candidates: Sequence[Candidate]) -> np.ndarray:
     """Stack candidate images into one float32 array of shape (N, H, W[, C])."""
     if not candidates:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from logging import getLogger
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .base import Generator
+from .base import Generator, Prompted, TokenLimited
 
 if TYPE_CHECKING:
     from coautogen_fl.config import RunConfig
@@ -58,7 +58,8 @@ def build_prompt_source(cfg: RunConfig, class_names: Sequence[str], device: str 
     return LLMPrompts(
         LLM_ALIASES.get(p.llm, p.llm), class_names, template=template, device=device, per_class=p.per_class,
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=cfg.generator.seed,
-        token_limit=int(getattr(generator, "token_limit", 77) or 77), count_tokens=getattr(generator, "count_tokens", None),
+        token_limit=int(generator.token_limit or 77) if isinstance(generator, TokenLimited) else 77,
+        count_tokens=generator.count_tokens if isinstance(generator, TokenLimited) else None,
         evolve_prompts=p.evolve, extra_descriptions=captions, progress=True,
     )
 
@@ -173,9 +174,11 @@ def save_prompt_pool(generator: Generator, run_dir: str) -> str | None:
 
     from coautogen_fl.atomic import write_text_atomic
 
-    prompts = getattr(generator, "prompts", None)
-    pool = getattr(prompts, "descriptions", None)
-    if prompts is None or pool is None:
+    if not isinstance(generator, Prompted):
+        return None
+    prompts = generator.prompts
+    pool = getattr(prompts, "descriptions", None)  # LLM prompt sources keep a pool; templates do not
+    if pool is None:
         return None
     per_class = pool() if callable(pool) else pool
     if not per_class:  # templates only: the config says everything
