@@ -98,6 +98,9 @@ def test_the_seed_example_command_runs_as_written(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(torch_home / "hub"))  # this process read TORCH_HOME already
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # ... and HF_HUB_CACHE
 
     small = ["--num-hospitals", "3", "feedback.rounds=1", "feedback.candidates_per_label=4", "generator.steps=2",
              "generator.batch_size=20", "data.image_size=32", "downstream.epochs=1"]  # a CPU-sized run; flags as written
