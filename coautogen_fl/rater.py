@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -124,13 +125,17 @@ def vote_sensitivity(unit: str, capped: bool = False) -> float:
     return math.sqrt(2.0) if unit == "site" or capped else 1.0
 
 
-@dataclass(frozen=True)
-class PERater:
-    """The Private Evolution rater (nearest-candidate votes), per-sample sensitivity 1."""
+ScoreFunction = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
 
+
+@dataclass(frozen=True)
+class Rater:
+    """A rater: the clean score function of ``name`` (no noise) with its ``k``; every rater
+    here has per-sample L2 sensitivity :attr:`sensitivity` = 1."""
+
+    name: str
     k: int = 1
     sensitivity: float = 1.0
-    name: str = "PE"
 
     def score(
         self,
@@ -139,35 +144,16 @@ class PERater:
         candidate_embeddings: np.ndarray,
         candidate_labels: np.ndarray,
     ) -> np.ndarray:
-        """The clean vote histogram (no noise), sensitivity :attr:`sensitivity`."""
-        return vote_histogram(private_embeddings, private_labels, candidate_embeddings, candidate_labels, self.k)
+        """The clean score vector, one entry per candidate."""
+        return RATERS[self.name](private_embeddings, private_labels, candidate_embeddings, candidate_labels, self.k)
 
 
-@dataclass(frozen=True)
-class RFRater:
-    """The Real Filter rater made DP (keep minus reject of the nearest candidates over all
-    classes), per-sample sensitivity 1. Scores can be negative."""
-
-    k: int = 1
-    sensitivity: float = 1.0
-    name: str = "RF"
-
-    def score(
-        self,
-        private_embeddings: np.ndarray,
-        private_labels: np.ndarray,
-        candidate_embeddings: np.ndarray,
-        candidate_labels: np.ndarray,
-    ) -> np.ndarray:
-        """The clean keep-minus-reject scores (no noise), sensitivity :attr:`sensitivity`."""
-        return filter_scores(private_embeddings, private_labels, candidate_embeddings, candidate_labels, self.k)
+#: -r: PE (own-class nearest-candidate votes, >= 0) | RF (keep minus reject over all classes, any sign).
+RATERS: dict[str, ScoreFunction] = {"PE": vote_histogram, "RF": filter_scores}
 
 
-RATERS = {"PE": PERater, "RF": RFRater}
-
-
-def build_rater(name: str, k: int = 1) -> PERater | RFRater:
+def build_rater(name: str, k: int = 1) -> Rater:
     """The rater named by ``feedback.rater`` (``-r``)."""
     if name not in RATERS:
         raise ValueError(f"unknown rater '{name}'; choose one of {', '.join(RATERS)}")
-    return RATERS[name](k=k)
+    return Rater(name, k)
