@@ -152,6 +152,27 @@ class GeneratorCapabilities:
                    filtering=isinstance(generator, Filtering))  # fmt: skip
 
 
+class CandidateMaker:
+    """What every built-in generator shares: the class names, the id counter (ids
+    ``<ID_PREFIX>-0000000``, ``-0000001``, ... in the order candidates are made, so a seeded run
+    names them the same every time) and the label check."""
+
+    ID_PREFIX = "candidate"
+    class_names: Sequence[str]
+    _counter: int = 0
+
+    def _check_label(self, label: Any, what: str = "label") -> int:
+        """``label`` as an int in ``0 .. len(class_names) - 1``, or a ValueError naming ``what``."""
+        return check_int(what, label, 0, len(self.class_names) - 1)
+
+    def _candidate(self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None,
+                   round_index: int) -> Candidate:  # fmt: skip
+        """Wrap an image into a candidate with the next id from the counter."""
+        candidate_id = f"{self.ID_PREFIX}-{self._counter:07d}"
+        self._counter += 1
+        return Candidate(candidate_id, int(label), image, genotype, parent_id, round_index)
+
+
 def stack_images(candidates: Sequence[Candidate]) -> np.ndarray:
     """Stack candidate images into one float32 array of shape (N, H, W[, C])."""
     if not candidates:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
 from coautogen_fl.generation.diffusers_loading import load_text2image
 from coautogen_fl.generation.imageops import to_output as _to_output
 from coautogen_fl.generation.inpaint import (
@@ -50,7 +50,7 @@ GENOTYPE_KEYS = ("prompt", "seed", "steps", "guidance", "mode", "model")
 _NO_LIMIT = 10**6
 
 
-class DiffusersGenerator:
+class DiffusersGenerator(CandidateMaker):
     """Any diffusers text-to-image model; implements the ``Generator`` protocol.
 
     Parameters
@@ -103,6 +103,8 @@ class DiffusersGenerator:
         The image-to-image and inpainting pipelines, made on first use (``from_pipe``: they
         share ``pipe``'s weights) unless ``inpaint_model`` names a dedicated one.
     """
+
+    ID_PREFIX = "diffusers"
 
     def __init__(
         self,
@@ -161,7 +163,6 @@ class DiffusersGenerator:
         if self.inpaint_model:  # a dedicated inpainting model loads now: a wrong folder fails at start-up
             self._inpainter = inpaint_pipeline(self.pipe, model, self.inpaint_model, device, self.safety_checker)
         self._rng = np.random.default_rng(seed)
-        self._counter = 0
 
     # -- pipelines -------------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class DiffusersGenerator:
 
     def prompt(self, label: int) -> str:
         """The template prompt of class ``label``."""
-        label = check_int("label", label, 0, len(self.class_names) - 1)
+        label = self._check_label(label)
         return self.prompt_template.format(name=self.class_names[label])
 
     def random(self, label: int, n: int) -> list[Candidate]:
@@ -282,7 +283,7 @@ class DiffusersGenerator:
         degree = check_degree(degree)
         prompts = []
         for parent in candidates:
-            check_int(f"label of candidate {parent.candidate_id}", parent.label, 0, len(self.class_names) - 1)
+            self._check_label(parent.label, f"label of candidate {parent.candidate_id}")
             prompt = parent.genotype.get("prompt") if isinstance(parent.genotype, dict) else None
             prompts.append(str(prompt) if prompt else self.prompt(parent.label))
         if self.task_mode == "T2I":
@@ -381,12 +382,7 @@ class DiffusersGenerator:
                 images[i] = image
         return images
 
-    def _make(self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None,
-              round_index: int) -> Candidate:  # fmt: skip
-        """Wrap an image into a candidate with the next id from the counter."""
-        candidate_id = f"diffusers-{self._counter:07d}"
-        self._counter += 1
-        return Candidate(candidate_id, label, image, genotype, parent_id, round_index)
+    _make = CandidateMaker._candidate
 
 
 __all__ = ["DiffusersGenerator", "GeneratorLoadError", "load_text2image", "GENOTYPE_KEYS", "GENOTYPE_MODES",

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from coautogen_fl.generation import handwriting
-from coautogen_fl.generation.base import Candidate, check_int
+from coautogen_fl.generation.base import Candidate, CandidateMaker, check_int
 from coautogen_fl.generation.distribution import GenotypeDistribution
 from coautogen_fl.generation.fonts import load_font, select_fonts
 from coautogen_fl.generation.schedule import check_degree
@@ -176,7 +176,7 @@ def _require_genotype(genotype: dict[str, Any], owner: str) -> None:
                          f"only genotypes made by a GlyphGenerator (keys {list(GENOTYPE_KEYS)})")
 
 
-class GlyphGenerator:
+class GlyphGenerator(CandidateMaker):
     """Domain-randomised text glyphs; implements the ``Generator`` protocol.
 
     Parameters
@@ -203,6 +203,8 @@ class GlyphGenerator:
         ``PARAMETER_RANGES`` with the resolution's upper bound set to ``image_size``.
     """
 
+    ID_PREFIX = "glyph"
+
     def __init__(
         self,
         class_names: Sequence[str],
@@ -228,7 +230,6 @@ class GlyphGenerator:
         scan = (PARAMETER_RANGES["resolution"][0], self.image_size)
         self.parameter_ranges = {**PARAMETER_RANGES, "resolution": scan}
         self._rng = np.random.default_rng(seed)
-        self._counter = 0
         # Broad on purpose: the server cannot look at the private data, so the prior covers
         # many looks and the votes (feedback.evolve=distribution) narrow it down.
         self.distribution = GenotypeDistribution(self.parameter_ranges, self.fonts, "font", INTEGER_PARAMETERS)
@@ -277,7 +278,7 @@ class GlyphGenerator:
         list[Candidate]
             Candidates with ``parent_id=None`` and ``round=0``.
         """
-        label = check_int("label", label, 0, len(self.class_names) - 1)
+        label = self._check_label(label)
         n = check_int("n", n, 0)
         return [self._make(label, self._sample_genotype(label), None, 0) for _ in range(n)]
 
@@ -304,8 +305,7 @@ class GlyphGenerator:
         degree = check_degree(degree)
         children = []
         for parent in candidates:
-            label = check_int(f"label of candidate {parent.candidate_id}", parent.label, 0,
-                                 len(self.class_names) - 1)  # fmt: skip
+            label = self._check_label(parent.label, f"label of candidate {parent.candidate_id}")
             _require_genotype(parent.genotype, f"genotype of candidate {parent.candidate_id}")
             genotype = self._mutate(parent.genotype, degree)
             children.append(self._make(label, genotype, parent.candidate_id, parent.round + 1))
@@ -333,11 +333,7 @@ class GlyphGenerator:
         child["noise_seed"] = int(rng.integers(2**31 - 1))
         return child
 
-    def _make(self, label: int, genotype: dict[str, Any], parent_id: str | None,
-              round_index: int) -> Candidate:  # fmt: skip
+    def _make(self, label: int, genotype: dict[str, Any], parent_id: str | None, round_index: int) -> Candidate:
         """Render a genotype into a candidate with the next id from the counter."""
-        candidate_id = f"glyph-{self._counter:07d}"
-        self._counter += 1
-        image = self.render(genotype, self.class_names[label])
-        return Candidate(candidate_id, label, image, genotype, parent_id, round_index)
+        return self._candidate(label, genotype, self.render(genotype, self.class_names[label]), parent_id, round_index)
 

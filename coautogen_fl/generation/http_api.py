@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
 from coautogen_fl.generation.imageops import to_output, to_rgb, to_uint8
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
@@ -114,7 +114,7 @@ def encode_png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class HTTPImageGenerator:
+class HTTPImageGenerator(CandidateMaker):
     """Any online image API reachable by one JSON POST per image; implements ``Generator``.
 
     Parameters
@@ -159,6 +159,8 @@ class HTTPImageGenerator:
     GeneratorLoadError
         When ``api_key_env`` is set but the variable is missing or empty.
     """
+
+    ID_PREFIX = "api"
 
     def __init__(
         self,
@@ -214,7 +216,6 @@ class HTTPImageGenerator:
         self._api_key = self._read_api_key()
         self._opener = urllib.request.build_opener(_RefuseRedirects)
         self._rng = np.random.default_rng(seed)
-        self._counter = 0
         self._last_start: float | None = None
 
     def _read_api_key(self) -> str | None:
@@ -239,7 +240,7 @@ class HTTPImageGenerator:
     def random(self, label: int, n: int) -> list[Candidate]:
         """Request ``n`` (>= 0) fresh text-to-image candidates of class ``label``, prompts from
         ``prompts.sample``; they have ``parent_id=None``, ``round=0`` and t2i genotypes."""
-        label = check_int("label", label, 0, len(self.class_names) - 1)
+        label = self._check_label(label)
         n = check_int("n", n, 0)
         genotypes = [self._genotype(str(self.prompts.sample(label, self._rng)), "t2i") for _ in range(n)]
         images = self._request_all(genotypes, None)
@@ -254,7 +255,7 @@ class HTTPImageGenerator:
         genotype gets ``prompts.sample`` of its class.
         """
         degree = check_degree(degree)
-        labels = [check_int(f"label of candidate {c.candidate_id}", c.label, 0, len(self.class_names) - 1)
+        labels = [self._check_label(c.label, f"label of candidate {c.candidate_id}")
                   for c in candidates]  # fmt: skip
         parent_prompts = []
         for parent, label in zip(candidates, labels):
@@ -420,12 +421,7 @@ class HTTPImageGenerator:
             genotype["parent_prompt"] = parent_prompt
         return genotype
 
-    def _make(self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None,
-              round_index: int) -> Candidate:  # fmt: skip
-        """Wrap an image into a candidate with the next id from the counter."""
-        candidate_id = f"api-{self._counter:07d}"
-        self._counter += 1
-        return Candidate(candidate_id, label, image, genotype, parent_id, round_index)
+    _make = CandidateMaker._candidate
 
 
 __all__ = ["HTTPImageGenerator", "GeneratorLoadError", "GENOTYPE_KEYS", "TASK_MODES", "MIN_STRENGTH", "encode_png_base64"]

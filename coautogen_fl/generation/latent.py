@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, check_int, check_output_spec
+from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, check_int, check_output_spec
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.hub import check_device, first_line
 
@@ -36,7 +36,7 @@ from coautogen_fl.generation.latent_loading import (  # noqa: F401  (re-exported
 # -- the generator ------------------------------------------------------------------------------
 
 
-class LatentGenerator:
+class LatentGenerator(CandidateMaker):
     """A latent-variable generator G(z) or G(z, class); implements the ``Generator`` protocol.
 
     Parameters
@@ -81,6 +81,8 @@ class LatentGenerator:
     directions : dict[int, np.ndarray]
         Per class, the unit attribute direction learned by ``observe_votes`` (low- to high-voted).
     """
+
+    ID_PREFIX = "latent"
 
     def __init__(
         self,
@@ -150,7 +152,6 @@ class LatentGenerator:
         #: What the votes taught: per-class Gaussians over z and attribute directions.
         self.distribution = LatentDistribution(k, self.latent_dim)
         self._rng = np.random.default_rng(seed)
-        self._counter = 0
 
     # -- running G ---------------------------------------------------------------------------
 
@@ -244,9 +245,6 @@ class LatentGenerator:
 
     # -- genotypes ---------------------------------------------------------------------------
 
-    def _check_label(self, label: Any, owner: str) -> int:
-        return check_int(owner, label, 0, len(self.class_names) - 1)
-
     def _z_of(self, candidate: Candidate) -> np.ndarray | None:
         """The candidate's z as float32, None when its genotype has none; raises on a wrong size."""
         genotype = candidate.genotype if isinstance(candidate.genotype, dict) else {}
@@ -272,11 +270,7 @@ class LatentGenerator:
             )
         return z
 
-    def _make(self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None,
-              round_index: int) -> Candidate:  # fmt: skip
-        candidate_id = f"latent-{self._counter:07d}"
-        self._counter += 1
-        return Candidate(candidate_id, int(label), image, genotype, parent_id, round_index)
+    _make = CandidateMaker._candidate
 
     def _emit(self, labels: list[int], zs: np.ndarray, genotypes: list[dict[str, Any]], parents: Sequence[Candidate] | None) -> list[Candidate]:
         """Render all z's, complete their genotypes (z, batch, slot) and wrap them into candidates."""
