@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from flower_processes import ProcessWatch, processes_naming
-from simulations import cli, launcher, processes
+from simulations import cli, commands, launcher, processes
 from simulations.processes import ProcessRecord
 
 PY = sys.executable
@@ -276,7 +276,7 @@ def test_cleanup_leaves_a_running_launcher_alone(tmp_path):
         assert result.launcher_running and result.stopped == []
         assert link.poll() is None
         out = io.StringIO()
-        cli._report_cleanup(result, out)
+        commands._report_cleanup(result, out)
         assert f"still going on (launcher PID {live_launcher.pid}); not touched" in out.getvalue()
     finally:
         reap(live_launcher, link)
