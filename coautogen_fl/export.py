@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from .store import read_index
 
 FORMATS = ("imagefolder", "hf")
 REVIEW_FILE = "review.json"
@@ -46,25 +48,31 @@ def read_decisions(run_dir: Path) -> dict[str, dict[str, Any]]:
     return decisions
 
 
-def final_items(run_dir: Path) -> tuple[list[ExportItem], list[str]]:
-    """The images to export (review decisions applied) and the class names by label."""
+def final_entries(run_dir: Path) -> tuple[list[ExportItem], list[str]]:
+    """Every image of the final dataset with its own label, and the class names by label."""
     folder = run_dir / "synthetic"
     if not (folder / "index.jsonl").is_file():
         raise ExportError(f"{run_dir} holds no final dataset (synthetic/index.jsonl): did the run finish its last round?")
-    entries = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines() if line.strip()]
+    entries = read_index(folder)
     names: dict[int, str] = {int(e["label"]): e["file"].split("/", 1)[0] for e in entries}
     classes = [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
+    return [ExportItem(folder / e["file"], e["id"], int(e["label"]), e) for e in entries], classes
+
+
+def final_items(run_dir: Path) -> tuple[list[ExportItem], list[str]]:
+    """The images to export (review decisions applied: rejected left out, relabelled moved)."""
+    items, classes = final_entries(run_dir)
     decisions = read_decisions(run_dir)
-    items = []
-    for e in entries:
-        decision = decisions.get(e["id"], {})
+    kept = []
+    for item in items:
+        decision = decisions.get(item.image_id, {})
         if decision.get("status") == "reject":
             continue
-        label = int(decision.get("label", e["label"]))
+        label = int(decision.get("label", item.label))
         if not 0 <= label < len(classes):
-            raise ExportError(f"{REVIEW_FILE}: image {e['id']} relabelled to {label}, not a class (0..{len(classes) - 1})")
-        items.append(ExportItem(folder / e["file"], e["id"], label, e))
-    return items, classes
+            raise ExportError(f"{REVIEW_FILE}: image {item.image_id} relabelled to {label}, not a class (0..{len(classes) - 1})")
+        kept.append(replace(item, label=label))
+    return kept, classes
 
 
 def export_imagefolder(items: list[ExportItem], classes: list[str], target: Path) -> Path:

@@ -25,6 +25,20 @@ def _squared_distances(queries: np.ndarray, keys: np.ndarray, chunk: int = 256) 
     return np.concatenate(rows) if rows else np.zeros((0, k.shape[0]))
 
 
+def _has_voters(private_embeddings: np.ndarray, candidate_embeddings: np.ndarray, k: int) -> bool:
+    """Check a rater's inputs (k >= 1, one embedding space); False when no private sample votes."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k})")
+    if private_embeddings.shape[0] == 0:
+        return False
+    if private_embeddings.shape[1:] != candidate_embeddings.shape[1:]:
+        raise ValueError(
+            f"embedding dimensions differ: private {private_embeddings.shape[1:]} vs candidates "
+            f"{candidate_embeddings.shape[1:]}; the site and the server must use the same embedder"
+        )
+    return True
+
+
 def vote_histogram(
     private_embeddings: np.ndarray,
     private_labels: np.ndarray,
@@ -44,18 +58,11 @@ def vote_histogram(
     np.ndarray
         float64 votes, shape (num_candidates,).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1 (got {k})")
     votes = np.zeros(candidate_labels.shape[0], dtype=np.float64)
-    if private_embeddings.shape[0] == 0:
+    if not _has_voters(private_embeddings, candidate_embeddings, k):
         # No voters (every image a site-test image): zero votes, like any other site, so that
         # whether a site answers never depends on its data.
         return votes
-    if private_embeddings.shape[1:] != candidate_embeddings.shape[1:]:
-        raise ValueError(
-            f"embedding dimensions differ: private {private_embeddings.shape[1:]} vs candidates "
-            f"{candidate_embeddings.shape[1:]}; the site and the server must use the same embedder"
-        )
     for label in np.unique(private_labels):
         members = np.flatnonzero(candidate_labels == label)
         if members.size == 0:
@@ -87,16 +94,9 @@ def filter_scores(
     np.ndarray
         float64 scores, shape (num_candidates,), negative for candidates mostly rejected.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1 (got {k})")
     scores = np.zeros(candidate_labels.shape[0], dtype=np.float64)
-    if private_embeddings.shape[0] == 0 or candidate_labels.shape[0] == 0:
+    if not _has_voters(private_embeddings, candidate_embeddings, k) or candidate_labels.shape[0] == 0:
         return scores
-    if private_embeddings.shape[1:] != candidate_embeddings.shape[1:]:
-        raise ValueError(
-            f"embedding dimensions differ: private {private_embeddings.shape[1:]} vs candidates "
-            f"{candidate_embeddings.shape[1:]}; the site and the server must use the same embedder"
-        )
     k_eff = min(k, candidate_labels.shape[0])
     nearest = np.argpartition(_squared_distances(private_embeddings, candidate_embeddings), k_eff - 1, axis=1)[:, :k_eff]
     agree = candidate_labels[nearest] == private_labels[:, None]

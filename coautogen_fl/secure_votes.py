@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .privacy.accountant import PrivacyError, noise_multiplier_for_epsilon
-from .privacy.distributed import ddg_noise_multiplier, noise_for_epsilon_secagg, secagg_bound, share_variance, wrap_free
+from .privacy.distributed import check_modulus, ddg_noise_multiplier, noise_for_epsilon_secagg, secagg_bound, share_variance
 
 #: The modulus of the masked sums (Flower's SecAgg+ default ``modulus_range``).
 MODULUS = 2**32
@@ -160,12 +160,8 @@ class SecureVoteEncoding:
 
     def check_modulus(self, sites: int) -> None:
         """Refuse a round whose modular sum could wrap: ``sites * 2B`` must stay below 2^32."""
-        if not wrap_free(self.bound, sites, MODULUS):
-            raise PrivacyError(
-                f"secure aggregation of {sites} sites with clipping range {self.bound} could wrap modulo 2^32 "
-                f"({sites} x 2 x {self.bound} >= 2^32); lower privacy.secagg_vote_cap (now {self.vote_cap}) or the "
-                "sites per round (federation.fraction_train)"
-            )
+        check_modulus(self.bound, sites, MODULUS, f"lower privacy.secagg_vote_cap (now {self.vote_cap}) or the sites per "
+                      "round (federation.fraction_train)")  # fmt: skip
 
     def encode(self, votes: np.ndarray) -> np.ndarray:
         """Clean integer votes: ``scale * votes`` (rounded), clipped per coordinate to the cap."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from coautogen_fl.atomic import write_text_atomic
-from coautogen_fl.export import REVIEW_FILE, ExportItem, final_items, read_decisions
+from coautogen_fl.export import REVIEW_FILE, final_entries, read_decisions
 
 #: Neighbours suggested after a reject or relabel.
 SUGGESTIONS = 3
@@ -33,20 +33,13 @@ class ReviewState:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir).expanduser().resolve()
-        items, self.classes = final_items(self.run_dir)
-        decisions = read_decisions(self.run_dir)
         # Every image of the final dataset, rejected ones too: the reviewer may change their mind.
-        self.items = items + [i for i in self._all_items() if i.image_id not in {x.image_id for x in items}]
-        self.items.sort(key=lambda i: (int(i.entry["label"]), i.image_id))
+        items, self.classes = final_entries(self.run_dir)
+        self.items = sorted(items, key=lambda i: (i.label, i.image_id))
         self.by_id = {i.image_id: i for i in self.items}
-        self.decisions: dict[str, dict[str, Any]] = dict(decisions)
+        self.decisions: dict[str, dict[str, Any]] = read_decisions(self.run_dir)
         self.embeddings = self._embed()
         self.lock = threading.Lock()
-
-    def _all_items(self) -> list[ExportItem]:
-        folder = self.run_dir / "synthetic"
-        entries = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines() if line.strip()]
-        return [ExportItem(folder / e["file"], e["id"], int(e["label"]), e) for e in entries]
 
     def _embed(self) -> np.ndarray:
         """Embeddings of every image: the run's embedder if it loads here, else pixels."""
@@ -65,7 +58,7 @@ class ReviewState:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def label_of(self, image_id: str) -> int:
-        return int(self.decisions.get(image_id, {}).get("label", self.by_id[image_id].entry["label"]))
+        return int(self.decisions.get(image_id, {}).get("label", self.by_id[image_id].label))
 
     def status_of(self, image_id: str) -> str:
         return str(self.decisions.get(image_id, {}).get("status", "pending"))

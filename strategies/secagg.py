@@ -49,13 +49,10 @@ class SecureSum:
     bookkeeping : dict[int, dict | None]
         Node id -> the public bookkeeping of its reply (spend, budget, partition id, label), for
         every site in the sum; None where it was malformed.
-    failures : int
-        Error replies the workflow saw across its four stages (refusals, crashes).
     """
 
     votes: np.ndarray
     bookkeeping: dict[int, dict[str, Any] | None] = field(default_factory=dict)
-    failures: int = 0
 
 
 class _VoteCollector(LegacyStrategy):
@@ -66,13 +63,12 @@ class _VoteCollector(LegacyStrategy):
         self.proxies, self.fitins = proxies, fitins
         self.mean: list[np.ndarray] | None = None
         self.results: list[tuple[ClientProxy, FitRes]] = []
-        self.failures = 0
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         return [(proxy, self.fitins) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.results, self.failures = results, len(failures)
+        self.results = results  # the workflow's failures carry no node id: collect() names who is missing
         self.mean = parameters_to_ndarrays(results[0][1].parameters) if results else None
         return None, {}
 
@@ -139,7 +135,7 @@ class SecureVoteRound:
         # The workflow divides the exact integer sum by the number of inputs: undo it.
         integer_sum = np.rint(collector.mean[0].astype(np.float64) * inputs)
         bookkeeping = {proxy.node_id: _bookkeeping_or_none(res.metrics) for proxy, res in collector.results}
-        return SecureSum(self.encoding.decode(integer_sum), bookkeeping, collector.failures)
+        return SecureSum(self.encoding.decode(integer_sum), bookkeeping)
 
 
 def _bookkeeping_or_none(metrics: dict[str, Any]) -> dict[str, Any] | None:

@@ -425,18 +425,22 @@ def wrap_free(bound: int, sites: int, modulus: int) -> bool:
     return n * 2 * b < m
 
 
-def check_modulus(bound: int, sites: int, modulus: int) -> None:
+def check_modulus(bound: int, sites: int, modulus: int, fix: str | None = None) -> None:
     """Refuse a SecAgg+ configuration whose modular sum could wrap (see :func:`wrap_free`).
+
+    ``fix`` is what the message tells the user to change; by default the smallest power of two
+    that fits as the modulus.
 
     Raises
     ------
     PrivacyError
-        If ``sites * 2 * bound >= modulus``; the message names the smallest power of two that fits.
+        If ``sites * 2 * bound >= modulus``.
     """
     if not wrap_free(bound, sites, modulus):
         need = int(sites) * 2 * int(bound)
+        fix = fix or (f"set the SecAgg+ modulus_range to at least 2**{need.bit_length()} (> {need}), "
+                      "or lower the vote quantisation scale / noise bound")  # fmt: skip
         raise PrivacyError(
             f"SecAgg+ modulus {modulus} is too small: {sites} sites x 2 x bound {bound} = {need} "
-            f"could wrap around the modular sum; set the SecAgg+ modulus_range to at least "
-            f"2**{need.bit_length()} (> {need}), or lower the vote quantisation scale / noise bound"
+            f"could wrap around the modular sum; {fix}"
         )
