@@ -169,8 +169,7 @@ class Site:
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "train", request.round, fingerprint)
         if stored is not None:
-            votes = np.asarray(stored["votes"], dtype=np.float64)
-            return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
+            return self._vote_reply(np.asarray(stored["votes"], dtype=np.float64), self.ledger.spent_epsilon(), request)
         votes = self._clean_votes(request)
         sigma = request.noise_multiplier
         sensitivity = vote_sensitivity(unit, capped=self.cfg.data.real_per_label > 0)
@@ -179,7 +178,11 @@ class Site:
         if mode == "local":
             votes = mechanism.apply(votes)
         self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
-        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, sigma, self.label)
+        return self._vote_reply(votes, spent, request)
+
+    def _vote_reply(self, votes: np.ndarray, spent: float, request: P.VoteRequest) -> P.VoteReply:
+        """A vote reply: the released votes and the public bookkeeping (spend, budget, name, noise echo)."""
+        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
 
     def _clean_votes(self, request: P.VoteRequest) -> np.ndarray:
         """The rater's votes of this site's voters on the request's candidates (never sent as is)."""
@@ -216,8 +219,7 @@ class Site:
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "train", request.round, fingerprint)
         if stored is not None:
-            votes = np.asarray(stored["votes"], dtype=np.int64)
-            return P.VoteReply(votes, self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
+            return self._vote_reply(np.asarray(stored["votes"], dtype=np.int64), self.ledger.spent_epsilon(), request)
         clean = encoding.encode(self._clean_votes(request))
         charge = encoding.charge_multiplier(summands)  # validates the request before the charge
         spent = self.ledger.charge(charge, round=request.round, run_id=run_key, kind="ddg")
@@ -226,7 +228,7 @@ class Site:
         # a no-op but for that, and it keeps SecAgg+'s own clipping from ever acting.
         votes = np.clip(noised, -encoding.bound, encoding.bound)
         self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
-        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
+        return self._vote_reply(votes, spent, request)
 
     def release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
         """:meth:`_release_accuracy` under the site's release lock."""
