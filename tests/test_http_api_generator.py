@@ -1,7 +1,7 @@
 """Tests of the online HTTP API generator against a local fake API (tests/fake_image_api.py).
 
 The fake server runs as a real subprocess on 127.0.0.1 (one per module), so requests go through
-urllib, sockets and HTTP exactly as they would against a real API; nothing leaves the machine.
+httpx, sockets and HTTP exactly as they would against a real API; nothing leaves the machine.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Fresh samples are text-to-image requests; variations are image-to-image requests carrying the
 parent's pixels (``task_mode="I2I"``) or text-to-image requests with an evolved prompt and a new
-seed (``task_mode="T2I"``). Only the standard library talks HTTP (``urllib.request``); PIL decodes.
+seed (``task_mode="T2I"``). This module builds request bodies and decodes replies (PIL);
+``http_transport.HTTPTransport`` (httpx) sends them: key, timeouts, rate limit, retries, errors.
 The JSON body is ``{"prompt", "seed", "width", "height", "n": 1}`` (+ ``"image"``, a base64 RGB
 PNG of the parent, and ``"strength"`` for i2i, + ``extra``). Accepted replies: a raw image body
 (``Content-Type: image/*``) or JSON with a base64 image under ``"image"``, ``"images"[0]`` or
@@ -15,53 +16,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
-import http.client
 import io
 import json
-import math
-import os
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Sequence
 
+import httpx
 import numpy as np
 from PIL import Image
 
 from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.http_transport import HTTPTransport, snippet
 from coautogen_fl.generation.imageops import to_output, to_rgb, to_uint8
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
 
 #: Keys of every genotype this generator writes (i2i adds "strength", variations "parent_prompt").
 GENOTYPE_KEYS = ("prompt", "seed", "mode", "endpoint", "prompt_source")
-#: Characters of a bad reply quoted in the error.
-_SNIPPET_CHARS = 60
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """Turn redirects into errors: urllib would replay the Authorization header to the new
-    host and silently turn the POST into a GET."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, D102
-        return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date); None when absent/invalid."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _decode_image(data: bytes) -> np.ndarray | None:
@@ -136,23 +107,17 @@ class HTTPImageGenerator(CandidateMaker):
         Where prompts come from; None = ``TemplatePrompts(class_names)``.
     api_key_env : str, default "COAUTOGEN_API_KEY"
         Environment variable holding the API key (sent as a bearer token); "" = no key.
-    timeout_s : float, default 60.0
-        Seconds to wait for one reply.
-    retries : int, default 3
-        Extra attempts after connection errors, timeouts, HTTP 429 and 5xx.
-    backoff_s : float, default 1.0
-        Wait before retry ``k`` (0-based) is ``backoff_s * 2**k`` unless the reply has Retry-After.
-    requests_per_minute : float, default 60.0
-        At most this many request starts per minute (retries included); 0 = no limit.
+    timeout_s, retries, backoff_s, requests_per_minute : default 60.0, 3, 1.0, 60.0
+        Reply timeout, extra attempts (connection errors, timeouts, 429, 5xx), exponential
+        backoff base (``Retry-After`` wins) and request starts per minute (0 = no limit); see
+        ``HTTPTransport``, which ``transport`` holds.
     extra : dict or None, default None
         JSON-serialisable fields merged into every request body (e.g. ``{"model": ...}``); the
         generator's own fields win on a clash.
     progress : bool, default False
         Show a tqdm bar over requests.
-    sleep : Callable[[float], None], default time.sleep
-        Used for backoff and rate limiting (tests inject a fake).
-    clock : Callable[[], float], default time.monotonic
-        Monotonic seconds, used for rate limiting.
+    sleep, clock : default time.sleep, time.monotonic
+        Passed to the transport for backoff and rate limiting (tests inject fakes).
 
     Raises
     ------
@@ -181,15 +146,7 @@ class HTTPImageGenerator(CandidateMaker):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"generator.api_url must be an http:// or https:// URL, got {url!r}")
         names = check_output_spec(class_names, image_size, channels, task_mode)
-        for name, value, low in (("timeout_s", timeout_s, None), ("backoff_s", backoff_s, 0.0),
-                                 ("requests_per_minute", requests_per_minute, 0.0)):  # fmt: skip
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-            if not number or (value <= 0 if low is None else value < low):
-                raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value!r}")
-        check_int("retries", retries, 0)
         extra = dict(extra or {})
         try:
             json.dumps(extra)
@@ -204,36 +161,10 @@ class HTTPImageGenerator(CandidateMaker):
         self.seed = seed
         self.task_mode = task_mode
         self.prompts: PromptSource = prompts if prompts is not None else TemplatePrompts(names)
-        self.api_key_env = str(api_key_env or "")
-        self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
-        self.backoff_s = float(backoff_s)
-        self.requests_per_minute = float(requests_per_minute)
         self.extra = extra
         self.progress = bool(progress)
-        self._sleep = sleep
-        self._clock = clock
-        self._api_key = self._read_api_key()
-        self._opener = urllib.request.build_opener(_RefuseRedirects)
+        self.transport = HTTPTransport(url, api_key_env, timeout_s, retries, backoff_s, requests_per_minute, sleep, clock)
         self._rng = np.random.default_rng(seed)
-        self._last_start: float | None = None
-
-    def _read_api_key(self) -> str | None:
-        """The key from ``api_key_env``; errors name the variable, never its value."""
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env, "").strip()
-        if not key:
-            raise GeneratorLoadError(
-                f"API {self.url} needs a key but environment variable {self.api_key_env} is missing or empty; "
-                f"set {self.api_key_env}=... or generator.api_key_env='' for an API without a key"
-            )
-        if any(ord(ch) < 33 or ord(ch) == 127 for ch in key):
-            raise GeneratorLoadError(
-                f"environment variable {self.api_key_env} holds whitespace or control characters inside the key; "
-                f"set {self.api_key_env} to the bare key"
-            )
-        return key
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -294,7 +225,7 @@ class HTTPImageGenerator(CandidateMaker):
             return self._request(genotype, parent_image)
         return self._request(genotype, None)
 
-    # -- HTTP ------------------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------
 
     def _request_all(self, genotypes: list[dict[str, Any]], parents: Sequence[np.ndarray] | None) -> list[np.ndarray]:
         """One request per genotype, in order (i2i when ``parents`` is given)."""
@@ -313,78 +244,12 @@ class HTTPImageGenerator(CandidateMaker):
         if parent_image is not None:
             body["image"] = encode_png_base64(parent_image)
             body["strength"] = float(genotype["strength"])
-        status, content_type, payload = self._post(json.dumps(body).encode("utf-8"))
-        return self._decode_reply(status, content_type, payload)
+        return self._decode_reply(self.transport.post_json(body))
 
-    def _post(self, data: bytes) -> tuple[int, str, bytes]:
-        """POST with rate limiting and retries; returns (status, content type, body)."""
-        headers = {"Content-Type": "application/json", "Accept": "image/*, application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        cause = ""
-        for attempt in range(self.retries + 1):
-            self._wait_for_slot()
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            retry_after = None
-            try:
-                with self._opener.open(request, timeout=self.timeout_s) as reply:
-                    return reply.status, reply.headers.get("Content-Type", ""), reply.read()
-            except urllib.error.HTTPError as exc:
-                if exc.code != 429 and exc.code < 500:
-                    raise self._refusal(exc) from exc
-                cause, retry_after = f"HTTP {exc.code}", _retry_after(exc.headers.get("Retry-After"))
-                exc.close()
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                cause = self._describe(exc)
-            if attempt < self.retries:
-                delay = retry_after if retry_after is not None else self.backoff_s * 2**attempt
-                if delay > 0:
-                    self._sleep(delay)
-        attempts = self.retries + 1
-        raise GeneratorLoadError(self._redact(
-            f"API {self.url} failed after {attempts} attempt{'s' if attempts > 1 else ''} (last: {cause}); "
-            "check that the API is reachable, or raise generator.api_retries / generator.api_timeout_s"
-        ))  # fmt: skip
-
-    def _wait_for_slot(self) -> None:
-        """Sleep until ``60 / requests_per_minute`` seconds have passed since the last request start."""
-        if self.requests_per_minute <= 0:
-            return
-        interval = 60.0 / self.requests_per_minute
-        if self._last_start is not None:
-            wait = self._last_start + interval - self._clock()
-            if wait > 0:
-                self._sleep(wait)
-        self._last_start = self._clock()
-
-    def _describe(self, exc: BaseException) -> str:
-        """One-line cause of a connection-level failure."""
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, TimeoutError):
-            return f"timed out after {self.timeout_s:g} s"
-        return " ".join(f"{type(reason).__name__}: {reason}".split())
-
-    def _refusal(self, exc: urllib.error.HTTPError) -> GeneratorLoadError:
-        """The error for a 3xx/4xx reply that retrying cannot fix."""
-        with exc:
-            try:
-                body = exc.read()
-            except (OSError, http.client.HTTPException):
-                body = b""
-        where, code = f"API {self.url}", f"HTTP {exc.code}"
-        if exc.code in (401, 403) and self.api_key_env:
-            message = f"{where} refused the key in {self.api_key_env} ({code}); set {self.api_key_env} to a valid key"
-        elif exc.code in (401, 403):
-            message = f"{where} requires a key ({code}); put it in an environment variable named by generator.api_key_env"
-        elif 300 <= exc.code < 400:
-            message = f"{where} redirected ({code}) to {exc.headers.get('Location')!r}; set generator.api_url to the final address"
-        else:
-            message = f"{where} rejected the request ({code}: {self._snippet(body)}); check generator.api_url and the request fields"
-        return GeneratorLoadError(self._redact(message))
-
-    def _decode_reply(self, status: int, content_type: str, payload: bytes) -> np.ndarray:
+    def _decode_reply(self, reply: httpx.Response) -> np.ndarray:
         """A raw image body or a JSON base64 image -> output image; anything else is an error."""
-        media = content_type.split(";", 1)[0].strip().lower()
+        payload = reply.content
+        media = reply.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         raw: bytes | None = None
         if media.startswith("image/") or media == "application/octet-stream":
             raw = payload
@@ -392,21 +257,11 @@ class HTTPImageGenerator(CandidateMaker):
             raw = _image_bytes_from_json(payload)
         image = _decode_image(raw) if raw else None
         if image is None or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
-            raise GeneratorLoadError(self._redact(
-                f"API {self.url} returned a non-image reply (HTTP {status}, content-type {media or 'none'}: "
-                f"{self._snippet(payload)}); check generator.api_url and the API's reply format"
+            raise GeneratorLoadError(self.transport.redact(
+                f"API {self.url} returned a non-image reply (HTTP {reply.status_code}, content-type {media or 'none'}: "
+                f"{snippet(payload)}); check generator.api_url and the API's reply format"
             ))  # fmt: skip
         return to_output(image, self.image_size, self.channels)
-
-    @staticmethod
-    def _snippet(payload: bytes) -> str:
-        """The first characters of a reply body, quoted on one line."""
-        text = " ".join(payload[: _SNIPPET_CHARS * 4].decode("utf-8", errors="replace").split())
-        return repr(text[:_SNIPPET_CHARS])
-
-    def _redact(self, message: str) -> str:
-        """Never let the key into a message, even if a server echoes it back."""
-        return message.replace(self._api_key, "***") if getattr(self, "_api_key", None) else message
 
     # -- helpers ---------------------------------------------------------------------------
 
