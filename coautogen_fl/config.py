@@ -16,14 +16,13 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from .frameworks import FRAMEWORKS
+from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
 from .schema import (  # noqa: F401  (the schema is part of this module's interface)
-    CAPTIONER_ALIASES, GENERATOR_ALIASES, LLM_ALIASES, DataConfig, DownstreamConfig, EmbedderConfig, FederationConfig,
-    FeedbackConfig, GeneratorConfig, PostprocessConfig, PrivacyConfig, PromptsConfig, RunConfig, TrackingConfig,
+    CAPTIONER_ALIASES, GENERATOR_ALIASES, LLM_ALIASES, ConfigError, DataConfig, DownstreamConfig, EmbedderConfig,
+    FederationConfig, FeedbackConfig, GeneratorConfig, PostprocessConfig, PrivacyConfig, PromptsConfig, RunConfig,
+    TrackingConfig,
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it and the fix."""
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -31,8 +30,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.channels": (1, 3),
     "data.partitioner": ("iid", "dirichlet"),
     "data.on_bad_image": ("skip", "error"),
-    "feedback.framework": ("Gen", "GenLLM", "Feedback", "Filter"),
-    "feedback.rater": ("PE", "RF"),
+    "feedback.framework": tuple(FRAMEWORKS),
+    "feedback.rater": ("PE", "RF", "PCEvolve"),
     "feedback.selection": ("sample", "rank"),
     "feedback.evolve": ("auto", "distribution", "candidates"),
     "feedback.refit": ("per_class", "shared"),
@@ -46,6 +45,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "downstream.dp_optimizer": ("adam", "sgd"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
 }
+#: Choices spelt in any case (the seed's names: -r pcevolve = -r PCEvolve); stored as in CHOICES.
+CASE_INSENSITIVE_CHOICES: tuple[str, ...] = ("feedback.rater",)
 
 # (key, lower bound, inclusive?) for numbers; upper bounds follow below.
 _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
@@ -67,6 +68,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("feedback.threshold", 0, True),
     ("feedback.distribution_mix", 0, False),
     ("feedback.min_spread", 0, True),
+    ("feedback.active_oversample", 1, True),
+    ("feedback.active_epochs", 1, True),
     ("privacy.epsilon", 0, False),
     ("privacy.delta", 0, False),
     ("privacy.secagg_threshold", 0, False),
@@ -223,6 +226,7 @@ def load_config(
     for key, value in (flat_overrides or {}).items():
         cfg = _merge(cfg, unflatten({key: value}), f"run-config '{key}'")
     run_config: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    _canonical_case(run_config)
     validate(run_config)
     return run_config
 
@@ -233,6 +237,18 @@ def get_value(cfg: RunConfig, key: str) -> Any:
     for part in key.split("."):
         value = getattr(value, part)
     return value
+
+
+def _canonical_case(cfg: RunConfig) -> None:
+    """Spell the :data:`CASE_INSENSITIVE_CHOICES` as in :data:`CHOICES` (``pcevolve`` -> ``PCEvolve``);
+    an unknown name is left for :func:`validate` to refuse."""
+    for key in CASE_INSENSITIVE_CHOICES:
+        value = get_value(cfg, key)
+        names = {str(choice).lower(): choice for choice in CHOICES[key]}
+        canonical = names.get(str(value).strip().lower())
+        if canonical is not None and canonical != value:
+            section, name = key.rsplit(".", 1)
+            setattr(get_value(cfg, section), name, canonical)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -264,13 +280,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"privacy.mode=secagg carries the vote rounds of -tt syn; -tt {cfg.feedback.task_type}'s DP-SGD "
                           "rounds do not go through SecAgg+ yet: use privacy.mode=local with -tt real/mix")
     g = cfg.generator
-    from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
-
     check_names(cfg)
     if not g.output_low < g.output_high:
         raise ConfigError(f"generator.output_low ({g.output_low}) must be < generator.output_high ({g.output_high})")
-    if cfg.feedback.framework == "GenLLM" and not cfg.prompts.llm:
-        raise ConfigError("feedback.framework=GenLLM needs an LLM: set prompts.llm (-sllm Llama3, a hub id or a local folder)")
+    chosen = FRAMEWORKS[cfg.feedback.framework]
+    if chosen.needs_llm and not cfg.prompts.llm:
+        raise ConfigError(f"feedback.framework={chosen.name} needs an LLM: set prompts.llm (-sllm Llama3, a hub id or a local folder)")
+    if cfg.privacy.mode == "secagg" and not chosen.secagg:
+        raise ConfigError(f"-f {chosen.name}'s releases do not go through SecAgg+ yet: use privacy.mode=local or central")
+    if not 0.0 <= cfg.feedback.mix_ratio < 1.0 or not 0.0 <= cfg.feedback.active_steer <= 1.0:
+        raise ConfigError(f"feedback.mix_ratio must be in [0, 1) and feedback.active_steer in [0, 1] (got "
+                          f"{cfg.feedback.mix_ratio}, {cfg.feedback.active_steer})")
     if "{name}" not in g.prompt_template:
         raise ConfigError(f"generator.prompt_template must contain {{name}} (got {g.prompt_template!r})")
     if not g.degree_end <= g.degree_start:

@@ -3,7 +3,9 @@
 A name in the config (``generator.name`` / ``-sgen``, ``embedder.name`` / ``-cue``,
 ``prompts.captioner`` / ``-scap``) is one of:
 
-- a built-in name (``Glyph``, ``Latent``, ``HTTP``; ``pixels``, ``resnet18``, ``clip``),
+- a built-in name (``Glyph``, ``Latent``, ``HTTP``: the table
+  :data:`coautogen_fl.generation.BUILTIN_GENERATORS`, which also says what each needs from the
+  config; ``pixels``, ``resnet18``, ``clip``),
 - one of the seed project's aliases, mapped to its usual hub id (``StableDiffusion``, ``BlipBase``, ...),
 - a hub id (``owner/name``, read from the local cache only) or a local model folder,
 - a name another installed package registers under the entry-point group of its kind
@@ -14,7 +16,12 @@ A plugged-in object is called as follows (``cfg`` is the whole :class:`~coautoge
 for generators and captioners, the ``EmbedderConfig`` for embedders, which sites build too):
 if it has ``from_config``, ``obj.from_config(cfg, context)``; otherwise a class is called with the
 context as keyword arguments and a function as ``obj(cfg, context)``. ``context`` is a
-:class:`GeneratorContext` for generators and ``{"device": ...}`` for embedders and captioners.
+:class:`~coautogen_fl.generation.base.GeneratorContext` for generators and ``{"device": ...}`` for
+embedders and captioners.
+
+Imports go one way: :mod:`coautogen_fl.config` imports this module, which imports the schema
+(:mod:`coautogen_fl.schema`) and the light generator table (:mod:`coautogen_fl.generation`), never
+the config.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import importlib
 import re
 from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
-from .hub import first_line
+from .generation import BUILTIN_GENERATORS, GeneratorContext, builtin_requirement
+from .hub import first_line, is_path_like
+from .schema import CAPTIONER_ALIASES, GENERATOR_ALIASES, ConfigError
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .schema import RunConfig
 
 #: Entry-point group of each kind.
 GROUPS: dict[str, str] = {
@@ -38,8 +47,9 @@ GROUPS: dict[str, str] = {
 }
 
 #: Built-in names of each kind (models by hub id / folder come on top for generators and captioners).
-BUILTIN: dict[str, tuple[str, ...]] = {
-    "generator": ("Glyph", "Latent", "HTTP"),
+#: The generators' entry is a live view of :data:`coautogen_fl.generation.BUILTIN_GENERATORS`.
+BUILTIN: dict[str, Collection[str]] = {
+    "generator": BUILTIN_GENERATORS.keys(),
     "embedder": ("pixels", "resnet18", "clip"),
     "captioner": (),
 }
@@ -53,18 +63,6 @@ class RegistryError(ValueError):
 
 
 @dataclass(frozen=True)
-class GeneratorContext:
-    """What every generator factory is told about the run."""
-
-    class_names: tuple[str, ...]
-    image_size: int
-    channels: int
-    device: str = "cpu"
-    task_mode: str = "I2I"
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class Resolved:
     """What a name stands for: ``kind`` is "builtin", "model" (a hub id or folder) or "plugin"."""
 
@@ -74,15 +72,7 @@ class Resolved:
 
 def aliases(kind: str) -> dict[str, str]:
     """The seed project's names of ``kind`` and the hub ids they stand for."""
-    if kind == "generator":
-        from .config import GENERATOR_ALIASES
-
-        return GENERATOR_ALIASES
-    if kind == "captioner":
-        from .config import CAPTIONER_ALIASES
-
-        return CAPTIONER_ALIASES
-    return {}
+    return {"generator": GENERATOR_ALIASES, "captioner": CAPTIONER_ALIASES}.get(kind, {})
 
 
 def is_object_spec(name: str) -> bool:
@@ -114,8 +104,6 @@ def plugins(kind: str) -> dict[str, Any]:
 
 def _looks_like_model(name: str) -> bool:
     """A hub id ("owner/name") or a filesystem path."""
-    from .hub import is_path_like
-
     return "/" in name or "\\" in name or name.startswith((".", "~")) or (is_path_like(name) and ":" not in name)
 
 
@@ -178,8 +166,6 @@ def call_plugin(obj: Any, cfg: RunConfig, context: GeneratorContext | dict[str, 
 def check_names(cfg: RunConfig) -> None:
     """Validate every component name of a config at start-up (raises ``ConfigError``), without
     importing plug-ins (``coautogen run``'s preflight imports them, on the server)."""
-    from .config import ConfigError
-
     try:
         resolve("generator", cfg.generator.name, load=False)
         resolve("embedder", cfg.embedder.name, load=False)
@@ -187,11 +173,9 @@ def check_names(cfg: RunConfig) -> None:
             resolve("captioner", cfg.prompts.captioner, load=False)
     except RegistryError as exc:
         raise ConfigError(str(exc)) from None
-    g = cfg.generator
-    if g.name == "Latent" and not g.model:
-        raise ConfigError("generator.name=Latent needs generator.model (a TorchScript file, or a state dict with generator.factory)")
-    if g.name == "HTTP" and not g.api_url:
-        raise ConfigError("generator.name=HTTP needs generator.api_url (the endpoint images are POSTed to)")
+    problem = builtin_requirement(cfg)  # e.g. Glyph needs data.channels=1, Latent generator.model
+    if problem:
+        raise ConfigError(problem)
     if cfg.prompts.captioner and not cfg.prompts.reference:
         raise ConfigError("prompts.captioner needs prompts.reference: an ImageFolder of public reference images to caption")
     if cfg.postprocess.upscale_on == "rounds" and not cfg.postprocess.upscaler:

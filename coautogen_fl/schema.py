@@ -1,6 +1,9 @@
 """The run configuration's schema: one dataclass per section (omegaconf structured config), with
-the defaults of every key, and the seed project's model names. Loading and validation live in
-:mod:`coautogen_fl.config`, which re-exports everything here.
+the defaults of every key, the seed project's model names and :class:`ConfigError`. Loading and
+validation live in :mod:`coautogen_fl.config`, which re-exports everything here.
+
+This module imports nothing of the project, so that the registry (which validates component
+names) and the config (which calls it) both build on it without importing each other both ways.
 
 Every value is a plain scalar so that the same keys can live in `[tool.flwr.app.config]` of
 pyproject.toml (regenerate it with `python scripts/sync_flwr_config.py`).
@@ -9,6 +12,10 @@ pyproject.toml (regenerate it with `python scripts/sync_flwr_config.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and the fix."""
 
 
 @dataclass
@@ -92,8 +99,9 @@ class EmbedderConfig:
 
 @dataclass
 class FeedbackConfig:
-    framework: str = "Feedback"  # -f: Gen | GenLLM | Feedback | Filter (generate, filter by votes, accumulate)
-    rater: str = "PE"  # -r: PE (own-class nearest votes) | RF (keep minus reject over all classes)
+    framework: str = "Feedback"  # -f: Gen | GenLLM | Feedback | Filter | Active (coautogen_fl/frameworks.py)
+    rater: str = "PE"  # -r: PE (own-class nearest votes) | RF (keep minus reject over all classes) |
+    # PCEvolve (own-class votes by contrastive utility against public class prototypes); any case
     rounds: int = 2  # -iter: voting rounds
     evolve: str = "auto"  # auto: distribution when the generator can fit(), else candidates.
     # distribution: votes refit the generator's sampling distribution;
@@ -108,6 +116,11 @@ class FeedbackConfig:
     refit: str = "per_class"  # distribution mode (Glyph): per_class | shared, what the votes refit
     task_type: str = "syn"  # -tt
     task_mode: str = "I2I"  # -tm: I2I | T2I
+    # -f Active (coautogen_fl/active.py): the model trained each round steers the next pool
+    active_steer: float = 0.5  # how far the sites' noised per-class errors move volume and variation (0 = uniform)
+    active_oversample: int = 4  # candidates drawn per one sent: the model's most uncertain are sent to the vote
+    active_epochs: int = 5  # epochs of the per-round model (the final one trains with downstream.epochs)
+    mix_ratio: float = 0.25  # share of fresh synthetic images beside the accumulated (vote-kept) ones, per class
 
 
 @dataclass

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from coautogen_fl.config import GENERATOR_ALIASES
+from coautogen_fl.frameworks import FRAMEWORKS
+from coautogen_fl.registry import BUILTIN
+
 
 def boolean(value: str) -> str:
     """The seed's ``type=bool`` flags: 1/true/yes or 0/false/no (any case)."""
@@ -29,9 +33,6 @@ def lower(value: str) -> str:
 def generator_name(value: str) -> str:
     """-sgen, case-insensitive for the built-in and the seed's names (stablediffusion ->
     StableDiffusion, glyph -> Glyph); hub ids and folders are kept as given."""
-    from coautogen_fl.config import GENERATOR_ALIASES
-    from coautogen_fl.registry import BUILTIN
-
     names = {n.lower(): n for n in (*BUILTIN["generator"], *GENERATOR_ALIASES)}
     return names.get(str(value).strip().lower(), str(value).strip())
 
@@ -64,8 +65,9 @@ class SeedFlag:
 
 SEED_FLAGS: tuple[SeedFlag, ...] = (
     # general
-    SeedFlag("-f", "--framework", "feedback.framework", "Gen | GenLLM | Feedback | Filter"),
-    SeedFlag("-r", "--rater", "feedback.rater", "the rater of the votes: PE | RF (the Real Filter made DP)"),
+    SeedFlag("-f", "--framework", "feedback.framework", " | ".join(FRAMEWORKS)),
+    SeedFlag("-r", "--rater", "feedback.rater",
+             "the rater of the votes: PE | RF (the Real Filter made DP) | PCEvolve (public prototypes); any case"),
     SeedFlag("-tt", "--task_type", "feedback.task_type", "syn | real | mix"),
     SeedFlag("-tm", "--task_mode", "feedback.task_mode", "I2I | T2I (diffusers generators)"),
     SeedFlag("-dev", "--device", "device", "cpu | cuda | auto", lower),
@@ -111,7 +113,7 @@ SEED_FLAGS: tuple[SeedFlag, ...] = (
     SeedFlag("-cml", "--caption_max_length", None, "(ignored)", None, "captions are cut at prompts.max_new_tokens"),
     SeedFlag("-uipa", "--use_IPAdapter", None, "(ignored)", boolean, "IP-Adapter conditioning is not built here"),
     SeedFlag("-ipas", "--IPAdapter_scale", None, "(ignored)", None, "IP-Adapter conditioning is not built here"),
-    SeedFlag("-tau", "--tau", None, "(ignored)", None, "the PCEvolve rater is not built yet (-r PE)"),
+    SeedFlag("-tau", "--tau", None, "(ignored)", None, "-r PCEvolve here is calibrated by the public scale s2, no temperature"),
     SeedFlag("-dth", "--distance_threshold", None, "(ignored)", None,
              "votes are thresholded against the aggregate noise (feedback.threshold), not a distance"),
     SeedFlag("-hth", "--hit_threshold", None, "(ignored)", None,

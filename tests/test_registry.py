@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from coautogen_fl import registry
 from coautogen_fl.config import ConfigError, load_config
 from coautogen_fl.embedding import EmbedderError, build_embedder
 from coautogen_fl.evolution import Evolution
-from coautogen_fl.generation import build_generator
+from coautogen_fl.generation import BUILTIN_GENERATORS, BuiltinGenerator, build_generator
 from coautogen_fl.generation.base import GeneratorLoadError
 from coautogen_fl.generation.glyph import GlyphGenerator
 from coautogen_fl.generation.pipeline import check_model_sources
@@ -152,3 +155,69 @@ def test_generator_output_shape_with_plugin() -> None:
     cfg = load_config(overrides=["generator.name=plugin_pkg.components:SolidGenerator", "data.image_size=8", "data.channels=3"])
     images = np.stack([c.image for c in build_generator(cfg, NAMES).random(2, 3)])
     assert images.shape == (3, 8, 8, 3) and np.allclose(images, 0.75)
+
+
+def test_the_generator_table_is_the_only_list_of_builtins(monkeypatch) -> None:
+    """A name added to generation.BUILTIN_GENERATORS is a built-in name everywhere: accepted (and its
+    requirement checked) by config validation, listed, and built through the same entry."""
+
+    def needs_small_images(cfg) -> str | None:
+        return None if cfg.data.image_size == 8 else "generator.name=Solid needs data.image_size=8"
+
+    def build(cfg, ctx) -> SolidGenerator:
+        return SolidGenerator(ctx.class_names, ctx.image_size, ctx.channels, seed=ctx.seed)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(BUILTIN_GENERATORS, "Solid", BuiltinGenerator(build, needs_small_images))
+        assert registry.resolve("generator", "Solid") == registry.Resolved("builtin", "Solid")
+        assert "Solid" in registry.BUILTIN["generator"] and "Solid" in registry.names("generator")
+        with pytest.raises(ConfigError, match="generator.name=Solid needs data.image_size=8"):
+            load_config(overrides=["generator.name=Solid"])
+        with pytest.raises(ConfigError, match="use one of Glyph, Latent, HTTP, Solid"):
+            load_config(overrides=["generator.name=Solidd"])
+        generator = build_generator(load_config(overrides=["generator.name=Solid", "data.image_size=8"]), NAMES)
+        assert isinstance(generator, SolidGenerator) and generator.image_size == 8
+    assert "Solid" not in registry.BUILTIN["generator"]  # no second list kept the name
+    with pytest.raises(ConfigError, match="generator.name='Solid' is not valid"):
+        load_config(overrides=["generator.name=Solid"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.channels=3"], r"generator.name=Glyph renders grayscale images, but data.channels=3: set data.channels=1"),
+    (["generator.name=Latent"], "generator.name=Latent needs generator.model"),
+])
+def test_builtin_requirements_are_refused_at_validation(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_made_without_validation_is_refused_when_built() -> None:
+    cfg = load_config()
+    cfg.data.channels = 3
+    with pytest.raises(ConfigError, match="set data.channels=1"):
+        build_generator(cfg, NAMES)
+
+
+@pytest.mark.parametrize("first", ["coautogen_fl.registry", "coautogen_fl.config"])
+def test_registry_and_config_import_one_way(first) -> None:
+    """The registry builds on the schema and the light generator table, never on the config, so
+    both import in either order, and validating names through the registry imports neither the
+    config nor torch."""
+    code = f"""
+import sys
+import {first}
+from coautogen_fl import registry
+from coautogen_fl.schema import RunConfig
+registry.check_names(RunConfig())
+registry.names("generator")
+loaded = {{"config": "coautogen_fl.config" in sys.modules, "torch": "torch" in sys.modules}}
+import coautogen_fl.config
+coautogen_fl.config.validate(RunConfig())
+print(loaded)
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = {"config": first == "coautogen_fl.config", "torch": False}
+    assert result.stdout.strip() == str(expected)

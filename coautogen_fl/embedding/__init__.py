@@ -7,6 +7,7 @@ The server embeds candidates and each site embeds its private data with the same
 from __future__ import annotations
 
 from coautogen_fl.config import EmbedderConfig
+from coautogen_fl.registry import RegistryError, call_plugin, resolve
 
 from .base import Embedder, EmbedderError, to_nchw
 from .pixels import PixelEmbedder
@@ -17,8 +18,6 @@ def build_embedder(cfg: EmbedderConfig, device: str = "cpu") -> Embedder:
     """The embedder named by ``embedder.name`` (``-cue``): pixels, resnet18, clip, or a plug-in
     (an entry point in the ``coautogen_fl.embedders`` group or ``"pkg.module:Class"``, called with
     ``from_config(cfg, {"device": device})``, ``Class(device=device)`` or ``fn(cfg, {"device": device})``)."""
-    from coautogen_fl.registry import RegistryError, call_plugin, resolve
-
     try:
         resolved = resolve("embedder", cfg.name)
     except RegistryError as exc:

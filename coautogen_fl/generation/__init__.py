@@ -1,27 +1,35 @@
 """Generators behind one protocol (``random``, ``vary``), chosen by name (``-sgen``).
 
+:data:`BUILTIN_GENERATORS` is the one table of built-in generator names: what each needs from the
+config (checked by config validation at start-up, through :func:`coautogen_fl.registry.check_names`)
+and how it is built (:func:`build_base_generator` dispatches through it). The registry derives its
+list of built-in names from this table.
+
 :func:`build_generator` turns a run config into the server's generator: the named generator
 (built in, a diffusers model, or plugged in, see :mod:`coautogen_fl.registry`), its prompt source
 (templates, an LLM, captions of reference images) and its post-processing stages (domain
 randomisation, upscaling, the CLIP filter).
+
+This module stays light (no torch / diffusers at import, no import of the registry or the config):
+the registry imports it at start-up, on the server and on every site.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .base import Candidate, Generator, GeneratorLoadError, stack_images
+from coautogen_fl.schema import ConfigError
+
+from .base import Candidate, Generator, GeneratorContext, GeneratorLoadError, stack_images
 
 if TYPE_CHECKING:
-    from coautogen_fl.config import RunConfig
-    from coautogen_fl.registry import GeneratorContext
+    from coautogen_fl.schema import RunConfig
 
 
 def _glyph(cfg: RunConfig, ctx: GeneratorContext) -> Generator:
     from .glyph import GlyphGenerator
 
-    if ctx.channels != 1:
-        raise ValueError("the Glyph generator renders grayscale images; set data.channels=1")
     return GlyphGenerator(ctx.class_names, image_size=ctx.image_size, seed=cfg.generator.seed, refit=cfg.feedback.refit)
 
 
@@ -62,17 +70,80 @@ def _diffusers(cfg: RunConfig, ctx: GeneratorContext, model: str) -> Generator:
     )
 
 
-_BUILTIN = {"Glyph": _glyph, "Latent": _latent, "HTTP": _http}
+def _grayscale(cfg: RunConfig) -> str | None:
+    if cfg.data.channels == 1:
+        return None
+    return (f"generator.name=Glyph renders grayscale images, but data.channels={cfg.data.channels}: set data.channels=1, "
+            "or pick a generator of colour images (Latent, HTTP, a diffusers model)")
+
+
+def _model_file(cfg: RunConfig) -> str | None:
+    if cfg.generator.model:
+        return None
+    return "generator.name=Latent needs generator.model (a TorchScript file, or a state dict with generator.factory)"
+
+
+def _api_url(cfg: RunConfig) -> str | None:
+    if cfg.generator.api_url:
+        return None
+    return "generator.name=HTTP needs generator.api_url (the endpoint images are POSTed to)"
+
+
+def _anything(cfg: RunConfig) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class BuiltinGenerator:
+    """One built-in generator name.
+
+    Attributes
+    ----------
+    build : callable
+        ``build(cfg, context)`` -> the :class:`Generator` (``context`` a :class:`GeneratorContext`);
+        it imports its heavy modules itself, so that this table stays light.
+    requires : callable
+        ``requires(cfg)`` -> None when the config suits the generator, else one line naming the
+        config key and the fix. Config validation calls it at start-up; the build calls it again
+        (a config made without :func:`coautogen_fl.config.load_config` is checked too).
+    """
+
+    build: Callable[[RunConfig, GeneratorContext], Generator]
+    requires: Callable[[RunConfig], str | None] = _anything
+
+
+#: The built-in generator names (``-sgen``): the only list of them (the registry's
+#: ``BUILTIN["generator"]`` is a live view of its keys). Diffusers models come by alias, hub id or
+#: folder, and plug-ins by entry point or ``"pkg.module:Class"`` (see :mod:`coautogen_fl.registry`).
+BUILTIN_GENERATORS: dict[str, BuiltinGenerator] = {
+    "Glyph": BuiltinGenerator(_glyph, _grayscale),
+    "Latent": BuiltinGenerator(_latent, _model_file),
+    "HTTP": BuiltinGenerator(_http, _api_url),
+}
+
+
+def builtin_requirement(cfg: RunConfig) -> str | None:
+    """What the config lacks for its built-in ``generator.name`` (None when it has it, or when the
+    name is not a built-in one)."""
+    builtin = BUILTIN_GENERATORS.get(cfg.generator.name)
+    return builtin.requires(cfg) if builtin else None
 
 
 def build_base_generator(cfg: RunConfig, class_names: Sequence[str], device: str = "cpu") -> Generator:
     """The generator ``generator.name`` names, without prompt source or post-processing."""
-    from coautogen_fl.registry import GeneratorContext, call_plugin, resolve
+    # Function-level on purpose: the registry imports this module at its top (BUILTIN_GENERATORS
+    # drives its names and its start-up checks), so this module cannot import the registry at its
+    # top; resolving a name (aliases, entry points, "pkg.module:Class") is the registry's job.
+    from coautogen_fl.registry import call_plugin, resolve
 
     ctx = GeneratorContext(tuple(class_names), cfg.data.image_size, cfg.data.channels, device, cfg.feedback.task_mode, cfg.generator.seed)
     resolved = resolve("generator", cfg.generator.name)
     if resolved.kind == "builtin":
-        return _BUILTIN[resolved.value](cfg, ctx)
+        builtin = BUILTIN_GENERATORS[resolved.value]
+        problem = builtin.requires(cfg)
+        if problem:
+            raise ConfigError(problem)
+        return builtin.build(cfg, ctx)
     if resolved.kind == "model":
         return _diffusers(cfg, ctx, resolved.value)
     generator = call_plugin(resolved.value, cfg, ctx)
@@ -92,4 +163,5 @@ def build_generator(cfg: RunConfig, class_names: Sequence[str], device: str = "c
     return wrap_postprocessing(generator, cfg, class_names, device, embedder)
 
 
-__all__ = ["Candidate", "Generator", "GeneratorLoadError", "build_base_generator", "build_generator", "stack_images"]
+__all__ = ["BUILTIN_GENERATORS", "BuiltinGenerator", "Candidate", "Generator", "GeneratorContext", "GeneratorLoadError",
+           "build_base_generator", "build_generator", "builtin_requirement", "stack_images"]

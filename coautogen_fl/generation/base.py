@@ -76,6 +76,19 @@ class Generator(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class GeneratorContext:
+    """What every generator factory is told about the run (a plug-in class gets these as keyword
+    arguments, see :mod:`coautogen_fl.registry`)."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int
+    device: str = "cpu"
+    task_mode: str = "I2I"
+    seed: int = 0
+
+
 # ---------------------------------------------------------------------------------- optional capabilities
 # A generator implements Generator; each Protocol below is an optional extra the loop uses when
 # present. They are checked once, when the generator is built (GeneratorCapabilities.of): a

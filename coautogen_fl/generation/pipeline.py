@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 from logging import getLogger
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
+
+from coautogen_fl.config import LLM_ALIASES, ConfigError, RunConfig
+from coautogen_fl.registry import RegistryError, call_plugin, resolve
 
 from .base import Generator, Prompted, TokenLimited
-
-if TYPE_CHECKING:
-    from coautogen_fl.config import RunConfig
 
 logger = getLogger("coautogen_fl")
 
@@ -24,7 +24,6 @@ logger = getLogger("coautogen_fl")
 def build_captioner(cfg: RunConfig, device: str = "cpu") -> Any:
     """The captioner ``prompts.captioner`` names (an alias, hub id, folder or plug-in)."""
     from coautogen_fl.prompts.captioner import Captioner
-    from coautogen_fl.registry import call_plugin, resolve
 
     resolved = resolve("captioner", cfg.prompts.captioner)
     if resolved.kind == "model":
@@ -45,7 +44,6 @@ def reference_captions(cfg: RunConfig, class_names: Sequence[str], device: str =
 
 def build_prompt_source(cfg: RunConfig, class_names: Sequence[str], device: str = "cpu", generator: Any = None) -> Any:
     """The prompt source of a run: templates (+ captions), or an LLM (+ captions)."""
-    from coautogen_fl.config import LLM_ALIASES
     from coautogen_fl.prompts import TemplatePrompts
 
     p = cfg.prompts
@@ -70,8 +68,6 @@ def attach_prompts(generator: Generator, cfg: RunConfig, class_names: Sequence[s
     if not p.llm and not p.captioner:
         return
     if not hasattr(generator, "prompts"):
-        from coautogen_fl.config import ConfigError
-
         raise ConfigError(
             f"prompts.llm / prompts.captioner need a prompt-driven generator (diffusers, HTTP); "
             f"generator.name={cfg.generator.name!r} takes no prompts"
@@ -129,9 +125,7 @@ def check_model_sources(cfg: RunConfig, device: str = "cpu") -> None:
     import os
     from pathlib import Path
 
-    from coautogen_fl.config import LLM_ALIASES
     from coautogen_fl.hub import check_device, resolve_model_source
-    from coautogen_fl.registry import RegistryError, resolve
 
     from .base import GeneratorLoadError
 
