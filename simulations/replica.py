@@ -29,7 +29,7 @@ from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.base import Candidate, stack_images
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import aggregate_noise_std, noise_multiplier_for_epsilon
-from coautogen_fl.rater import vote_histogram, vote_sensitivity
+from coautogen_fl.rater import SIGNED_RATERS, vote_histogram, vote_sensitivity
 
 
 def evolve(cfg: RunConfig, evolution: Evolution, site_sets: list, embedder) -> list[Candidate]:
@@ -37,7 +37,7 @@ def evolve(cfg: RunConfig, evolution: Evolution, site_sets: list, embedder) -> l
     rounds = cfg.feedback.rounds
     releases = rounds + (1 if cfg.privacy.evaluation == "noised" else 0)
     sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases)
-    sensitivity = vote_sensitivity(cfg.privacy.unit, cfg.data.real_per_label > 0)
+    sensitivity = vote_sensitivity(cfg.privacy.unit, cfg.data.real_per_label > 0, cfg.feedback.rater in SIGNED_RATERS)
     std = sigma * sensitivity
     private = [(embedder.embed(s.images), s.labels) for s in site_sets]
     local = cfg.privacy.mode == "local"

@@ -83,3 +83,18 @@ def test_filter_with_rf_through_flower(tmp_path, capsys):
     summary = json.loads((out / "filter" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["framework"] == "Filter" and summary["rater"] == "RF"
     assert summary["num_synthetic"] == 60 and all(s["rounds_answered"] == 2 for s in summary["sites"].values())
+
+
+def test_rf_replacement_sensitivity_is_two(tmp_path):
+    """RF scores can be negative: with -rvpl or the site unit (replacement neighbours) two unit
+    vectors of opposite sign differ by 2, and the noise is calibrated to 2, not sqrt 2."""
+    from coautogen_fl.rater import normalise_site_vector, vote_sensitivity
+
+    candidates, candidate_labels = np.array([[0.0, 0.0]]), np.array([0])
+    keep = normalise_site_vector(filter_scores(np.array([[0.1, 0.0]]), np.array([0]), candidates, candidate_labels))
+    reject = normalise_site_vector(filter_scores(np.array([[0.1, 0.0]]), np.array([1]), candidates, candidate_labels))
+    assert np.linalg.norm(keep - reject) == pytest.approx(2.0)  # a site of one image, replaced
+    assert vote_sensitivity("site", signed=True) == 2.0 and vote_sensitivity("image", capped=True, signed=True) == 2.0
+    assert vote_sensitivity("site") == pytest.approx(np.sqrt(2.0)) and vote_sensitivity("image", signed=True) == 1.0
+    assert build_strategy(small_config("feedback.rater=RF", "data.real_per_label=5"), tmp_path / "run").sensitivity == 2.0
+    assert build_strategy(small_config("data.real_per_label=5"), tmp_path / "run2").sensitivity == pytest.approx(np.sqrt(2.0))
