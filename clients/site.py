@@ -26,14 +26,14 @@ from coautogen_fl.data import (
     split_site,
 )
 from coautogen_fl.device import resolve_device
-from coautogen_fl.downstream import build_classifier, load_numpy_state_dict, state_dict_to_numpy
+from coautogen_fl.downstream import build_classifier, class_errors, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, dp_train
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.privacy.distributed import discrete_gaussian
-from coautogen_fl.privacy.release_store import ReleaseMismatchError, ReleaseStore
+from coautogen_fl.privacy.release_store import ReleaseStore
 from coautogen_fl.privacy.site_key import site_secret
-from coautogen_fl.rater import build_rater, normalise_site_vector, vote_sensitivity
+from coautogen_fl.rater import SIGNED_RATERS, build_rater, normalise_site_vector, vote_sensitivity
 from coautogen_fl.secure_votes import SecureVoteEncoding
 
 from .secagg import SecAggSetup
@@ -169,20 +169,37 @@ class Site:
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "train", request.round, fingerprint)
         if stored is not None:
-            return self._vote_reply(np.asarray(stored["votes"], dtype=np.float64), self.ledger.spent_epsilon(), request)
+            errors = np.asarray(stored["class_errors"], dtype=np.float64) if "class_errors" in stored else None
+            return self._vote_reply(np.asarray(stored["votes"], dtype=np.float64), self.ledger.spent_epsilon(), request, errors)
         votes = self._clean_votes(request)
+        errors = self._class_errors(request.probe, unit) if request.probe is not None else None  # before the charge
         sigma = request.noise_multiplier
-        sensitivity = vote_sensitivity(unit, capped=self.cfg.data.real_per_label > 0)
+        # -f Active: votes and class errors are one release; one image moves each by at most the
+        # vote sensitivity, so the joint vector by sqrt 2 times it.
+        sensitivity = vote_sensitivity(unit, self.cfg.data.real_per_label > 0, request.rater in SIGNED_RATERS) * (math.sqrt(2.0) if errors is not None else 1.0)
         mechanism = GaussianMechanism(sigma, sensitivity)  # validates sigma before the charge
         spent = self.ledger.charge(sigma, round=request.round, run_id=run_key)
         if mode == "local":
             votes = mechanism.apply(votes)
-        self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
-        return self._vote_reply(votes, spent, request)
+            errors = mechanism.apply(errors) if errors is not None else None
+        release = {"votes": votes.tolist(), **({"class_errors": errors.tolist()} if errors is not None else {})}
+        self.releases.save(run_key, "train", request.round, fingerprint, release)
+        return self._vote_reply(votes, spent, request, errors)
 
-    def _vote_reply(self, votes: np.ndarray, spent: float, request: P.VoteRequest) -> P.VoteReply:
-        """A vote reply: the released votes and the public bookkeeping (spend, budget, name, noise echo)."""
-        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label)
+    def _vote_reply(self, votes: np.ndarray, spent: float, request: P.VoteRequest, errors: np.ndarray | None = None) -> P.VoteReply:
+        """A vote reply: the released votes (and class errors) and the public bookkeeping (spend, budget, name, noise echo)."""
+        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label, errors)
+
+    def _class_errors(self, probe: P.ModelProbe, unit: str) -> np.ndarray:
+        """-f Active: the probe model's misclassified voters per class (never sent as is); the
+        site unit scales the vector to L2 norm <= 1 like its votes."""
+        model = build_classifier(probe.model, probe.num_classes, probe.channels, probe.image_size)
+        load_numpy_state_dict(model, probe.weights)  # a malformed model fails before the charge
+        labels = self.data.train.labels
+        if len(labels) and int(labels.max()) >= probe.num_classes:
+            raise ValueError(f"the probe model has {probe.num_classes} classes, this site's data has label {int(labels.max())}")
+        errors = class_errors(model, self.data.train.images, labels, probe.num_classes)
+        return normalise_site_vector(errors) if unit == "site" else errors
 
     def _clean_votes(self, request: P.VoteRequest) -> np.ndarray:
         """The rater's votes of this site's voters on the request's candidates (never sent as is)."""

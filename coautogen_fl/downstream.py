@@ -276,6 +276,32 @@ def evaluate_classifier(
     return correct / len(x), len(x)
 
 
+def predict_probabilities(model: nn.Module, images: np.ndarray, *, device: str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """Softmax outputs of ``model`` on ``images``, float64 (N, num_classes); (0, 0) if empty."""
+    if len(images) == 0:
+        return np.zeros((0, 0))
+    x = images_to_tensor(images)
+    model.to(device)
+    model.eval()
+    with torch.no_grad():
+        chunks = [torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks).double().numpy()
+
+
+def class_errors(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *, device: str = "cpu") -> np.ndarray:
+    """Misclassified images of ``model`` per true class, float64 (num_classes,).
+
+    One image adds at most 1 to one entry: the vector's L2 sensitivity to one image is 1.
+    """
+    if len(images) == 0:
+        return np.zeros(num_classes)
+    y = _check_labels(images, labels)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels outside [0, {num_classes}): min {y.min()}, max {y.max()}")
+    wrong = predict_probabilities(model, images, device=device).argmax(axis=1) != y
+    return np.bincount(y[wrong], minlength=num_classes).astype(np.float64)
+
+
 def train_and_evaluate(
     name: str, train_images: np.ndarray, train_labels: np.ndarray,
     test_images: np.ndarray, test_labels: np.ndarray, num_classes: int, *,

@@ -7,6 +7,9 @@ are selected and varied into the next pool); ``distribution`` lets the votes ref
 generator's sampling distribution over genotypes and draws the next pool fresh from it, which
 averages the per-candidate noise over the whole pool (see generation/distribution.py).
 
+The Active framework (``-f Active``) accumulates like Filter, and its :class:`~coautogen_fl.active.ActiveLoop`
+draws each next pool from a model trained on what accumulated (see coautogen_fl/active.py).
+
 The Filter framework (``-f Filter``) does not evolve: every round draws a fresh pool, the votes
 keep the candidates whose noised score clears ``threshold x`` the aggregate noise std, and the kept
 ones accumulate until ``volume_per_label`` per class; after the last round a class still short is
@@ -24,8 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .active import ActiveLoop
 from .config import FeedbackConfig
 from .embedding import Embedder
+from .frameworks import FRAMEWORKS
 from .generation.base import Candidate, Generator, GeneratorCapabilities, stack_images
 from .generation.distribution import vote_weights
 from .generation.schedule import DegreeSchedule
@@ -60,6 +65,8 @@ class Evolution:
         Degree of variation per round (annealed).
     seed : int (default: 0)
         Seed of the selection randomness.
+    active : ActiveLoop or None (default: None)
+        The Active framework's model and steering (required by ``-f Active``).
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class Evolution:
         cfg: FeedbackConfig,
         schedule: DegreeSchedule,
         seed: int = 0,
+        active: ActiveLoop | None = None,
     ) -> None:
         self.generator = generator
         self.embedder = embedder
@@ -83,9 +91,11 @@ class Evolution:
         #: The evolution mode in effect: ``auto`` becomes distribution when the generator can fit();
         #: the Filter framework filters and accumulates instead.
         self.evolve = ("distribution" if can_fit else "candidates") if cfg.evolve == "auto" else cfg.evolve
-        if cfg.framework == "Filter":
-            self.evolve = "filter"
-        #: Filter: the candidates kept so far, per class.
+        self.evolve = FRAMEWORKS[cfg.framework].evolve or self.evolve
+        self.active = active
+        if self.evolve == "active" and active is None:
+            raise ValueError("-f Active needs its ActiveLoop (the model trained each round): pass active=")
+        #: Filter and Active: the candidates kept so far, per class.
         self.accepted: dict[int, list[Candidate]] = {label: [] for label in range(num_classes)}
         if self.evolve == "distribution" and not can_fit:
             raise ValueError(
@@ -103,6 +113,8 @@ class Evolution:
             found["distribution"] = self.generator.distribution.describe()  # type: ignore[attr-defined]
         if self.capabilities.filtering and self.generator.filter_stats:  # type: ignore[attr-defined]
             found["filter"] = dict(self.generator.filter_stats["total"])  # type: ignore[attr-defined]
+        if self.active is not None:
+            found.update(self.active.diagnostics())
         return found
 
     def random_population(self, per_label: int) -> list[Candidate]:
@@ -152,6 +164,8 @@ class Evolution:
             return self._refit(server_round, voted, votes, labels, children_per_label)
         if self.evolve == "filter":
             return self._filter(server_round, voted, votes, noise_std, final)
+        if self.evolve == "active":
+            return self._active(server_round, voted, votes, noise_std, final)
         if self.capabilities.observes_votes:  # e.g. latent generators estimate attribute directions from the votes
             self.generator.observe_votes(voted)  # type: ignore[attr-defined]
         kept = threshold_votes(votes, self.cfg.threshold, noise_std)
@@ -179,19 +193,9 @@ class Evolution:
         """The Filter framework: keep what clears the threshold (best first, up to the volume),
         then a fresh pool, or after the last round the accumulated dataset, topped up."""
         volume = self.cfg.volume_per_label
-        cleared = np.flatnonzero((votes >= self.cfg.threshold * noise_std) & (votes > 0))
-        kept = 0
-        for i in cleared[np.argsort(-votes[cleared], kind="stable")]:
-            bucket = self.accepted[voted[i].label]
-            if len(bucket) < volume:
-                bucket.append(voted[i])
-                kept += 1
+        kept = self._accumulate(voted, votes, noise_std)
         if not final:
-            pool = self.random_population(self.cfg.candidates_per_label)
-            for child in pool:
-                child.round = server_round
-            self._set_pool(pool)
-            return RoundOutcome(voted, pool, kept)
+            return self._next_pool(server_round, voted, self.random_population(self.cfg.candidates_per_label), kept)
         taken = {id(c) for bucket in self.accepted.values() for c in bucket}
         short = [label for label, bucket in self.accepted.items() if len(bucket) < volume]
         for label in short:  # this round's best-scoring leftovers, then fresh draws (the prior: no votes)
@@ -203,3 +207,39 @@ class Evolution:
         final_set = [c for label in range(self.num_classes) for c in self.accepted[label]]
         self._set_pool(final_set)
         return RoundOutcome(voted, final_set, kept, short)
+
+    def _accumulate(self, voted: list[Candidate], votes: np.ndarray, noise_std: float) -> int:
+        """Add what clears ``threshold x noise_std`` to :attr:`accepted`, best first, up to the
+        volume per class; returns how many were added."""
+        cleared = np.flatnonzero((votes >= self.cfg.threshold * noise_std) & (votes > 0))
+        kept = 0
+        for i in cleared[np.argsort(-votes[cleared], kind="stable")]:
+            bucket = self.accepted[voted[i].label]
+            if len(bucket) < self.cfg.volume_per_label:
+                bucket.append(voted[i])
+                kept += 1
+        return kept
+
+    def _next_pool(self, server_round: int, voted: list[Candidate], pool: list[Candidate], kept: int, degree: float = 0.0) -> RoundOutcome:
+        for child in pool:
+            child.round = server_round
+        self._set_pool(pool)
+        return RoundOutcome(voted, pool, kept, degree=degree)
+
+    def _active(self, server_round: int, voted: list[Candidate], votes: np.ndarray, noise_std: float, final: bool) -> RoundOutcome:
+        """The Active framework: accumulate, train the round's model, then a steered pool of the
+        model's most uncertain candidates, or after the last round the mixed final dataset."""
+        assert self.active is not None  # checked in __init__
+        kept = self._accumulate(voted, votes, noise_std)
+        if self.capabilities.refit:  # fresh draws (pool and final) come from the distribution the votes refit
+            _, labels = self.payload()
+            self.generator.fit(voted, vote_weights(votes, labels), self.cfg.distribution_mix, self.cfg.min_spread)  # type: ignore[attr-defined]
+        self.active.fit(self.accepted, voted)
+        degree = self.schedule.degree(server_round - 1)
+        if not final:
+            pool = self.active.pool(self.accepted, self.cfg.candidates_per_label, degree)
+            return self._next_pool(server_round, voted, pool, kept, degree)
+        final_set = self.active.final(self.accepted, self.cfg.volume_per_label)
+        self._set_pool(final_set)
+        short = [label for label, bucket in self.accepted.items() if not bucket]
+        return RoundOutcome(voted, final_set, kept, short, degree)

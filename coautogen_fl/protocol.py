@@ -27,6 +27,8 @@ Scalar = Union[int, float, str, bool]
 # Record names and keys: spelled here only.
 CANDIDATES, EMBEDDINGS, LABELS = "candidates", "embeddings", "labels"
 CONFIG, VOTES, METRICS, WEIGHTS = "config", "votes", "metrics", "arrays"
+#: -f Active: the per-class errors of the server's model on the site's voters, released with the votes.
+CLASS_ERRORS = "class-errors"
 ROUND, RATER, K = "round", "rater", "k"
 NOISE_MULTIPLIER, PRIVACY_MODE, PRIVACY_UNIT = "noise-multiplier", "privacy-mode", "privacy-unit"
 MODEL, NUM_CLASSES, CHANNELS, IMAGE_SIZE = "model", "num-classes", "channels", "image-size"
@@ -97,6 +99,13 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
         *_SITE_BOOKKEEPING,
     ),
+    "train-active": (  # -f Active, once the request carries a model: one release of both vectors
+        WireField(VOTES, VOTES, Release.CHARGED, "vote per candidate (float64 on the 1/16 grid)"),
+        WireField(VOTES, CLASS_ERRORS, Release.CHARGED,
+                  "the request's model's misclassified voters per class, noised with the votes (one charge)"),
+        WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+        *_SITE_BOOKKEEPING,
+    ),
     TRAIN_DPSGD: (
         WireField(WEIGHTS, ANY_KEY, Release.CHARGED, "the model after the site's DP-SGD steps, one array per parameter"),
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
@@ -137,6 +146,11 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
         *_SITE_BOOKKEEPING,
     ),
 }
+
+
+def vote_reply_kind(arrays: Mapping[str, Mapping[str, Any]]) -> str:
+    """The SITE_REPLY_FIELDS kind of a (non-SecAgg+) vote reply, from its array records."""
+    return "train-active" if CLASS_ERRORS in arrays.get(VOTES, {}) else "train"
 
 
 def declared_field(kind: str, record: str, key: str) -> Optional[WireField]:
@@ -223,6 +237,30 @@ def fingerprint(parts: WireParts) -> str:
 
 
 @dataclass(frozen=True)
+class ModelProbe:
+    """A model a vote request carries (``-f Active``): the site releases its errors per class on
+    its voters together with the votes, one Gaussian release."""
+
+    model: str
+    num_classes: int
+    channels: int
+    image_size: int
+    weights: dict[str, np.ndarray]
+
+    def config(self) -> dict[str, Scalar]:
+        return {MODEL: self.model, NUM_CLASSES: int(self.num_classes), CHANNELS: int(self.channels), IMAGE_SIZE: int(self.image_size)}
+
+    @classmethod
+    def from_parts(cls, parts: WireParts, what: str) -> "ModelProbe":
+        config = parts.configs.get(CONFIG)
+        num_classes = _get(config, NUM_CLASSES, int, what)
+        if num_classes < 1:
+            raise ReplyError(f"{what}: '{NUM_CLASSES}' is {num_classes}, expected >= 1")
+        return cls(_get(config, MODEL, str, what), num_classes, _get(config, CHANNELS, int, what),
+                   _get(config, IMAGE_SIZE, int, what), dict(parts.arrays[WEIGHTS]))
+
+
+@dataclass(frozen=True)
 class VoteRequest:
     """Server -> site (TRAIN): the pool's embeddings and how to vote on them."""
 
@@ -237,6 +275,7 @@ class VoteRequest:
     run_key: str = ""  # the run's identity in the sites' ledgers (kept by a resumed run); "" = the Flower run id
     secagg_summands: int = 0  # privacy_mode secagg: the fewest sites any revealed sum holds
     secagg_vote_cap: int = 0  # privacy_mode secagg: clean votes per candidate are clipped to this
+    probe: Optional["ModelProbe"] = None  # -f Active: the model whose per-class errors the site releases with its votes
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
@@ -251,7 +290,11 @@ class VoteRequest:
         if self.privacy_mode == "secagg":
             config.update({SECAGG_SUMMANDS: int(self.secagg_summands), SECAGG_VOTE_CAP: int(self.secagg_vote_cap)})
         arrays = {EMBEDDINGS: np.asarray(self.embeddings), LABELS: np.asarray(self.labels, dtype=np.int64)}
-        return WireParts(arrays={CANDIDATES: arrays}, configs={CONFIG: config})
+        parts = WireParts(arrays={CANDIDATES: arrays}, configs={CONFIG: config})
+        if self.probe is not None:
+            config.update(self.probe.config())
+            parts.arrays[WEIGHTS] = dict(self.probe.weights)
+        return parts
 
     def to_legacy(self) -> tuple[list[np.ndarray], dict[str, Scalar]]:
         """The request as a legacy FitIns (arrays, config): how SecAgg+ carries it."""
@@ -284,6 +327,7 @@ class VoteRequest:
             run_key=str(config.get(RUN_KEY, "")),  # config is there: _get above checked it
             secagg_summands=int(config.get(SECAGG_SUMMANDS, 0)),
             secagg_vote_cap=int(config.get(SECAGG_VOTE_CAP, 0)),
+            probe=ModelProbe.from_parts(parts, what) if WEIGHTS in parts.arrays else None,
         )
 
     def fingerprint(self) -> str:
@@ -324,10 +368,13 @@ class VoteReply:
     partition_id: int
     noise_multiplier: float
     site_label: str = ""
+    class_errors: Optional[np.ndarray] = None  # -f Active: the probe's errors per class, noised with the votes
 
     def to_parts(self) -> WireParts:
         metrics = _bookkeeping(self)
         arrays = {VOTES: {VOTES: np.asarray(self.votes, dtype=np.float64)}}
+        if self.class_errors is not None:
+            arrays[VOTES][CLASS_ERRORS] = np.asarray(self.class_errors, dtype=np.float64)
         return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
 
     def to_legacy(self) -> tuple[list[np.ndarray], dict[str, Scalar]]:
@@ -345,9 +392,11 @@ class VoteReply:
     def from_parts(cls, parts: WireParts) -> "VoteReply":
         what = "vote reply"
         votes = np.asarray(_get(parts.arrays.get(VOTES), VOTES, np.asarray, what), dtype=np.float64)
+        errors = parts.arrays[VOTES].get(CLASS_ERRORS)
         return cls(
             votes=votes,
             **_bookkeeping_fields(parts, what),
+            class_errors=None if errors is None else np.asarray(errors, dtype=np.float64),
         )
 
 
@@ -548,23 +597,24 @@ def validate_weights(weights: Mapping[str, np.ndarray], reference: Mapping[str, 
             raise ReplyError(f"weights '{key}' contain NaN or infinite values")
 
 
-def validate_votes(votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float) -> None:
+def validate_votes(votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float, what: str = "votes") -> None:
     """Check a vote vector before it is summed: shape, finite values, plausible size.
 
     Clean votes of one site are non-negative and sum to at most ``max_clean_total`` (a public
     bound: the most private images a site may hold times sqrt(k)); sites never send their
     size. Gaussian noise of std ``noise_std`` adds about ``0.8 * N * noise_std`` to the L1 norm
     (std ``0.6 * sqrt(N) * noise_std``), so a reply beyond ``N * noise_std + 10 * sqrt(N) *
-    noise_std`` of slack is not an honest one.
+    noise_std`` of slack is not an honest one. ``what`` names the vector in the error (``-f Active``'s
+    class errors are checked the same way: non-negative clean counts, at most one per private image).
     """
     if votes.shape != (num_candidates,):
-        raise ReplyError(f"votes have shape {votes.shape}, expected ({num_candidates},)")
+        raise ReplyError(f"{what} have shape {votes.shape}, expected ({num_candidates},)")
     if not np.all(np.isfinite(votes)):
-        raise ReplyError("votes contain NaN or infinite values")
+        raise ReplyError(f"{what} contain NaN or infinite values")
     slack = noise_std * (num_candidates + 10.0 * np.sqrt(num_candidates))
     total = float(np.abs(votes).sum())
     if total > max_clean_total + slack + 1e-6:
         raise ReplyError(
-            f"votes sum to {total:.1f} in absolute value, more than any site may cast "
+            f"{what} sum to {total:.1f} in absolute value, more than any site may cast "
             f"({max_clean_total:.0f} clean votes at most, noise std {noise_std:.3g})"
         )

@@ -17,7 +17,7 @@ def threshold_votes(votes: np.ndarray, threshold: float, noise_std: float) -> np
     return np.where(votes >= cut, np.maximum(votes, 0.0), 0.0)
 
 
-def _allocate(weights: np.ndarray, total: int) -> np.ndarray:
+def allocate(weights: np.ndarray, total: int) -> np.ndarray:
     """Split ``total`` children proportionally to ``weights`` (largest remainder)."""
     share = weights / weights.sum() * total
     counts = np.floor(share).astype(np.int64)
@@ -75,6 +75,6 @@ def select_parents(
         if mode == "sample":
             chosen = rng.choice(members, size=per_label, replace=True, p=weights / weights.sum())
         else:
-            chosen = np.repeat(members, _allocate(weights, per_label))
+            chosen = np.repeat(members, allocate(weights, per_label))
         parents.append(chosen)
     return Selection(np.concatenate(parents) if parents else np.arange(0), fallback)

@@ -47,6 +47,8 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("candidates", "Feedback, central, feedback.evolve=candidates (Private Evolution proper)",
         ("privacy.mode=central", "feedback.evolve=candidates")),
     Row("filter-rf", "Filter framework with the RF rater (the seed's -f Filter -r RF, made DP)", ("-f", "Filter", "-r", "RF")),
+    Row("pcevolve", "Feedback with the PCEvolve rater (prototype-contrastive votes)", ("-r", "PCEvolve")),
+    Row("active", "Active framework: votes plus DP per-class errors of the round's model steer the pool", ("-f", "Active")),
     Row("dpsgd-pooled", "DP-SGD on the pooled private data (opacus, best of a stated grid)", pooled=True),
     Row("real", "-tt real: federated DP-SGD at the sites", ("-tt", "real")),
     Row("mix", "-tt mix: votes, synthetic data and federated DP-SGD", ("-tt", "mix")),

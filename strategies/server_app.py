@@ -7,6 +7,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -14,16 +15,18 @@ from flwr.serverapp import Grid, ServerApp
 from coautogen_fl.checkpoint import RESUME_UNSUPPORTED, Checkpoint, CheckpointError
 from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
-from coautogen_fl.downstream import pretrained_weights
+from coautogen_fl.active import ActiveLoop
+from coautogen_fl.downstream import build_classifier, predict_probabilities, pretrained_weights, train_classifier
 from coautogen_fl.device import resolve_device
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.evolution import Evolution
+from coautogen_fl.frameworks import FRAMEWORKS
 from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.pipeline import build_upscaler, save_prompt_pool
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
 from coautogen_fl.privacy.split import NoisePlan, plan_noise, training_share
-from coautogen_fl.rater import vote_sensitivity
+from coautogen_fl.rater import SIGNED_RATERS, vote_sensitivity
 from coautogen_fl.report import write_report
 from coautogen_fl.secure_votes import plan_secagg_noise
 from coautogen_fl.rundir import resolve_run_dir
@@ -49,7 +52,8 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     embedder = build_embedder(cfg.embedder, device)
     generator = build_generator(cfg, class_names, device, embedder)
     schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
-    evolution = Evolution(generator, embedder, len(class_names), cfg.feedback, schedule, g.seed)
+    active = active_loop(cfg, generator, len(class_names), device) if FRAMEWORKS[cfg.feedback.framework].evolve == "active" else None
+    evolution = Evolution(generator, embedder, len(class_names), cfg.feedback, schedule, g.seed, active)
     t = cfg.tracking
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
     upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"
@@ -71,12 +75,27 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     return strategy
 
 
+def active_loop(cfg: RunConfig, generator: Any, num_classes: int, device: str) -> ActiveLoop:
+    """-f Active's loop: each round's model is the downstream model, trained for feedback.active_epochs."""
+    ds, d, f = cfg.downstream, cfg.data, cfg.feedback
+
+    def train(images: np.ndarray, labels: np.ndarray) -> Any:
+        model = build_classifier(ds.model, num_classes, d.channels, d.image_size, seed=ds.seed)
+        return train_classifier(model, images, labels, epochs=f.active_epochs, lr=ds.lr, batch_size=ds.batch_size,
+                                seed=ds.seed, device=device, augment=ds.augment, label_smoothing=ds.label_smoothing)
+
+    def predict(model: Any, images: np.ndarray) -> np.ndarray:
+        return predict_probabilities(model, images, device=device)
+
+    return ActiveLoop(generator, num_classes, train, predict, f.active_steer, f.active_oversample, f.mix_ratio, cfg.generator.seed)
+
+
 def secagg_noise(cfg: RunConfig, num_classes: int, evaluations: int) -> float:
     """The noise multiplier of a secagg run's vote sums (and its noised evaluation), for the
     sites the federation is expected to sample each round."""
     p, f = cfg.privacy, cfg.feedback
     sampled = max(2, round(cfg.federation.num_hospitals * cfg.federation.fraction_train))
-    args = dict(k=f.k, unit=p.unit, sensitivity=vote_sensitivity(p.unit, capped=cfg.data.real_per_label > 0),
+    args = dict(k=f.k, unit=p.unit, sensitivity=vote_sensitivity(p.unit, capped=cfg.data.real_per_label > 0, signed=f.rater in SIGNED_RATERS),
                 capped=cfg.data.real_per_label > 0, vote_cap=p.secagg_vote_cap, coordinates=num_classes * f.candidates_per_label)  # fmt: skip
     sigma = plan_secagg_noise(p.epsilon, p.delta, f.rounds, evaluations, sampled, p.secagg_threshold, args)
     log(INFO, "privacy plan (secagg): %d secure vote sum(s) and %d noised evaluation(s) at noise multiplier %.4g; each site "
@@ -118,9 +137,9 @@ def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
         raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml (was it a coautogen-fl run directory?)")
     if saved.feedback.task_type != "syn":
         raise CheckpointError(RESUME_UNSUPPORTED.format(task_type=saved.feedback.task_type, run_dir=run_dir))
-    if saved.feedback.framework == "Filter":
-        raise CheckpointError(f"a -f Filter run cannot be resumed yet ({run_dir}): the candidates it accumulated are "
-                              "not checkpointed, and asking the sites again would charge them again. Start a new run")
+    if not FRAMEWORKS[saved.feedback.framework].resumable:
+        raise CheckpointError(f"a -f {saved.feedback.framework} run cannot be resumed yet ({run_dir}): the candidates it "
+                              "accumulated are not checkpointed, and asking the sites again would charge them again. Start a new run")
     given, own = flatten(to_dict(cfg)), flatten(to_dict(saved))
     differ = sorted(k for k in set(given) | set(own) if k != "tracking.resume" and given.get(k) != own.get(k))
     if differ:

@@ -1,4 +1,4 @@
-"""CoAutoGenStrategy: the Gen and Feedback frameworks as a Flower Message-API strategy.
+"""CoAutoGenStrategy: the frameworks (coautogen_fl/frameworks.py) as a Flower Message-API strategy.
 
 One Flower round is one voting round. ``configure_train`` sends every sampled site the pool's
 embeddings; ``aggregate_train`` validates the vote replies, sums them (adding the noise
@@ -25,11 +25,14 @@ from flwr.serverapp.strategy import Strategy
 from coautogen_fl import protocol as P
 from coautogen_fl.checkpoint import RoundRecord
 from coautogen_fl.config import RunConfig
+from coautogen_fl.downstream import state_dict_to_numpy
 from coautogen_fl.evolution import Evolution
+from coautogen_fl.frameworks import FRAMEWORKS
 from coautogen_fl.privacy import GaussianMechanism, aggregate_noise_std
-from coautogen_fl.rater import normalise_site_vector, vote_sensitivity
+from coautogen_fl.rater import SIGNED_RATERS, normalise_site_vector, vote_sensitivity
 from clients.wire import from_content, to_content
 
+from .evaluation import evaluation_requests, federated_accuracy
 from .outcome import FinalStage
 from .resume import checkpoint_of
 from .secagg import SecureVotes
@@ -50,7 +53,7 @@ FLOWER_ERRORS = {
 
 
 #: Frameworks whose rounds are votes of the sites (the others generate once).
-VOTING_FRAMEWORKS = ("Feedback", "Filter")
+VOTING_FRAMEWORKS = tuple(name for name, f in FRAMEWORKS.items() if f.votes)
 
 
 class CoAutoGenStrategy(Strategy):
@@ -93,7 +96,7 @@ class CoAutoGenStrategy(Strategy):
         self.noise_multiplier = noise_multiplier
         self.max_site_images = max_site_images
         # L2 sensitivity of one site's votes: what local sites and the central noise calibrate to.
-        self.sensitivity = vote_sensitivity(cfg.privacy.unit, capped=cfg.data.real_per_label > 0)
+        self.sensitivity = vote_sensitivity(cfg.privacy.unit, capped=cfg.data.real_per_label > 0, signed=cfg.feedback.rater in SIGNED_RATERS)
         # Vote rounds: -iter for Feedback, one for Gen/GenLLM, none for -tt real (only DP-SGD rounds).
         self.rounds = 0 if cfg.feedback.task_type == "real" else cfg.feedback.rounds if self.is_feedback else 1
         self.training: TrainingRounds | None = None  # -tt real/mix: the DP-SGD rounds after the votes
@@ -108,6 +111,8 @@ class CoAutoGenStrategy(Strategy):
         self._sent_to: dict[str, int] = {}  # message id -> node, of the sent outbox
         self._node_rng = random.Random(cfg.generator.seed)
         self._round_start = time.time()
+        self._probed = False  # this round's request carried -f Active's model
+        self._class_errors: np.ndarray | None = None  # -f Active: this round's summed class errors
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -133,13 +138,28 @@ class CoAutoGenStrategy(Strategy):
         return sorted(self._node_rng.sample(nodes, min(count, len(nodes))))
 
     def vote_request(self, server_round: int, embeddings: np.ndarray, labels: np.ndarray) -> P.VoteRequest:
-        """The TRAIN request of a round (with SecAgg+'s threshold and the vote cap in secagg mode)."""
+        """The TRAIN request of a round (with SecAgg+'s threshold and the vote cap in secagg mode,
+        and -f Active's model once one is trained)."""
         f, p = self.cfg.feedback, self.cfg.privacy
         encoding = self.secure.encoding if self.secure is not None else None
         return P.VoteRequest(
             server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels, self.run_key,
             secagg_summands=encoding.summands if encoding else 0, secagg_vote_cap=encoding.vote_cap if encoding else 0,
+            probe=self.probe(),
         )
+
+    def probe(self) -> P.ModelProbe | None:
+        """-f Active: the model trained on the last round's data, whose class errors the sites release."""
+        active = self.evolution.active
+        if active is None or active.model is None:
+            return None
+        return P.ModelProbe(weights=state_dict_to_numpy(active.model), **self.final.model_spec())
+
+    @property
+    def round_sensitivity(self) -> float:
+        """L2 sensitivity of one site's release this round: the votes', times sqrt 2 when the
+        class errors of -f Active's model travel with them (one release of both)."""
+        return self.sensitivity * (np.sqrt(2.0) if self._probed else 1.0)
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -163,7 +183,9 @@ class CoAutoGenStrategy(Strategy):
             self.secure.plan(len(nodes), len(labels))
             self.secure.configure(grid, nodes, self.vote_request(server_round, embeddings, labels))
             return []
-        content = to_content(self.vote_request(server_round, embeddings, labels).to_parts())
+        request = self.vote_request(server_round, embeddings, labels)
+        self._probed = request.probe is not None
+        content = to_content(request.to_parts())
         self._outbox, self._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes], {}
         return self._outbox
 
@@ -171,6 +193,11 @@ class CoAutoGenStrategy(Strategy):
         reply = P.VoteReply.from_parts(from_content(msg.content))
         max_clean = self.max_site_images * np.sqrt(self.cfg.feedback.k) if self.max_site_images else np.inf
         P.validate_votes(reply.votes, len(self.evolution.pool), noise_std, max_clean)
+        if self._probed != (reply.class_errors is not None):
+            raise P.ReplyError("class errors " + ("missing: the request carried a model" if self._probed else "sent unasked"))
+        if reply.class_errors is not None:
+            P.validate_votes(reply.class_errors, self.evolution.num_classes, noise_std,
+                             float(self.max_site_images or np.inf), what="class errors")  # fmt: skip
         return reply
 
     def sender(self, msg: Message) -> int:
@@ -237,14 +264,18 @@ class CoAutoGenStrategy(Strategy):
         self._drop(server_round, msg, f"{what}{reason} (code {code})", refused=code in P.REFUSAL_CODES)
 
     def noise_aggregate(self, votes: np.ndarray) -> np.ndarray:
-        """Central mode: the Gaussian noise the server adds once to the summed clean votes,
-        from the operating system's entropy (no seed can regenerate it)."""
-        return GaussianMechanism(self.noise_multiplier, self.sensitivity).apply(votes)
+        """Central mode: the Gaussian noise the server adds once to the summed clean votes (and
+        -f Active's class errors), from the operating system's entropy (no seed can regenerate it)."""
+        mechanism = GaussianMechanism(self.noise_multiplier, self.round_sensitivity)
+        if self._class_errors is not None:
+            self._class_errors = mechanism.apply(self._class_errors)
+        return mechanism.apply(votes)
 
     def collect_votes(self, server_round: int, replies: Iterable[Message]) -> tuple[np.ndarray, int]:
         """Validate and sum the vote replies; returns (summed votes, number of valid replies)."""
-        per_site_std = self.noise_multiplier * self.sensitivity if self.cfg.privacy.mode == "local" else 0.0
+        per_site_std = self.noise_multiplier * self.round_sensitivity if self.cfg.privacy.mode == "local" else 0.0
         total = np.zeros(len(self.evolution.pool), dtype=np.float64)
+        errors = np.zeros(self.evolution.num_classes) if self._probed else None
         valid = 0
         for msg in replies:
             if msg.has_error():
@@ -255,12 +286,16 @@ class CoAutoGenStrategy(Strategy):
             except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
                 self._drop(server_round, msg, str(exc))
                 continue
-            votes = reply.votes
+            votes, site_errors = reply.votes, reply.class_errors
             if self.cfg.privacy.mode == "central" and self.cfg.privacy.unit == "site":
                 votes = normalise_site_vector(votes)  # a site the server trusts may still send more
+                site_errors = normalise_site_vector(site_errors) if site_errors is not None else None
             total += votes
+            if errors is not None and site_errors is not None:
+                errors += site_errors
             valid += 1
             self.note_answer(self.sender(msg), vars(reply))
+        self._class_errors = errors
         return total, valid
 
     def note_answer(self, node: int, bookkeeping: dict[str, Any]) -> None:
@@ -287,7 +322,7 @@ class CoAutoGenStrategy(Strategy):
         else:
             votes, valid = self.collect_votes(server_round, replies)
             self._record_missing(server_round, replies)
-            noise_std = aggregate_noise_std(self.noise_multiplier, self.sensitivity, max(valid, 1), self.cfg.privacy.mode)
+            noise_std = aggregate_noise_std(self.noise_multiplier, self.round_sensitivity, max(valid, 1), self.cfg.privacy.mode)
         if valid < self.min_sites(server_round):
             # Re-asking would charge the sites that did answer a second time: stop instead.
             raise RoundFailed(
@@ -297,6 +332,8 @@ class CoAutoGenStrategy(Strategy):
             )
         if self.cfg.privacy.mode == "central" and valid:
             votes = self.noise_aggregate(votes)
+        if self._class_errors is not None and self.evolution.active is not None:
+            self.evolution.active.observe_errors(self._class_errors)  # steers the pool bred below
         per_label = self.cfg.feedback.volume_per_label if last else self.cfg.feedback.candidates_per_label
         ids = [c.candidate_id for c in self.evolution.pool]
         outcome = self.evolution.advance(server_round, votes, noise_std, per_label, final=last)
@@ -336,63 +373,8 @@ class CoAutoGenStrategy(Strategy):
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """After the last round, send the downstream model to every site for evaluation."""
-        server_round += self.round_offset
-        if server_round != self.total_rounds or self.final.model_arrays is None:
-            return []
-        noised = self.cfg.privacy.evaluation == "noised"
-        request = P.EvaluationRequest(
-            round=server_round + 1 if noised else server_round,
-            noise_multiplier=float(self.noise_multiplier) if noised else 0.0,
-            weights={name: array.numpy() for name, array in self.final.model_arrays.items()},
-            run_key=self.run_key,
-            **self.final.model_spec(),
-        )
-        content = to_content(request.to_parts())
-        nodes = sorted(grid.get_node_ids())
-        self._outbox, self._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes], {}
-        return self._outbox
+        return evaluation_requests(self, server_round + self.round_offset, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Count-weighted mean of the sites' private test accuracies.
-
-        With ``privacy.evaluation=clear`` the sites' accuracies and counts are exact; with
-        ``noised`` the sites send Gaussian-noised correct counts and test counts, and the
-        ratio of their sums is the estimate (clipped to [0, 1]).
-        """
-        server_round += self.round_offset
-        correct, count = 0.0, 0.0
-        noised = self.cfg.privacy.evaluation == "noised"
-        release = server_round + 1 if noised else server_round  # the round a site's ledger records
-        for msg in replies:
-            if msg.has_error():
-                self._site_error(release, msg, what="evaluation: ")
-                continue
-            try:
-                c, n = self._parse_evaluation(msg, noised)
-            except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
-                self._drop(release, msg, f"evaluation: {exc}")
-                continue
-            self.sites[self.sender(msg)].evaluations_answered += 1
-            correct += c
-            count += n
-        if count <= 0:
-            return None
-        self.federated_accuracy = min(max(correct / count, 0.0), 1.0)
-        log(INFO, "federated evaluation: accuracy %.4f over %.0f private test images%s", self.federated_accuracy, count, " (noised)" if noised else "")
-        return MetricRecord({P.ACCURACY: self.federated_accuracy, P.NUM_EXAMPLES: float(count)})
-
-    def _parse_evaluation(self, msg: Message, noised: bool) -> tuple[float, float]:
-        """(correct, count) of one evaluation reply; raises ReplyError when unusable."""
-        reply = P.EvaluationReply.from_parts(from_content(msg.content))
-        site = self._site(msg, reply.partition_id, reply.site_label)  # names a site that refused every vote
-        site.epsilon_spent = max(site.epsilon_spent, reply.epsilon_spent)
-        site.epsilon_budget = reply.epsilon_budget
-        c, n = reply.correct, reply.count
-        if noised:
-            bound = 10.0 * self.noise_multiplier * np.sqrt(2.0) + 1.0
-            if not (np.isfinite(c) and np.isfinite(n) and n > -bound and -bound < c < n + bound):
-                raise P.ReplyError(f"noised correct {c} / count {n} outside plausible bounds")
-            return c, n
-        if reply.accuracy is None or n < 0 or not 0.0 <= c <= n:
-            raise P.ReplyError(f"clear evaluation reply with correct {c} of {n} (accuracy {reply.accuracy}) is invalid")
-        return c, n
+        """Count-weighted mean of the sites' private test accuracies (see :func:`.evaluation.federated_accuracy`)."""
+        return federated_accuracy(self, server_round + self.round_offset, replies)

@@ -56,9 +56,10 @@ def strategy(tmp_path):
     return build_strategy(small_config(), tmp_path)
 
 
-def vote_reply(msg: Message, votes, epsilon_spent=0.5, partition_id=0, epsilon_budget=1.0) -> Message:
+def vote_reply(msg: Message, votes, epsilon_spent=0.5, partition_id=0, epsilon_budget=1.0, class_errors=None) -> Message:
     """A site's TRAIN reply, built like clients.client_app.train builds it."""
-    reply = P.VoteReply(np.asarray(votes, dtype=np.float64), float(epsilon_spent), float(epsilon_budget), partition_id, 1.0)
+    reply = P.VoteReply(np.asarray(votes, dtype=np.float64), float(epsilon_spent), float(epsilon_budget), partition_id, 1.0,
+                        class_errors=class_errors)  # fmt: skip
     return Message(content=to_content(reply.to_parts()), reply_to=msg)
 
 

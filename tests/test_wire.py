@@ -49,6 +49,7 @@ def wire_problems(entries: list[dict], noise_multiplier: float, secagg: bool = F
                 problems.append(f"reply {i}: error reason {reason!r} is not the generic line of code {code}")
             continue
         kind = secure_vote_fields(entry["configs"]) if entry["message_type"] == MessageType.TRAIN else "evaluate"
+        kind = P.vote_reply_kind(entry["arrays"]) if kind == "train" else kind
         fields = {(rec, key) for rec, values in entry["arrays"].items() for key in values}
         fields |= {(rec, key) for rec, values in entry["metrics"].items() for key in values}
         fields |= {(rec, key) for rec, values in entry["configs"].items() for key in values}
@@ -82,11 +83,13 @@ def wire_problems(entries: list[dict], noise_multiplier: float, secagg: bool = F
     return problems, charged
 
 
-@pytest.mark.parametrize("mode", ["local", "central"])
+@pytest.mark.parametrize("mode", ["local", "central", "active"])
 def test_every_field_of_a_whole_run_is_charged_or_public(tmp_path, monkeypatch, mode):
+    """``active``: -f Active in local mode, whose second round releases class errors with the votes."""
     monkeypatch.setattr(client_app, "_SITES", {})
     log_path = tmp_path / "wire.jsonl"
-    cfg = small_config(f"privacy.mode={mode}")
+    active = ("feedback.framework=Active", "feedback.active_epochs=1") if mode == "active" else ()
+    cfg = small_config(f"privacy.mode={'local' if mode == 'active' else mode}", *active)
     s = build_strategy(cfg, tmp_path / "run")
     grid = WireGrid(cfg, tmp_path, log_path)
     s.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
@@ -97,12 +100,14 @@ def test_every_field_of_a_whole_run_is_charged_or_public(tmp_path, monkeypatch, 
     assert not any("error" in e for e in entries)
     problems, charged = wire_problems(entries, s.noise_multiplier)
     assert problems == []
+    errors = [e for e in entries if P.CLASS_ERRORS in e["arrays"].get(P.VOTES, {})]
+    assert len(errors) == (3 if mode == "active" else 0)  # round 2 of 2, every site
     # Each charged release is exactly one ledger entry: two vote rounds and the noised evaluation.
     for i in range(3):
         ledger = PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta)
         assert charged[str(i)] == len(ledger.entries) == cfg.feedback.rounds + 1
         assert [e.round for e in ledger.entries] == [1, 2, 3]
-    if mode == "local":  # noised at the site, on the public grid
+    if mode != "central":  # noised at the site, on the public grid
         votes = [v for e in entries if "votes" in e["arrays"] for v in e["arrays"]["votes"]["votes"]["values"]]
         assert all(v * 16 == round(v * 16) for v in votes) and any(v != round(v) for v in votes)
 
