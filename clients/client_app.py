@@ -10,8 +10,8 @@ go to the site's own log only.
 from __future__ import annotations
 
 import traceback
-from functools import lru_cache
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from logging import ERROR, WARNING
 from typing import Any
 
@@ -107,7 +107,9 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     if isinstance(exc, DataPathError):  # the operator's configuration: one line naming the key
         log(ERROR, "site cannot start (reply: error %d): %s", code, exc)
     else:
-        log(WARNING, "site reply error %d: %s: %s\n%s", code, exc.__class__.__name__, exc, traceback.format_exc(limit=3))
+        log(
+            WARNING, "site reply error %d: %s: %s\n%s", code, exc.__class__.__name__, exc, traceback.format_exc(limit=3)
+        )
     return Message(Error(code=code, reason=P.ERROR_REASONS[code]), reply_to=msg)
 
 
@@ -126,15 +128,28 @@ def train(msg: Message, context: Context) -> Message:
     """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract); inside
     SecAgg+ (``privacy.mode=secagg``), with integer votes and a noise share the mod then masks."""
     if is_secure_vote(msg):
-        return answer(msg, lambda: get_site(context).secure_vote(secure_vote_request(msg), SecAggSetup.from_context(context),
-                                                                  run_id=str(context.run_id)), secure_vote_content)  # fmt: skip
-    return answer(msg, lambda: get_site(context).vote(P.VoteRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)))
+        return answer(
+            msg,
+            lambda: get_site(context).secure_vote(
+                secure_vote_request(msg), SecAggSetup.from_context(context), run_id=str(context.run_id)
+            ),
+            secure_vote_content,
+        )
+    return answer(
+        msg,
+        lambda: get_site(context).vote(P.VoteRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)),
+    )
 
 
 @app.train("dpsgd")
 def train_dpsgd(msg: Message, context: Context) -> Message:
     """Run the requested DP-SGD steps on the global model (``-tt real`` / ``mix``), charged first."""
-    return answer(msg, lambda: get_site(context).train_dp(P.TrainRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)))
+    return answer(
+        msg,
+        lambda: get_site(context).train_dp(
+            P.TrainRequest.from_parts(from_content(msg.content)), run_id=str(context.run_id)
+        ),
+    )
 
 
 @app.evaluate()
@@ -145,6 +160,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     test image moves both by 1: L2 sensitivity sqrt 2), charged to the site's ledger first; a
     request with noise multiplier 0 gets them in the clear only if the site's terms allow it.
     """
+
     def release() -> P.EvaluationReply:
         request = P.EvaluationRequest.from_parts(from_content(msg.content))
         site = get_site(context)

@@ -62,10 +62,16 @@ class SecAggSetup:
         """Refuse a setup under which SecAgg+'s quantisation would not be the identity on this
         site's integers (they would be clipped or stochastically rounded) or the sum could wrap."""
         bound = encoding.bound
-        if (self.clipping_range, self.target_range, self.mod_range, self.max_weight) != (float(bound), 2 * bound, MODULUS, 1.0):
+        if (self.clipping_range, self.target_range, self.mod_range, self.max_weight) != (
+            float(bound),
+            2 * bound,
+            MODULUS,
+            1.0,
+        ):
             raise P.SiteRefusal(
-                f"SecAgg+ setup (clipping range {self.clipping_range:g}, quantization range {self.target_range}, modulus "
-                f"{self.mod_range}, max weight {self.max_weight:g}) does not carry this site's integer votes exactly; "
+                f"SecAgg+ setup (clipping range {self.clipping_range:g}, quantization range {self.target_range}, "
+                f"modulus {self.mod_range}, max weight {self.max_weight:g}) does not carry this site's integer votes "
+                "exactly; "
                 f"it needs {bound}, {2 * bound}, {MODULUS} and 1"
             )
 
@@ -99,7 +105,9 @@ class _Declined(Exception):
         self.reply = reply
 
 
-def make_secagg_mod(error_reply: Callable[[Message, BaseException], Message]) -> Callable[[Message, Context, ClientAppCallable], Message]:
+def make_secagg_mod(
+    error_reply: Callable[[Message, BaseException], Message],
+) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """A client mod running Flower's ``secaggplus_mod`` on SecAgg+ messages only (a local- or
     central-mode vote is a TRAIN message too). A refusal of the site passes through as its error
     reply; an exception of the protocol becomes ``error_reply(msg, exc)``, logged on the site."""

@@ -115,7 +115,9 @@ class Site:
     def _load_folder(folder: Path, cfg: RunConfig) -> ImageSet:
         """The site's own ImageFolder, its data check logged once (this site is built once per process)."""
         try:
-            images = load_image_folder(folder, cfg.data.image_size, cfg.data.channels, cfg.data.on_bad_image, DATA_PATH_KEY)
+            images = load_image_folder(
+                folder, cfg.data.image_size, cfg.data.channels, cfg.data.on_bad_image, DATA_PATH_KEY
+            )
         except DataFolderError as exc:
             raise DataPathError(str(exc)) from None
         log_data_report(images.report, DATA_PATH_KEY)
@@ -164,19 +166,24 @@ class Site:
             )
         if mode == "central" and not self.terms.trusts_server:
             raise P.SiteRefusal(
-                "the server asked for central mode (clean votes) but this site does not trust it (node config trust-server)"
+                "the server asked for central mode (clean votes) but this site does not trust it "
+                "(node config trust-server)"
             )
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "train", request.round, fingerprint)
         if stored is not None:
             errors = np.asarray(stored["class_errors"], dtype=np.float64) if "class_errors" in stored else None
-            return self._vote_reply(np.asarray(stored["votes"], dtype=np.float64), self.ledger.spent_epsilon(), request, errors)
+            return self._vote_reply(
+                np.asarray(stored["votes"], dtype=np.float64), self.ledger.spent_epsilon(), request, errors
+            )
         votes = self._clean_votes(request)
         errors = self._class_errors(request.probe, unit) if request.probe is not None else None  # before the charge
         sigma = request.noise_multiplier
         # -f Active: votes and class errors are one release; one image moves each by at most the
         # vote sensitivity, so the joint vector by sqrt 2 times it.
-        sensitivity = vote_sensitivity(unit, self.cfg.data.real_per_label > 0, request.rater in SIGNED_RATERS) * (math.sqrt(2.0) if errors is not None else 1.0)
+        sensitivity = vote_sensitivity(unit, self.cfg.data.real_per_label > 0, request.rater in SIGNED_RATERS) * (
+            math.sqrt(2.0) if errors is not None else 1.0
+        )
         mechanism = GaussianMechanism(sigma, sensitivity)  # validates sigma before the charge
         spent = self.ledger.charge(sigma, round=request.round, run_id=run_key)
         if mode == "local":
@@ -186,9 +193,14 @@ class Site:
         self.releases.save(run_key, "train", request.round, fingerprint, release)
         return self._vote_reply(votes, spent, request, errors)
 
-    def _vote_reply(self, votes: np.ndarray, spent: float, request: P.VoteRequest, errors: np.ndarray | None = None) -> P.VoteReply:
-        """A vote reply: the released votes (and class errors) and the public bookkeeping (spend, budget, name, noise echo)."""
-        return P.VoteReply(votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label, errors)
+    def _vote_reply(
+        self, votes: np.ndarray, spent: float, request: P.VoteRequest, errors: np.ndarray | None = None
+    ) -> P.VoteReply:
+        """A vote reply: the released votes (and class errors) and the public bookkeeping (spend, budget,
+        name, noise echo)."""
+        return P.VoteReply(
+            votes, spent, self.terms.epsilon_budget, self.partition_id, request.noise_multiplier, self.label, errors
+        )
 
     def _class_errors(self, probe: P.ModelProbe, unit: str) -> np.ndarray:
         """-f Active: the probe model's misclassified voters per class (never sent as is); the
@@ -197,7 +209,9 @@ class Site:
         load_numpy_state_dict(model, probe.weights)  # a malformed model fails before the charge
         labels = self.data.train.labels
         if len(labels) and int(labels.max()) >= probe.num_classes:
-            raise ValueError(f"the probe model has {probe.num_classes} classes, this site's data has label {int(labels.max())}")
+            raise ValueError(
+                f"the probe model has {probe.num_classes} classes, this site's data has label {int(labels.max())}"
+            )
         errors = class_errors(model, self.data.train.images, labels, probe.num_classes)
         return normalise_site_vector(errors) if unit == "site" else errors
 
@@ -229,8 +243,16 @@ class Site:
                 f"{request.secagg_summands}; expected secagg, image|site and >= 2 sites"
             )
         capped = self.cfg.data.real_per_label > 0
-        encoding = SecureVoteEncoding.plan(request.noise_multiplier, request.secagg_summands, request.k, unit,
-                                           vote_sensitivity(unit, capped), capped, request.secagg_vote_cap, len(request.labels))  # fmt: skip
+        encoding = SecureVoteEncoding.plan(
+            request.noise_multiplier,
+            request.secagg_summands,
+            request.k,
+            unit,
+            vote_sensitivity(unit, capped),
+            capped,
+            request.secagg_vote_cap,
+            len(request.labels),
+        )
         setup.check(encoding)
         summands = self.terms.secagg_summands(min(request.secagg_summands, setup.sites_in_sum))
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
@@ -247,12 +269,16 @@ class Site:
         self.releases.save(run_key, "train", request.round, fingerprint, {"votes": votes.tolist()})
         return self._vote_reply(votes, spent, request)
 
-    def release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
+    def release_accuracy(
+        self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = ""
+    ) -> P.EvaluationReply:
         """:meth:`_release_accuracy` under the site's release lock."""
         with self.releases.exclusive():
             return self._release_accuracy(correct, count, request, run_id)
 
-    def _release_accuracy(self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = "") -> P.EvaluationReply:
+    def _release_accuracy(
+        self, correct: int, count: int, request: P.EvaluationRequest, run_id: str = ""
+    ) -> P.EvaluationReply:
         """The evaluation release: both counts noised (L2 sensitivity sqrt 2) and charged first,
         or, when the noise multiplier is 0 and only if the site's terms allow it, exact with the
         accuracy. A repeated request of a resumed run gets the stored release."""
@@ -260,7 +286,8 @@ class Site:
         if sigma <= 0:
             if not self.terms.allow_clear_evaluation:
                 raise P.SiteRefusal(
-                    "the server asked for a clear evaluation, which this site's node config does not allow (allow-clear-evaluation)"
+                    "the server asked for a clear evaluation, which this site's node config does not allow "
+                    "(allow-clear-evaluation)"
                 )
             accuracy = correct / count if count else 0.0
             return P.EvaluationReply(
@@ -277,13 +304,25 @@ class Site:
         stored = self._stored(run_key, "evaluate", round, fingerprint)
         if stored is not None:
             return P.EvaluationReply(
-                stored["correct"], stored["count"], self.ledger.spent_epsilon(), self.terms.epsilon_budget, self.partition_id, site_label=self.label
+                stored["correct"],
+                stored["count"],
+                self.ledger.spent_epsilon(),
+                self.terms.epsilon_budget,
+                self.partition_id,
+                site_label=self.label,
             )
         spent = self.ledger.charge(sigma, round=round, run_id=run_key)
         noised = mechanism.apply(np.array([correct, count], dtype=np.float64))
-        self.releases.save(run_key, "evaluate", round, fingerprint, {"correct": float(noised[0]), "count": float(noised[1])})
+        self.releases.save(
+            run_key, "evaluate", round, fingerprint, {"correct": float(noised[0]), "count": float(noised[1])}
+        )
         return P.EvaluationReply(
-            float(noised[0]), float(noised[1]), spent, self.terms.epsilon_budget, self.partition_id, site_label=self.label
+            float(noised[0]),
+            float(noised[1]),
+            spent,
+            self.terms.epsilon_budget,
+            self.partition_id,
+            site_label=self.label,
         )
 
     def train_dp(self, request: P.TrainRequest, run_id: str = "") -> P.TrainReply:
@@ -297,19 +336,31 @@ class Site:
         past the budget raises ``BudgetExceededError`` and nothing is trained or released. A round
         this site already paid for is answered with the stored weights if the request is the
         same, and refused otherwise."""
-        settings = DPSGDSettings(request.noise_multiplier, request.sample_rate, request.steps,
-                                 request.max_grad_norm, request.lr, request.optimizer).validate()  # fmt: skip
+        settings = DPSGDSettings(
+            request.noise_multiplier,
+            request.sample_rate,
+            request.steps,
+            request.max_grad_norm,
+            request.lr,
+            request.optimizer,
+        ).validate()
         model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
         load_numpy_state_dict(model, request.weights)  # a malformed model fails before the charge
         check_private_model(model)  # so does one opacus cannot train per example (BatchNorm)
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
         if stored is None:
-            spent = self.ledger.charge(settings.noise_multiplier, request.round, run_key, settings.sample_rate, settings.steps)
+            spent = self.ledger.charge(
+                settings.noise_multiplier, request.round, run_key, settings.sample_rate, settings.steps
+            )
             dp_train(model, self.data.train.images, self.data.train.labels, settings)
             weights = state_dict_to_numpy(model)
-            self.releases.save(run_key, "dpsgd", request.round, fingerprint, {k: v.tolist() for k, v in weights.items()})
+            self.releases.save(
+                run_key, "dpsgd", request.round, fingerprint, {k: v.tolist() for k, v in weights.items()}
+            )
         else:
             spent = self.ledger.spent_epsilon()
             weights = {k: np.asarray(v, dtype=request.weights[k].dtype) for k, v in stored.items()}
-        return P.TrainReply(weights, spent, self.terms.epsilon_budget, self.partition_id, settings.noise_multiplier, self.label)
+        return P.TrainReply(
+            weights, spent, self.terms.epsilon_budget, self.partition_id, settings.noise_multiplier, self.label
+        )

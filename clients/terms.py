@@ -46,7 +46,9 @@ class DataPathError(DataFolderError):
 
 #: How a site's node config names its ImageFolder (in the messages of :class:`DataPathError`).
 DATA_PATH_KEY = "node config data-path"
-_DATA_PATH_FIX = 'set data-path="/abs/path/to/ImageFolder" (laid out as <class_name>/*.png) in the SuperNode\'s --node-config'
+_DATA_PATH_FIX = (
+    'set data-path="/abs/path/to/ImageFolder" (laid out as <class_name>/*.png) in the SuperNode\'s --node-config'
+)
 
 
 def site_data_path(node_config: Mapping[str, Any], operator_run: bool) -> Path | None:

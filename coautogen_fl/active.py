@@ -132,7 +132,9 @@ class ActiveLoop:
             data = list(voted)
         self.model = self.train(stack_images(data), np.array([c.label for c in data], dtype=np.int64))
 
-    def draw(self, label: int, n: int, parents: Sequence[Candidate], degree: float, uncertain: bool = True) -> list[Candidate]:
+    def draw(
+        self, label: int, n: int, parents: Sequence[Candidate], degree: float, uncertain: bool = True
+    ) -> list[Candidate]:
         """``n`` candidates of ``label``: variations of ``parents`` at ``degree`` (fresh draws when
         there are none); with ``uncertain``, the model's most uncertain of ``oversample x n``."""
         if n <= 0:
@@ -152,7 +154,11 @@ class ActiveLoop:
         """The next pool: ``per_label x classes`` candidates split by the steered shares."""
         counts = allocate(self.shares, per_label * self.num_classes)
         degrees = class_degrees(degree, self.shares)
-        return [c for label in range(self.num_classes) for c in self.draw(label, int(counts[label]), accepted[label], float(degrees[label]))]
+        return [
+            c
+            for label in range(self.num_classes)
+            for c in self.draw(label, int(counts[label]), accepted[label], float(degrees[label]))
+        ]
 
     def final(self, accepted: dict[int, list[Candidate]], volume_per_label: int) -> list[Candidate]:
         """The final dataset: per class its steered volume, the best-voted accumulated images up to
@@ -169,7 +175,9 @@ class ActiveLoop:
 
     def diagnostics(self) -> dict[str, Any]:
         """For ``metrics.jsonl``: the released errors the round steered by and the shares they gave."""
-        return {"active": {
-            "class_errors": None if self.errors is None else [round(float(e), 3) for e in self.errors],
-            "volume_shares": [round(float(s), 4) for s in self.shares],
-        }}
+        return {
+            "active": {
+                "class_errors": None if self.errors is None else [round(float(e), 3) for e in self.errors],
+                "volume_shares": [round(float(s), 4) for s in self.shares],
+            }
+        }

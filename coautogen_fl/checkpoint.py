@@ -88,4 +88,6 @@ class Checkpoint:
             data["completed"] = [RoundRecord(**r) for r in data["completed"]]
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"{path} is unreadable ({exc}); restore it from a backup or start a new run") from None
+            raise CheckpointError(
+                f"{path} is unreadable ({exc}); restore it from a backup or start a new run"
+            ) from None

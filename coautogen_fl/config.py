@@ -19,11 +19,22 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from .frameworks import FRAMEWORKS
 from .registry import check_names  # the registry knows built-in, aliased and plugged-in names
 from .schema import (  # noqa: F401  (the schema is part of this module's interface)
-    CAPTIONER_ALIASES, GENERATOR_ALIASES, LLM_ALIASES, ConfigError, DataConfig, DownstreamConfig, EmbedderConfig,
-    FederationConfig, FeedbackConfig, GeneratorConfig, PostprocessConfig, PrivacyConfig, PromptsConfig, RunConfig,
+    CAPTIONER_ALIASES,
+    GENERATOR_ALIASES,
+    LLM_ALIASES,
+    ConfigError,
+    DataConfig,
+    DownstreamConfig,
+    EmbedderConfig,
+    FederationConfig,
+    FeedbackConfig,
+    GeneratorConfig,
+    PostprocessConfig,
+    PrivacyConfig,
+    PromptsConfig,
+    RunConfig,
     TrackingConfig,
 )
-
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("cpu", "cuda", "auto"),
@@ -268,29 +279,43 @@ def validate(cfg: RunConfig) -> None:
         if value >= high:
             raise ConfigError(f"{key} must be < {high} (got {value})")
     if cfg.feedback.task_type != "syn" and cfg.downstream.model != "cnn":  # resnet18's BatchNorm mixes examples
-        raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} trains with per-example DP-SGD, which needs "
-                          f"downstream.model=cnn (got {cfg.downstream.model!r}: BatchNorm breaks per-example privacy)")
+        raise ConfigError(
+            f"feedback.task_type={cfg.feedback.task_type} trains with per-example DP-SGD, which needs "
+            f"downstream.model=cnn (got {cfg.downstream.model!r}: BatchNorm breaks per-example privacy)"
+        )
     if cfg.feedback.task_type != "syn" and cfg.privacy.unit != "image":  # DP-SGD clips one example, not one site
-        raise ConfigError(f"feedback.task_type={cfg.feedback.task_type} protects one image (per-example DP-SGD); "
-                          "privacy.unit=site is not supported with it: use privacy.unit=image")
+        raise ConfigError(
+            f"feedback.task_type={cfg.feedback.task_type} protects one image (per-example DP-SGD); "
+            "privacy.unit=site is not supported with it: use privacy.unit=image"
+        )
     if cfg.privacy.mode == "secagg" and cfg.feedback.rater == "RF":
-        raise ConfigError("privacy.mode=secagg carries non-negative integer votes; -r RF's keep-minus-reject scores can be "
-                          "negative: use privacy.mode=local or central with -r RF")
+        raise ConfigError(
+            "privacy.mode=secagg carries non-negative integer votes; -r RF's keep-minus-reject scores can be "
+            "negative: use privacy.mode=local or central with -r RF"
+        )
     if cfg.privacy.mode == "secagg" and cfg.feedback.task_type != "syn":
-        raise ConfigError(f"privacy.mode=secagg carries the vote rounds of -tt syn; -tt {cfg.feedback.task_type}'s DP-SGD "
-                          "rounds do not go through SecAgg+ yet: use privacy.mode=local with -tt real/mix")
+        raise ConfigError(
+            f"privacy.mode=secagg carries the vote rounds of -tt syn; -tt {cfg.feedback.task_type}'s DP-SGD "
+            "rounds do not go through SecAgg+ yet: use privacy.mode=local with -tt real/mix"
+        )
     g = cfg.generator
     check_names(cfg)
     if not g.output_low < g.output_high:
         raise ConfigError(f"generator.output_low ({g.output_low}) must be < generator.output_high ({g.output_high})")
     chosen = FRAMEWORKS[cfg.feedback.framework]
     if chosen.needs_llm and not cfg.prompts.llm:
-        raise ConfigError(f"feedback.framework={chosen.name} needs an LLM: set prompts.llm (-sllm Llama3, a hub id or a local folder)")
+        raise ConfigError(
+            f"feedback.framework={chosen.name} needs an LLM: set prompts.llm (-sllm Llama3, a hub id or a local folder)"
+        )
     if cfg.privacy.mode == "secagg" and not chosen.secagg:
-        raise ConfigError(f"-f {chosen.name}'s releases do not go through SecAgg+ yet: use privacy.mode=local or central")
+        raise ConfigError(
+            f"-f {chosen.name}'s releases do not go through SecAgg+ yet: use privacy.mode=local or central"
+        )
     if not 0.0 <= cfg.feedback.mix_ratio < 1.0 or not 0.0 <= cfg.feedback.active_steer <= 1.0:
-        raise ConfigError(f"feedback.mix_ratio must be in [0, 1) and feedback.active_steer in [0, 1] (got "
-                          f"{cfg.feedback.mix_ratio}, {cfg.feedback.active_steer})")
+        raise ConfigError(
+            f"feedback.mix_ratio must be in [0, 1) and feedback.active_steer in [0, 1] (got "
+            f"{cfg.feedback.mix_ratio}, {cfg.feedback.active_steer})"
+        )
     if "{name}" not in g.prompt_template:
         raise ConfigError(f"generator.prompt_template must contain {{name}} (got {g.prompt_template!r})")
     if not g.degree_end <= g.degree_start:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -88,7 +88,9 @@ class FolderReport:
         """Lines worth knowing that need no fix."""
         lines = []
         if self.nested:
-            lines.append(f"{self.nested} image(s) found in sub-folders of class folders, each counted under its class folder")
+            lines.append(
+                f"{self.nested} image(s) found in sub-folders of class folders, each counted under its class folder"
+            )
         if self.other_suffixes:
             found = ", ".join(f"{suffix or '(none)'} x{n}" for suffix, n in sorted(self.other_suffixes.items()))
             lines.append(f"files that are not {'/'.join(IMAGE_SUFFIXES)} ignored: {found}")
@@ -186,7 +188,9 @@ def scan_image_folder(
             f"data folder not found: {folder} (set by {key}); point {key} at a directory laid out as "
             "<root>/<class_name>/*.png"
         )
-    class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    class_dirs = sorted(
+        (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
+    )
     report = FolderReport(folder, {d.name: 0 for d in class_dirs})
     report.stray = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     seen: set[Path] = set()
@@ -235,7 +239,9 @@ def load_image_folder(
         )
     if not images:
         listed = "; ".join(f"{path} ({reason})" for path, reason in report.skipped)
-        raise DataError(f"none of the {len(files)} image files under {report.root} (set by {key}) can be read: {listed}")
+        raise DataError(
+            f"none of the {len(files)} image files under {report.root} (set by {key}) can be read: {listed}"
+        )
     return ImageSet(np.stack(images), np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs), report)
 
 
@@ -273,8 +279,13 @@ _PARTITIONERS: dict[tuple, Any] = {}
 
 def partition_indices(labels: np.ndarray, num_partitions: int, cfg: DataConfig, partition_id: int) -> np.ndarray:
     """Indices of site ``partition_id``'s share of the private pool (flwr-datasets partitioners)."""
-    key = (hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(), num_partitions, cfg.partitioner,
-           cfg.dirichlet_alpha, cfg.seed)  # fmt: skip
+    key = (
+        hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
+        num_partitions,
+        cfg.partitioner,
+        cfg.dirichlet_alpha,
+        cfg.seed,
+    )
     if key not in _PARTITIONERS:
         _PARTITIONERS.clear()  # one pool at a time
         _PARTITIONERS[key] = _partitioner(labels, num_partitions, cfg)
@@ -314,7 +325,9 @@ def keyed_uniforms(data: ImageSet, key: bytes) -> np.ndarray:
     label and pixels. It depends on that image alone, and without the key nobody can predict it."""
     values = np.empty(len(data), dtype=np.float64)
     for i in range(len(data)):
-        message = int(data.labels[i]).to_bytes(8, "little", signed=True) + np.ascontiguousarray(data.images[i]).tobytes()
+        message = (
+            int(data.labels[i]).to_bytes(8, "little", signed=True) + np.ascontiguousarray(data.images[i]).tobytes()
+        )
         digest = hmac.new(key, message, hashlib.sha256).digest()
         values[i] = int.from_bytes(digest[:7], "little") / float(1 << 56)
     return values
@@ -334,8 +347,10 @@ def assign_roles(data: ImageSet, key: bytes, test_fraction: float, cap: int = 0)
     test = np.flatnonzero(u < test_fraction)
     voters = np.flatnonzero(u >= test_fraction)
     if cap > 0:
-        kept = [members[np.argsort(u[members], kind="stable")[:cap]] for members in
-                (voters[data.labels[voters] == label] for label in np.unique(data.labels[voters]))]
+        kept = [
+            members[np.argsort(u[members], kind="stable")[:cap]]
+            for members in (voters[data.labels[voters] == label] for label in np.unique(data.labels[voters]))
+        ]
         voters = np.sort(np.concatenate(kept)) if kept else voters[:0]
     return voters, test
 
@@ -346,7 +361,9 @@ def split_site(data: ImageSet, cfg: DataConfig, key: bytes, partition_id: int) -
     return SitePartition(train=data.subset(voters), test=data.subset(test), partition_id=partition_id)
 
 
-def site_partition(pool: ImageSet, partition_id: int, num_partitions: int, cfg: DataConfig, key: bytes) -> SitePartition:
+def site_partition(
+    pool: ImageSet, partition_id: int, num_partitions: int, cfg: DataConfig, key: bytes
+) -> SitePartition:
     """Site ``partition_id``'s private train and test splits of the pool (roles keyed by ``key``)."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions}); check the node config")
@@ -372,7 +389,9 @@ def shifted_copies(data: ImageSet, copies: int = SHIFTED_COPIES, max_shift: int 
     rng = np.random.default_rng(seed)
     shifts = rng.integers(-max_shift, max_shift + 1, size=(len(data), copies, 2))
     size = data.images.shape[1]
-    padded = np.pad(data.images, [(0, 0), (max_shift, max_shift), (max_shift, max_shift)] + [(0, 0)] * (data.images.ndim - 3))
+    padded = np.pad(
+        data.images, [(0, 0), (max_shift, max_shift), (max_shift, max_shift)] + [(0, 0)] * (data.images.ndim - 3)
+    )
     out = np.empty((len(data) * copies, *data.images.shape[1:]), dtype=data.images.dtype)
     for c in range(copies):
         for i, (dy, dx) in enumerate(shifts[:, c]):

@@ -15,8 +15,13 @@ def resolve_device(device: str = "cpu", device_id: int = 0) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("device=cuda (-dev cuda) was requested but no CUDA GPU is visible; use -dev cpu or -dev auto")
+            raise DeviceError(
+                "device=cuda (-dev cuda) was requested but no CUDA GPU is visible; use -dev cpu or -dev auto"
+            )
         if not 0 <= device_id < torch.cuda.device_count():
-            raise DeviceError(f"device_id={device_id} (-did) but only {torch.cuda.device_count()} CUDA device(s) exist; pick one below that")
+            raise DeviceError(
+                f"device_id={device_id} (-did) but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                "pick one below that"
+            )
         return f"cuda:{device_id}"
     return "cpu"

@@ -19,9 +19,14 @@ def _build_cnn(num_classes: int, channels: int, image_size: int) -> nn.Module:
     # Two conv/pool stages halve the side twice, hence image_size // 4 at the Linear.
     side = image_size // 4
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * side * side, num_classes),
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * side * side, num_classes),
     )
 
 
@@ -105,8 +110,9 @@ def build_classifier(
     if name not in CLASSIFIERS:
         raise ValueError(f"unknown classifier {name!r}; valid names: {sorted(CLASSIFIERS)}")
     if num_classes < 1 or channels < 1 or image_size < 4:
-        raise ValueError("need num_classes >= 1, channels >= 1, image_size >= 4; got "
-                         f"{num_classes}, {channels}, {image_size}")
+        raise ValueError(
+            f"need num_classes >= 1, channels >= 1, image_size >= 4; got {num_classes}, {channels}, {image_size}"
+        )
     if seed is None:
         return CLASSIFIERS[name](num_classes, channels, image_size)
     with torch.random.fork_rng(devices=[]):
@@ -180,9 +186,18 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, strength: float =
 
 
 def train_classifier(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: int = 30, lr: float = 1e-3,
-    batch_size: int = 64, seed: int = 0, device: str = "cpu", progress: bool = False,
-    augment: float = 0.0, label_smoothing: float = 0.0,
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    augment: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> nn.Module:
     """Train ``model`` in place with Adam and cross-entropy.
 
@@ -276,7 +291,9 @@ def evaluate_classifier(
     return correct / len(x), len(x)
 
 
-def predict_probabilities(model: nn.Module, images: np.ndarray, *, device: str = "cpu", batch_size: int = 256) -> np.ndarray:
+def predict_probabilities(
+    model: nn.Module, images: np.ndarray, *, device: str = "cpu", batch_size: int = 256
+) -> np.ndarray:
     """Softmax outputs of ``model`` on ``images``, float64 (N, num_classes); (0, 0) if empty."""
     if len(images) == 0:
         return np.zeros((0, 0))
@@ -284,11 +301,15 @@ def predict_probabilities(model: nn.Module, images: np.ndarray, *, device: str =
     model.to(device)
     model.eval()
     with torch.no_grad():
-        chunks = [torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu() for i in range(0, len(x), batch_size)]
+        chunks = [
+            torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu() for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(chunks).double().numpy()
 
 
-def class_errors(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *, device: str = "cpu") -> np.ndarray:
+def class_errors(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *, device: str = "cpu"
+) -> np.ndarray:
     """Misclassified images of ``model`` per true class, float64 (num_classes,).
 
     One image adds at most 1 to one entry: the vector's L2 sensitivity to one image is 1.
@@ -303,10 +324,20 @@ def class_errors(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_c
 
 
 def train_and_evaluate(
-    name: str, train_images: np.ndarray, train_labels: np.ndarray,
-    test_images: np.ndarray, test_labels: np.ndarray, num_classes: int, *,
-    epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "cpu",
-    augment: float = 0.0, label_smoothing: float = 0.0,
+    name: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    augment: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> tuple[nn.Module, float]:
     """Build ``name`` under ``seed``, train it on one set and return its accuracy on another.
 
@@ -333,8 +364,18 @@ def train_and_evaluate(
         raise ValueError(f"train_images must be square (N,H,H[,C]), got {shape}")
     channels = 1 if len(shape) == 3 else shape[3]
     model = build_classifier(name, num_classes, channels, shape[1], seed=seed)
-    train_classifier(model, train_images, train_labels, epochs=epochs, lr=lr, batch_size=batch_size,
-                     seed=seed, device=device, augment=augment, label_smoothing=label_smoothing)
+    train_classifier(
+        model,
+        train_images,
+        train_labels,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        augment=augment,
+        label_smoothing=label_smoothing,
+    )
     accuracy, _ = evaluate_classifier(model, test_images, test_labels, device=device)
     return model, accuracy
 

@@ -153,9 +153,13 @@ def dp_train(
     work = GradSampleModule(copy.deepcopy(model).to(device))  # hooks stay on the copy
     generator = entropy_generator()
     optimizer = DPOptimizer(
-        _optimizer(work.parameters(), settings), noise_multiplier=settings.noise_multiplier,
-        max_grad_norm=settings.max_grad_norm, expected_batch_size=1, loss_reduction="sum",
-        generator=generator, secure_mode=True,
+        _optimizer(work.parameters(), settings),
+        noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        expected_batch_size=1,
+        loss_reduction="sum",
+        generator=generator,
+        secure_mode=True,
     )
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     work.train()

@@ -138,7 +138,9 @@ class Evolution:
             self._payload = (embeddings, labels)
         return self._payload
 
-    def advance(self, server_round: int, votes: np.ndarray, noise_std: float, children_per_label: int, final: bool = False) -> RoundOutcome:
+    def advance(
+        self, server_round: int, votes: np.ndarray, noise_std: float, children_per_label: int, final: bool = False
+    ) -> RoundOutcome:
         """Record the summed noised votes on the pool and breed the next pool from them.
 
         Parameters
@@ -177,7 +179,9 @@ class Evolution:
         self._set_pool(children)
         return RoundOutcome(voted, children, int((kept > 0).sum()), selection.fallback_labels, degree)
 
-    def _refit(self, server_round: int, voted: list[Candidate], votes: np.ndarray, labels: np.ndarray, per_label: int) -> RoundOutcome:
+    def _refit(
+        self, server_round: int, voted: list[Candidate], votes: np.ndarray, labels: np.ndarray, per_label: int
+    ) -> RoundOutcome:
         """Distribution evolution: the votes refit the generator's sampling distribution and
         the next pool (or the final dataset) is drawn fresh from it."""
         weights = vote_weights(votes, labels)
@@ -189,7 +193,9 @@ class Evolution:
         fallback = [int(c) for c in np.unique(labels) if weights[labels == c].sum() <= 0]
         return RoundOutcome(voted, children, int((weights > 0).sum()), fallback, 0.0)
 
-    def _filter(self, server_round: int, voted: list[Candidate], votes: np.ndarray, noise_std: float, final: bool) -> RoundOutcome:
+    def _filter(
+        self, server_round: int, voted: list[Candidate], votes: np.ndarray, noise_std: float, final: bool
+    ) -> RoundOutcome:
         """The Filter framework: keep what clears the threshold (best first, up to the volume),
         then a fresh pool, or after the last round the accumulated dataset, topped up."""
         volume = self.cfg.volume_per_label
@@ -200,7 +206,9 @@ class Evolution:
         short = [label for label, bucket in self.accepted.items() if len(bucket) < volume]
         for label in short:  # this round's best-scoring leftovers, then fresh draws (the prior: no votes)
             bucket = self.accepted[label]
-            rest = [i for i in np.argsort(-votes, kind="stable") if voted[i].label == label and id(voted[i]) not in taken]
+            rest = [
+                i for i in np.argsort(-votes, kind="stable") if voted[i].label == label and id(voted[i]) not in taken
+            ]
             bucket.extend(voted[i] for i in rest[: volume - len(bucket)])
             if len(bucket) < volume:
                 bucket.extend(self.generator.random(label, volume - len(bucket)))
@@ -220,13 +228,17 @@ class Evolution:
                 kept += 1
         return kept
 
-    def _next_pool(self, server_round: int, voted: list[Candidate], pool: list[Candidate], kept: int, degree: float = 0.0) -> RoundOutcome:
+    def _next_pool(
+        self, server_round: int, voted: list[Candidate], pool: list[Candidate], kept: int, degree: float = 0.0
+    ) -> RoundOutcome:
         for child in pool:
             child.round = server_round
         self._set_pool(pool)
         return RoundOutcome(voted, pool, kept, degree=degree)
 
-    def _active(self, server_round: int, voted: list[Candidate], votes: np.ndarray, noise_std: float, final: bool) -> RoundOutcome:
+    def _active(
+        self, server_round: int, voted: list[Candidate], votes: np.ndarray, noise_std: float, final: bool
+    ) -> RoundOutcome:
         """The Active framework: accumulate, train the round's model, then a steered pool of the
         model's most uncertain candidates, or after the last round the mixed final dataset."""
         assert self.active is not None  # checked in __init__

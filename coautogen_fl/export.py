@@ -52,7 +52,9 @@ def final_entries(run_dir: Path) -> tuple[list[ExportItem], list[str]]:
     """Every image of the final dataset with its own label, and the class names by label."""
     folder = run_dir / "synthetic"
     if not (folder / "index.jsonl").is_file():
-        raise ExportError(f"{run_dir} holds no final dataset (synthetic/index.jsonl): did the run finish its last round?")
+        raise ExportError(
+            f"{run_dir} holds no final dataset (synthetic/index.jsonl): did the run finish its last round?"
+        )
     entries = read_index(folder)
     names: dict[int, str] = {int(e["label"]): e["file"].split("/", 1)[0] for e in entries}
     classes = [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
@@ -70,7 +72,9 @@ def final_items(run_dir: Path) -> tuple[list[ExportItem], list[str]]:
             continue
         label = int(decision.get("label", item.label))
         if not 0 <= label < len(classes):
-            raise ExportError(f"{REVIEW_FILE}: image {item.image_id} relabelled to {label}, not a class (0..{len(classes) - 1})")
+            raise ExportError(
+                f"{REVIEW_FILE}: image {item.image_id} relabelled to {label}, not a class (0..{len(classes) - 1})"
+            )
         kept.append(replace(item, label=label))
     return kept, classes
 
@@ -93,8 +97,16 @@ def export_hf(items: list[ExportItem], classes: list[str], target: Path) -> Path
     parent and genotype (JSON) columns; ``datasets.load_from_disk(target)`` reads it back."""
     from datasets import ClassLabel, Dataset, Features, Image, Value
 
-    features = Features({"image": Image(), "label": ClassLabel(names=classes), "id": Value("string"),
-                         "round": Value("int64"), "parent": Value("string"), "genotype": Value("string")})  # fmt: skip
+    features = Features(
+        {
+            "image": Image(),
+            "label": ClassLabel(names=classes),
+            "id": Value("string"),
+            "round": Value("int64"),
+            "parent": Value("string"),
+            "genotype": Value("string"),
+        }
+    )
     columns = {
         "image": [str(item.path) for item in items],
         "label": [item.label for item in items],

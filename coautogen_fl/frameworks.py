@@ -42,16 +42,30 @@ class Framework:
     secagg: bool = True
 
 
-FRAMEWORKS: dict[str, Framework] = {f.name: f for f in (
-    Framework("Gen", "generate once from the generator's prior, no votes", votes=False),
-    Framework("GenLLM", "generate once from LLM-written prompts, no votes", votes=False, needs_llm=True),
-    Framework("Feedback", "Private Evolution across sites: votes select and vary the pool", votes=True),
-    Framework("Filter", "generate, keep what the votes clear, accumulate to -vpl per class", votes=True,
-              evolve="filter", resumable=False),
-    Framework("Active", "votes filter and accumulate; the sites' DP per-class errors of the current model steer "
-              "volume and variation, its uncertainty picks what they vote on next", votes=True, evolve="active",
-              resumable=False, secagg=False),
-)}
+FRAMEWORKS: dict[str, Framework] = {
+    f.name: f
+    for f in (
+        Framework("Gen", "generate once from the generator's prior, no votes", votes=False),
+        Framework("GenLLM", "generate once from LLM-written prompts, no votes", votes=False, needs_llm=True),
+        Framework("Feedback", "Private Evolution across sites: votes select and vary the pool", votes=True),
+        Framework(
+            "Filter",
+            "generate, keep what the votes clear, accumulate to -vpl per class",
+            votes=True,
+            evolve="filter",
+            resumable=False,
+        ),
+        Framework(
+            "Active",
+            "votes filter and accumulate; the sites' DP per-class errors of the current model steer "
+            "volume and variation, its uncertainty picks what they vote on next",
+            votes=True,
+            evolve="active",
+            resumable=False,
+            secagg=False,
+        ),
+    )
+}
 
 
 def framework(name: str) -> Framework:

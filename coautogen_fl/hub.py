@@ -61,7 +61,9 @@ def check_device(device: str, error: type[ModelLoadError] = ModelLoadError) -> N
         )
 
 
-def resolve_model_source(model: str, what: str, marker: str, config_key: str, error: type[ModelLoadError] = ModelLoadError) -> str:
+def resolve_model_source(
+    model: str, what: str, marker: str, config_key: str, error: type[ModelLoadError] = ModelLoadError
+) -> str:
     """The local path to load ``model`` from, without touching the network.
 
     Parameters
@@ -127,7 +129,9 @@ def torch_dtype_for(device: str):  # -> torch.dtype
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
-def read_model_config(source: str, model: str, config_key: str, error: type[ModelLoadError] = ModelLoadError) -> dict[str, Any]:
+def read_model_config(
+    source: str, model: str, config_key: str, error: type[ModelLoadError] = ModelLoadError
+) -> dict[str, Any]:
     """The ``config.json`` of a resolved transformers model folder, read before any weights load
     (to refuse the wrong kind of model in one line)."""
     try:

@@ -85,6 +85,7 @@ _SITE_BOOKKEEPING = (
     WireField(SITE, SITE_LABEL, Release.PUBLIC, "the site's own name (node config site-name; empty if unset)"),
 )
 
+
 #: A SecAgg+ stage's fields (Flower's ``Key`` values): data-independent protocol values.
 def _secagg_public(*keys_meanings: tuple[str, str]) -> tuple[WireField, ...]:
     return tuple(WireField(SECAGG_CONFIGS, key, Release.PUBLIC, meaning) for key, meaning in keys_meanings)
@@ -101,13 +102,19 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
     ),
     "train-active": (  # -f Active, once the request carries a model: one release of both vectors
         WireField(VOTES, VOTES, Release.CHARGED, "vote per candidate (float64 on the 1/16 grid)"),
-        WireField(VOTES, CLASS_ERRORS, Release.CHARGED,
-                  "the request's model's misclassified voters per class, noised with the votes (one charge)"),
+        WireField(
+            VOTES,
+            CLASS_ERRORS,
+            Release.CHARGED,
+            "the request's model's misclassified voters per class, noised with the votes (one charge)",
+        ),
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
         *_SITE_BOOKKEEPING,
     ),
     TRAIN_DPSGD: (
-        WireField(WEIGHTS, ANY_KEY, Release.CHARGED, "the model after the site's DP-SGD steps, one array per parameter"),
+        WireField(
+            WEIGHTS, ANY_KEY, Release.CHARGED, "the model after the site's DP-SGD steps, one array per parameter"
+        ),
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
         *_SITE_BOOKKEEPING,
     ),
@@ -125,19 +132,31 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
         ("ctxts", "Shamir shares of its own random mask seed and key, each encrypted to one neighbour"),
     ),
     "secagg-collect": (
-        WireField(SECAGG_CONFIGS, "masked_params", Release.CHARGED,
-                  "integer votes plus the site's discrete-Gaussian noise share, under masks (uniform mod 2^32 alone)"),
-        WireField(FITRES_NUM_EXAMPLES, "num_examples", Release.PUBLIC, "the constant 1: SecAgg+'s weight (sizes never leave)"),
+        WireField(
+            SECAGG_CONFIGS,
+            "masked_params",
+            Release.CHARGED,
+            "integer votes plus the site's discrete-Gaussian noise share, under masks (uniform mod 2^32 alone)",
+        ),
+        WireField(
+            FITRES_NUM_EXAMPLES, "num_examples", Release.PUBLIC, "the constant 1: SecAgg+'s weight (sizes never leave)"
+        ),
         WireField(FITRES_STATUS, "code", Release.PUBLIC, "the constant OK code of a legacy fit reply"),
         WireField(FITRES_STATUS, "message", Release.PUBLIC, "the constant message of a legacy fit reply"),
-        *(WireField(FITRES_METRICS, f.key, f.release, f.meaning) for f in (
-            WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
-            *_SITE_BOOKKEEPING,
-        )),
+        *(
+            WireField(FITRES_METRICS, f.key, f.release, f.meaning)
+            for f in (
+                WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+                *_SITE_BOOKKEEPING,
+            )
+        ),
     ),
     "secagg-unmask": _secagg_public(
         ("nids", "the node ids whose shares follow (from the server's lists)"),
-        ("shares", "shares of neighbours' mask seeds (survivors) or keys (dropped): removes masks, reveals only the sum"),
+        (
+            "shares",
+            "shares of neighbours' mask seeds (survivors) or keys (dropped): removes masks, reveals only the sum",
+        ),
     ),
     "evaluate-clear": (
         WireField(METRICS, CORRECT, Release.CONSENTED, "correctly classified site-test images"),
@@ -175,8 +194,14 @@ ERROR_REASONS: dict[int, str] = {
     ERROR_BAD_REQUEST: "refused: the request is malformed or asks for something the site does not allow",
     ERROR_NO_DATA: "failed: the site cannot load its private data; its operator has the details in the site log",
     ERROR_SITE_TERMS: "refused: the site's node config does not set its privacy terms (site-epsilon); see its log",
-    ERROR_NOT_ALLOWED: "refused: the site's terms do not allow this release (clean votes to an untrusted server, or a clear evaluation)",
-    ERROR_DATA_PATH: "failed: the site's data folder (node config data-path) is not set, not found or not an ImageFolder with images; see its log",
+    ERROR_NOT_ALLOWED: (
+        "refused: the site's terms do not allow this release "
+        "(clean votes to an untrusted server, or a clear evaluation)"
+    ),
+    ERROR_DATA_PATH: (
+        "failed: the site's data folder (node config data-path) is not set, not found "
+        "or not an ImageFolder with images; see its log"
+    ),
 }
 
 
@@ -248,7 +273,12 @@ class ModelProbe:
     weights: dict[str, np.ndarray]
 
     def config(self) -> dict[str, Scalar]:
-        return {MODEL: self.model, NUM_CLASSES: int(self.num_classes), CHANNELS: int(self.channels), IMAGE_SIZE: int(self.image_size)}
+        return {
+            MODEL: self.model,
+            NUM_CLASSES: int(self.num_classes),
+            CHANNELS: int(self.channels),
+            IMAGE_SIZE: int(self.image_size),
+        }
 
     @classmethod
     def from_parts(cls, parts: WireParts, what: str) -> "ModelProbe":
@@ -256,8 +286,13 @@ class ModelProbe:
         num_classes = _get(config, NUM_CLASSES, int, what)
         if num_classes < 1:
             raise ReplyError(f"{what}: '{NUM_CLASSES}' is {num_classes}, expected >= 1")
-        return cls(_get(config, MODEL, str, what), num_classes, _get(config, CHANNELS, int, what),
-                   _get(config, IMAGE_SIZE, int, what), dict(parts.arrays[WEIGHTS]))
+        return cls(
+            _get(config, MODEL, str, what),
+            num_classes,
+            _get(config, CHANNELS, int, what),
+            _get(config, IMAGE_SIZE, int, what),
+            dict(parts.arrays[WEIGHTS]),
+        )
 
 
 @dataclass(frozen=True)
@@ -306,7 +341,9 @@ class VoteRequest:
         """The request a SecAgg+ round carried as a legacy FitIns."""
         if len(arrays) != 2:
             raise ReplyError(f"secure vote request carries {len(arrays)} arrays, expected embeddings and labels")
-        return cls.from_parts(WireParts(arrays={CANDIDATES: {EMBEDDINGS: arrays[0], LABELS: arrays[1]}}, configs={CONFIG: dict(config)}))
+        return cls.from_parts(
+            WireParts(arrays={CANDIDATES: {EMBEDDINGS: arrays[0], LABELS: arrays[1]}}, configs={CONFIG: dict(config)})
+        )
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "VoteRequest":
@@ -385,7 +422,9 @@ class VoteReply:
     @staticmethod
     def legacy_bookkeeping(metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The public bookkeeping of a secure vote reply's legacy metrics, checked."""
-        parts = WireParts(configs={SITE: {SITE_LABEL: str(metrics.get(SITE_LABEL, ""))}}, metrics={METRICS: dict(metrics)})
+        parts = WireParts(
+            configs={SITE: {SITE_LABEL: str(metrics.get(SITE_LABEL, ""))}}, metrics={METRICS: dict(metrics)}
+        )
         return _bookkeeping_fields(parts, "secure vote reply")
 
     @classmethod
@@ -597,7 +636,9 @@ def validate_weights(weights: Mapping[str, np.ndarray], reference: Mapping[str, 
             raise ReplyError(f"weights '{key}' contain NaN or infinite values")
 
 
-def validate_votes(votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float, what: str = "votes") -> None:
+def validate_votes(
+    votes: np.ndarray, num_candidates: int, noise_std: float, max_clean_total: float, what: str = "votes"
+) -> None:
     """Check a vote vector before it is summed: shape, finite values, plausible size.
 
     Clean votes of one site are non-negative and sum to at most ``max_clean_total`` (a public

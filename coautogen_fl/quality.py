@@ -61,7 +61,9 @@ def frechet_distance_from_moments(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.n
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"moments do not match: means {mu1.shape}, {mu2.shape}; covariances {sigma1.shape}, {sigma2.shape}")
+        raise ValueError(
+            f"moments do not match: means {mu1.shape}, {mu2.shape}; covariances {sigma1.shape}, {sigma2.shape}"
+        )
     root = _psd_sqrt(sigma1)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0.0, None)).sum()
     diff = mu1 - mu2
@@ -113,8 +115,13 @@ def precision_recall(real: np.ndarray, synthetic: np.ndarray, k: int = DEFAULT_K
 
 def _metrics(real: np.ndarray, synthetic: np.ndarray, k: int) -> dict[str, Any]:
     """The three numbers for one pair of sets; None where a set is too small to define them."""
-    out: dict[str, Any] = {"num_real": len(real), "num_synthetic": len(synthetic),
-                           "frechet_distance": None, "precision": None, "recall": None}
+    out: dict[str, Any] = {
+        "num_real": len(real),
+        "num_synthetic": len(synthetic),
+        "frechet_distance": None,
+        "precision": None,
+        "recall": None,
+    }
     if len(real) >= 2 and len(synthetic) >= 2:
         out["frechet_distance"] = frechet_distance(real, synthetic)
     if len(real) > k and len(synthetic) > k:
@@ -210,8 +217,14 @@ def measure_synthetic_data(
     synthetic_keep = sample_per_class(synthetic_labels, max_per_class)
     real = np.asarray(embed(np.asarray(real_images)[real_keep]), dtype=np.float64)
     synthetic = np.asarray(embed(np.asarray(synthetic_images)[synthetic_keep]), dtype=np.float64)
-    metrics = quality_metrics(real, np.asarray(real_labels)[real_keep], synthetic,
-                              np.asarray(synthetic_labels)[synthetic_keep], class_names, k)
+    metrics = quality_metrics(
+        real,
+        np.asarray(real_labels)[real_keep],
+        synthetic,
+        np.asarray(synthetic_labels)[synthetic_keep],
+        class_names,
+        k,
+    )
     return {"available": True, "max_per_class": max_per_class, **metrics}
 
 

@@ -98,13 +98,17 @@ def filter_scores(
     if not _has_voters(private_embeddings, candidate_embeddings, k) or candidate_labels.shape[0] == 0:
         return scores
     k_eff = min(k, candidate_labels.shape[0])
-    nearest = np.argpartition(_squared_distances(private_embeddings, candidate_embeddings), k_eff - 1, axis=1)[:, :k_eff]
+    nearest = np.argpartition(_squared_distances(private_embeddings, candidate_embeddings), k_eff - 1, axis=1)[
+        :, :k_eff
+    ]
     agree = candidate_labels[nearest] == private_labels[:, None]
     np.add.at(scores, nearest.ravel(), np.where(agree, 1.0, -1.0).ravel() / np.sqrt(k_eff))
     return scores
 
 
-def _log_contrastive_confidence(candidate_embeddings: np.ndarray, candidate_labels: np.ndarray) -> tuple[np.ndarray, float]:
+def _log_contrastive_confidence(
+    candidate_embeddings: np.ndarray, candidate_labels: np.ndarray
+) -> tuple[np.ndarray, float]:
     """``log q_j`` of every candidate (PCEvolve's public part), from the candidates alone.
 
     Prototypes ``P_c`` are the class means of the candidates; ``s2`` the mean squared distance of a

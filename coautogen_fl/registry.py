@@ -134,15 +134,20 @@ def resolve(kind: str, name: str, load: bool = True) -> Resolved:
         try:
             return Resolved("plugin", registered[name].load())
         except Exception as exc:
-            raise RegistryError(f"{key}={name!r}: entry point {registered[name].value!r} failed to load ({first_line(exc, with_type=True)})") from None
+            raise RegistryError(
+                f"{key}={name!r}: entry point {registered[name].value!r} failed to load "
+                f"({first_line(exc, with_type=True)})"
+            ) from None
     if is_object_spec(name):
         return Resolved("plugin", load_object(name, key) if load else name)
     if kind != "embedder" and _looks_like_model(name):
         return Resolved("model", name)
     options = [*BUILTIN[kind], *known, *registered]
     extra = ", a hub id (owner/name) or a local folder (./models/x)" if kind != "embedder" else ""
-    raise RegistryError(f"{key}={name!r} is not valid; use one of {', '.join(options) or '(none built in)'}{extra}, "
-                        f"a name registered under the '{GROUPS[kind]}' entry point, or 'pkg.module:Class'")  # fmt: skip
+    raise RegistryError(
+        f"{key}={name!r} is not valid; use one of {', '.join(options) or '(none built in)'}{extra}, "
+        f"a name registered under the '{GROUPS[kind]}' entry point, or 'pkg.module:Class'"
+    )
 
 
 def call_plugin(obj: Any, cfg: RunConfig, context: GeneratorContext | dict[str, Any]) -> Any:
@@ -177,9 +182,13 @@ def check_names(cfg: RunConfig) -> None:
     if problem:
         raise ConfigError(problem)
     if cfg.prompts.captioner and not cfg.prompts.reference:
-        raise ConfigError("prompts.captioner needs prompts.reference: an ImageFolder of public reference images to caption")
+        raise ConfigError(
+            "prompts.captioner needs prompts.reference: an ImageFolder of public reference images to caption"
+        )
     if cfg.postprocess.upscale_on == "rounds" and not cfg.postprocess.upscaler:
-        raise ConfigError("postprocess.upscale_on=rounds needs postprocess.upscaler (a diffusers pipeline folder or hub id)")
+        raise ConfigError(
+            "postprocess.upscale_on=rounds needs postprocess.upscaler (a diffusers pipeline folder or hub id)"
+        )
 
 
 def names(kind: str) -> Sequence[str]:

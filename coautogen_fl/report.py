@@ -40,7 +40,9 @@ SECTIONS = {
 IMAGES_PER_CLASS = 12
 MAX_ROUNDS_SHOWN = 8
 MAX_CLASSES_SHOWN = 20
-REAL_ONLY = "Task type real: the model is trained on the sites' private data by DP-SGD alone; there is no synthetic data."
+REAL_ONLY = (
+    "Task type real: the model is trained on the sites' private data by DP-SGD alone; there is no synthetic data."
+)
 #: Lines of flower.log shown when a run left no summary.json (it crashed or was killed).
 LOG_TAIL_LINES = 30
 
@@ -56,7 +58,7 @@ th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums
 .reason{border-left:4px solid #c62828;background:#fdecea;padding:8px 12px;margin:8px 0}
 .note{border-left:4px solid #999;background:#f6f6f6;padding:6px 12px;margin:8px 0}
 .figs img{margin:4px 8px 4px 0;vertical-align:top;border:1px solid #eee} pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:0.8em}
-"""
+"""  # noqa: E501 (embedded CSS, served as is: wrapping its lines would change the page)
 
 
 # ---------------------------------------------------------------------------- reading the run
@@ -146,21 +148,46 @@ def _overview(run_dir: Path, summary: dict | None) -> str:
             tail = f"<h3>Last lines of flower.log</h3><pre>{_e(chr(10).join(clean))}</pre>"
         except OSError:
             pass
-        return ('<p><span class="status unknown">no summary</span></p>'
-                + _note("This run wrote no summary.json: it crashed, was killed, or is still running. "
-                        "The sections below show the files it left.") + tail)
+        return (
+            '<p><span class="status unknown">no summary</span></p>'
+            + _note(
+                "This run wrote no summary.json: it crashed, was killed, or is still running. "
+                "The sections below show the files it left."
+            )
+            + tail
+        )
     status = str(summary.get("status", "unknown"))
-    parts = [f'<p><span class="status {_e(status if status in ("completed", "failed") else "unknown")}">{_e(status)}</span></p>']
+    parts = [
+        f'<p><span class="status {_e(status if status in ("completed", "failed") else "unknown")}">'
+        f"{_e(status)}</span></p>"
+    ]
     if summary.get("reason"):
         parts.append(f'<p class="reason" id="failure-reason"><b>Why the run stopped:</b> {_e(summary["reason"])}</p>')
-    keys = [("framework", "framework"), ("task_type", "task type"), ("rater", "rater"), ("generator", "generator"), ("embedder", "embedder"),
-            ("epsilon", "epsilon (budget per site)"), ("delta", "delta"), ("privacy_mode", "privacy mode"),
-            ("privacy_unit", "privacy unit"), ("noise_multiplier", "noise multiplier"), ("rounds", "voting rounds"),
-            ("num_hospitals", "sites that took part"), ("num_hospitals_planned", "sites planned"),
-            ("num_synthetic", "synthetic images"), ("accuracy_real_test", "accuracy, central real test split"),
-            ("accuracy_federated", "accuracy, federated (sites' test splits)"), ("epsilon_spent_max", "epsilon spent (max)"),
-            ("wall_time_s", "wall time (s)")]
-    rows = [[f"<th>{_e(label)}</th>", f'<td class="num">{_num(summary.get(key))}</td>'] for key, label in keys if key in summary]
+    keys = [
+        ("framework", "framework"),
+        ("task_type", "task type"),
+        ("rater", "rater"),
+        ("generator", "generator"),
+        ("embedder", "embedder"),
+        ("epsilon", "epsilon (budget per site)"),
+        ("delta", "delta"),
+        ("privacy_mode", "privacy mode"),
+        ("privacy_unit", "privacy unit"),
+        ("noise_multiplier", "noise multiplier"),
+        ("rounds", "voting rounds"),
+        ("num_hospitals", "sites that took part"),
+        ("num_hospitals_planned", "sites planned"),
+        ("num_synthetic", "synthetic images"),
+        ("accuracy_real_test", "accuracy, central real test split"),
+        ("accuracy_federated", "accuracy, federated (sites' test splits)"),
+        ("epsilon_spent_max", "epsilon spent (max)"),
+        ("wall_time_s", "wall time (s)"),
+    ]
+    rows = [
+        [f"<th>{_e(label)}</th>", f'<td class="num">{_num(summary.get(key))}</td>']
+        for key, label in keys
+        if key in summary
+    ]
     dropped = summary.get("dropped_replies") or []
     rows.append(["<th>dropped or refused replies</th>", f'<td class="num">{len(dropped)}</td>'])
     parts.append("<table><tbody>" + "".join(f"<tr>{''.join(r)}</tr>" for r in rows) + "</tbody></table>")
@@ -186,7 +213,11 @@ def _pool_grid(folder: Path, entries: list[dict], element_id: str, by_votes: boo
         rows.append([*row, f"<td>{cell}</td>"])
         attrs.append(f' data-class="{_e(name)}"')
     header = ["class", "images"] + (["votes (best to worst)"] if by_votes else []) + ["sample"]
-    more = _note(f"The first {MAX_CLASSES_SHOWN} of {len(names)} classes are shown.") if len(names) > MAX_CLASSES_SHOWN else ""
+    more = (
+        _note(f"The first {MAX_CLASSES_SHOWN} of {len(names)} classes are shown.")
+        if len(names) > MAX_CLASSES_SHOWN
+        else ""
+    )
     return f'<div id="{_e(element_id)}">{_table(header, rows, attrs)}{more}</div>'
 
 
@@ -196,16 +227,23 @@ def _grids(run_dir: Path, summary: dict | None) -> str:
         if (summary or {}).get("task_type") == "real":
             return _note(REAL_ONLY)
         if summary and summary.get("framework") not in (None, "Feedback", "Filter"):
-            return _note(f"The {summary['framework']} framework draws the final dataset without voting rounds: no voted pools.")
+            return _note(
+                f"The {summary['framework']} framework draws the final dataset without voting rounds: no voted pools."
+            )
         return _note("No voted pool is stored (rounds/ is empty or missing): the run finished no voting round.")
     rounds = list(folders)
     shown = [rounds[i] for i in fig.evenly_spaced(len(rounds), MAX_ROUNDS_SHOWN)]
-    parts = [f'<p class="muted">Each row: up to {IMAGES_PER_CLASS} candidates of a class, ordered by their summed noised '
-             "votes (best left), sampled evenly from best to worst.</p>"]
+    parts = [
+        f'<p class="muted">Each row: up to {IMAGES_PER_CLASS} candidates of a class, ordered by their summed noised '
+        "votes (best left), sampled evenly from best to worst.</p>"
+    ]
     if len(shown) < len(rounds):
         parts.append(_note(f"Rounds {', '.join(map(str, shown))} of {len(rounds)} are shown."))
     for r in shown:
-        parts.append(f"<h3>Round {r}</h3>" + _pool_grid(folders[r], _read_jsonl(folders[r] / "index.jsonl"), f"pool-round-{r:03d}", True))
+        parts.append(
+            f"<h3>Round {r}</h3>"
+            + _pool_grid(folders[r], _read_jsonl(folders[r] / "index.jsonl"), f"pool-round-{r:03d}", True)
+        )
     return "".join(parts)
 
 
@@ -216,7 +254,10 @@ def _final(run_dir: Path, summary: dict | None) -> str:
     if not entries:
         why = ": the run stopped before it was drawn" if (summary or {}).get("status") != "completed" else ""
         return _note(f"No final dataset is stored (synthetic/ is empty or missing){why}.")
-    note = f'<p class="muted">{len(entries)} images in synthetic/; up to {IMAGES_PER_CLASS} per class shown, spread over the class.</p>'
+    note = (
+        f'<p class="muted">{len(entries)} images in synthetic/; '
+        f"up to {IMAGES_PER_CLASS} per class shown, spread over the class.</p>"
+    )
     return note + _pool_grid(run_dir / "synthetic", entries, "final-grid", False)
 
 
@@ -227,22 +268,35 @@ def _votes(run_dir: Path, metrics: dict[int, dict]) -> str:
     rounds = list(folders)
     images = []
     for r in (rounds[i] for i in fig.evenly_spaced(len(rounds), MAX_ROUNDS_SHOWN)):
-        votes = [e["votes"] for e in _read_jsonl(folders[r] / "index.jsonl") if isinstance(e.get("votes"), (int, float))]
+        votes = [
+            e["votes"] for e in _read_jsonl(folders[r] / "index.jsonl") if isinstance(e.get("votes"), (int, float))
+        ]
         if votes:
             std = metrics.get(r, {}).get("aggregate_noise_std")
-            uri = fig.vote_histogram(votes, std if isinstance(std, (int, float)) else None, f"round {r}: {len(votes)} candidates")
+            uri = fig.vote_histogram(
+                votes, std if isinstance(std, (int, float)) else None, f"round {r}: {len(votes)} candidates"
+            )
             images.append(_img(uri, f"vote histogram of round {r}", f"votes-round-{r:03d}"))
-    return ('<p class="muted">The sum over sites of each candidate\'s noised votes. Between the dashed lines the noise '
-            "dominates a single candidate's votes; the distribution refit sums over the whole pool, which averages it away.</p>"
-            f'<div class="figs">{"".join(images)}</div>')
+    return (
+        '<p class="muted">The sum over sites of each candidate\'s noised votes. Between the dashed lines the noise '
+        "dominates a single candidate's votes; "
+        "the distribution refit sums over the whole pool, which averages it away.</p>"
+        f'<div class="figs">{"".join(images)}</div>'
+    )
 
 
 #: Per-round table columns: (label, keys tried in order). Vote rounds and the DP-SGD rounds of
 #: ``-tt real`` / ``-tt mix`` name the same things differently.
-ROUND_COLUMNS = [("phase", ("phase",)), ("valid replies", ("votes_received", "updates_received")), ("dropped", ("dropped",)),
-                 ("noise", ("aggregate_noise_std", "dp_noise_multiplier")), ("kept", ("kept",)),
-                 ("accuracy, central test", ("accuracy_real_test",)), ("epsilon spent (max)", ("epsilon_spent_max",)),
-                 ("time (s)", ("round_time_s",))]
+ROUND_COLUMNS = [
+    ("phase", ("phase",)),
+    ("valid replies", ("votes_received", "updates_received")),
+    ("dropped", ("dropped",)),
+    ("noise", ("aggregate_noise_std", "dp_noise_multiplier")),
+    ("kept", ("kept",)),
+    ("accuracy, central test", ("accuracy_real_test",)),
+    ("epsilon spent (max)", ("epsilon_spent_max",)),
+    ("time (s)", ("round_time_s",)),
+]
 
 
 def _first(record: dict, keys: tuple[str, ...]) -> Any:
@@ -254,8 +308,11 @@ def _curves(summary: dict | None, metrics: dict[int, dict]) -> str:
     sites = (summary or {}).get("sites") or {}
     names = list(sites) or sorted({n for m in metrics.values() for n in (m.get("epsilon_spent") or {})}, key=str)
     steps = [str(r) for r in metrics] + (["end"] if sites else [])
-    spends = {n: [(m.get("epsilon_spent") or {}).get(n) for m in metrics.values()]
-              + ([sites[n].get("epsilon_spent")] if sites else []) for n in names}
+    spends = {
+        n: [(m.get("epsilon_spent") or {}).get(n) for m in metrics.values()]
+        + ([sites[n].get("epsilon_spent")] if sites else [])
+        for n in names
+    }
     dpsgd = [i for i, m in enumerate(metrics.values()) if m.get("phase") == "dpsgd"]
     if names and steps:
         budget = (summary or {}).get("epsilon")
@@ -264,20 +321,30 @@ def _curves(summary: dict | None, metrics: dict[int, dict]) -> str:
         figures.append(_img(uri, "epsilon spent per site", "spend-curve"))
     else:
         parts.append(_note("No site reported a spend (no metrics.jsonl and no sites in summary.json)."))
-    per_round = {r: m["accuracy_real_test"] for r, m in metrics.items() if isinstance(m.get("accuracy_real_test"), (int, float))}
+    per_round = {
+        r: m["accuracy_real_test"] for r, m in metrics.items() if isinstance(m.get("accuracy_real_test"), (int, float))
+    }
     if per_round:  # the DP-SGD rounds of -tt real / mix evaluate the global model every round
-        figures.append(_img(fig.accuracy_curve(list(per_round), list(per_round.values())), "accuracy per round", "accuracy-curve"))
+        figures.append(
+            _img(fig.accuracy_curve(list(per_round), list(per_round.values())), "accuracy per round", "accuracy-curve")
+        )
     labels = {"accuracy_real_test": "central real test split", "accuracy_federated": "federated (sites' test splits)"}
     accuracies = {label: (summary or {}).get(k) for k, label in labels.items()}
     accuracies = {k: v for k, v in accuracies.items() if isinstance(v, (int, float))}
     if accuracies:
         figures.append(_img(fig.accuracy_bars(accuracies), "final accuracies", "accuracy-bars"))
     else:
-        parts.append(_note("No accuracy was measured: the run stopped before the downstream model was trained and evaluated."))
+        parts.append(
+            _note("No accuracy was measured: the run stopped before the downstream model was trained and evaluated.")
+        )
     if metrics:
-        columns = [(label, keys) for label, keys in ROUND_COLUMNS if any(_first(m, keys) is not None for m in metrics.values())]
-        rows = [[f'<td class="num">{r}</td>'] + [f'<td class="num">{_num(_first(m, keys))}</td>' for _, keys in columns]
-                for r, m in metrics.items()]
+        columns = [
+            (label, keys) for label, keys in ROUND_COLUMNS if any(_first(m, keys) is not None for m in metrics.values())
+        ]
+        rows = [
+            [f'<td class="num">{r}</td>'] + [f'<td class="num">{_num(_first(m, keys))}</td>' for _, keys in columns]
+            for r, m in metrics.items()
+        ]
         parts.append("<h3>Per round</h3>" + _table(["round"] + [label for label, _ in columns], rows))
     return f'<div class="figs">{"".join(figures)}</div>' + "".join(parts)
 
@@ -299,15 +366,32 @@ def _ledger(run_dir: Path, summary: dict | None) -> str:
         entries = own.get("entries")
         budget = "an unreported budget" if s.get("epsilon_budget") is None else _num(s.get("epsilon_budget"))
         issues = [f"refused: {x}" for x in s.get("refusals") or []] + [f"failed: {x}" for x in s.get("failures") or []]
-        rows.append([f"<td>{_e(name)}</td>", f"<td>{_e(s.get('status', '?'))}</td>",
-                     f'<td class="num">{_num(s.get("epsilon_spent"))} of {budget}</td>', f'<td class="num">{_num(delta)}</td>',
-                     f'<td class="num">{_num(s.get("rounds_answered"))}</td>',
-                     f'<td class="num">{len(entries) if isinstance(entries, list) else "–"}</td>',
-                     f"<td>{'<br>'.join(_e(x) for x in issues) or '–'}</td>"])
+        rows.append(
+            [
+                f"<td>{_e(name)}</td>",
+                f"<td>{_e(s.get('status', '?'))}</td>",
+                f'<td class="num">{_num(s.get("epsilon_spent"))} of {budget}</td>',
+                f'<td class="num">{_num(delta)}</td>',
+                f'<td class="num">{_num(s.get("rounds_answered"))}</td>',
+                f'<td class="num">{len(entries) if isinstance(entries, list) else "–"}</td>',
+                f"<td>{'<br>'.join(_e(x) for x in issues) or '–'}</td>",
+            ]
+        )
         attrs.append(f' class="site-row" data-site="{_e(name)}"')
-    header = ["site", "status", "epsilon spent of budget", "delta", "rounds answered", "ledger releases", "refusals / failures"]
-    return ('<p class="muted">As the sites reported them; "ledger releases" counts the entries of a simulated site\'s own '
-            "ledger file (sites/site-N/privacy_ledger.json), where this run directory holds it.</p>" + _table(header, rows, attrs))
+    header = [
+        "site",
+        "status",
+        "epsilon spent of budget",
+        "delta",
+        "rounds answered",
+        "ledger releases",
+        "refusals / failures",
+    ]
+    return (
+        '<p class="muted">As the sites reported them; "ledger releases" counts the entries of a simulated site\'s own '
+        "ledger file (sites/site-N/privacy_ledger.json), where this run directory holds it.</p>"
+        + _table(header, rows, attrs)
+    )
 
 
 def _quality(summary: dict | None) -> str:
@@ -318,22 +402,29 @@ def _quality(summary: dict | None) -> str:
         if summary.get("task_type") == "real":
             return _note(REAL_ONLY)
         if summary.get("status") == "completed":
-            return _note("Not measured: summary.json has no quality entry (a run without a synthetic dataset, "
-                         "or one from before the measure).")
+            return _note(
+                "Not measured: summary.json has no quality entry (a run without a synthetic dataset, "
+                "or one from before the measure)."
+            )
         return _note("Not measured: the run stopped before the final dataset was drawn.")
     if not quality.get("available"):
         return _note(f"Not measured: {quality.get('reason', 'no reason recorded')}.")
     k = quality.get("k")
     cols = ("frechet_distance", "precision", "recall", "num_real", "num_synthetic")
     header = ["", "Fréchet distance", "precision", "recall", "real images", "synthetic images"]
-    rows = [[f"<th>{_e(n)}</th>"] + [f'<td class="num">{_num(m.get(c))}</td>' for c in cols]
-            for n, m in [("all classes", quality.get("overall") or {}), *(quality.get("per_class") or {}).items()]]
-    return (f'<p class="muted">The final dataset against the central real test split, in the run\'s embedder space '
-            f"({_e((summary or {}).get('embedder', '?'))}). Fréchet distance: between Gaussians fitted to the two sets "
-            "(the distance behind FID; 0 is identical, comparable only between runs with the same embedder). Precision: "
-            "the share of synthetic images inside the real data's k-NN manifold (realism); recall: the share of real "
-            f"images inside the synthetic data's (coverage); k = {_e(k)} (Kynkäänniemi et al. 2019). At most "
-            f"{_e(quality.get('max_per_class'))} images per class and set are measured.</p>" + f'<div id="quality-table">{_table(header, rows)}</div>')
+    rows = [
+        [f"<th>{_e(n)}</th>"] + [f'<td class="num">{_num(m.get(c))}</td>' for c in cols]
+        for n, m in [("all classes", quality.get("overall") or {}), *(quality.get("per_class") or {}).items()]
+    ]
+    return (
+        f'<p class="muted">The final dataset against the central real test split, in the run\'s embedder space '
+        f"({_e((summary or {}).get('embedder', '?'))}). Fréchet distance: between Gaussians fitted to the two sets "
+        "(the distance behind FID; 0 is identical, comparable only between runs with the same embedder). Precision: "
+        "the share of synthetic images inside the real data's k-NN manifold (realism); recall: the share of real "
+        f"images inside the synthetic data's (coverage); k = {_e(k)} (Kynkäänniemi et al. 2019). At most "
+        f"{_e(quality.get('max_per_class'))} images per class and set are measured.</p>"
+        + f'<div id="quality-table">{_table(header, rows)}</div>'
+    )
 
 
 # ---------------------------------------------------------------------------- the page
@@ -365,10 +456,13 @@ def build_report(run_dir: str | Path) -> str:
     sections = "".join(_section(sid, builders[sid]) for sid in SECTIONS)
     title = f"coautogen-fl run report: {run_dir.name}"
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>"
-            f'<p class="muted">{_e(run_dir)} · built {_e(generated)} by <code>coautogen report</code> from the files of the run directory</p>'
-            f"<nav>{nav}</nav>{sections}</body></html>\n")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1>"
+        f'<p class="muted">{_e(run_dir)} · built {_e(generated)} by <code>coautogen report</code> '
+        "from the files of the run directory</p>"
+        f"<nav>{nav}</nav>{sections}</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -111,7 +111,10 @@ def vote_histogram(votes: Sequence[float], noise_std: float | None, title: str) 
 
 
 def spend_curve(
-    spends: Mapping[str, Sequence[float | None]], steps: Sequence[str], budget: float | None, dpsgd_from: int | None = None
+    spends: Mapping[str, Sequence[float | None]],
+    steps: Sequence[str],
+    budget: float | None,
+    dpsgd_from: int | None = None,
 ) -> str:
     """Epsilon spent by every site after each step (the rounds, then the run's end, which adds the
     noised evaluation), against the run's budget. More than 12 sites are drawn as the range (min to
@@ -128,7 +131,14 @@ def spend_curve(
     else:
         with np.errstate(all="ignore"):  # a step no site reached is all-NaN: nothing to draw there
             ax.fill_between(x, np.nanmin(rows, 0), np.nanmax(rows, 0), color="#4c72b0", alpha=0.25, label="min to max")
-            ax.plot(x, np.nanmedian(rows, 0), marker="o", markersize=3, color="#4c72b0", label=f"median of {len(rows)} sites")
+            ax.plot(
+                x,
+                np.nanmedian(rows, 0),
+                marker="o",
+                markersize=3,
+                color="#4c72b0",
+                label=f"median of {len(rows)} sites",
+            )
     if budget is not None:
         ax.axhline(budget, color="#c44e52", linestyle="--", linewidth=1, label=f"run budget {budget:g}")
     if dpsgd_from is not None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from .config import RunConfig
 
-
 #: Where relative ``tracking.out_dir`` / ``tracking.run_dir`` land when the ServerApp is started by
 #: ``flwr run`` (simulation or deployment): a fixed place, never the SuperLink's working directory.
 #: ``coautogen run`` resolves them against the directory it was launched from instead.
@@ -33,7 +32,9 @@ def resolve_run_dir(cfg: RunConfig, run_id: int | str = "", base: Path | None = 
     t = cfg.tracking
     if t.run_dir:
         return absolute(t.run_dir, base)
-    name = t.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.feedback.framework.lower()}" + (f"-{run_id}" if run_id else "")
+    name = t.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.feedback.framework.lower()}" + (
+        f"-{run_id}" if run_id else ""
+    )
     return absolute(Path(t.out_dir) / name, base)
 
 

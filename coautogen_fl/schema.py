@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # "digits" (sklearn's bundled digits), "digits-shifted" (scale workload: 50,280 shifted) or an ImageFolder path
+    # "digits" (sklearn's bundled digits), "digits-shifted" (scale workload: 50,280 shifted) or an ImageFolder path
+    name: str = "digits"
     image_size: int = 28
     channels: int = 1
     partitioner: str = "iid"  # iid | dirichlet
@@ -160,7 +161,9 @@ class PrivacyConfig:
     mode: str = "local"  # local | central | secagg (Flower's SecAgg+: each site adds a discrete-Gaussian share)
     unit: str = "image"  # image | site
     evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
-    secagg_threshold: float = 0.6  # secagg: sites of each SecAgg+ neighbourhood (all sampled, at most 25) that must stay alive
+    secagg_threshold: float = (
+        0.6  # secagg: sites of each SecAgg+ neighbourhood (all sampled, at most 25) that must stay alive
+    )
     secagg_vote_cap: int = 1024  # secagg: clean votes per candidate clipped to this (public), so sums never wrap
     training_share: float = 0.0  # -tt real/mix: share of epsilon for DP-SGD; 0 = real 0.9 (rest: evaluation), mix 0.5
 
@@ -172,7 +175,9 @@ class FederationConfig:
     timeout_s: float = 600.0
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
-    min_sites: int = 0  # valid vote replies a round needs, else the run stops (non-zero); 0 = more than half the sampled
+    min_sites: int = (
+        0  # valid vote replies a round needs, else the run stops (non-zero); 0 = more than half the sampled
+    )
     max_site_images: int = 100_000  # public bound on one site's private images (rejects implausible votes); 0 = none
 
 
@@ -193,7 +198,9 @@ class DownstreamConfig:
     dp_max_grad_norm: float = 1.0  # per-example clipping bound
     dp_lr: float = 1e-2
     dp_optimizer: str = "adam"  # adam | sgd (steps on the noised gradient sum)
-    mix_synthetic_steps: int = 0  # -tt mix: server Adam steps on the synthetic data after each average (0: pretrain only; measured best)
+    mix_synthetic_steps: int = (
+        0  # -tt mix: server Adam steps on the synthetic data after each average (0: pretrain only; measured best)
+    )
     augment: float = 0.5  # strength of random affine moves of each training batch (shift, turn, scale); 0 = none
     label_smoothing: float = 0.1  # cross-entropy label smoothing against the synthetic-to-real gap
 

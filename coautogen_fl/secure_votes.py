@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .privacy.accountant import PrivacyError, noise_multiplier_for_epsilon
-from .privacy.distributed import check_modulus, ddg_noise_multiplier, noise_for_epsilon_secagg, secagg_bound, share_variance
+from .privacy.distributed import (
+    check_modulus,
+    ddg_noise_multiplier,
+    noise_for_epsilon_secagg,
+    secagg_bound,
+    share_variance,
+)
 
 #: The modulus of the masked sums (Flower's SecAgg+ default ``modulus_range``).
 MODULUS = 2**32
@@ -75,7 +81,8 @@ class SecAggShape:
         max_neighbours = MAX_NEIGHBOURS if max_neighbours is None else max_neighbours
         if sampled < 2:
             raise PrivacyError(
-                f"privacy.mode=secagg needs at least 2 sites in a round (got {sampled}); add sites or use privacy.mode=local"
+                f"privacy.mode=secagg needs at least 2 sites in a round (got {sampled}); "
+                "add sites or use privacy.mode=local"
             )
         neighbours = sampled if sampled <= max_neighbours else max_neighbours | 1
         cap = neighbours if neighbours == sampled else neighbours - 1  # Flower: threshold < num_shares
@@ -125,9 +132,16 @@ class SecureVoteEncoding:
 
     @classmethod
     def plan(
-        cls, noise_multiplier: float, summands: int, k: int, unit: str, sensitivity: float,
-        capped: bool, vote_cap: int, coordinates: int,
-    ) -> "SecureVoteEncoding":  # fmt: skip
+        cls,
+        noise_multiplier: float,
+        summands: int,
+        k: int,
+        unit: str,
+        sensitivity: float,
+        capped: bool,
+        vote_cap: int,
+        coordinates: int,
+    ) -> "SecureVoteEncoding":
         """The encoding a site and the server both derive from public settings."""
         exact = k == 1 and unit == "image"
         changed = coordinates if unit == "site" else (2 * k if capped else k)
@@ -160,8 +174,12 @@ class SecureVoteEncoding:
 
     def check_modulus(self, sites: int) -> None:
         """Refuse a round whose modular sum could wrap: ``sites * 2B`` must stay below 2^32."""
-        check_modulus(self.bound, sites, MODULUS, f"lower privacy.secagg_vote_cap (now {self.vote_cap}) or the sites per "
-                      "round (federation.fraction_train)")  # fmt: skip
+        check_modulus(
+            self.bound,
+            sites,
+            MODULUS,
+            f"lower privacy.secagg_vote_cap (now {self.vote_cap}) or the sites per round (federation.fraction_train)",
+        )
 
     def encode(self, votes: np.ndarray) -> np.ndarray:
         """Clean integer votes: ``scale * votes`` (rounded), clipped per coordinate to the cap."""
@@ -178,9 +196,14 @@ class SecureVoteEncoding:
 
 
 def plan_secagg_noise(
-    epsilon: float, delta: float, rounds: int, gaussian_releases: int, sampled: int, fraction: float,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    gaussian_releases: int,
+    sampled: int,
+    fraction: float,
     encoding_args: dict,
-) -> float:  # fmt: skip
+) -> float:
     """The noise multiplier ``s`` of a secagg run: ``rounds`` secure vote sums plus
     ``gaussian_releases`` plain Gaussian releases (a noised evaluation) within ``epsilon``, as
     every site's ledger will charge them (RDP composition of the distributed discrete Gaussian
@@ -194,6 +217,7 @@ def plan_secagg_noise(
     s = noise_multiplier_for_epsilon(epsilon, delta, rounds + gaussian_releases)  # the Gaussian plan: a first guess
     for _ in range(2):
         encoding = SecureVoteEncoding.plan(s, threshold, **encoding_args)
-        s = noise_for_epsilon_secagg(epsilon, delta, rounds, encoding.integer_sensitivity, threshold,
-                                     encoding.coordinates, gaussian_releases)  # fmt: skip
+        s = noise_for_epsilon_secagg(
+            epsilon, delta, rounds, encoding.integer_sensitivity, threshold, encoding.coordinates, gaussian_releases
+        )
     return s

@@ -32,7 +32,6 @@ def safe_dirname(name: str) -> str:
     return cleaned or "class"
 
 
-
 class SyntheticStore:
     """Writes candidates as PNG files in ImageFolder layout plus a JSONL index.
 

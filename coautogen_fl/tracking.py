@@ -102,8 +102,13 @@ class RunTracker:
     """
 
     def __init__(
-        self, run_dir: str | Path, wandb_mode: str = "disabled", wandb_project: str = "coautogen-fl",
-        wandb_entity: str = "", run_name: str = "", config: dict | None = None,
+        self,
+        run_dir: str | Path,
+        wandb_mode: str = "disabled",
+        wandb_project: str = "coautogen-fl",
+        wandb_entity: str = "",
+        run_name: str = "",
+        config: dict | None = None,
     ) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"invalid wandb_mode {wandb_mode!r}; valid values: {list(WANDB_MODES)}")
@@ -124,8 +129,12 @@ class RunTracker:
             os.environ["WANDB_DIR"] = str(self.run_dir.resolve())
         self._wandb = wandb
         self._run = wandb.init(
-            project=project, entity=entity or None, name=name or None, config=config,
-            mode=self.wandb_mode, dir=str(self.run_dir.resolve()),
+            project=project,
+            entity=entity or None,
+            name=name or None,
+            config=config,
+            mode=self.wandb_mode,
+            dir=str(self.run_dir.resolve()),
         )
 
     def log_round(self, round: int, metrics: dict[str, float | int | str | list]) -> None:
@@ -150,8 +159,13 @@ class RunTracker:
             self._run.log(json.loads(line), step=int(round))
 
     def log_image_grid(
-        self, key: str, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-        round: int, per_class: int = 8,
+        self,
+        key: str,
+        images: np.ndarray,
+        labels: np.ndarray,
+        class_names: Sequence[str],
+        round: int,
+        per_class: int = 8,
     ) -> Path:
         """Save a class-per-row grid PNG (see ``image_grid``) and mirror it to wandb.
 

@@ -40,19 +40,33 @@ class Row:
     pooled: bool = False
 
 
-ROWS: dict[str, Row] = {r.name: r for r in (
-    Row("gen", "Gen: the generator's prior, no votes", ("-f", "Gen")),
-    Row("feedback-local", "Feedback, local DP (the main job)"),
-    Row("feedback-central", "Feedback, central DP", ("privacy.mode=central",)),
-    Row("candidates", "Feedback, central, feedback.evolve=candidates (Private Evolution proper)",
-        ("privacy.mode=central", "feedback.evolve=candidates")),
-    Row("filter-rf", "Filter framework with the RF rater (the seed's -f Filter -r RF, made DP)", ("-f", "Filter", "-r", "RF")),
-    Row("pcevolve", "Feedback with the PCEvolve rater (prototype-contrastive votes)", ("-r", "PCEvolve")),
-    Row("active", "Active framework: votes plus DP per-class errors of the round's model steer the pool", ("-f", "Active")),
-    Row("dpsgd-pooled", "DP-SGD on the pooled private data (opacus, best of a stated grid)", pooled=True),
-    Row("real", "-tt real: federated DP-SGD at the sites", ("-tt", "real")),
-    Row("mix", "-tt mix: votes, synthetic data and federated DP-SGD", ("-tt", "mix")),
-)}
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in (
+        Row("gen", "Gen: the generator's prior, no votes", ("-f", "Gen")),
+        Row("feedback-local", "Feedback, local DP (the main job)"),
+        Row("feedback-central", "Feedback, central DP", ("privacy.mode=central",)),
+        Row(
+            "candidates",
+            "Feedback, central, feedback.evolve=candidates (Private Evolution proper)",
+            ("privacy.mode=central", "feedback.evolve=candidates"),
+        ),
+        Row(
+            "filter-rf",
+            "Filter framework with the RF rater (the seed's -f Filter -r RF, made DP)",
+            ("-f", "Filter", "-r", "RF"),
+        ),
+        Row("pcevolve", "Feedback with the PCEvolve rater (prototype-contrastive votes)", ("-r", "PCEvolve")),
+        Row(
+            "active",
+            "Active framework: votes plus DP per-class errors of the round's model steer the pool",
+            ("-f", "Active"),
+        ),
+        Row("dpsgd-pooled", "DP-SGD on the pooled private data (opacus, best of a stated grid)", pooled=True),
+        Row("real", "-tt real: federated DP-SGD at the sites", ("-tt", "real")),
+        Row("mix", "-tt mix: votes, synthetic data and federated DP-SGD", ("-tt", "mix")),
+    )
+}
 
 
 def run_key(row: str, epsilon: float, seed: int) -> str:
@@ -79,19 +93,38 @@ def coautogen_run(out: Path, row: Row, epsilon: float, seed: int, overrides: lis
 
     name = f"{row.name}-eps{epsilon:g}-seed{seed}"
     set_aside(out / name)
-    argv = ["run", "--out", str(out), "--name", name, *row.overrides, f"privacy.epsilon={epsilon}",
-            f"generator.seed={seed}", f"downstream.seed={seed}", *overrides]  # fmt: skip
+    argv = [
+        "run",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        *row.overrides,
+        f"privacy.epsilon={epsilon}",
+        f"generator.seed={seed}",
+        f"downstream.seed={seed}",
+        *overrides,
+    ]
     started = time.time()
     code = coautogen_main(argv)
     seconds = time.time() - started
     summary_file = out / name / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if code != 0:
-        return {"status": "failed", "reason": summary.get("reason") or f"exit code {code}; see {out / name / 'flower.log'}",
-                "seconds": seconds, "run_dir": str(out / name)}  # fmt: skip
-    return {"status": summary.get("status", "completed"), "accuracy_real_test": summary.get("accuracy_real_test"),
-            "accuracy_federated": summary.get("accuracy_federated"), "epsilon_spent_max": summary.get("epsilon_spent_max"),
-            "seconds": seconds, "run_dir": str(out / name)}  # fmt: skip
+        return {
+            "status": "failed",
+            "reason": summary.get("reason") or f"exit code {code}; see {out / name / 'flower.log'}",
+            "seconds": seconds,
+            "run_dir": str(out / name),
+        }
+    return {
+        "status": summary.get("status", "completed"),
+        "accuracy_real_test": summary.get("accuracy_real_test"),
+        "accuracy_federated": summary.get("accuracy_federated"),
+        "epsilon_spent_max": summary.get("epsilon_spent_max"),
+        "seconds": seconds,
+        "run_dir": str(out / name),
+    }
 
 
 def pooled_run(out: Path, row: Row, epsilon: float, seed: int, overrides: list[str]) -> dict:
@@ -99,8 +132,14 @@ def pooled_run(out: Path, row: Row, epsilon: float, seed: int, overrides: list[s
     from .dpsgd_baseline import run_pooled
 
     result = run_pooled(epsilon, seed, overrides=overrides)
-    return {"status": "completed", "accuracy_real_test": result["accuracy_real_test"], "epsilon_spent_max": epsilon,
-            "seconds": result["seconds"], "settings": result.get("settings"), "grid": result.get("grid")}  # fmt: skip
+    return {
+        "status": "completed",
+        "accuracy_real_test": result["accuracy_real_test"],
+        "epsilon_spent_max": epsilon,
+        "seconds": result["seconds"],
+        "settings": result.get("settings"),
+        "grid": result.get("grid"),
+    }
 
 
 def load_results(path: Path) -> dict[str, dict]:
@@ -115,8 +154,14 @@ def load_results(path: Path) -> dict[str, dict]:
     return results
 
 
-def run_all(out: Path, rows: list[str], epsilons: list[float], seeds: list[int], overrides: list[str],
-            runner: Callable[[Path, Row, float, int, list[str]], dict] | None = None) -> list[dict]:  # fmt: skip
+def run_all(
+    out: Path,
+    rows: list[str],
+    epsilons: list[float],
+    seeds: list[int],
+    overrides: list[str],
+    runner: Callable[[Path, Row, float, int, list[str]], dict] | None = None,
+) -> list[dict]:
     """Run every (row, epsilon, seed) not yet in ``<out>/results.jsonl``; return all records."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
@@ -130,7 +175,13 @@ def run_all(out: Path, rows: list[str], epsilons: list[float], seeds: list[int],
                 row = ROWS[name]
                 run = runner or (pooled_run if row.pooled else coautogen_run)
                 print(f"benchmark: {key} ...", file=sys.stderr, flush=True)
-                record = {"key": key, "row": name, "epsilon": epsilon, "seed": seed, **run(out, row, epsilon, seed, overrides)}
+                record = {
+                    "key": key,
+                    "row": name,
+                    "epsilon": epsilon,
+                    "seed": seed,
+                    **run(out, row, epsilon, seed, overrides),
+                }
                 with path.open("a") as handle:  # at once: an interrupted benchmark keeps every finished run
                     handle.write(json.dumps(record) + "\n")
                 done[key] = record
@@ -142,44 +193,66 @@ def aggregate(records: list[dict]) -> dict[tuple[str, float], dict]:
     cells: dict[tuple[str, float], dict] = {}
     for key in sorted({(r["row"], r["epsilon"]) for r in records}, key=lambda k: (list(ROWS).index(k[0]), k[1])):
         runs = [r for r in records if (r["row"], r["epsilon"]) == key]
-        accs = [r["accuracy_real_test"] for r in runs if r.get("status") == "completed" and r.get("accuracy_real_test") is not None]
+        accs = [
+            r["accuracy_real_test"]
+            for r in runs
+            if r.get("status") == "completed" and r.get("accuracy_real_test") is not None
+        ]
         cells[key] = {
             "mean": statistics.mean(accs) if accs else None,
             "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "runs": accs, "failed": len(runs) - len(accs),
+            "runs": accs,
+            "failed": len(runs) - len(accs),
             "seconds": statistics.mean(r["seconds"] for r in runs),
-        }  # fmt: skip
+        }
     return cells
 
 
 def table(cells: dict[tuple[str, float], dict]) -> str:
     """The Markdown table: one line per (row, epsilon)."""
     buf = io.StringIO()
-    buf.write("| row | epsilon | accuracy_real_test mean (sd) | per seed | failed | wall time per run (s) |\n|---|---|---|---|---|---|\n")
+    buf.write(
+        "| row | epsilon | accuracy_real_test mean (sd) | per seed | failed | wall time per run (s) |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     for (name, epsilon), c in cells.items():
         mean = "n/a" if c["mean"] is None else f"**{c['mean']:.4f}** ({c['sd']:.4f})"
         seeds = ", ".join(f"{a:.4f}" for a in c["runs"])
-        buf.write(f"| {ROWS[name].description} | {epsilon:g} | {mean} | {seeds} | {c['failed']} | {c['seconds']:.0f} |\n")
+        buf.write(
+            f"| {ROWS[name].description} | {epsilon:g} | {mean} | {seeds} | {c['failed']} | {c['seconds']:.0f} |\n"
+        )
     return buf.getvalue()
 
 
 def targets(cells: dict[tuple[str, float], dict]) -> str:
     """Issue 10's targets at epsilon 1, each met or missed in numbers (n/a when a row did not run)."""
+
     def mean(row: str, eps: float = 1.0) -> float | None:
         return cells.get((row, eps), {}).get("mean")
 
     def line(what: str, value: float | None, target: float) -> str:
         if value is None:
             return f"- {what}: not measured in this invocation (target >= {target:.2f})"
-        return f"- {what}: {value:.4f}, target >= {target:.2f}: **{'met' if value >= target else f'missed by {target - value:.4f}'}**"
+        return (
+            f"- {what}: {value:.4f}, target >= {target:.2f}: "
+            f"**{'met' if value >= target else f'missed by {target - value:.4f}'}**"
+        )
 
     gen, local = mean("gen"), mean("feedback-local")
     lines = [
         line("Synthetic only (Feedback, local, epsilon 1)", local, 0.70),
         line("Noise-free ceiling (Feedback, central, epsilon 1000)", mean("feedback-central", 1000.0), 0.85),
-        line("Feedback - Gen at epsilon 1 (same generator, same volume)", None if gen is None or local is None else local - gen, 0.15),
+        line(
+            "Feedback - Gen at epsilon 1 (same generator, same volume)",
+            None if gen is None or local is None else local - gen,
+            0.15,
+        ),
         line("Mix at epsilon 1", mean("mix"), 0.85),
-        line("Mix beats real at epsilon 1 (mix - real)", None if mean("mix") is None or mean("real") is None else mean("mix") - mean("real"), 0.0),
+        line(
+            "Mix beats real at epsilon 1 (mix - real)",
+            None if mean("mix") is None or mean("real") is None else mean("mix") - mean("real"),
+            0.0,
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -195,8 +268,14 @@ def plot(cells: dict[tuple[str, float], dict], target: Path) -> Path:
     for name in ROWS:
         points = sorted((eps, c) for (row, eps), c in cells.items() if row == name and c["mean"] is not None)
         if points:
-            ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["sd"] for p in points],
-                        marker="o", capsize=3, label=name)  # fmt: skip
+            ax.errorbar(
+                [p[0] for p in points],
+                [p[1]["mean"] for p in points],
+                yerr=[p[1]["sd"] for p in points],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (per site, delta 1e-5)")
     ax.set_ylabel("accuracy on the central real test split")
@@ -211,16 +290,20 @@ def plot(cells: dict[tuple[str, float], dict], target: Path) -> Path:
 
 def report(cells: dict[tuple[str, float], dict], command: str, plot_name: str) -> str:
     """The generated Markdown block: command, table, targets, plot."""
-    return (f"Commands (results.jsonl keeps every run; a rerun skips finished runs):\n\n```bash\n{command}\n```\n\n"
-            f"{table(cells)}\n{targets(cells)}\n![accuracy vs epsilon]({plot_name})\n")  # fmt: skip
+    return (
+        f"Commands (results.jsonl keeps every run; a rerun skips finished runs):\n\n```bash\n{command}\n```\n\n"
+        f"{table(cells)}\n{targets(cells)}\n![accuracy vs epsilon]({plot_name})\n"
+    )
 
 
-def write_doc(doc: Path, block: str, start: str = START, end: str = END, heading: str = "## Benchmark harness (issue 10)") -> None:
+def write_doc(
+    doc: Path, block: str, start: str = START, end: str = END, heading: str = "## Benchmark harness (issue 10)"
+) -> None:
     """Replace the block between ``start`` and ``end`` in ``doc`` (appended under ``heading`` when absent)."""
     text = doc.read_text() if doc.is_file() else ""
     generated = f"{start}\n{block}{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + generated + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + generated + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + f"\n\n{heading}\n\n{generated}\n"
     doc.write_text(text)
@@ -229,12 +312,19 @@ def write_doc(doc: Path, block: str, start: str = START, end: str = END, heading
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder of the run directories and results.jsonl")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="generator, downstream and DP-SGD seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="generator, downstream and DP-SGD seeds"
+    )
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--doc", type=Path, help="Markdown file whose benchmark block is replaced (e.g. docs/benchmarks.md)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: tabulate every run in <out>/results.jsonl (e.g. after invocations of different rows)")
+    parser.add_argument(
+        "--doc", type=Path, help="Markdown file whose benchmark block is replaced (e.g. docs/benchmarks.md)"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: tabulate every run in <out>/results.jsonl (e.g. after invocations of different rows)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every coautogen run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -251,8 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         command = commands.read_text().strip() if commands.is_file() else "(commands not recorded)"
     else:
-        command = "python -m simulations.benchmark --out <dir> --seeds " + " ".join(map(str, args.seeds)) + " --epsilons " + \
-            " ".join(f"{e:g}" for e in args.epsilons) + " --rows " + " ".join(args.rows) + "".join(f" {o}" for o in args.overrides)  # fmt: skip
+        command = (
+            "python -m simulations.benchmark --out <dir> --seeds "
+            + " ".join(map(str, args.seeds))
+            + " --epsilons "
+            + " ".join(f"{e:g}" for e in args.epsilons)
+            + " --rows "
+            + " ".join(args.rows)
+            + "".join(f" {o}" for o in args.overrides)
+        )
         with commands.open("a") as handle:
             handle.write(command + "\n")
     plot_name = "benchmark_accuracy_vs_epsilon.png"

@@ -26,14 +26,26 @@ from coautogen_fl.rundir import resolve_run_dir
 from coautogen_fl.tracking import site_lines
 
 from . import processes
-from .launcher import SimulationError, cleanup, flwr_homes, run_simulation
 from .commands import command_cleanup, command_export, command_report, command_review
+from .launcher import SimulationError, cleanup, flwr_homes, run_simulation
 from .privacy_cli import add_privacy_parser, command_privacy
 from .seed_flags import CLI_KEYS, SEED_FLAGS, dest
 
 #: Log lines worth showing live (the full stream goes to <run_dir>/flower.log).
-PROGRESS_MARKERS = ("round ", "site ", "accuracy", "federated evaluation", "downstream", "summary written",
-                    "run directory", "ERROR", "Error", "Traceback", "refused reply", "dropped reply")
+PROGRESS_MARKERS = (
+    "round ",
+    "site ",
+    "accuracy",
+    "federated evaluation",
+    "downstream",
+    "summary written",
+    "run directory",
+    "ERROR",
+    "Error",
+    "Traceback",
+    "refused reply",
+    "dropped reply",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="parent folder of run directories (tracking.out_dir)")
     run.add_argument("--name", help="run directory name (tracking.run_name)")
     run.add_argument("--verbose", action="store_true", help="print Flower's full log stream")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint.json (its own config)")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint.json (its own config)"
+    )
     for flag in SEED_FLAGS:  # the seed project's flags (docs/cli.md)
-        run.add_argument(flag.short, flag.long, dest=dest(flag), metavar=flag.long.lstrip("-").upper(),
-                         help=f"sets {flag.key}: {flag.meaning}" if flag.key else f"ignored: {flag.note}")  # fmt: skip
+        run.add_argument(
+            flag.short,
+            flag.long,
+            dest=dest(flag),
+            metavar=flag.long.lstrip("-").upper(),
+            help=f"sets {flag.key}: {flag.meaning}" if flag.key else f"ignored: {flag.note}",
+        )
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. privacy.epsilon=2")
     add_privacy_parser(commands)
     clean = commands.add_parser("cleanup", help="stop the Flower processes a killed `coautogen run` left running")
@@ -56,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--all-under", metavar="OUT_DIR", help="every run directory directly below OUT_DIR")
     export = commands.add_parser("export", help="export a run's final synthetic dataset (review decisions honoured)")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--format", default="imagefolder", choices=["imagefolder", "hf"],
-                        help="imagefolder: <class>/<id>.png; hf: a Hugging Face datasets folder (save_to_disk)")
+    export.add_argument(
+        "--format",
+        default="imagefolder",
+        choices=["imagefolder", "hf"],
+        help="imagefolder: <class>/<id>.png; hf: a Hugging Face datasets folder (save_to_disk)",
+    )
     export.add_argument("--out", help="target folder (default RUN_DIR/export-FORMAT; replaced whole)")
     review = commands.add_parser("review", help="accept, reject or relabel a run's final images in a local page")
     review.add_argument("run_dir", metavar="RUN_DIR")
@@ -97,8 +120,11 @@ def dataset_folder(name: str, dataset_dir: str | None) -> str:
 
 def seed_notes(args: argparse.Namespace) -> list[str]:
     """One line per seed flag given that means nothing here, saying why."""
-    return [f"coautogen: note: {f.short} is ignored: {f.note}" for f in SEED_FLAGS
-            if f.key is None and getattr(args, dest(f), None) is not None]  # fmt: skip
+    return [
+        f"coautogen: note: {f.short} is ignored: {f.note}"
+        for f in SEED_FLAGS
+        if f.key is None and getattr(args, dest(f), None) is not None
+    ]
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -141,8 +167,19 @@ def prepare_run(cfg: RunConfig) -> tuple[RunConfig, Path]:
 
 
 def print_summary(summary: dict, out: IO[str]) -> None:
-    keys = ("framework", "rater", "epsilon", "delta", "epsilon_spent_max", "rounds", "num_hospitals",
-            "num_synthetic", "accuracy_real_test", "accuracy_federated", "wall_time_s")
+    keys = (
+        "framework",
+        "rater",
+        "epsilon",
+        "delta",
+        "epsilon_spent_max",
+        "rounds",
+        "num_hospitals",
+        "num_synthetic",
+        "accuracy_real_test",
+        "accuracy_federated",
+        "wall_time_s",
+    )
     for key in keys:
         value = summary.get(key)
         out.write(f"  {key:20s} {value:.4g}\n" if isinstance(value, float) else f"  {key:20s} {value}\n")
@@ -181,8 +218,10 @@ def preflight(cfg: RunConfig, out: IO[str] | None = None) -> None:
         for partition_id in range(sites):
             # Any key will do: only whether each site holds data is checked here.
             site_partition(pool, partition_id, sites, cfg.data, key=b"preflight")
-            counts = np.bincount(pool.labels[partition_indices(pool.labels, sites, cfg.data, partition_id)],
-                                 minlength=len(pool.class_names))
+            counts = np.bincount(
+                pool.labels[partition_indices(pool.labels, sites, cfg.data, partition_id)],
+                minlength=len(pool.class_names),
+            )
             small = [f"{pool.class_names[c]!r} {int(n)}" for c, n in enumerate(counts) if n < 2]
             if small:
                 small_sites.append(f"site {partition_id}: {', '.join(small)}")
@@ -194,12 +233,16 @@ def preflight(cfg: RunConfig, out: IO[str] | None = None) -> None:
     report = pool.report
     if report is not None and report.lines():
         total = sum(report.class_counts.values())
-        out.write(f"coautogen: {'warning' if report.problems() else 'note'}: data check of data.name={report.root}: "
-                  f"{total} readable images in {len(report.class_counts)} classes\n")
+        out.write(
+            f"coautogen: {'warning' if report.problems() else 'note'}: data check of data.name={report.root}: "
+            f"{total} readable images in {len(report.class_counts)} classes\n"
+        )
         out.writelines(f"  {line}\n" for line in report.lines())
     if small_sites:
-        out.write(f"coautogen: warning: {len(small_sites)} of {sites} simulated sites hold fewer than 2 images of a class "
-                  f"(data.partitioner={cfg.data.partitioner}; class and images per site):\n")
+        out.write(
+            f"coautogen: warning: {len(small_sites)} of {sites} simulated sites hold fewer than 2 images of a class "
+            f"(data.partitioner={cfg.data.partitioner}; class and images per site):\n"
+        )
         out.writelines(f"  {line}\n" for line in small_sites)
 
 
@@ -223,9 +266,12 @@ def command_run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         name = signal.Signals(signum).name
         where = f"the run directory keeps what finished: {started[0]}" if started else "no run directory was made"
         left = getattr(exc, "leftovers", [])
-        stopped = (f"{len(left)} process(es) it started could not be stopped (PIDs {' '.join(str(r.pid) for r in left)}); "
-                   f"try `coautogen cleanup {started[0] if started else ''}`".rstrip() if left
-                   else "the Flower processes it started are stopped")
+        stopped = (
+            f"{len(left)} process(es) it started could not be stopped (PIDs {' '.join(str(r.pid) for r in left)}); "
+            f"try `coautogen cleanup {started[0] if started else ''}`".rstrip()
+            if left
+            else "the Flower processes it started are stopped"
+        )
         out.flush()
         print(f"coautogen run: stopped by {name}; {stopped}; {where}", file=sys.stderr, flush=True)
         return 128 + signum
@@ -250,7 +296,11 @@ def repeat_runs(args: argparse.Namespace, out: IO[str]) -> int:
     for i in range(times):
         one = copy.copy(args)
         one.repeat, one.name = None, f"{base}-t{i}"
-        one.overrides = [*args.overrides, f"generator.seed={cfg.generator.seed + i}", f"downstream.seed={cfg.downstream.seed + i}"]
+        one.overrides = [
+            *args.overrides,
+            f"generator.seed={cfg.generator.seed + i}",
+            f"downstream.seed={cfg.downstream.seed + i}",
+        ]
         out.write(f"coautogen: run {i + 1} of {times} ({one.name})\n")
         code = command_run(one, out)
         run_dir = Path(cfg.tracking.out_dir).expanduser().resolve() / one.name
@@ -264,7 +314,10 @@ def repeat_runs(args: argparse.Namespace, out: IO[str]) -> int:
     report = {"times": times, "accuracy_real_test": accuracies, "mean": mean, "sd": sd, "run_dirs": run_dirs}
     target = Path(cfg.tracking.out_dir).expanduser().resolve() / f"{base}-repeats.json"
     target.write_text(json.dumps(report, indent=1) + "\n")
-    out.write(f"\naccuracy_real_test over {times} runs: mean {mean:.4f}, sd {sd:.4f} ({', '.join(f'{a:.4f}' for a in accuracies)}); {target}\n")
+    out.write(
+        f"\naccuracy_real_test over {times} runs: mean {mean:.4f}, sd {sd:.4f} "
+        f"({', '.join(f'{a:.4f}' for a in accuracies)}); {target}\n"
+    )
     return 0
 
 
@@ -273,7 +326,10 @@ def _sweep_leftovers(out_dir: Path, out: IO[str]) -> None:
     for home in flwr_homes(out_dir, all_under=True):
         result = cleanup(home, only_running=True)
         if result.stopped:
-            out.write(f"coautogen: stopped {len(result.stopped)} process(es) left running by the killed run in {result.run_dir}\n")
+            out.write(
+                f"coautogen: stopped {len(result.stopped)} process(es) left running by the killed run "
+                f"in {result.run_dir}\n"
+            )
 
 
 def resume_target(args: argparse.Namespace) -> tuple[RunConfig, Path]:
@@ -287,7 +343,9 @@ def resume_target(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if task_type != "syn":
         raise ConfigError(f"--resume: {RESUME_UNSUPPORTED.format(task_type=task_type, run_dir=run_dir)}")
     if not (run_dir / CHECKPOINT_FILE).is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round); start a new run instead")
+        raise ConfigError(
+            f"--resume {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round); start a new run instead"
+        )
     return load_config(run_dir / "config.yaml"), run_dir
 
 
@@ -318,8 +376,11 @@ def _run(args: argparse.Namespace, out: IO[str], started: list[Path]) -> int:
     started.append(run_dir)
     _sweep_leftovers(run_dir.parent, out)
     task = "" if cfg.feedback.task_type == "syn" else f" -tt {cfg.feedback.task_type}"  # real/mix: DP-SGD rounds too
-    out.write(f"coautogen: {'resuming ' if resuming else ''}{cfg.feedback.framework}{task} with {cfg.federation.num_hospitals} "
-              f"simulated hospitals, epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n")
+    out.write(
+        f"coautogen: {'resuming ' if resuming else ''}{cfg.feedback.framework}{task} "
+        f"with {cfg.federation.num_hospitals} simulated hospitals, "
+        f"epsilon {cfg.privacy.epsilon:g} ({cfg.privacy.mode} mode); run directory {run_dir}\n"
+    )
     run_config: dict[str, object] = {"config-file": str(run_dir / "config.yaml")}
     if resuming:
         run_config["tracking.resume"] = True

@@ -63,8 +63,10 @@ def command_report(args: argparse.Namespace, out: IO[str] | None = None) -> int:
             print(f"coautogen report: {run_dir} is not a directory", file=sys.stderr)
             return 2
         if not any((path / name).exists() for name in ("summary.json", "config.yaml", "metrics.jsonl")):
-            print(f"coautogen report: {run_dir} holds no summary.json, config.yaml or metrics.jsonl: not a run directory",
-                  file=sys.stderr)
+            print(
+                f"coautogen report: {run_dir} holds no summary.json, config.yaml or metrics.jsonl: not a run directory",
+                file=sys.stderr,
+            )
             return 2
         out.write(f"coautogen report: {write_report(path)}\n")
     return 0
@@ -97,8 +99,10 @@ def command_review(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         print(f"coautogen review: {exc}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    out.write(f"coautogen review: open http://{host}:{port}/ (Ctrl-C stops; decisions are saved as you go in "
-              f"{Path(args.run_dir).resolve() / 'review.json'})\n")
+    out.write(
+        f"coautogen review: open http://{host}:{port}/ (Ctrl-C stops; decisions are saved as you go in "
+        f"{Path(args.run_dir).resolve() / 'review.json'})\n"
+    )
     out.flush()
     try:
         server.serve_forever()

@@ -59,7 +59,9 @@ def run_setting(voters: ImageSet, test: ImageSet, cfg: Any, setting: dict, epsil
     noise = noise_for_epsilon(epsilon, cfg.privacy.delta, q, steps)
     d = cfg.data
     model = build_classifier(cfg.downstream.model, len(voters.class_names), d.channels, d.image_size, seed=seed)
-    settings = DPSGDSettings(noise, q, steps, float(setting["max_grad_norm"]), float(setting["lr"]), setting["optimizer"])
+    settings = DPSGDSettings(
+        noise, q, steps, float(setting["max_grad_norm"]), float(setting["lr"]), setting["optimizer"]
+    )
     dp_train(model, voters.images, voters.labels, settings)
     accuracy, _ = evaluate_classifier(model, test.images, test.labels)
     return accuracy

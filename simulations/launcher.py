@@ -181,14 +181,27 @@ class FlowerSimulation:
         """Start the SuperLink and wait until its HTTP API answers."""
         self._write_flower_config()
         command = [
-            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation", "--log-file", str(self.log_file),
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+            "--log-file",
+            str(self.log_file),
         ]
         try:
             with processes.shielded():  # no signal between starting it and recording it
                 self.process = subprocess.Popen(
-                    command, env=self.env, cwd=self.flwr_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    command,
+                    env=self.env,
+                    cwd=self.flwr_home,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                     start_new_session=True,  # its own session and process group: stop() signals the group
                 )
                 self._add_root(self.process.pid)
@@ -197,7 +210,9 @@ class FlowerSimulation:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise SimulationError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}")
+                    raise SimulationError(
+                        f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}"
+                    )
                 try:
                     if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
                         return
@@ -236,8 +251,9 @@ class FlowerSimulation:
             with self._lock:
                 roots = list(self._records.values())
             exclude = [self._launcher.pid] if self._launcher else []
-            self.stopped = processes.stop(roots, self.markers, self.env_marker, grace_s=timeout,
-                                          exclude=exclude, reap=self._reap)
+            self.stopped = processes.stop(
+                roots, self.markers, self.env_marker, grace_s=timeout, exclude=exclude, reap=self._reap
+            )
             self.leftovers = processes.still_running(self.stopped)
             for proc in (self.process, self.client):
                 if proc is not None:
@@ -268,15 +284,19 @@ class FlowerSimulation:
         output: IO[str] | None = None,
     ) -> RunStatus:
         """Submit the app, stream its logs to ``output`` and return its final status."""
-        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus} client-resources-num-gpus={float(num_gpus)}"
+        federation = (
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus} "
+            f"client-resources-num-gpus={float(num_gpus)}"
+        )
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         command = [_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--federation-config", federation]
         if overrides:
             command += ["--run-config", overrides]
         # A neutral working directory: Ray workers put the cwd first on sys.path.
         with processes.shielded():
-            proc = self.client = subprocess.Popen(command, env=self.env, cwd=self.flwr_home, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True)
+            proc = self.client = subprocess.Popen(
+                command, env=self.env, cwd=self.flwr_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             self._add_root(proc.pid)
         run_id = None
         assert proc.stdout is not None
@@ -289,7 +309,10 @@ class FlowerSimulation:
                 run_id = int(match.group(1) or match.group(2))
         proc.wait()
         if run_id is None:
-            raise SimulationError(f"`flwr run` did not start a run (exit code {proc.returncode}); see the output above and {self.log_file}")
+            raise SimulationError(
+                f"`flwr run` did not start a run (exit code {proc.returncode}); "
+                f"see the output above and {self.log_file}"
+            )
         return RunStatus(run_id, self.status(run_id))
 
     def status(self, run_id: int) -> str:
@@ -389,10 +412,12 @@ def _verified(recorded: Iterable[processes.ProcessRecord], flwr_home: Path) -> l
             environ = {}
         if processes.names(command, home) or environ.get("FLWR_HOME") == home:
             ours[pid] = rec
+
     def below_ours(proc: object) -> bool:
         try:
-            return any(a.pid in ours and processes.same_time(a.create_time(), ours[a.pid].create_time)
-                       for a in proc.parents())  # type: ignore[attr-defined]
+            return any(
+                a.pid in ours and processes.same_time(a.create_time(), ours[a.pid].create_time) for a in proc.parents()
+            )  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - gone meanwhile
             return False
 
@@ -432,6 +457,13 @@ def cleanup(flwr_home: Path, grace_s: float = 15.0, only_running: bool = False) 
     result.stopped = processes.stop(roots, [str(flwr_home)], {"FLWR_HOME": str(flwr_home)}, grace_s=grace_s)
     result.leftovers = processes.still_running(result.stopped)
     if state:
-        write_state(state_file, {**state, "state": "running" if result.leftovers else "stopped",
-                                 "leftovers": [r.to_dict() for r in result.leftovers], "cleaned": time.time()})
+        write_state(
+            state_file,
+            {
+                **state,
+                "state": "running" if result.leftovers else "stopped",
+                "leftovers": [r.to_dict() for r in result.leftovers],
+                "cleaned": time.time(),
+            },
+        )
     return result

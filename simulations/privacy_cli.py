@@ -59,12 +59,23 @@ def add_privacy_parser(subparsers: Any) -> None:
         description="Plan a site's privacy budget with the run's exact Gaussian-DP accountant.",
     )
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--epsilon", type=float, help="total epsilon of the whole run; prints the noise multiplier per round")
-    target.add_argument("--noise", type=float, metavar="S",
-                        help="noise multiplier per round (noise std / vote sensitivity); prints the epsilon spent")
+    target.add_argument(
+        "--epsilon", type=float, help="total epsilon of the whole run; prints the noise multiplier per round"
+    )
+    target.add_argument(
+        "--noise",
+        type=float,
+        metavar="S",
+        help="noise multiplier per round (noise std / vote sensitivity); prints the epsilon spent",
+    )
     parser.add_argument("--delta", type=float, default=1e-5, help="total delta, 0 < delta < 1 (default: 1e-5)")
-    parser.add_argument("--rounds", type=int, default=1, help="releases: the feedback rounds, plus 1 for the noised federated evaluation "
-                        "(privacy.evaluation=noised, the default: feedback.rounds=2 makes 3) (default: 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="releases: the feedback rounds, plus 1 for the noised federated evaluation "
+        "(privacy.evaluation=noised, the default: feedback.rounds=2 makes 3) (default: 1)",
+    )
     parser.add_argument("--mode", choices=NOISE_MODES, help="who adds the noise (needs --sites)")
     parser.add_argument("--sites", type=int, metavar="K", help="sites whose votes are summed (needs --mode)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -73,24 +84,32 @@ def add_privacy_parser(subparsers: Any) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse out-of-range flags by their command-line names (the library re-checks them)."""
     if args.epsilon is not None and not (math.isfinite(args.epsilon) and args.epsilon > 0):
-        raise _Refusal(f"--epsilon must be a finite number > 0 (got {args.epsilon:g}); "
-                       "pass the site's total budget, e.g. --epsilon 1")
+        raise _Refusal(
+            f"--epsilon must be a finite number > 0 (got {args.epsilon:g}); "
+            "pass the site's total budget, e.g. --epsilon 1"
+        )
     if args.noise is not None and not (math.isfinite(args.noise) and args.noise > 0):
-        raise _Refusal(f"--noise must be a finite number > 0 (got {args.noise:g}); "
-                       "pass a noise multiplier such as --noise 10, or use --epsilon to derive one")
+        raise _Refusal(
+            f"--noise must be a finite number > 0 (got {args.noise:g}); "
+            "pass a noise multiplier such as --noise 10, or use --epsilon to derive one"
+        )
     if not 0.0 < args.delta < 1.0:  # also refuses nan
-        raise _Refusal(f"--delta must satisfy 0 < delta < 1 (got {args.delta:g}); pass e.g. --delta 1e-5, "
-                       "well below 1/(number of private records)")
+        raise _Refusal(
+            f"--delta must satisfy 0 < delta < 1 (got {args.delta:g}); pass e.g. --delta 1e-5, "
+            "well below 1/(number of private records)"
+        )
     if args.rounds < 1:
-        raise _Refusal(f"--rounds must be an integer >= 1 (got {args.rounds}); "
-                       "pass the number of vote releases (feedback rounds)")
+        raise _Refusal(
+            f"--rounds must be an integer >= 1 (got {args.rounds}); pass the number of vote releases (feedback rounds)"
+        )
     if args.mode is not None and args.sites is None:
         raise _Refusal(f"--mode {args.mode} needs --sites K, the number of sites whose votes are summed")
     if args.sites is not None and args.mode is None:
         raise _Refusal("--sites needs --mode local or --mode central (who adds the noise)")
     if args.sites is not None and args.sites < 1:
-        raise _Refusal(f"--sites must be an integer >= 1 (got {args.sites}); "
-                       "pass the number of sites whose votes are summed")
+        raise _Refusal(
+            f"--sites must be an integer >= 1 (got {args.sites}); pass the number of sites whose votes are summed"
+        )
 
 
 def _fmt(x: float) -> str:
@@ -135,10 +154,15 @@ def _human(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
         lines = [f"epsilon: {_fmt(eps)} (noise multiplier {_fmt(noise)} per round {over})"]
     if "mode" in result:
         sites, mode = result["sites"], result["mode"]
-        how = (f"sqrt({sites}) x {_fmt(noise)}, one full noise per site" if mode == "local"
-               else f"{_fmt(noise)}, added once by the server")
-        lines.append(f"aggregate noise std: {_fmt(result['aggregate_noise_std'])} per vote coordinate "
-                     f"({mode} mode, {_plural(sites, 'site')}: {how}; vote sensitivity 1)")
+        how = (
+            f"sqrt({sites}) x {_fmt(noise)}, one full noise per site"
+            if mode == "local"
+            else f"{_fmt(noise)}, added once by the server"
+        )
+        lines.append(
+            f"aggregate noise std: {_fmt(result['aggregate_noise_std'])} per vote coordinate "
+            f"({mode} mode, {_plural(sites, 'site')}: {how}; vote sensitivity 1)"
+        )
         lines.append(MODE_GUARANTEES[mode])
     return lines
 

@@ -140,8 +140,9 @@ def names(command: str, marker: str) -> bool:
     return re.search(re.escape(marker) + r"(?![\w.\-])", command) is not None
 
 
-def find_processes(markers: Iterable[str] = (), env: Mapping[str, str] | None = None,
-                   exclude: Iterable[int] = ()) -> list[ProcessRecord]:
+def find_processes(
+    markers: Iterable[str] = (), env: Mapping[str, str] | None = None, exclude: Iterable[int] = ()
+) -> list[ProcessRecord]:
     """Live processes whose command line names one of ``markers`` or whose environment holds
     every item of ``env`` (processes of other users, whose environment cannot be read, match
     only by command line). This process and ``exclude`` are left out."""
@@ -167,8 +168,14 @@ def find_processes(markers: Iterable[str] = (), env: Mapping[str, str] | None = 
     return found
 
 
-def collect(roots: Iterable[ProcessRecord], markers: Iterable[str] = (), env: Mapping[str, str] | None = None,
-            exclude: Iterable[int] = (), settle_s: float = 0.2, max_rounds: int = 10) -> list[ProcessRecord]:
+def collect(
+    roots: Iterable[ProcessRecord],
+    markers: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    exclude: Iterable[int] = (),
+    settle_s: float = 0.2,
+    max_rounds: int = 10,
+) -> list[ProcessRecord]:
     """The live ``roots`` (each verified), their descendants and the processes naming a marker,
     re-scanned until a scan finds nothing new (a process may fork while we look)."""
     markers, exclude = list(markers), {os.getpid(), *exclude}
@@ -219,9 +226,15 @@ def _send(rec: ProcessRecord, sig: int) -> bool:
     return True
 
 
-def stop(roots: Iterable[ProcessRecord], markers: Iterable[str] = (), env: Mapping[str, str] | None = None,
-         grace_s: float = 15.0, kill_wait_s: float = 5.0, exclude: Iterable[int] = (),
-         reap: Callable[[], object] | None = None) -> list[ProcessRecord]:
+def stop(
+    roots: Iterable[ProcessRecord],
+    markers: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    grace_s: float = 15.0,
+    kill_wait_s: float = 5.0,
+    exclude: Iterable[int] = (),
+    reap: Callable[[], object] | None = None,
+) -> list[ProcessRecord]:
     """Stop ``roots``, everything below them and every process naming a marker; return what was
     signalled.
 

@@ -60,15 +60,23 @@ def evolve(cfg: RunConfig, evolution: Evolution, site_sets: list, embedder) -> l
 def run(overrides: list[str], seed: int) -> tuple[float, float]:
     """accuracy_real_test and seconds of one replica run."""
     started = time.time()
-    cfg = load_config("configs/default.yaml", overrides=[f"generator.seed={seed}", f"downstream.seed={seed}", *overrides])
+    cfg = load_config(
+        "configs/default.yaml", overrides=[f"generator.seed={seed}", f"downstream.seed={seed}", *overrides]
+    )
     pool, test = load_pool_and_test(cfg.data)
     n = cfg.federation.num_hospitals
     sites = [site_partition(pool, i, n, cfg.data, os.urandom(32)).train for i in range(n)]
     embedder = build_embedder(cfg.embedder, "cpu")
     generator = build_generator(cfg, pool.class_names, "cpu", embedder)
     g = cfg.generator
-    evolution = Evolution(generator, embedder, len(pool.class_names), cfg.feedback,
-                          DegreeSchedule(g.degree_start, g.degree_end, g.degree_step), g.seed)  # fmt: skip
+    evolution = Evolution(
+        generator,
+        embedder,
+        len(pool.class_names),
+        cfg.feedback,
+        DegreeSchedule(g.degree_start, g.degree_end, g.degree_step),
+        g.seed,
+    )
     if cfg.feedback.framework == "Feedback":
         final = evolve(cfg, evolution, sites, embedder)
     else:
@@ -76,9 +84,19 @@ def run(overrides: list[str], seed: int) -> tuple[float, float]:
     images, labels = stack_images(final), np.array([c.label for c in final])
     ds = cfg.downstream
     _, accuracy = train_and_evaluate(
-        ds.model, images, labels, test.images, test.labels, len(pool.class_names), epochs=ds.epochs or derived_epochs(len(final)),
-        lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, augment=ds.augment, label_smoothing=ds.label_smoothing,
-    )  # fmt: skip
+        ds.model,
+        images,
+        labels,
+        test.images,
+        test.labels,
+        len(pool.class_names),
+        epochs=ds.epochs or derived_epochs(len(final)),
+        lr=ds.lr,
+        batch_size=ds.batch_size,
+        seed=ds.seed,
+        augment=ds.augment,
+        label_smoothing=ds.label_smoothing,
+    )
     return accuracy, time.time() - started
 
 

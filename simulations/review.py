@@ -85,14 +85,23 @@ class ReviewState:
         index = [i.image_id for i in self.items]
         here = index.index(image_id)
         order = np.argsort(-(self.embeddings @ self.embeddings[here]))
-        picks = [index[j] for j in order if index[j] != image_id and index[j] not in self.decisions and self.label_of(index[j]) == label]
+        picks = [
+            index[j]
+            for j in order
+            if index[j] != image_id and index[j] not in self.decisions and self.label_of(index[j]) == label
+        ]
         return picks[:SUGGESTIONS]
 
     def _save(self) -> None:
-        write_text_atomic(self.run_dir / REVIEW_FILE, json.dumps({"version": 1, "decisions": self.decisions}, indent=1) + "\n")
+        write_text_atomic(
+            self.run_dir / REVIEW_FILE, json.dumps({"version": 1, "decisions": self.decisions}, indent=1) + "\n"
+        )
 
     def page_items(self) -> list[dict[str, Any]]:
-        return [{"id": i.image_id, "label": self.label_of(i.image_id), "status": self.status_of(i.image_id)} for i in self.items]
+        return [
+            {"id": i.image_id, "label": self.label_of(i.image_id), "status": self.status_of(i.image_id)}
+            for i in self.items
+        ]
 
 
 def make_handler(state: ReviewState) -> type[BaseHTTPRequestHandler]:
@@ -111,7 +120,9 @@ def make_handler(state: ReviewState) -> type[BaseHTTPRequestHandler]:
             if self.path == "/":
                 self._send(PAGE.encode(), "text/html; charset=utf-8")
             elif self.path == "/items":
-                self._send(json.dumps({"classes": state.classes, "items": state.page_items()}).encode(), "application/json")
+                self._send(
+                    json.dumps({"classes": state.classes, "items": state.page_items()}).encode(), "application/json"
+                )
             elif self.path.startswith("/image/") and self.path[7:] in state.by_id:
                 self._send(state.by_id[self.path[7:]].path.read_bytes(), "image/png")
             else:
@@ -171,4 +182,4 @@ document.addEventListener('keydown', async e=>{
  document.body.dataset.ready='1';});
 load().then(()=>{document.body.dataset.loaded='1';});
 </script></body></html>
-"""
+"""  # noqa: E501 (embedded HTML, CSS and JavaScript, served as is: wrapping would change the page)

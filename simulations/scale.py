@@ -55,8 +55,21 @@ def run_one(out: Path, sites: int, mode: str, overrides: list[str]) -> dict:
     """One `coautogen run` with ``sites`` sites in ``mode``; its numbers and the tree's peak RSS."""
     name = f"scale-{mode}-{sites}"
     set_aside(out / name)
-    command = [sys.executable, "-m", "simulations.cli", "run", "--out", str(out), "--name", name,
-               "--num-hospitals", str(sites), f"privacy.mode={mode}", *WORKLOAD, *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "run",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--num-hospitals",
+        str(sites),
+        f"privacy.mode={mode}",
+        *WORKLOAD,
+        *overrides,
+    ]
     started = time.time()
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
@@ -74,12 +87,23 @@ def run_one(out: Path, sites: int, mode: str, overrides: list[str]) -> dict:
     seconds = time.time() - started
     summary_file = out / name / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    rounds = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()] if (out / name / "metrics.jsonl").is_file() else []
+    rounds = (
+        [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        if (out / name / "metrics.jsonl").is_file()
+        else []
+    )
     round_time = sum(r.get("round_time_s", 0.0) for r in rounds)
-    return {"status": summary.get("status", "failed") if code == 0 else "failed", "exit_code": code,
-            "accuracy_real_test": summary.get("accuracy_real_test"), "serverapp_s": summary.get("wall_time_s"),
-            "command_s": seconds, "peak_rss_mb": peak[0] / 2**20, "round_s": round_time,
-            "site_round_s": round_time / (sites * len(rounds)) if rounds else None, "run_dir": str(out / name)}  # fmt: skip
+    return {
+        "status": summary.get("status", "failed") if code == 0 else "failed",
+        "exit_code": code,
+        "accuracy_real_test": summary.get("accuracy_real_test"),
+        "serverapp_s": summary.get("wall_time_s"),
+        "command_s": seconds,
+        "peak_rss_mb": peak[0] / 2**20,
+        "round_s": round_time,
+        "site_round_s": round_time / (sites * len(rounds)) if rounds else None,
+        "run_dir": str(out / name),
+    }
 
 
 def run_all(out: Path, sites: list[int], modes: list[str], overrides: list[str]) -> list[dict]:
@@ -104,12 +128,18 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| sites | mode | accuracy_real_test | ServerApp wall (s) | peak RSS, process tree (MB) | time per site-round (s) | status |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| sites | mode | accuracy_real_test | ServerApp wall (s) | peak RSS, process tree (MB) "
+        "| time per site-round (s) | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
     order = {"local": 0, "central": 1, "secagg": 2}
     for r in sorted(records, key=lambda r: (r["sites"], order.get(r["mode"], 9))):
-        lines.append(f"| {r['sites']} | {r['mode']} | {_cell(r['accuracy_real_test'], '.3f')} | {_cell(r['serverapp_s'], '.0f')} | "
-                     f"{_cell(r['peak_rss_mb'], '.0f')} | {_cell(r['site_round_s'], '.3f')} | {r['status']} |")  # fmt: skip
+        lines.append(
+            f"| {r['sites']} | {r['mode']} | {_cell(r['accuracy_real_test'], '.3f')} "
+            f"| {_cell(r['serverapp_s'], '.0f')} | "
+            f"{_cell(r['peak_rss_mb'], '.0f')} | {_cell(r['site_round_s'], '.3f')} | {r['status']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,7 +158,9 @@ def fits(records: list[dict]) -> str:
         if len({r["sites"] for r in rows}) >= 2:
             rounds = 2  # WORKLOAD's feedback.rounds
             slope, fixed = np.polyfit([r["sites"] for r in rows], [r["round_s"] / rounds for r in rows], 1)
-            lines.append(f"- {mode}: a vote round takes {fixed:.1f} s + {slope:.3f} s per site (marginal time per site-round).")
+            lines.append(
+                f"- {mode}: a vote round takes {fixed:.1f} s + {slope:.3f} s per site (marginal time per site-round)."
+            )
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -140,7 +172,9 @@ def plot(records: list[dict], target: Path) -> Path:
 
     fig, (acc, per) = plt.subplots(1, 2, figsize=(10, 4))
     for mode in ("local", "central", "secagg"):
-        rows = sorted((r for r in records if r["mode"] == mode and r["status"] == "completed"), key=lambda r: r["sites"])
+        rows = sorted(
+            (r for r in records if r["mode"] == mode and r["status"] == "completed"), key=lambda r: r["sites"]
+        )
         if rows:
             acc.plot([r["sites"] for r in rows], [r["accuracy_real_test"] for r in rows], marker="o", label=mode)
             per.plot([r["sites"] for r in rows], [r["site_round_s"] for r in rows], marker="o", label=mode)
@@ -163,18 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--modes", nargs="+", default=["local", "central", "secagg"], choices=["local", "central", "secagg"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["local", "central", "secagg"], choices=["local", "central", "secagg"]
+    )
     parser.add_argument("--doc", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     records = run_all(out, args.sites, args.modes, args.overrides)
     chart = plot(records, out / "scale.png")
-    command = ("python -m simulations.scale --out <dir> --sites " + " ".join(map(str, args.sites)) + " --modes "
-               + " ".join(args.modes) + "".join(f" {o}" for o in args.overrides))  # fmt: skip
-    block = (f"Command (results.jsonl keeps every run; a rerun skips finished runs):\n\n```bash\n{command}\n```\n\n"
-             f"Workload: {' '.join(WORKLOAD)} (see the module docstring), epsilon 1, one run per cell.\n\n"
-             f"{table(records)}\n{fits(records)}\n![scale](benchmark_scale.png)\n")  # fmt: skip
+    command = (
+        "python -m simulations.scale --out <dir> --sites "
+        + " ".join(map(str, args.sites))
+        + " --modes "
+        + " ".join(args.modes)
+        + "".join(f" {o}" for o in args.overrides)
+    )
+    block = (
+        f"Command (results.jsonl keeps every run; a rerun skips finished runs):\n\n```bash\n{command}\n```\n\n"
+        f"Workload: {' '.join(WORKLOAD)} (see the module docstring), epsilon 1, one run per cell.\n\n"
+        f"{table(records)}\n{fits(records)}\n![scale](benchmark_scale.png)\n"
+    )
     (out / "scale.md").write_text(block)
     if args.doc:
         import shutil

@@ -33,11 +33,16 @@ def evaluation_requests(strategy: CoAutoGenStrategy, server_round: int, grid: Gr
     )
     content = to_content(request.to_parts())
     nodes = sorted(grid.get_node_ids())
-    strategy._outbox, strategy._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes], {}
+    strategy._outbox, strategy._sent_to = (
+        [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes],
+        {},
+    )
     return strategy._outbox
 
 
-def federated_accuracy(strategy: CoAutoGenStrategy, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+def federated_accuracy(
+    strategy: CoAutoGenStrategy, server_round: int, replies: Iterable[Message]
+) -> MetricRecord | None:
     """Count-weighted mean of the sites' private test accuracies; sets ``federated_accuracy``.
 
     With ``privacy.evaluation=clear`` the sites' accuracies and counts are exact; with
@@ -62,7 +67,13 @@ def federated_accuracy(strategy: CoAutoGenStrategy, server_round: int, replies: 
     if count <= 0:
         return None
     strategy.federated_accuracy = min(max(correct / count, 0.0), 1.0)
-    log(INFO, "federated evaluation: accuracy %.4f over %.0f private test images%s", strategy.federated_accuracy, count, " (noised)" if noised else "")
+    log(
+        INFO,
+        "federated evaluation: accuracy %.4f over %.0f private test images%s",
+        strategy.federated_accuracy,
+        count,
+        " (noised)" if noised else "",
+    )
     return MetricRecord({P.ACCURACY: strategy.federated_accuracy, P.NUM_EXAMPLES: float(count)})
 
 

@@ -79,7 +79,12 @@ class FinalStage:
     def model_spec(self) -> dict[str, Any]:
         """What a site needs to rebuild the downstream model (fields of an EvaluationRequest)."""
         d = self.cfg.data
-        return {"model": self.cfg.downstream.model, "num_classes": len(self.class_names), "channels": d.channels, "image_size": d.image_size}
+        return {
+            "model": self.cfg.downstream.model,
+            "num_classes": len(self.class_names),
+            "channels": d.channels,
+            "image_size": d.image_size,
+        }
 
     def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
         """Write the final dataset, train the downstream model on it, evaluate centrally."""
@@ -100,15 +105,30 @@ class FinalStage:
         model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
         if ds.pretrained and ds.model == "resnet18":
             fresh = load_imagenet_weights(model, ds.weights)
-            log(INFO, "downstream %s starts from ImageNet weights (%d tensors of its own size stay fresh)", ds.model, len(fresh))
+            log(
+                INFO,
+                "downstream %s starts from ImageNet weights (%d tensors of its own size stay fresh)",
+                ds.model,
+                len(fresh),
+            )
         if ds.encoder_fixed:
             fix_encoder(model)
         model = train_classifier(
-            model, images, labels, epochs=epochs, lr=ds.lr, batch_size=ds.batch_size, seed=ds.seed, device=self.device,
-            augment=ds.augment, label_smoothing=ds.label_smoothing,
+            model,
+            images,
+            labels,
+            epochs=epochs,
+            lr=ds.lr,
+            batch_size=ds.batch_size,
+            seed=ds.seed,
+            device=self.device,
+            augment=ds.augment,
+            label_smoothing=ds.label_smoothing,
         )
         if self.real_test is not None and len(self.real_test):
-            self.accuracy_real_test, _ = evaluate_classifier(model, self.real_test.images, self.real_test.labels, device=self.device)
+            self.accuracy_real_test, _ = evaluate_classifier(
+                model, self.real_test.images, self.real_test.labels, device=self.device
+            )
             log(INFO, "downstream accuracy on the central real test split: %.4f", self.accuracy_real_test)
         arrays = {name: Array(value) for name, value in state_dict_to_numpy(model).items()}
         self.model_arrays = ArrayRecord(arrays)
@@ -118,18 +138,27 @@ class FinalStage:
         """Fréchet distance and precision/recall of the final dataset against the central real
         test split in the embedder's space; says why not when the server holds no real data."""
         if self.real_test is None or not len(self.real_test):
-            return unavailable("the server holds no real test data (a deployment): nothing to compare the synthetic data with")
+            return unavailable(
+                "the server holds no real test data (a deployment): nothing to compare the synthetic data with"
+            )
         if self.embedder is None:
             return unavailable("no embedder was given to the final stage")
         try:
-            quality = measure_synthetic_data(self.embedder.embed, self.real_test.images, self.real_test.labels,
-                                             images, labels, self.class_names)
+            quality = measure_synthetic_data(
+                self.embedder.embed, self.real_test.images, self.real_test.labels, images, labels, self.class_names
+            )
         except Exception as exc:  # a diagnostic: it must not fail a run whose dataset is already stored
             log(WARNING, "the synthetic data's quality could not be measured: %s", exc)
             return unavailable(f"could not be measured: {type(exc).__name__}: {exc}")
         overall = quality["overall"]
-        log(INFO, "synthetic data vs the central real test split (%s space): Fréchet distance %s, precision %s, recall %s",
-            getattr(self.embedder, "name", "embedder"), overall["frechet_distance"], overall["precision"], overall["recall"])
+        log(
+            INFO,
+            "synthetic data vs the central real test split (%s space): Fréchet distance %s, precision %s, recall %s",
+            getattr(self.embedder, "name", "embedder"),
+            overall["frechet_distance"],
+            overall["precision"],
+            overall["recall"],
+        )
         self.tracker.log_final("quality", quality)
         return quality
 
@@ -137,7 +166,9 @@ class FinalStage:
         """Make a model trained elsewhere (the DP-SGD rounds of -tt real/mix) the run's downstream
         model: evaluated on the central real test split, then sent to the sites' evaluation."""
         if self.real_test is not None and len(self.real_test):
-            self.accuracy_real_test, _ = evaluate_classifier(model, self.real_test.images, self.real_test.labels, device=self.device)
+            self.accuracy_real_test, _ = evaluate_classifier(
+                model, self.real_test.images, self.real_test.labels, device=self.device
+            )
             log(INFO, "federated DP-SGD model: accuracy on the central real test split %.4f", self.accuracy_real_test)
         self.model_arrays = ArrayRecord({name: Array(value) for name, value in state_dict_to_numpy(model).items()})
         return self.model_arrays

@@ -62,7 +62,9 @@ def restore(strategy: "CoAutoGenStrategy", checkpoint: Checkpoint) -> None:
                 "sites about a different pool. Start a new run"
             )
         per_label = feedback.volume_per_label if record.round == strategy.rounds else feedback.candidates_per_label
-        outcome = strategy.evolution.advance(record.round, np.asarray(record.votes, dtype=np.float64), record.noise_std, per_label)
+        outcome = strategy.evolution.advance(
+            record.round, np.asarray(record.votes, dtype=np.float64), record.noise_std, per_label
+        )
         # The crash may have come between the checkpoint and the round's files: write them again.
         strategy.final.store.write_round(record.round, outcome.voted)
         if record.round not in logged:

@@ -64,10 +64,14 @@ class _VoteCollector(LegacyStrategy):
         self.mean: list[np.ndarray] | None = None
         self.results: list[tuple[ClientProxy, FitRes]] = []
 
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         return [(proxy, self.fitins) for proxy in self.proxies]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         self.results = results  # the workflow's failures carry no node id: collect() names who is missing
         self.mean = parameters_to_ndarrays(results[0][1].parameters) if results else None
         return None, {}
@@ -78,7 +82,9 @@ class _VoteCollector(LegacyStrategy):
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
         return []
 
-    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[float | None, dict[str, Scalar]]:
+    def aggregate_evaluate(
+        self, server_round: int, results: list, failures: list
+    ) -> tuple[float | None, dict[str, Scalar]]:
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -124,9 +130,15 @@ class SecureVoteRound:
         self.encoding.check_modulus(len(nodes))
         arrays, config = request.to_legacy()
         run_id = grid.run.run_id
-        collector = _VoteCollector([GridClientProxy(n, grid, run_id) for n in nodes], FitIns(ndarrays_to_parameters(arrays), config))
-        context = LegacyContext(Context(run_id, 0, {}, RecordDict(), {}), strategy=collector, client_manager=SimpleClientManager())
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(request.round)})
+        collector = _VoteCollector(
+            [GridClientProxy(n, grid, run_id) for n in nodes], FitIns(ndarrays_to_parameters(arrays), config)
+        )
+        context = LegacyContext(
+            Context(run_id, 0, {}, RecordDict(), {}), strategy=collector, client_manager=SimpleClientManager()
+        )
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: int(request.round)}
+        )
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
         self.workflow()(grid, context)
         if collector.mean is None:
@@ -171,14 +183,24 @@ class SecureVotes:
         """The shape and encoding of a round with ``sampled`` sites and ``coordinates`` candidates."""
         p, f = self.cfg.privacy, self.cfg.feedback
         self.shape = SecAggShape.plan(sampled, p.secagg_threshold)
-        self.encoding = SecureVoteEncoding.plan(self.noise_multiplier, self.shape.sites_in_sum, f.k, p.unit, self.sensitivity,
-                                                self.capped, p.secagg_vote_cap, coordinates)  # fmt: skip
+        self.encoding = SecureVoteEncoding.plan(
+            self.noise_multiplier,
+            self.shape.sites_in_sum,
+            f.k,
+            p.unit,
+            self.sensitivity,
+            self.capped,
+            p.secagg_vote_cap,
+            coordinates,
+        )
         return self.encoding
 
     def configure(self, grid: Grid, nodes: list[int], request: P.VoteRequest) -> None:
         """Run the round's SecAgg+ stages with ``nodes``; the sum waits for :meth:`collect`."""
         assert self.shape is not None and self.encoding is not None, "plan() the round first"
-        self.revealed = SecureVoteRound(self.shape, self.encoding, self.cfg.federation.timeout_s).run(grid, nodes, request)
+        self.revealed = SecureVoteRound(self.shape, self.encoding, self.cfg.federation.timeout_s).run(
+            grid, nodes, request
+        )
 
     def collect(self, strategy: "CoAutoGenStrategy", server_round: int) -> tuple[np.ndarray, int, float]:
         """(summed votes, sites in the sum, noise std of the sum); every asked site that is not
@@ -188,17 +210,23 @@ class SecureVotes:
         in_sum = revealed.bookkeeping if revealed is not None else {}
         for node in asked:
             if node not in in_sum:
-                strategy.note_failure(server_round, node, "not in the secure sum (refused, failed or lost during SecAgg+)")
+                strategy.note_failure(
+                    server_round, node, "not in the secure sum (refused, failed or lost during SecAgg+)"
+                )
         if revealed is None or self.encoding is None:
             raise RoundFailed(
-                f"round {server_round}: secure aggregation aborted: too few of the {len(asked)} sites completed SecAgg+ "
-                f"(each needs {self.shape.reconstruction if self.shape else 2} live sites among its SecAgg+ neighbours; "
+                f"round {server_round}: secure aggregation aborted: "
+                f"too few of the {len(asked)} sites completed SecAgg+ "
+                f"(each needs {self.shape.reconstruction if self.shape else 2} live sites "
+                "among its SecAgg+ neighbours; "
                 "privacy.secagg_threshold), so nothing was revealed; the sites "
                 "that were charged keep the charge. summary.json names each site"
             )
         for node, book in in_sum.items():
             if book is None:
-                strategy.note_failure(server_round, node, "malformed public bookkeeping (its masked votes are in the sum)")
+                strategy.note_failure(
+                    server_round, node, "malformed public bookkeeping (its masked votes are in the sum)"
+                )
             else:
                 strategy.note_answer(node, book)
         return revealed.votes, len(in_sum), self.encoding.sum_noise_std(len(in_sum))

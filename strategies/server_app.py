@@ -12,12 +12,12 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from coautogen_fl.active import ActiveLoop
 from coautogen_fl.checkpoint import RESUME_UNSUPPORTED, Checkpoint, CheckpointError
 from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
-from coautogen_fl.active import ActiveLoop
-from coautogen_fl.downstream import build_classifier, predict_probabilities, pretrained_weights, train_classifier
 from coautogen_fl.device import resolve_device
+from coautogen_fl.downstream import build_classifier, predict_probabilities, pretrained_weights, train_classifier
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.evolution import Evolution
 from coautogen_fl.frameworks import FRAMEWORKS
@@ -28,8 +28,8 @@ from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_
 from coautogen_fl.privacy.split import NoisePlan, plan_noise, training_share
 from coautogen_fl.rater import SIGNED_RATERS, vote_sensitivity
 from coautogen_fl.report import write_report
-from coautogen_fl.secure_votes import plan_secagg_noise
 from coautogen_fl.rundir import resolve_run_dir
+from coautogen_fl.secure_votes import plan_secagg_noise
 from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker, site_lines
 
@@ -52,13 +52,25 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     embedder = build_embedder(cfg.embedder, device)
     generator = build_generator(cfg, class_names, device, embedder)
     schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
-    active = active_loop(cfg, generator, len(class_names), device) if FRAMEWORKS[cfg.feedback.framework].evolve == "active" else None
+    active = (
+        active_loop(cfg, generator, len(class_names), device)
+        if FRAMEWORKS[cfg.feedback.framework].evolve == "active"
+        else None
+    )
     evolution = Evolution(generator, embedder, len(class_names), cfg.feedback, schedule, g.seed, active)
     t = cfg.tracking
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
     upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"
-    final = FinalStage(cfg, class_names, SyntheticStore(run_dir, class_names), tracker, real_test, device,
-                       upscaler=build_upscaler(cfg, device) if upscale_final else None, embedder=embedder)  # fmt: skip
+    final = FinalStage(
+        cfg,
+        class_names,
+        SyntheticStore(run_dir, class_names),
+        tracker,
+        real_test,
+        device,
+        upscaler=build_upscaler(cfg, device) if upscale_final else None,
+        embedder=embedder,
+    )
     feedback = cfg.feedback.framework in VOTING_FRAMEWORKS
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     votes = feedback and cfg.feedback.task_type != "real"
@@ -81,13 +93,25 @@ def active_loop(cfg: RunConfig, generator: Any, num_classes: int, device: str) -
 
     def train(images: np.ndarray, labels: np.ndarray) -> Any:
         model = build_classifier(ds.model, num_classes, d.channels, d.image_size, seed=ds.seed)
-        return train_classifier(model, images, labels, epochs=f.active_epochs, lr=ds.lr, batch_size=ds.batch_size,
-                                seed=ds.seed, device=device, augment=ds.augment, label_smoothing=ds.label_smoothing)
+        return train_classifier(
+            model,
+            images,
+            labels,
+            epochs=f.active_epochs,
+            lr=ds.lr,
+            batch_size=ds.batch_size,
+            seed=ds.seed,
+            device=device,
+            augment=ds.augment,
+            label_smoothing=ds.label_smoothing,
+        )
 
     def predict(model: Any, images: np.ndarray) -> np.ndarray:
         return predict_probabilities(model, images, device=device)
 
-    return ActiveLoop(generator, num_classes, train, predict, f.active_steer, f.active_oversample, f.mix_ratio, cfg.generator.seed)
+    return ActiveLoop(
+        generator, num_classes, train, predict, f.active_steer, f.active_oversample, f.mix_ratio, cfg.generator.seed
+    )
 
 
 def secagg_noise(cfg: RunConfig, num_classes: int, evaluations: int) -> float:
@@ -95,12 +119,24 @@ def secagg_noise(cfg: RunConfig, num_classes: int, evaluations: int) -> float:
     sites the federation is expected to sample each round."""
     p, f = cfg.privacy, cfg.feedback
     sampled = max(2, round(cfg.federation.num_hospitals * cfg.federation.fraction_train))
-    args = dict(k=f.k, unit=p.unit, sensitivity=vote_sensitivity(p.unit, capped=cfg.data.real_per_label > 0, signed=f.rater in SIGNED_RATERS),
-                capped=cfg.data.real_per_label > 0, vote_cap=p.secagg_vote_cap, coordinates=num_classes * f.candidates_per_label)  # fmt: skip
+    args = dict(
+        k=f.k,
+        unit=p.unit,
+        sensitivity=vote_sensitivity(p.unit, capped=cfg.data.real_per_label > 0, signed=f.rater in SIGNED_RATERS),
+        capped=cfg.data.real_per_label > 0,
+        vote_cap=p.secagg_vote_cap,
+        coordinates=num_classes * f.candidates_per_label,
+    )
     sigma = plan_secagg_noise(p.epsilon, p.delta, f.rounds, evaluations, sampled, p.secagg_threshold, args)
-    log(INFO, "privacy plan (secagg): %d secure vote sum(s) and %d noised evaluation(s) at noise multiplier %.4g; each site "
-        "adds a discrete-Gaussian share for the threshold of %.0f%% of the sampled sites", f.rounds, evaluations, sigma,
-        100 * p.secagg_threshold)  # fmt: skip
+    log(
+        INFO,
+        "privacy plan (secagg): %d secure vote sum(s) and %d noised evaluation(s) at noise multiplier %.4g; each site "
+        "adds a discrete-Gaussian share for the threshold of %.0f%% of the sampled sites",
+        f.rounds,
+        evaluations,
+        sigma,
+        100 * p.secagg_threshold,
+    )
     return sigma
 
 
@@ -108,8 +144,12 @@ def check_downstream_weights(cfg: RunConfig) -> None:
     """-cmp: find the ImageNet weights before any site is charged (a run that spends privacy and
     then cannot train is the worst failure); the cnn has none, so there the flag does nothing."""
     if cfg.downstream.pretrained and cfg.downstream.model != "resnet18":
-        log(WARNING, "downstream.pretrained (-cmp) applies to -cmodel resnet18; the %s has no ImageNet weights and "
-            "starts from random ones", cfg.downstream.model)  # fmt: skip
+        log(
+            WARNING,
+            "downstream.pretrained (-cmp) applies to -cmodel resnet18; the %s has no ImageNet weights and "
+            "starts from random ones",
+            cfg.downstream.model,
+        )
     pretrained_weights(cfg.downstream.pretrained, cfg.downstream.model, cfg.downstream.weights)
 
 
@@ -118,9 +158,20 @@ def training_plan(cfg: RunConfig, gaussian_releases: int) -> NoisePlan:
     p, d = cfg.privacy, cfg.downstream
     share = training_share(cfg.feedback.task_type, p.training_share)
     plan = plan_noise(p.epsilon, p.delta, gaussian_releases, share, d.dp_sample_rate, d.dp_local_steps, d.dp_rounds)
-    log(INFO, "privacy plan (-tt %s): %d Gaussian release(s) at noise %.4g, %d DP-SGD rounds of %d steps at rate %g and "
-        "noise %.4g; each site's ledger will hold epsilon %.4f of %g", cfg.feedback.task_type, gaussian_releases,
-        plan.gaussian, d.dp_rounds, d.dp_local_steps, d.dp_sample_rate, plan.training, plan.epsilon, p.epsilon)
+    log(
+        INFO,
+        "privacy plan (-tt %s): %d Gaussian release(s) at noise %.4g, %d DP-SGD rounds of %d steps at rate %g and "
+        "noise %.4g; each site's ledger will hold epsilon %.4f of %g",
+        cfg.feedback.task_type,
+        gaussian_releases,
+        plan.gaussian,
+        d.dp_rounds,
+        d.dp_local_steps,
+        d.dp_sample_rate,
+        plan.training,
+        plan.epsilon,
+        p.epsilon,
+    )
     return plan
 
 
@@ -138,8 +189,10 @@ def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     if saved.feedback.task_type != "syn":
         raise CheckpointError(RESUME_UNSUPPORTED.format(task_type=saved.feedback.task_type, run_dir=run_dir))
     if not FRAMEWORKS[saved.feedback.framework].resumable:
-        raise CheckpointError(f"a -f {saved.feedback.framework} run cannot be resumed yet ({run_dir}): the candidates it "
-                              "accumulated are not checkpointed, and asking the sites again would charge them again. Start a new run")
+        raise CheckpointError(
+            f"a -f {saved.feedback.framework} run cannot be resumed yet ({run_dir}): the candidates it "
+            "accumulated are not checkpointed, and asking the sites again would charge them again. Start a new run"
+        )
     given, own = flatten(to_dict(cfg)), flatten(to_dict(saved))
     differ = sorted(k for k in set(given) | set(own) if k != "tracking.resume" and given.get(k) != own.get(k))
     if differ:
@@ -246,7 +299,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy.final.tracker.finish()
     for line in site_lines(summary):
         log(INFO, line)
-    log(INFO, "accuracy_real_test %s, accuracy_federated %s", summary["accuracy_real_test"], summary["accuracy_federated"])
+    log(
+        INFO,
+        "accuracy_real_test %s, accuracy_federated %s",
+        summary["accuracy_real_test"],
+        summary["accuracy_federated"],
+    )
     log(INFO, "summary written to %s", run_dir / "summary.json")
     write_run_report(run_dir)
     if failure:

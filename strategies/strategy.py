@@ -22,6 +22,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from clients.wire import from_content, to_content
 from coautogen_fl import protocol as P
 from coautogen_fl.checkpoint import RoundRecord
 from coautogen_fl.config import RunConfig
@@ -30,7 +31,6 @@ from coautogen_fl.evolution import Evolution
 from coautogen_fl.frameworks import FRAMEWORKS
 from coautogen_fl.privacy import GaussianMechanism, aggregate_noise_std
 from coautogen_fl.rater import SIGNED_RATERS, normalise_site_vector, vote_sensitivity
-from clients.wire import from_content, to_content
 
 from .evaluation import evaluation_requests, federated_accuracy
 from .outcome import FinalStage
@@ -38,7 +38,6 @@ from .resume import checkpoint_of
 from .secagg import SecureVotes
 from .sites import RoundFailed, SiteRecord
 from .training import TrainingRounds
-
 
 #: Error replies Flower itself makes, by its code (``flwr.common.constant.ErrorCode``); their text
 #: (tracebacks of a ClientApp that raised) is never recorded.
@@ -96,12 +95,16 @@ class CoAutoGenStrategy(Strategy):
         self.noise_multiplier = noise_multiplier
         self.max_site_images = max_site_images
         # L2 sensitivity of one site's votes: what local sites and the central noise calibrate to.
-        self.sensitivity = vote_sensitivity(cfg.privacy.unit, capped=cfg.data.real_per_label > 0, signed=cfg.feedback.rater in SIGNED_RATERS)
+        self.sensitivity = vote_sensitivity(
+            cfg.privacy.unit, capped=cfg.data.real_per_label > 0, signed=cfg.feedback.rater in SIGNED_RATERS
+        )
         # Vote rounds: -iter for Feedback, one for Gen/GenLLM, none for -tt real (only DP-SGD rounds).
         self.rounds = 0 if cfg.feedback.task_type == "real" else cfg.feedback.rounds if self.is_feedback else 1
         self.training: TrainingRounds | None = None  # -tt real/mix: the DP-SGD rounds after the votes
         capped = cfg.data.real_per_label > 0
-        self.secure = SecureVotes(cfg, noise_multiplier, self.sensitivity, capped) if cfg.privacy.mode == "secagg" else None
+        self.secure = (
+            SecureVotes(cfg, noise_multiplier, self.sensitivity, capped) if cfg.privacy.mode == "secagg" else None
+        )
         self.sites: dict[int, SiteRecord] = {}
         self.dropped: list[dict[str, Any]] = []
         self.federated_accuracy: float | None = None
@@ -127,9 +130,28 @@ class CoAutoGenStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's settings."""
         p = self.cfg.privacy
-        log(INFO, "\t├──> Framework: %s, rater %s, %d round(s)", self.cfg.feedback.framework, self.cfg.feedback.rater, self.rounds)
-        log(INFO, "\t├──> Pool: %d per label, final volume %d per label", self.cfg.feedback.candidates_per_label, self.cfg.feedback.volume_per_label)
-        log(INFO, "\t└──> Privacy: epsilon %.3g, delta %.3g, mode %s, unit %s, noise multiplier %.4g", p.epsilon, p.delta, p.mode, p.unit, self.noise_multiplier)
+        log(
+            INFO,
+            "\t├──> Framework: %s, rater %s, %d round(s)",
+            self.cfg.feedback.framework,
+            self.cfg.feedback.rater,
+            self.rounds,
+        )
+        log(
+            INFO,
+            "\t├──> Pool: %d per label, final volume %d per label",
+            self.cfg.feedback.candidates_per_label,
+            self.cfg.feedback.volume_per_label,
+        )
+        log(
+            INFO,
+            "\t└──> Privacy: epsilon %.3g, delta %.3g, mode %s, unit %s, noise multiplier %.4g",
+            p.epsilon,
+            p.delta,
+            p.mode,
+            p.unit,
+            self.noise_multiplier,
+        )
 
     def _sample_nodes(self, grid: Grid) -> list[int]:
         nodes = sorted(grid.get_node_ids())
@@ -143,8 +165,17 @@ class CoAutoGenStrategy(Strategy):
         f, p = self.cfg.feedback, self.cfg.privacy
         encoding = self.secure.encoding if self.secure is not None else None
         return P.VoteRequest(
-            server_round, f.rater, f.k, float(self.noise_multiplier), p.mode, p.unit, embeddings, labels, self.run_key,
-            secagg_summands=encoding.summands if encoding else 0, secagg_vote_cap=encoding.vote_cap if encoding else 0,
+            server_round,
+            f.rater,
+            f.k,
+            float(self.noise_multiplier),
+            p.mode,
+            p.unit,
+            embeddings,
+            labels,
+            self.run_key,
+            secagg_summands=encoding.summands if encoding else 0,
+            secagg_vote_cap=encoding.vote_cap if encoding else 0,
             probe=self.probe(),
         )
 
@@ -162,7 +193,9 @@ class CoAutoGenStrategy(Strategy):
         return self.sensitivity * (np.sqrt(2.0) if self._probed else 1.0)
 
     # ------------------------------------------------------------------ train
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send the pool's embeddings to every sampled site (none in the Gen framework)."""
         server_round += self.round_offset
         self._round_start = time.time()
@@ -186,7 +219,10 @@ class CoAutoGenStrategy(Strategy):
         request = self.vote_request(server_round, embeddings, labels)
         self._probed = request.probe is not None
         content = to_content(request.to_parts())
-        self._outbox, self._sent_to = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes], {}
+        self._outbox, self._sent_to = (
+            [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes],
+            {},
+        )
         return self._outbox
 
     def _parse_vote_reply(self, msg: Message, noise_std: float) -> P.VoteReply:
@@ -194,17 +230,26 @@ class CoAutoGenStrategy(Strategy):
         max_clean = self.max_site_images * np.sqrt(self.cfg.feedback.k) if self.max_site_images else np.inf
         P.validate_votes(reply.votes, len(self.evolution.pool), noise_std, max_clean)
         if self._probed != (reply.class_errors is not None):
-            raise P.ReplyError("class errors " + ("missing: the request carried a model" if self._probed else "sent unasked"))
+            raise P.ReplyError(
+                "class errors " + ("missing: the request carried a model" if self._probed else "sent unasked")
+            )
         if reply.class_errors is not None:
-            P.validate_votes(reply.class_errors, self.evolution.num_classes, noise_std,
-                             float(self.max_site_images or np.inf), what="class errors")  # fmt: skip
+            P.validate_votes(
+                reply.class_errors,
+                self.evolution.num_classes,
+                noise_std,
+                float(self.max_site_images or np.inf),
+                what="class errors",
+            )
         return reply
 
     def sender(self, msg: Message) -> int:
         """The site a reply is about: the node its request went to. An error reply Flower makes
         itself (a lost node) comes from the SuperLink's id, not from the site's."""
         if len(self._sent_to) != len(self._outbox):  # the Grid sets message ids when it sends
-            self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox if m.metadata.message_id}
+            self._sent_to = {
+                m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox if m.metadata.message_id
+            }
         return self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def _site(self, msg: Message, partition_id: int = -1, label: str = "") -> SiteRecord:
@@ -226,7 +271,9 @@ class CoAutoGenStrategy(Strategy):
                 record.rounds_answered += earlier.rounds_answered
                 record.evaluations_answered += earlier.evaluations_answered
                 record.epsilon_spent = max(record.epsilon_spent, earlier.epsilon_spent)
-                record.epsilon_budget = record.epsilon_budget if record.epsilon_budget is not None else earlier.epsilon_budget
+                record.epsilon_budget = (
+                    record.epsilon_budget if record.epsilon_budget is not None else earlier.epsilon_budget
+                )
                 record.refusals[:0], record.failures[:0] = earlier.refusals, earlier.failures
                 del self.sites[node]
 
@@ -235,9 +282,18 @@ class CoAutoGenStrategy(Strategy):
 
     def note_failure(self, server_round: int, node: int, reason: str, refused: bool = False) -> None:
         """Record that ``node`` did not count in ``server_round``, and why (summary and log)."""
-        log(WARNING, "round %d: %s reply of node %d: %s", server_round, "refused" if refused else "dropped", node, reason)
+        log(
+            WARNING,
+            "round %d: %s reply of node %d: %s",
+            server_round,
+            "refused" if refused else "dropped",
+            node,
+            reason,
+        )
         site = self._site_of(node)
-        self.dropped.append({"round": server_round, "node": node, "site": site.name, "refused": refused, "reason": reason})
+        self.dropped.append(
+            {"round": server_round, "node": node, "site": site.name, "refused": refused, "reason": reason}
+        )
         (site.refusals if refused else site.failures).append(f"round {server_round}: {reason}")
 
     def _record_missing(self, server_round: int, replies: list[Message]) -> None:
@@ -248,7 +304,9 @@ class CoAutoGenStrategy(Strategy):
                 site = self.sites.setdefault(node, SiteRecord(-1, node))
                 reason = "no reply (the node was lost, stopped or timed out)"
                 log(WARNING, "round %d: node %d (site %s): %s", server_round, node, site.name, reason)
-                self.dropped.append({"round": server_round, "node": node, "site": site.name, "refused": False, "reason": reason})
+                self.dropped.append(
+                    {"round": server_round, "node": node, "site": site.name, "refused": False, "reason": reason}
+                )
                 site.failures.append(f"round {server_round}: {reason}")
 
     def min_sites(self, server_round: int) -> int:
@@ -305,7 +363,9 @@ class CoAutoGenStrategy(Strategy):
         site.epsilon_budget = bookkeeping["epsilon_budget"]
         site.rounds_answered += 1
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the votes, breed the next pool; after the last round build the final dataset."""
         replies = list(replies)
         server_round += self.round_offset
@@ -313,7 +373,9 @@ class CoAutoGenStrategy(Strategy):
             return self.training.aggregate(self, server_round, replies)
         last = server_round == self.rounds
         if self.voting_done:  # resumed after the last round: the replayed final children
-            return self.final.finish(self.evolution.pool, server_round), MetricRecord({"num-synthetic": len(self.evolution.pool)})
+            return self.final.finish(self.evolution.pool, server_round), MetricRecord(
+                {"num-synthetic": len(self.evolution.pool)}
+            )
         if not self.is_feedback:
             final = self.evolution.random_population(self.cfg.feedback.volume_per_label)
             return self.final.finish(final, server_round), MetricRecord({"num-synthetic": len(final)})
@@ -322,13 +384,15 @@ class CoAutoGenStrategy(Strategy):
         else:
             votes, valid = self.collect_votes(server_round, replies)
             self._record_missing(server_round, replies)
-            noise_std = aggregate_noise_std(self.noise_multiplier, self.round_sensitivity, max(valid, 1), self.cfg.privacy.mode)
+            noise_std = aggregate_noise_std(
+                self.noise_multiplier, self.round_sensitivity, max(valid, 1), self.cfg.privacy.mode
+            )
         if valid < self.min_sites(server_round):
             # Re-asking would charge the sites that did answer a second time: stop instead.
             raise RoundFailed(
-                f"round {server_round}: valid votes from {valid} of {len(self.sampled.get(server_round, []))} sites, fewer "
-                f"than the {self.min_sites(server_round)} the run needs (federation.min_sites); nothing more was asked "
-                "of any site. summary.json names each site and why it did not count"
+                f"round {server_round}: valid votes from {valid} of {len(self.sampled.get(server_round, []))} sites, "
+                f"fewer than the {self.min_sites(server_round)} the run needs (federation.min_sites); "
+                "nothing more was asked of any site. summary.json names each site and why it did not count"
             )
         if self.cfg.privacy.mode == "central" and valid:
             votes = self.noise_aggregate(votes)
@@ -346,7 +410,9 @@ class CoAutoGenStrategy(Strategy):
         arrays = self.final.finish(outcome.children, server_round) if last else None
         return arrays, MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    def _round_metrics(self, server_round: int, sent: int, valid: int, noise_std: float, outcome: Any) -> dict[str, Any]:
+    def _round_metrics(
+        self, server_round: int, sent: int, valid: int, noise_std: float, outcome: Any
+    ) -> dict[str, Any]:
         spends = [s.epsilon_spent for s in self.sites.values()]
         metrics = {
             "replies": sent,
@@ -366,12 +432,19 @@ class CoAutoGenStrategy(Strategy):
         log(
             INFO,
             "round %d/%d: votes from %d of %d sites, %d candidates kept, epsilon spent (max, as the sites report) %.4f",
-            server_round, self.rounds, valid, sent, outcome.kept, metrics["epsilon_spent_max"],
+            server_round,
+            self.rounds,
+            valid,
+            sent,
+            outcome.kept,
+            metrics["epsilon_spent_max"],
         )
         return metrics
 
     # ------------------------------------------------------------------ evaluate
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """After the last round, send the downstream model to every site for evaluation."""
         return evaluation_requests(self, server_round + self.round_offset, grid)
 

@@ -88,16 +88,25 @@ class TrainingRounds:
             self.accuracy_synthetic = final.accuracy_real_test
             return {name: array.numpy() for name, array in final.model_arrays.items()}
         spec = final.model_spec()
-        model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"], seed=self.cfg.downstream.seed)
+        model = build_classifier(
+            spec["model"], spec["num_classes"], spec["channels"], spec["image_size"], seed=self.cfg.downstream.seed
+        )
         return state_dict_to_numpy(model)
 
     def request(self, strategy: "CoAutoGenStrategy", server_round: int) -> P.TrainRequest:
         """The ``train.dpsgd`` request of a round."""
         d = self.cfg.downstream
         return P.TrainRequest(
-            round=server_round, noise_multiplier=self.noise_multiplier, sample_rate=d.dp_sample_rate, steps=d.dp_local_steps,
-            max_grad_norm=d.dp_max_grad_norm, lr=d.dp_lr, optimizer=d.dp_optimizer, weights=dict(self.weights or {}),
-            run_key=strategy.run_key, **strategy.final.model_spec(),
+            round=server_round,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=d.dp_sample_rate,
+            steps=d.dp_local_steps,
+            max_grad_norm=d.dp_max_grad_norm,
+            lr=d.dp_lr,
+            optimizer=d.dp_optimizer,
+            weights=dict(self.weights or {}),
+            run_key=strategy.run_key,
+            **strategy.final.model_spec(),
         )
 
     def configure(self, strategy: "CoAutoGenStrategy", server_round: int, grid: Grid) -> list[Message]:
@@ -110,12 +119,20 @@ class TrainingRounds:
         strategy.sampled[server_round] = nodes
         for node in nodes:
             strategy.sites.setdefault(node, SiteRecord(-1, node))
-        log(INFO, "DP-SGD round %d/%d: global model sent to %d sites", server_round - self.first_round + 1, self.rounds, len(nodes))
+        log(
+            INFO,
+            "DP-SGD round %d/%d: global model sent to %d sites",
+            server_round - self.first_round + 1,
+            self.rounds,
+            len(nodes),
+        )
         strategy._outbox = [Message(content=content, dst_node_id=n, message_type=P.TRAIN_DPSGD) for n in nodes]
         strategy._sent_to = {}
         return strategy._outbox
 
-    def _collect(self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]) -> list[dict[str, np.ndarray]]:
+    def _collect(
+        self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]
+    ) -> list[dict[str, np.ndarray]]:
         """The valid weights of a round; every other reply is recorded against its site."""
         updates = []
         for msg in replies:
@@ -136,15 +153,18 @@ class TrainingRounds:
         strategy._record_missing(server_round, replies)
         return updates
 
-    def aggregate(self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+    def aggregate(
+        self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
         """Average the sites' weights (equal weights), mix in synthetic steps, checkpoint; after the
         last round hand the model to the final stage."""
         started = time.time()
         updates = self._collect(strategy, server_round, list(replies))
         if len(updates) < strategy.min_sites(server_round):
             raise RoundFailed(
-                f"DP-SGD round {server_round}: valid weights from {len(updates)} of {len(strategy.sampled.get(server_round, []))} "
-                f"sites, fewer than the {strategy.min_sites(server_round)} the run needs (federation.min_sites); nothing more "
+                f"DP-SGD round {server_round}: valid weights from {len(updates)} "
+                f"of {len(strategy.sampled.get(server_round, []))} sites, "
+                f"fewer than the {strategy.min_sites(server_round)} the run needs (federation.min_sites); nothing more "
                 "was asked of any site. summary.json names each site and why it did not count"
             )
         model = self._average(strategy, updates)
@@ -159,10 +179,19 @@ class TrainingRounds:
     def _average(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]]) -> Any:
         spec, d = strategy.final.model_spec(), self.cfg.downstream
         model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"])
-        load_numpy_state_dict(model, {k: np.mean([u[k] for u in updates], axis=0).astype(self.weights[k].dtype) for k in self.weights})
+        load_numpy_state_dict(
+            model, {k: np.mean([u[k] for u in updates], axis=0).astype(self.weights[k].dtype) for k in self.weights}
+        )
         synthetic = strategy.final.synthetic
         if self.cfg.feedback.task_type == "mix" and synthetic is not None:
-            public_steps(model, *synthetic, steps=d.mix_synthetic_steps, lr=d.lr, batch_size=d.batch_size, seed=d.seed + len(self.history))
+            public_steps(
+                model,
+                *synthetic,
+                steps=d.mix_synthetic_steps,
+                lr=d.lr,
+                batch_size=d.batch_size,
+                seed=d.seed + len(self.history),
+            )
         return model
 
     def _checkpoint(self, server_round: int) -> None:
@@ -174,7 +203,9 @@ class TrainingRounds:
             np.savez(fh, **self.weights)
         os.replace(partial, target)
 
-    def _metrics(self, strategy: "CoAutoGenStrategy", server_round: int, sent: int, valid: int, model: Any, started: float) -> dict[str, Any]:
+    def _metrics(
+        self, strategy: "CoAutoGenStrategy", server_round: int, sent: int, valid: int, model: Any, started: float
+    ) -> dict[str, Any]:
         spends = [s.epsilon_spent for s in strategy.sites.values()]
         metrics: dict[str, Any] = {
             "phase": "dpsgd",
@@ -189,6 +220,13 @@ class TrainingRounds:
         test = strategy.final.real_test
         if test is not None and len(test):  # the public central split: free to look at every round
             metrics["accuracy_real_test"], _ = evaluate_classifier(model, test.images, test.labels)
-        log(INFO, "DP-SGD round %d: weights from %d of %d sites, central accuracy %s, epsilon spent (max) %.4f",
-            server_round, valid, sent, metrics.get("accuracy_real_test"), metrics["epsilon_spent_max"])
+        log(
+            INFO,
+            "DP-SGD round %d: weights from %d of %d sites, central accuracy %s, epsilon spent (max) %.4f",
+            server_round,
+            valid,
+            sent,
+            metrics.get("accuracy_real_test"),
+            metrics["epsilon_spent_max"],
+        )
         return metrics

@@ -15,8 +15,17 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+]
 KEY_CODES = {"ArrowRight": 39, "ArrowLeft": 37}
 
 
@@ -29,8 +38,13 @@ class Browser:
         from websockets.sync.client import connect
 
         self.profile = tempfile.mkdtemp(prefix="cdp-chromium-")
-        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         port = None
         deadline = time.time() + 60
         while port is None and time.time() < deadline:
@@ -61,7 +75,9 @@ class Browser:
         self.call("Page.navigate", url=url)
 
     def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)["result"].get("value")
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)[
+            "result"
+        ].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0):
         deadline = time.time() + timeout
@@ -75,7 +91,12 @@ class Browser:
     def press(self, key: str) -> None:
         extra = {"windowsVirtualKeyCode": KEY_CODES[key], "code": key} if key in KEY_CODES else {"text": key}
         self.call("Input.dispatchKeyEvent", type="keyDown", key=key, **extra)
-        self.call("Input.dispatchKeyEvent", type="keyUp", key=key, **({"windowsVirtualKeyCode": KEY_CODES[key]} if key in KEY_CODES else {}))
+        self.call(
+            "Input.dispatchKeyEvent",
+            type="keyUp",
+            key=key,
+            **({"windowsVirtualKeyCode": KEY_CODES[key]} if key in KEY_CODES else {}),
+        )
 
     def close(self) -> None:
         try:

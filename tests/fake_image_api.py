@@ -98,7 +98,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw)
             prompt, seed, width, height = body["prompt"], body["seed"], body["width"], body["height"]
-            valid = isinstance(prompt, str) and all(isinstance(v, int) for v in (seed, width, height)) and body.get("n") == 1
+            valid = (
+                isinstance(prompt, str)
+                and all(isinstance(v, int) for v in (seed, width, height))
+                and body.get("n") == 1
+            )
         except (ValueError, KeyError, TypeError):
             valid = False
         with self.state.lock:
@@ -113,7 +117,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, path: str, query: dict[str, str], body: dict, token: str) -> None:
         if path == "/garbage":
-            return self._send(200, "text/html; charset=utf-8", b"<!DOCTYPE html>\n<html><body><h1>Welcome to nginx!</h1></body></html>")
+            return self._send(
+                200,
+                "text/html; charset=utf-8",
+                b"<!DOCTYPE html>\n<html><body><h1>Welcome to nginx!</h1></body></html>",
+            )
         if path == "/broken":
             return self._send(200, "image/png", b"\x89PNG definitely not an image")
         if path == "/bad-request":
@@ -135,9 +143,13 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, "image/png", png_bytes(image))
         encoded = base64.b64encode(png_bytes(image)).decode("ascii")
         style = query.get("style", "data")
-        replies = {"image": {"image": encoded}, "images": {"images": [encoded]},
-                   "data": {"created": 0, "data": [{"b64_json": encoded}]},
-                   "datauri": {"image": f"data:image/png;base64,{encoded}"}, "none": {"created": 0, "data": []}}
+        replies = {
+            "image": {"image": encoded},
+            "images": {"images": [encoded]},
+            "data": {"created": 0, "data": [{"b64_json": encoded}]},
+            "datauri": {"image": f"data:image/png;base64,{encoded}"},
+            "none": {"created": 0, "data": []},
+        }
         self._json(200, replies[style])
 
     def _render(self, body: dict) -> np.ndarray:
@@ -146,7 +158,10 @@ class Handler(BaseHTTPRequestHandler):
         if not body.get("image"):
             return fresh
         with Image.open(io.BytesIO(base64.b64decode(body["image"]))) as sent:
-            parent = np.asarray(sent.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+            parent = (
+                np.asarray(sent.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+                / 255.0
+            )
         strength = float(body.get("strength", 0.5))
         return (1.0 - strength) * parent + strength * fresh
 

@@ -213,13 +213,24 @@ def stop_tree(proc: subprocess.Popen, timeout: float = 15.0) -> list[Key]:
 class FlowerProcess:
     """One long-running Flower binary, its output in a log file, stopped by PID."""
 
-    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path,
-                 watch: ProcessWatch | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log: Path,
+        watch: ProcessWatch | None = None,
+    ) -> None:
         self.name, self.command, self.log = name, list(command), log
         self._log_handle = open(log, "w")
         self.stopped = False
         self.proc = subprocess.Popen(
-            self.command, env=dict(env), cwd=cwd, stdout=self._log_handle, stderr=subprocess.STDOUT,
+            self.command,
+            env=dict(env),
+            cwd=cwd,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         if watch is not None:
@@ -257,17 +268,34 @@ class FlowerProcess:
             self._log_handle.close()
 
 
-def start_superlink(port: int, env: Mapping[str, str], cwd: Path, log: Path, watch: ProcessWatch | None = None,
-                    timeout: float = 60.0, *, database: Path | None = None, tls: Sequence[str] = (),
-                    verify: ssl.SSLContext | None = None) -> FlowerProcess:
+def start_superlink(
+    port: int,
+    env: Mapping[str, str],
+    cwd: Path,
+    log: Path,
+    watch: ProcessWatch | None = None,
+    timeout: float = 60.0,
+    *,
+    database: Path | None = None,
+    tls: Sequence[str] = (),
+    verify: ssl.SSLContext | None = None,
+) -> FlowerProcess:
     """A deployment SuperLink: Fleet, Control and ServerAppIo APIs all on ``127.0.0.1:port``.
 
     ``database``: ``--database FILE`` (state kept across restarts). ``tls``: the TLS and
     authentication flags (``--ssl-*``, ``--enable-supernode-auth``) instead of ``--insecure``;
     the health endpoint is then asked over HTTPS, verified with ``verify``.
     """
-    command = [str(BIN / "flower-superlink"), *(tls or ["--insecure"]), "--disable-runtime-dependency-installation",
-               *(["--database", str(database)] if database else []), "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(BIN / "flower-superlink"),
+        *(tls or ["--insecure"]),
+        "--disable-runtime-dependency-installation",
+        *(["--database", str(database)] if database else []),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     link = FlowerProcess("flower-superlink" + (" (TLS)" if tls else ""), command, env, cwd, log, watch)
     health = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
     deadline = time.monotonic() + timeout
@@ -284,11 +312,26 @@ def start_superlink(port: int, env: Mapping[str, str], cwd: Path, log: Path, wat
     raise TimeoutError(f"flower-superlink did not answer on port {port} within {timeout:.0f} s:\n{tail(link.output())}")
 
 
-def start_supernode(superlink_port: int, port: int, node_config: str, env: Mapping[str, str], cwd: Path, log: Path,
-                    watch: ProcessWatch | None = None) -> FlowerProcess:
+def start_supernode(
+    superlink_port: int,
+    port: int,
+    node_config: str,
+    env: Mapping[str, str],
+    cwd: Path,
+    log: Path,
+    watch: ProcessWatch | None = None,
+) -> FlowerProcess:
     """A SuperNode of the SuperLink on ``127.0.0.1:superlink_port``; see :func:`node_id_of`."""
-    command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
-               "--port", str(port), "--node-config", node_config]
+    command = [
+        str(BIN / "flower-supernode"),
+        "--insecure",
+        "--superlink",
+        f"127.0.0.1:{superlink_port}",
+        "--port",
+        str(port),
+        "--node-config",
+        node_config,
+    ]
     return FlowerProcess(f"flower-supernode ({node_config})", command, env, cwd, log, watch)
 
 
@@ -311,8 +354,9 @@ def site_config(pid: int, num_sites: int, state_dir: Path, budget: float | None)
 
 def flwr(args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """The ``flwr`` CLI of this venv (output captured, never raising on a non-zero exit)."""
-    return subprocess.run([str(BIN / "flwr"), *args], env=dict(env), cwd=cwd, capture_output=True, text=True,
-                          check=False, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], env=dict(env), cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout
+    )
 
 
 def run_id_of(output: str) -> int | None:

@@ -3,10 +3,9 @@ built the way a ClientApp builds them (``Message(..., reply_to=msg)``)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -14,7 +13,6 @@ from clients.wire import to_content
 from coautogen_fl import protocol as P
 from coautogen_fl.config import flatten, load_config, to_dict
 from strategies.server_app import build_strategy
-
 
 NODES = [11, 12, 13]
 NUM_CLASSES = 10
@@ -51,15 +49,23 @@ def small_config(*overrides: str):
     return load_config(overrides=[*SMALL, *overrides])
 
 
-@pytest.fixture
-def strategy(tmp_path):
+def small_strategy(tmp_path):
+    """The strategy built from the small config (the `strategy` fixture in conftest.py)."""
     return build_strategy(small_config(), tmp_path)
 
 
-def vote_reply(msg: Message, votes, epsilon_spent=0.5, partition_id=0, epsilon_budget=1.0, class_errors=None) -> Message:
+def vote_reply(
+    msg: Message, votes, epsilon_spent=0.5, partition_id=0, epsilon_budget=1.0, class_errors=None
+) -> Message:
     """A site's TRAIN reply, built like clients.client_app.train builds it."""
-    reply = P.VoteReply(np.asarray(votes, dtype=np.float64), float(epsilon_spent), float(epsilon_budget), partition_id, 1.0,
-                        class_errors=class_errors)  # fmt: skip
+    reply = P.VoteReply(
+        np.asarray(votes, dtype=np.float64),
+        float(epsilon_spent),
+        float(epsilon_budget),
+        partition_id,
+        1.0,
+        class_errors=class_errors,
+    )
     return Message(content=to_content(reply.to_parts()), reply_to=msg)
 
 
@@ -93,10 +99,15 @@ class InProcessGrid(FakeGrid):
             node: Context(
                 run_id=4242,
                 node_id=node,
-                node_config={"partition-id": i, "num-partitions": len(nodes), "state-dir": str(tmp_path / f"site{i}"),
-                             "site-epsilon": cfg.privacy.epsilon, "site-delta": cfg.privacy.delta,
-                             "trust-server": cfg.privacy.mode == "central",
-                             "allow-clear-evaluation": cfg.privacy.evaluation == "clear"},
+                node_config={
+                    "partition-id": i,
+                    "num-partitions": len(nodes),
+                    "state-dir": str(tmp_path / f"site{i}"),
+                    "site-epsilon": cfg.privacy.epsilon,
+                    "site-delta": cfg.privacy.delta,
+                    "trust-server": cfg.privacy.mode == "central",
+                    "allow-clear-evaluation": cfg.privacy.evaluation == "clear",
+                },
                 state=RecordDict(),
                 run_config=run_config,
             )
@@ -156,8 +167,12 @@ class SecureGrid(InProcessGrid):
             stage = str(m.content.config_records.get(P.SECAGG_CONFIGS, {}).get("stage", ""))
             if stage in self.lost.get(node, ()):
                 continue
-            delivered = Message(content=copy.deepcopy(m.content), dst_node_id=node, message_type=m.metadata.message_type,
-                                group_id=m.metadata.group_id)  # fmt: skip
+            delivered = Message(
+                content=copy.deepcopy(m.content),
+                dst_node_id=node,
+                message_type=m.metadata.message_type,
+                group_id=m.metadata.group_id,
+            )
             reply = (self.app or client_app.app)(delivered, self.contexts[node])
             self.replies.append((node, stage, reply))
             replies.append(reply)

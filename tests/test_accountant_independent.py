@@ -74,15 +74,18 @@ def test_agrees_with_google_pld_on_grid(noise, rounds):
     assert not bad, f"noise {noise}, {rounds} rounds: " + "; ".join(bad)
 
 
-@pytest.mark.parametrize("schedule", [
-    pytest.param([0.5] * 3, id="0.5x3"),
-    pytest.param([0.5] * 100, id="0.5x100"),
-    pytest.param([1.0] * 30, id="1x30"),
-    pytest.param([11.7973] * 10, id="11.8x10"),
-    pytest.param([50.0] * 100, id="50x100"),
-    pytest.param(list(NOISES) * 3, id="mixed-0.5..50x3"),
-    pytest.param(list(np.linspace(20.0, 5.0, 10)), id="decreasing-20..5"),
-])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        pytest.param([0.5] * 3, id="0.5x3"),
+        pytest.param([0.5] * 100, id="0.5x100"),
+        pytest.param([1.0] * 30, id="1x30"),
+        pytest.param([11.7973] * 10, id="11.8x10"),
+        pytest.param([50.0] * 100, id="50x100"),
+        pytest.param(list(NOISES) * 3, id="mixed-0.5..50x3"),
+        pytest.param(list(np.linspace(20.0, 5.0, 10)), id="decreasing-20..5"),
+    ],
+)
 def test_composition_rule_matches_numerical_pld_convolution(schedule):
     mu = math.sqrt(sum(1.0 / s**2 for s in schedule))
     interval = 1e-3 * max(1.0, mu)  # one FFT convolution per release: coarser than the grid
@@ -104,16 +107,19 @@ def test_rdp_is_a_looser_upper_bound_on_grid():
     assert not below, "; ".join(below)
 
 
-@pytest.mark.parametrize("noise, rounds, delta, eps_error", [
-    # eps_error (opacus' absolute tolerance, default 0.01) set near 0.1 % of the expected epsilon:
-    # the default would be 40 % of epsilon 0.025; much finer makes PRV take minutes at 100 rounds.
-    (0.5, 1, 1e-3, 1e-3),
-    (0.5, 100, 1e-8, 0.1),
-    (50.0, 1, 1e-3, 1e-4),
-    (50.0, 100, 1e-8, 1e-3),
-    (11.7973, 10, 1e-5, 1e-3),
-    (2.0, 30, 1e-5, 1e-2),
-])
+@pytest.mark.parametrize(
+    "noise, rounds, delta, eps_error",
+    [
+        # eps_error (opacus' absolute tolerance, default 0.01) set near 0.1 % of the expected epsilon:
+        # the default would be 40 % of epsilon 0.025; much finer makes PRV take minutes at 100 rounds.
+        (0.5, 1, 1e-3, 1e-3),
+        (0.5, 100, 1e-8, 0.1),
+        (50.0, 1, 1e-3, 1e-4),
+        (50.0, 100, 1e-8, 1e-3),
+        (11.7973, 10, 1e-5, 1e-3),
+        (2.0, 30, 1e-5, 1e-2),
+    ],
+)
 def test_agrees_with_opacus_prv(noise, rounds, delta, eps_error):
     from opacus.accountants import PRVAccountant
 

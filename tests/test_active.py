@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from clients import client_app
+from clients.wire import from_content
 from coautogen_fl import protocol as P
 from coautogen_fl.active import ActiveLoop, class_degrees, most_uncertain, volume_shares
 from coautogen_fl.config import ConfigError, load_config
@@ -20,9 +21,14 @@ from coautogen_fl.generation.glyph import GlyphGenerator
 from coautogen_fl.rater import vote_histogram
 from simulations.cli import main as cli_main
 from strategies.server_app import build_strategy
-from clients.wire import from_content
-from strategy_helpers import InProcessGrid, small_config, train_messages, vote_reply
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+from strategy_helpers import (
+    InProcessGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+    train_messages,
+    vote_reply,
+)
 
 
 def constant_model(predicted: int, num_classes: int = 10) -> torch.nn.Module:
@@ -66,12 +72,17 @@ def test_one_image_moves_votes_and_class_errors_by_at_most_sqrt_two(k):
         private, labels = rng.normal(size=(10, 4)), rng.integers(0, 3, 10)
         images = rng.random((10, 28, 28)).astype(np.float32)
         candidates, candidate_labels = rng.normal(size=(9, 4)), np.arange(9) % 3
-        full = np.concatenate([vote_histogram(private, labels, candidates, candidate_labels, k),
-                               class_errors(model, images, labels, 3)])  # fmt: skip
+        full = np.concatenate(
+            [vote_histogram(private, labels, candidates, candidate_labels, k), class_errors(model, images, labels, 3)]
+        )
         for drop in range(10):
             keep = np.arange(10) != drop
-            fewer = np.concatenate([vote_histogram(private[keep], labels[keep], candidates, candidate_labels, k),
-                                    class_errors(model, images[keep], labels[keep], 3)])  # fmt: skip
+            fewer = np.concatenate(
+                [
+                    vote_histogram(private[keep], labels[keep], candidates, candidate_labels, k),
+                    class_errors(model, images[keep], labels[keep], 3),
+                ]
+            )
             assert np.linalg.norm(full - fewer) <= math.sqrt(2.0) + 1e-9
 
 
@@ -86,7 +97,9 @@ class FixedUncertainty:
 
 def test_final_dataset_follows_the_steered_shares_and_the_mixing_ratio():
     generator = GlyphGenerator(["a", "b"], image_size=28, seed=0)
-    loop = ActiveLoop(generator, 2, train=lambda x, y: "model", predict=FixedUncertainty(), steer=1.0, oversample=3, mix_ratio=0.25)
+    loop = ActiveLoop(
+        generator, 2, train=lambda x, y: "model", predict=FixedUncertainty(), steer=1.0, oversample=3, mix_ratio=0.25
+    )
     accepted = {0: generator.random(0, 20), 1: generator.random(1, 2)}
     for i, c in enumerate(accepted[0]):
         c.votes = float(i)
@@ -125,19 +138,39 @@ def test_active_rounds_through_the_client_handlers(tmp_path, monkeypatch):
     model, every site releases its class errors with its votes in one charge per round, and the
     errors steer the volume."""
     monkeypatch.setattr(client_app, "_SITES", {})
-    cfg = small_config("feedback.framework=Active", "privacy.mode=central", "privacy.epsilon=1000", "feedback.rounds=3",
-                       "feedback.candidates_per_label=4", "feedback.volume_per_label=5", "feedback.k=1",
-                       "feedback.active_epochs=1", "feedback.active_steer=1.0", "feedback.active_oversample=2")  # fmt: skip
+    cfg = small_config(
+        "feedback.framework=Active",
+        "privacy.mode=central",
+        "privacy.epsilon=1000",
+        "feedback.rounds=3",
+        "feedback.candidates_per_label=4",
+        "feedback.volume_per_label=5",
+        "feedback.k=1",
+        "feedback.active_epochs=1",
+        "feedback.active_steer=1.0",
+        "feedback.active_oversample=2",
+    )
     strategy = build_strategy(cfg, tmp_path / "run")
     assert strategy.evolution.evolve == "active"
-    strategy.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=10)
+    strategy.start(
+        grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=10
+    )
     assert len(strategy.evolution.pool) == 5 * 10  # the final dataset: volume x classes, split by the shares
     ledgers = [json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())["entries"] for i in range(3)]
-    assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # one charge per round + evaluation
+    assert all(
+        [e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers
+    )  # one charge per round + evaluation
     releases = sorted((tmp_path / "site0" / "releases").rglob("*.json"))
-    stored = {json.loads(p.read_text())["round"]: json.loads(p.read_text())["values"] for p in releases
-              if json.loads(p.read_text()).get("kind") == "train"}  # fmt: skip
-    assert "class_errors" not in stored[1] and len(stored[2]["class_errors"]) == 10 and len(stored[3]["class_errors"]) == 10
+    stored = {
+        json.loads(p.read_text())["round"]: json.loads(p.read_text())["values"]
+        for p in releases
+        if json.loads(p.read_text()).get("kind") == "train"
+    }
+    assert (
+        "class_errors" not in stored[1]
+        and len(stored[2]["class_errors"]) == 10
+        and len(stored[3]["class_errors"]) == 10
+    )
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rounds = [m for m in metrics if m.get("active")]
     shares = rounds[-1]["active"]["volume_shares"]
@@ -158,7 +191,11 @@ def test_a_reply_without_the_asked_class_errors_is_dropped(tmp_path):
     strategy.evolution.active.model = constant_model(0)
     request = train_messages(strategy, 2)[0]
     probe = P.VoteRequest.from_parts(from_content(request.content)).probe
-    assert probe is not None and probe.num_classes == 10 and set(probe.weights) == set(state_dict_to_numpy(constant_model(0)))
+    assert (
+        probe is not None
+        and probe.num_classes == 10
+        and set(probe.weights) == set(state_dict_to_numpy(constant_model(0)))
+    )
     with pytest.raises(P.ReplyError, match="class errors missing"):
         strategy._parse_vote_reply(vote_reply(request, np.zeros(pool)), 1.0)
     with pytest.raises(P.ReplyError, match="class errors have shape"):
@@ -168,9 +205,25 @@ def test_a_reply_without_the_asked_class_errors_is_dropped(tmp_path):
 @pytest.mark.flower
 def test_active_through_flower(tmp_path, capsys):
     out = tmp_path / "runs"
-    code = cli_main(["run", "--out", str(out), "--name", "active", "--num-hospitals", "3", "-f", "Active",
-                     "feedback.rounds=2", "feedback.candidates_per_label=5", "-vpl", "6", "downstream.epochs=1",
-                     "feedback.active_epochs=1"])  # fmt: skip
+    code = cli_main(
+        [
+            "run",
+            "--out",
+            str(out),
+            "--name",
+            "active",
+            "--num-hospitals",
+            "3",
+            "-f",
+            "Active",
+            "feedback.rounds=2",
+            "feedback.candidates_per_label=5",
+            "-vpl",
+            "6",
+            "downstream.epochs=1",
+            "feedback.active_epochs=1",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.out[-3000:] + printed.err[-2000:]
     summary = json.loads((out / "active" / "summary.json").read_text())

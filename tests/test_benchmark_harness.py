@@ -17,7 +17,12 @@ def fake_runner(calls):
         calls.append((row.name, epsilon, seed))
         if row.name == "real" and seed == 1:
             return {"status": "failed", "reason": "too few sites", "seconds": 1.0}
-        return {"status": "completed", "accuracy_real_test": ACCURACY[row.name] + 0.01 * seed + 0.05 * (epsilon > 1), "seconds": 2.0 + seed}
+        return {
+            "status": "completed",
+            "accuracy_real_test": ACCURACY[row.name] + 0.01 * seed + 0.05 * (epsilon > 1),
+            "seconds": 2.0 + seed,
+        }
+
     return run
 
 
@@ -51,7 +56,9 @@ def test_table_targets_and_doc_block_come_from_the_runs(tmp_path):
     B.write_doc(doc, B.report(cells, "python -m simulations.benchmark --out <dir>", "plot.png"))
     written = doc.read_text()
     assert "old" not in written and written.startswith("# Benchmarks\n\nbefore") and written.rstrip().endswith("after")
-    assert "| Gen: the generator's prior, no votes | 1 | **0.3100** (0.0100) | 0.3000, 0.3100, 0.3200 | 0 | 3 |" in written
+    assert (
+        "| Gen: the generator's prior, no votes | 1 | **0.3100** (0.0100) | 0.3000, 0.3100, 0.3200 | 0 | 3 |" in written
+    )
 
 
 def test_results_file_is_json_lines_with_the_run_key(tmp_path):
@@ -66,7 +73,10 @@ def test_report_only_tabulates_every_recorded_run_without_running(tmp_path, monk
     monkeypatch.setattr(B, "coautogen_run", lambda *a: pytest.fail("--report-only must not run anything"))
     assert B.main(["--out", str(tmp_path), "--report-only"]) == 0
     block = (tmp_path / "benchmark.md").read_text()
-    assert "| Gen: the generator's prior, no votes | 1 |" in block and "| Feedback, local DP (the main job) | 1000 |" in block
+    assert (
+        "| Gen: the generator's prior, no votes | 1 |" in block
+        and "| Feedback, local DP (the main job) | 1000 |" in block
+    )
     assert (tmp_path / "accuracy_vs_epsilon.png").is_file()
 
 

@@ -17,8 +17,12 @@ from coautogen_fl.hub import ModelLoadError  # noqa: E402
 from coautogen_fl.prompts import TemplatePrompts  # noqa: E402
 from coautogen_fl.prompts.captioner import CAPTIONER_ALIASES, DEFAULT_QUESTION, Captioner, clean_caption  # noqa: E402
 from coautogen_fl.prompts.llm import PromptError, dedupe_key  # noqa: E402
-from tiny_text_models import offline_single_thread  # noqa: E402,F401  (autouse fixture)
-from tiny_text_models import build_tiny_blip, build_tiny_gpt2  # noqa: E402
+
+from tiny_text_models import (  # noqa: E402
+    build_tiny_blip,
+    build_tiny_gpt2,
+    offline_single_thread,  # noqa: F401  (autouse fixture)
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +106,10 @@ def test_caption_folder_errors_name_prompts_reference(captioner, reference_folde
 
 
 def test_load_errors_are_one_line_naming_prompts_captioner(tmp_path):
-    for model, fragment in [(str(tmp_path / "missing"), "does not exist"), ("BlipBase", "Salesforce/blip-image-captioning-base")]:
+    for model, fragment in [
+        (str(tmp_path / "missing"), "does not exist"),
+        ("BlipBase", "Salesforce/blip-image-captioning-base"),
+    ]:
         with pytest.raises(PromptError, match=r"prompts\.captioner") as info:
             Captioner(model)
         assert fragment in str(info.value) and "\n" not in str(info.value) and isinstance(info.value, ModelLoadError)

@@ -20,7 +20,10 @@ def no_flower(monkeypatch):
     "argv, expected",
     [
         (["-cdata", "/nonexistent/folder"], "data folder not found: /nonexistent/folder"),
-        (["-cue", "resnet18", "embedder.weights=/nonexistent/r18.pth"], "ResNet-18 weights not found at /nonexistent/r18.pth"),
+        (
+            ["-cue", "resnet18", "embedder.weights=/nonexistent/r18.pth"],
+            "ResNet-18 weights not found at /nonexistent/r18.pth",
+        ),
         (["--num-hospitals", "2000"], "federation.num_hospitals"),
         (["privacy.epsilon=0"], "privacy.epsilon must be > 0"),
         (["privacy.epsilonn=1"], "unknown config key 'privacy.epsilonn'"),
@@ -30,10 +33,20 @@ def no_flower(monkeypatch):
         (["-sgen", "no_such_pkg_xyz.gen:Generator"], "cannot import module 'no_such_pkg_xyz.gen'"),
         (["-sllm", "./no-llm"], "prompts.llm"),
         (["-scap", "BlipBase"], "prompts.captioner needs prompts.reference"),
-        (["-sgen", "HTTP", "generator.api_url=http://127.0.0.1:9/v1", "generator.api_key_env=COAUTOGEN_TEST_UNSET_KEY"],
-         "export COAUTOGEN_TEST_UNSET_KEY=..."),
-        pytest.param(["-dev", "cuda"], "no CUDA GPU is visible; use -dev cpu or -dev auto",
-                     marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")),
+        (
+            [
+                "-sgen",
+                "HTTP",
+                "generator.api_url=http://127.0.0.1:9/v1",
+                "generator.api_key_env=COAUTOGEN_TEST_UNSET_KEY",
+            ],
+            "export COAUTOGEN_TEST_UNSET_KEY=...",
+        ),
+        pytest.param(
+            ["-dev", "cuda"],
+            "no CUDA GPU is visible; use -dev cpu or -dev auto",
+            marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here"),
+        ),
     ],
 )
 def test_bad_input_is_refused_before_flower_starts(tmp_path, capsys, monkeypatch, no_flower, argv, expected):
@@ -47,12 +60,17 @@ def test_bad_input_is_refused_before_flower_starts(tmp_path, capsys, monkeypatch
 
 
 def test_overrides_may_stand_between_options():
-    args = cli.parse_args(["run", "generator.seed=3", "--num-hospitals", "3", "privacy.epsilon=2", "-sgen", "Glyph", "feedback.k=2"])
+    args = cli.parse_args(
+        ["run", "generator.seed=3", "--num-hospitals", "3", "privacy.epsilon=2", "-sgen", "Glyph", "feedback.k=2"]
+    )
     assert args.overrides == ["generator.seed=3", "privacy.epsilon=2", "feedback.k=2"] and args.num_hospitals == 3
     assert "privacy.epsilon=2" in cli.overrides_from_args(args)
 
 
-@pytest.mark.parametrize("argv", [["run", "--bogus"], ["run", "a=b", "--num-hospitals", "2", "--bogus"], ["privacy", "--epsilon", "1", "a=b"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--bogus"], ["run", "a=b", "--num-hospitals", "2", "--bogus"], ["privacy", "--epsilon", "1", "a=b"]],
+)
 def test_stray_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.parse_args(argv)

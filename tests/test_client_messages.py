@@ -10,14 +10,13 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
 from clients.site import Site
 from clients.wire import to_content
-from strategy_helpers import declared_fields, sent_fields
 from coautogen_fl import protocol as P
 from coautogen_fl.config import config_from_run_config, flatten, load_config, to_dict
 from coautogen_fl.data import load_pool_and_test
@@ -26,6 +25,8 @@ from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import LedgerCorruptError, PrivacyLedger, epsilon_for_noise, noise_multiplier_for_epsilon
 from coautogen_fl.rater import vote_histogram
 
+from strategy_helpers import declared_fields, sent_fields
+
 RUN_ID = 777
 NODE_ID = 31
 ROUNDS = 2
@@ -33,8 +34,13 @@ EPSILON = 1.0
 DELTA = 1e-5
 PER_LABEL = 3
 NUM_CLASSES = 10
-SMALL = [f"feedback.rounds={ROUNDS}", "feedback.candidates_per_label=3", "feedback.volume_per_label=5",
-         "downstream.epochs=1", "federation.num_hospitals=3"]
+SMALL = [
+    f"feedback.rounds={ROUNDS}",
+    "feedback.candidates_per_label=3",
+    "feedback.volume_per_label=5",
+    "downstream.epochs=1",
+    "federation.num_hospitals=3",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +60,17 @@ def run_config(*overrides: str) -> dict:
 
 def make_context(tmp_path, partition_id=0, overrides=(), **node_extra) -> Context:
     """A site that sets its own terms in its node config (budget, delta, state dir)."""
-    node_config = {"partition-id": partition_id, "num-partitions": 3, "state-dir": str(tmp_path / f"site{partition_id}"),
-                   "site-epsilon": EPSILON, "site-delta": DELTA, **node_extra}  # fmt: skip
-    return Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config=run_config(*overrides))
+    node_config = {
+        "partition-id": partition_id,
+        "num-partitions": 3,
+        "state-dir": str(tmp_path / f"site{partition_id}"),
+        "site-epsilon": EPSILON,
+        "site-delta": DELTA,
+        **node_extra,
+    }
+    return Context(
+        run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config=run_config(*overrides)
+    )
 
 
 def ledger_path(context: Context):
@@ -70,7 +84,9 @@ def candidates(context: Context):
     cfg = config_from_run_config(context.run_config)
     pool, _ = load_pool_and_test(cfg.data)
     rng = np.random.default_rng(5)
-    index = np.concatenate([rng.choice(np.flatnonzero(pool.labels == c), PER_LABEL, replace=False) for c in range(NUM_CLASSES)])
+    index = np.concatenate(
+        [rng.choice(np.flatnonzero(pool.labels == c), PER_LABEL, replace=False) for c in range(NUM_CLASSES)]
+    )
     embeddings = build_embedder(cfg.embedder).embed(pool.images[index]).astype(np.float16)
     return embeddings, pool.labels[index].astype(np.int64)
 
@@ -149,7 +165,9 @@ def test_central_mode_votes_are_the_clean_histogram(tmp_path):
 
 
 def test_central_mode_with_k_and_site_unit(tmp_path):
-    context = make_context(tmp_path, overrides=["privacy.mode=central", "privacy.unit=site"], **{"trust-server": "true"})
+    context = make_context(
+        tmp_path, overrides=["privacy.mode=central", "privacy.unit=site"], **{"trust-server": "true"}
+    )
     embeddings, labels = candidates(context)
     votes = votes_of(client_app.train(train_request(embeddings, labels, mode="central", unit="site", k=2), context))
     clean = clean_votes(context, embeddings, labels, k=2)
@@ -234,8 +252,13 @@ def test_ledger_survives_a_fresh_process(tmp_path):
     refused = client_app.train(train_request(embeddings, labels, server_round=3), context)
     assert refused.has_error() and refused.error.code == P.ERROR_BUDGET_EXCEEDED
     # Even a new run id (the cache key) reads the same ledger in the same state dir.
-    other_run = Context(run_id=RUN_ID + 1, node_id=NODE_ID, node_config=dict(context.node_config),
-                        state=RecordDict(), run_config=dict(context.run_config))
+    other_run = Context(
+        run_id=RUN_ID + 1,
+        node_id=NODE_ID,
+        node_config=dict(context.node_config),
+        state=RecordDict(),
+        run_config=dict(context.run_config),
+    )
     refused = client_app.train(train_request(embeddings, labels, server_round=1), other_run)
     assert refused.has_error() and refused.error.code == P.ERROR_BUDGET_EXCEEDED
     ledger = PrivacyLedger(ledger_path(context), EPSILON, DELTA)
@@ -253,8 +276,15 @@ def test_site_is_cached_per_run_and_node(tmp_path):
 
 @pytest.mark.parametrize(
     "breakage",
-    ["wrong embedding dimension", "no candidates record", "no config record", "config lacks rater",
-     "unknown rater", "zero noise multiplier", "negative noise multiplier"],
+    [
+        "wrong embedding dimension",
+        "no candidates record",
+        "no config record",
+        "config lacks rater",
+        "unknown rater",
+        "zero noise multiplier",
+        "negative noise multiplier",
+    ],
 )
 def test_bad_requests_yield_error_replies(tmp_path, breakage):
     context = make_context(tmp_path)
@@ -412,7 +442,7 @@ def test_a_site_with_a_small_class_and_a_corrupt_file_still_votes(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="flwr"):
         reply = client_app.train(train_request(embeddings, labels), context)
     votes_of(reply)  # votes, not an error
-    metrics = reply.content.metric_records[P.METRICS]
+    reply.content.metric_records[P.METRICS]  # the metrics record is there (KeyError otherwise)
     assert sent_fields(reply) == declared_fields("train")
     warned = [r.getMessage() for r in caplog.records if r.name == "flwr" and r.levelno == logging.WARNING]
     assert len(warned) == 1 and "broken.png" in warned[0] and "class '3'" in warned[0] and "class '7'" in warned[0]

@@ -16,6 +16,7 @@ from coautogen_fl.embedding.base import Embedder, EmbedderError  # noqa: E402
 from coautogen_fl.embedding.clip import CLIPEmbedder, CLIPFilter, load_clip  # noqa: E402
 from coautogen_fl.generation.base import Candidate  # noqa: E402
 from coautogen_fl.hub import ModelLoadError  # noqa: E402
+
 from tiny_clip import TINY_CLIP_PROJECTION_DIM, build_tiny_clip  # noqa: E402
 
 NAMES = ["cat", "dog"]
@@ -78,8 +79,9 @@ def test_folder_that_is_not_clip_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
     folder = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=8)).save_pretrained(str(folder))  # fmt: skip
+    BertModel(
+        BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(str(folder))
     with pytest.raises(EmbedderError, match="not a CLIP model") as exc:
         load_clip(str(folder), config_key="filter.clip_model")
     _assert_one_line(exc, "bert", "filter.clip_model")
@@ -115,8 +117,9 @@ def test_embedder_loads_by_folder_and_gives_unit_rows(clip_folder, rgb):
 
 def test_embed_matches_the_model_on_processed_pixels(embedder, loaded, rgb):
     model, processor = loaded
-    pixels = processor(images=list(rgb), do_rescale=False, input_data_format="channels_last",
-                       return_tensors="pt")["pixel_values"]  # fmt: skip
+    pixels = processor(images=list(rgb), do_rescale=False, input_data_format="channels_last", return_tensors="pt")[
+        "pixel_values"
+    ]
     # the processor normalises [0, 1] pixels (no second /255): values are O(1), not O(1e-3)
     assert pixels.abs().max() > 0.5
     with torch.no_grad():
@@ -174,8 +177,14 @@ def test_filter_probabilities_are_rows_of_a_softmax(clip_filter, rgb):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
     # the same as CLIP's own logits_per_image, soft-maxed
     model, processor = clip_filter.embedder.model, clip_filter.embedder.processor
-    inputs = processor(text=clip_filter.prompts, images=list(rgb), do_rescale=False,
-                       input_data_format="channels_last", padding=True, return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        text=clip_filter.prompts,
+        images=list(rgb),
+        do_rescale=False,
+        input_data_format="channels_last",
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         expected = model(**inputs).logits_per_image.softmax(dim=1).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -184,7 +193,11 @@ def test_filter_probabilities_are_rows_of_a_softmax(clip_filter, rgb):
 def test_filter_prompts_and_settings(clip_folder):
     filt = CLIPFilter(clip_folder, ["cat", "dog", "owl"], template="a drawing of a {name}")
     assert filt.prompts == ["a drawing of a cat", "a drawing of a dog", "a drawing of a owl"]
-    assert filt.settings() == {"model": clip_folder, "template": "a drawing of a {name}", "threshold": pytest.approx(1 / 3)}
+    assert filt.settings() == {
+        "model": clip_folder,
+        "template": "a drawing of a {name}",
+        "threshold": pytest.approx(1 / 3),
+    }
     assert CLIPFilter(clip_folder, NAMES, threshold=0.8).settings()["threshold"] == 0.8
 
 
@@ -205,12 +218,15 @@ def test_keep_is_exactly_own_probability_above_one_over_c(loaded, monkeypatch):
     filt = CLIPFilter(loaded, ["a", "b", "c", "d"])
     assert filt.threshold == 0.25
     eps = 1e-4
-    table = np.array([
-        [0.25, 0.25, 0.25, 0.25],          # exactly chance: not above it
-        [0.25 + eps, 0.25 - eps, 0.25, 0.25],
-        [0.25 - eps, 0.25 + eps, 0.25, 0.25],
-        [0.1, 0.1, 0.7, 0.1],
-    ], dtype=np.float32)  # fmt: skip
+    table = np.array(
+        [
+            [0.25, 0.25, 0.25, 0.25],  # exactly chance: not above it
+            [0.25 + eps, 0.25 - eps, 0.25, 0.25],
+            [0.25 - eps, 0.25 + eps, 0.25, 0.25],
+            [0.1, 0.1, 0.7, 0.1],
+        ],
+        dtype=np.float32,
+    )
     monkeypatch.setattr(filt, "probabilities", lambda images: table[: len(images)])
     pool = _candidates(np.zeros((4, 8, 8), dtype=np.float32), [0, 0, 0, 2])
     np.testing.assert_array_equal(filt.keep(pool), [False, True, False, True])

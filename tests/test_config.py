@@ -304,13 +304,17 @@ def test_config_from_run_config_validates_values():
         config_from_run_config({"privacy.mode": "secret"})
 
 
-@pytest.mark.parametrize("name", ["Glyph", "StableDiffusion", "FLUX", "runwayml/stable-diffusion-v1-5", "./models/sd15", "~/sd"])
+@pytest.mark.parametrize(
+    "name", ["Glyph", "StableDiffusion", "FLUX", "runwayml/stable-diffusion-v1-5", "./models/sd15", "~/sd"]
+)
 def test_generator_names_accepted(name):
     assert load_config(overrides=[f"generator.name={name}"]).generator.name == name
 
 
 def test_unknown_generator_name_lists_what_is_accepted():
-    with pytest.raises(ConfigError, match=r"generator.name='Dalle' is not valid; use one of Glyph, Latent, HTTP, StableDiffusion"):
+    with pytest.raises(
+        ConfigError, match=r"generator.name='Dalle' is not valid; use one of Glyph, Latent, HTTP, StableDiffusion"
+    ):
         load_config(overrides=["generator.name=Dalle"])
     with pytest.raises(ConfigError, match=r"prompt_template must contain \{name\}"):
         load_config(overrides=["generator.prompt_template=a photo"])

@@ -371,7 +371,9 @@ def test_unreadable_files_are_skipped_counted_and_all_listed(tmp_path):
     assert all(reason for _, reason in data.report.skipped)
     assert data.report.class_counts == {"cat": 4, "dog": 4}
     problems = data.report.problems()
-    assert problems[0].startswith("3 unreadable image file(s) skipped") and all(any(str(p) in line for line in problems) for p in bad)
+    assert problems[0].startswith("3 unreadable image file(s) skipped") and all(
+        any(str(p) in line for line in problems) for p in bad
+    )
     # A skipped file is simply not an image of the folder: everything else is as without it.
     np.testing.assert_array_equal(data.images, clean.images)
     np.testing.assert_array_equal(data.labels, clean.labels)

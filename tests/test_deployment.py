@@ -36,6 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from coautogen_fl import protocol as P
+from coautogen_fl.config import load_config, save_config
+from coautogen_fl.privacy import (
+    PrivacyLedger,
+    epsilon_for_noise,
+    noise_multiplier_for_epsilon,
+)
+from simulations.launcher import app_dir, free_port, parse_status
+
 from flower_processes import (
     BIN,
     FlowerProcess,
@@ -52,23 +62,20 @@ from flower_processes import (
     write_connection,
 )
 
-from coautogen_fl import protocol as P
-from coautogen_fl.config import load_config, save_config
-from coautogen_fl.privacy import (
-    PrivacyLedger,
-    epsilon_for_noise,
-    noise_multiplier_for_epsilon,
-)
-from simulations.launcher import app_dir, free_port, parse_status
-
 pytestmark = pytest.mark.flower
 
 CONNECTION = "deploy"
 EPSILON, DELTA, ROUNDS = 1.0, 1e-5, 2
 SMALL_BUDGET = 0.6  # site 2's own budget: one release at the run's noise fits, two do not
 NUM_SITES = 3
-TINY = ["feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=1",
-        "federation.num_hospitals=3", f"privacy.epsilon={EPSILON}", "federation.timeout_s=150"]
+TINY = [
+    "feedback.candidates_per_label=4",
+    "feedback.volume_per_label=10",
+    "downstream.epochs=1",
+    "federation.num_hospitals=3",
+    f"privacy.epsilon={EPSILON}",
+    "federation.timeout_s=150",
+]
 # The attack of issue 8: what a server puts in the run config to get clean votes under a fresh budget.
 ATTACK = {"privacy.mode": '"central"', "privacy.epsilon": "50.0", "privacy.delta": "0.2"}
 LEDGER, KEY = "privacy_ledger.json", "site_secret.key"
@@ -98,8 +105,12 @@ class Federation:
         """Start the SuperLink, then one SuperNode per site: partition id -> (state dir, budget)."""
         self.watch.add_marker(f"127.0.0.1:{self.link_port}")
         write_connection(Path(self.env["FLWR_HOME"]), CONNECTION, f"127.0.0.1:{self.link_port}")
-        self.superlink = start_superlink(self.link_port, self.env, self.cwd, self.root / f"{self.name}-superlink.log", self.watch)
-        self.add_nodes({pid: site_config(pid, NUM_SITES, state_dir, budget) for pid, (state_dir, budget) in sites.items()})
+        self.superlink = start_superlink(
+            self.link_port, self.env, self.cwd, self.root / f"{self.name}-superlink.log", self.watch
+        )
+        self.add_nodes(
+            {pid: site_config(pid, NUM_SITES, state_dir, budget) for pid, (state_dir, budget) in sites.items()}
+        )
 
     def add_nodes(self, configs: dict[int | str, str]) -> None:
         """Start one SuperNode per node config (key -> config) and wait until all registered."""
@@ -120,7 +131,9 @@ class Federation:
             self.stopped += self.superlink.stop()
 
     def logs(self) -> str:
-        parts = [f"--- {p.name} ({p.log.name})\n{tail(p.output(), 40)}" for p in [self.superlink, *self.nodes.values()] if p]
+        parts = [
+            f"--- {p.name} ({p.log.name})\n{tail(p.output(), 40)}" for p in [self.superlink, *self.nodes.values()] if p
+        ]
         return "\n".join(parts)
 
 
@@ -136,16 +149,25 @@ def flwr_run(federation: Federation, config_file: Path, extra: dict[str, str] | 
     run_config = " ".join([f'config-file="{config_file}"', *(f"{k}={v}" for k, v in (extra or {}).items())])
     command = [str(BIN / "flwr"), "run", str(app_dir()), CONNECTION, "--stream", "--run-config", run_config]
     try:
-        result = subprocess.run(command, env=federation.env, cwd=federation.cwd, capture_output=True, text=True,
-                                timeout=RUN_TIMEOUT_S)
+        result = subprocess.run(
+            command, env=federation.env, cwd=federation.cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+        )
         output = result.stdout + result.stderr
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         pytest.fail(f"`flwr run` did not finish within {RUN_TIMEOUT_S:.0f} s:\n{tail(output)}\n{federation.logs()}")
     run_id = run_id_of(output)
-    assert run_id is not None, f"`flwr run` started no run (exit {result.returncode}):\n{tail(output)}\n{federation.logs()}"
-    listing = subprocess.run([str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-                             env=federation.env, cwd=federation.cwd, capture_output=True, text=True, timeout=60)
+    assert run_id is not None, (
+        f"`flwr run` started no run (exit {result.returncode}):\n{tail(output)}\n{federation.logs()}"
+    )
+    listing = subprocess.run(
+        [str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=federation.env,
+        cwd=federation.cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return run_id, parse_status(listing.stdout, run_id), output
 
 
@@ -191,7 +213,11 @@ def assert_no_paths(summary: dict, *paths: Path) -> None:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (relative path -> bytes); {} when it does not exist."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+    return (
+        {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        if folder.exists()
+        else {}
+    )
 
 
 def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
@@ -235,7 +261,9 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             assert abs(site2["epsilon_spent"] - epsilon_for_noise([sigma] * site2_fit, DELTA)) < 1e-9  # 0.548
             assert site2["epsilon_spent"] <= SMALL_BUDGET * (1 + 1e-6)
             assert site2["epsilon_budget"] == (SMALL_BUDGET if site2_fit else None)  # its own budget, as it reported it
-            assert site2["refusals"] == budget_refusals(list(range(votes2 + 1, ROUNDS + 1)), None if evaluated2 else ROUNDS + 1)
+            assert site2["refusals"] == budget_refusals(
+                list(range(votes2 + 1, ROUNDS + 1)), None if evaluated2 else ROUNDS + 1
+            )
             # Refused votes and a refused evaluation are dropped as refused, at the release they were asked for.
             assert [(d["round"], d["node"], d["refused"]) for d in summary["dropped_replies"]] == [
                 *[(r, first.node_ids[2], True) for r in range(votes2 + 1, ROUNDS + 1)],
@@ -244,7 +272,10 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             assert summary["num_synthetic"] == 100 and summary["accuracy_federated"] is not None
             assert_no_paths(summary, tmp_path)
             # The server's spend lines measure each site against the budget it reported itself.
-            line2 = f"site {key2} (node {first.node_ids[2]}): answered, epsilon {site2['epsilon_spent']:.3f} of {SMALL_BUDGET:g}, delta"
+            line2 = (
+                f"site {key2} (node {first.node_ids[2]}): answered, "
+                f"epsilon {site2['epsilon_spent']:.3f} of {SMALL_BUDGET:g}, delta"
+            )
             assert line2 in out1, tail(out1)
 
             # Each site's ledger holds exactly its accepted releases, the evaluation as round ROUNDS + 1.
@@ -286,7 +317,10 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             spent0 = tuple(e["noise_multiplier"] for e in before[0])
             spent2 = tuple(e["noise_multiplier"] for e in before[2])
             assert releases_within(EPSILON, sigma2, 2) == 2  # what a fresh site with budget 1.0 can answer
-            assert releases_within(EPSILON, sigma2, 2, spent0) == 0 and releases_within(SMALL_BUDGET, sigma2, 2, spent2) == 0
+            assert (
+                releases_within(EPSILON, sigma2, 2, spent0) == 0
+                and releases_within(SMALL_BUDGET, sigma2, 2, spent2) == 0
+            )
             key0, key2 = (site_key(False, pid, second.node_ids[pid]) for pid in (0, 2))  # they never answer
             assert sorted(summary2["sites"]) == sorted(["1", key0, key2])
             assert summary2["sites"]["1"]["rounds_answered"] == 1 and summary2["sites"]["1"]["refusals"] == []
@@ -297,13 +331,21 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             assert_no_paths(summary2, tmp_path)
             assert ledger_entries(state[0] / LEDGER) == before[0]  # nothing charged, nothing released
             assert ledger_entries(state[2] / LEDGER) == before[2]
-            assert [(e["round"], e["run_id"]) for e in ledger_entries(fresh / LEDGER)] == [(1, str(run2)), (2, str(run2))]
+            assert [(e["round"], e["run_id"]) for e in ledger_entries(fresh / LEDGER)] == [
+                (1, str(run2)),
+                (2, str(run2)),
+            ]
 
             # ------------------------------------------------------------ run 3: the attack (issue 8)
             # Two more SuperNodes join the same federation: a fresh site with its whole budget
             # (it would have something to spend) and one with data and state but no site-epsilon.
             untouched, no_terms = tmp_path / "site-untouched", tmp_path / "site-no-terms"
-            second.add_nodes({"untouched": site_config(1, NUM_SITES, untouched, EPSILON), "no-terms": site_config(2, NUM_SITES, no_terms, None)})
+            second.add_nodes(
+                {
+                    "untouched": site_config(1, NUM_SITES, untouched, EPSILON),
+                    "no-terms": site_config(2, NUM_SITES, no_terms, None),
+                }
+            )
             sites3 = {0: state[0], 1: fresh, 2: state[2], "untouched": untouched, "no-terms": no_terms}
             ledgers_before = {key: snapshot(folder) for key, folder in sites3.items()}
             attacker = tmp_path / "attacker" / "run"
@@ -323,20 +365,26 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             # At a site's own delta the attacker's noise costs far more than any budget here.
             assert epsilon_for_noise([sigma3], DELTA) > 30 * EPSILON
             nodes3 = {key: second.node_ids[key] for key in sites3}
+
             def expected_refusals(key: str) -> list[str]:
                 # A site with terms refuses clean votes to a server it does not trust (ERROR_NOT_ALLOWED);
                 # the site without terms refuses with ERROR_SITE_TERMS.
                 return [refusal(P.ERROR_SITE_TERMS if key == "no-terms" else P.ERROR_NOT_ALLOWED, 1)]
 
-            expected_drops = sorted((int(line.split(":")[0].split()[1]), node, True, line.split(": ", 1)[1])
-                                    for key, node in nodes3.items() for line in expected_refusals(key))
+            expected_drops = sorted(
+                (int(line.split(":")[0].split()[1]), node, True, line.split(": ", 1)[1])
+                for key, node in nodes3.items()
+                for line in expected_refusals(key)
+            )
             drops = sorted((d["round"], d["node"], d["refused"], d["reason"]) for d in summary3["dropped_replies"])
             assert drops == expected_drops, drops
             # No site answered anything, so none is known by partition id, and none was charged.
             assert sorted(summary3["sites"]) == sorted(f"node-{node}" for node in nodes3.values())
             for key, node in nodes3.items():
                 site = summary3["sites"][f"node-{node}"]
-                assert site["rounds_answered"] == 0 and site["epsilon_spent"] == 0.0 and site["epsilon_budget"] is None, (key, site)
+                assert (
+                    site["rounds_answered"] == 0 and site["epsilon_spent"] == 0.0 and site["epsilon_budget"] is None
+                ), (key, site)
                 assert site["refusals"] == expected_refusals(key), (key, site)
             assert summary3["epsilon_spent_max"] == 0.0 and summary3["accuracy_federated"] is None
             assert_no_paths(summary3, tmp_path, attacker)
@@ -353,7 +401,9 @@ def test_loopback_deployment_budgets_restart_and_attack(tmp_path):
             assert snapshot(no_terms) == {}
             # Nothing of any site's state under the attacker's run dir (a simulated site's default).
             created = [p.relative_to(attacker) for p in attacker.rglob("*")]
-            assert not [p for p in created if p.name.startswith((LEDGER, KEY, f".{KEY}")) or "sites" in p.parts], created
+            assert not [p for p in created if p.name.startswith((LEDGER, KEY, f".{KEY}")) or "sites" in p.parts], (
+                created
+            )
             assert not (tmp_path / "run3-unused").exists()
             # The details stay in the sites' own logs.
             assert "trust-server" in second.nodes[0].output() and "site-epsilon" in second.nodes["no-terms"].output()

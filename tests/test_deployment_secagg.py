@@ -16,8 +16,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from coautogen_fl.config import load_config, save_config
+from simulations.launcher import app_dir, free_port, parse_status
+
 from flower_processes import (
-    BIN,
     FlowerProcess,
     ProcessWatch,
     flower_env,
@@ -34,16 +37,20 @@ from flower_processes import (
     write_connection,
 )
 
-from coautogen_fl.config import load_config, save_config
-from simulations.launcher import app_dir, free_port, parse_status
-
 pytestmark = pytest.mark.flower
 
 CONNECTION = "deploy"
 NUM_SITES, ROUNDS, EPSILON = 3, 1, 1.0  # one round: each SecAgg+ stage starts a ClientApp process per site
-TINY = ["feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=1",
-        f"federation.num_hospitals={NUM_SITES}", f"privacy.epsilon={EPSILON}", "federation.timeout_s=150",
-        f"feedback.rounds={ROUNDS}", "privacy.mode=secagg"]  # fmt: skip
+TINY = [
+    "feedback.candidates_per_label=4",
+    "feedback.volume_per_label=10",
+    "downstream.epochs=1",
+    f"federation.num_hospitals={NUM_SITES}",
+    f"privacy.epsilon={EPSILON}",
+    "federation.timeout_s=150",
+    f"feedback.rounds={ROUNDS}",
+    "privacy.mode=secagg",
+]
 RUN_TIMEOUT_S = 400.0
 EXIT_GRACE_S = 15.0
 
@@ -74,8 +81,12 @@ def test_secagg_run_in_a_loopback_deployment(tmp_path):
                 nodes[i] = start_supernode(link_port, port, config, env, cwd, tmp_path / f"site{i}.log", watch)
             node_ids = {i: node_id_of(nodes[i]) for i in range(NUM_SITES)}
 
-            result = flwr(["run", str(app_dir()), CONNECTION, "--stream", "--run-config", f'config-file="{run_config}"'],
-                          env, cwd, timeout=RUN_TIMEOUT_S)  # fmt: skip
+            result = flwr(
+                ["run", str(app_dir()), CONNECTION, "--stream", "--run-config", f'config-file="{run_config}"'],
+                env,
+                cwd,
+                timeout=RUN_TIMEOUT_S,
+            )
             output = result.stdout + result.stderr
             run_id = run_id_of(output)
             assert run_id is not None, f"`flwr run` started no run:\n{tail(output)}\n{logs()}"

@@ -51,6 +51,10 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from coautogen_fl.config import load_config, save_config
+from simulations.launcher import app_dir, free_port, parse_status
+
 from flower_processes import (
     BIN,
     FlowerProcess,
@@ -64,9 +68,6 @@ from flower_processes import (
     stop_all,
     tail,
 )
-
-from coautogen_fl.config import load_config, save_config
-from simulations.launcher import app_dir, free_port, parse_status
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deploy.md"
@@ -207,8 +208,15 @@ def start_tls_superlink(
 ) -> FlowerProcess:
     """``flower-superlink`` with TLS, SuperNode authentication and a database file; waits until its
     health endpoint answers over HTTPS verified against the site CA."""
-    tls = ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-           "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth"]  # fmt: skip
+    tls = [
+        "--ssl-ca-certfile",
+        str(certs["ca"]),
+        "--ssl-certfile",
+        str(certs["cert"]),
+        "--ssl-keyfile",
+        str(certs["key"]),
+        "--enable-supernode-auth",
+    ]
     verify = ssl.create_default_context(cafile=str(certs["ca"]))
     return start_superlink(port, env, cwd, log, watch, timeout, database=database, tls=tls, verify=verify)
 

@@ -36,6 +36,12 @@ import subprocess
 import time
 
 import pytest
+
+from coautogen_fl.config import load_config, save_config
+from coautogen_fl.tracking import read_metrics
+from simulations import processes
+from simulations.launcher import app_dir, free_port, parse_status
+
 from flower_processes import (
     BIN,
     FlowerProcess,
@@ -55,11 +61,6 @@ from flower_processes import (
     tail,
     write_connection,
 )
-
-from coautogen_fl.config import load_config, save_config
-from coautogen_fl.tracking import read_metrics
-from simulations import processes
-from simulations.launcher import app_dir, free_port, parse_status
 
 pytestmark = pytest.mark.flower
 
@@ -88,11 +89,7 @@ def clientapps_under(node: FlowerProcess) -> list[str]:
     root = processes.record(node.pid)
     if root is None:
         return []
-    return [
-        rec.command
-        for rec in processes.descendants(root)
-        if "flwr-clientapp" in rec.command
-    ]
+    return [rec.command for rec in processes.descendants(root) if "flwr-clientapp" in rec.command]
 
 
 # ---------------------------------------------------------------------------------- the test
@@ -127,10 +124,7 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
     decided_after_s: float | None = None
 
     def logs() -> str:
-        parts = [
-            f"--- {p.name} ({p.log.name})\n{tail(p.output(), 30)}"
-            for p in [*links, *nodes.values()]
-        ]
+        parts = [f"--- {p.name} ({p.log.name})\n{tail(p.output(), 30)}" for p in [*links, *nodes.values()]]
         if run_out.exists():
             parts.append(f"--- flwr run\n{tail(run_out.read_text(errors='replace'), 40)}")
         return "\n".join(parts)
@@ -138,14 +132,18 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
     with ProcessWatch([str(tmp_path), address]) as watch:
         try:
             # ---------------------------------------------------------- the deployment and the run
-            links.append(
-                start_superlink(link_port, env, cwd, tmp_path / "superlink.log", watch, database=database)
-            )
+            links.append(start_superlink(link_port, env, cwd, tmp_path / "superlink.log", watch, database=database))
             for i in range(NUM_SITES):
                 port = free_port()
                 watch.add_marker(f"127.0.0.1:{port}")
                 nodes[i] = start_supernode(
-                    link_port, port, site_config(i, NUM_SITES, state[i], EPSILON), env, cwd, tmp_path / f"site{i}.log", watch
+                    link_port,
+                    port,
+                    site_config(i, NUM_SITES, state[i], EPSILON),
+                    env,
+                    cwd,
+                    tmp_path / f"site{i}.log",
+                    watch,
                 )
             node_ids = {i: node_id_of(nodes[i]) for i in range(NUM_SITES)}
             mark("deployment up")
@@ -234,7 +232,9 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
             assert lost["rounds_answered"] == 0, lost  # it never answered, round 1 nor round 2
             assert lost["status"] == "failed" or lost["failures"], lost
             assert lost["failures"] and lost["failures"][0].startswith(f"round {LOST_ROUND}: "), lost
-            assert lost["failures"] == [f"round {LOST_ROUND}: failed: the node was lost (Flower: node unavailable) (code 5)"], lost
+            assert lost["failures"] == [
+                f"round {LOST_ROUND}: failed: the node was lost (Flower: node unavailable) (code 5)"
+            ], lost
             lost_drops = [d for d in summary["dropped_replies"] if d["node"] == node_ids[VICTIM]]
             assert [d["round"] for d in lost_drops][:1] == [LOST_ROUND], summary["dropped_replies"]
             assert [d["node"] for d in summary["dropped_replies"]] == [node_ids[VICTIM]], summary["dropped_replies"]
@@ -244,7 +244,10 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
                 site = sites[str(i)]
                 assert site["node_id"] == node_ids[i], (i, site)
                 assert site["status"] == "answered", (i, site)
-                assert site["rounds_answered"] == ROUNDS and site["refusals"] == [] and site["failures"] == [], (i, site)
+                assert site["rounds_answered"] == ROUNDS and site["refusals"] == [] and site["failures"] == [], (
+                    i,
+                    site,
+                )
                 assert site["epsilon_spent"] <= EPSILON + 1e-6, (i, site)
                 rounds_paid = [e["round"] for e in ledger_of(state[i])]
                 assert set(range(1, ROUNDS + 1)) <= set(rounds_paid), (i, rounds_paid)
@@ -271,9 +274,13 @@ def test_site_killed_mid_round_the_run_finishes_with_the_others(tmp_path):
         assert binary in seen, f"{binary} never seen: {sorted(set(watch.seen.values()))}"
     assert processes_naming(watch.markers) == []
     assert not [key for rec in killed if alive(key := rec.key)]
+    killed_names = [
+        next((w.rsplit("/", 1)[-1] for w in rec.command.split() if "/flwr" in w or "/flower" in w), rec.command[:40])
+        for rec in killed
+    ]
     print(
         f"deployment site-lost test: {time.monotonic() - started:.1f} s; phases (s since start): {phases}; "
-        f"killed when {trigger}: {[next((w.rsplit('/', 1)[-1] for w in rec.command.split() if '/flwr' in w or '/flower' in w), rec.command[:40]) for rec in killed]}; "
+        f"killed when {trigger}: {killed_names}; "
         f"round {LOST_ROUND} decided {decided_after_s} s after the kill; lost site {lost_key}: "
         f"{lost['failures']}; "
         f"dropped replies: {summary['dropped_replies']}"

@@ -23,6 +23,7 @@ from coautogen_fl.generation.diffusion import (  # noqa: E402
     GeneratorLoadError,
     load_text2image,
 )
+
 from tiny_diffusers import build_tiny_pipeline  # noqa: E402
 
 NAMES = ["cat", "dog"]

@@ -107,8 +107,17 @@ def test_more_summands_lower_ddg_epsilon():
 
 @pytest.mark.parametrize(
     "args",
-    [(0.49, 1.0, 3, 10), (0.0, 1.0, 3, 10), (math.nan, 1.0, 3, 10), (2.0, 0.0, 3, 10), (2.0, -1.0, 3, 10),
-     (2.0, 1.0, 0, 10), (2.0, 1.0, 3, 0), (2.0, 1.0, 2.5, 10), (2.0, 1.0, True, 10)],
+    [
+        (0.49, 1.0, 3, 10),
+        (0.0, 1.0, 3, 10),
+        (math.nan, 1.0, 3, 10),
+        (2.0, 0.0, 3, 10),
+        (2.0, -1.0, 3, 10),
+        (2.0, 1.0, 0, 10),
+        (2.0, 1.0, 3, 0),
+        (2.0, 1.0, 2.5, 10),
+        (2.0, 1.0, True, 10),
+    ],
 )
 def test_ddg_epsilon_refuses_bad_input(args):
     with pytest.raises(PrivacyError):
@@ -202,8 +211,9 @@ def test_ddg_with_subsampling_is_refused(tmp_path):
 @pytest.mark.parametrize("extra", [{"kind": "laplace"}, {"kind": "ddg", "sample_rate": 0.5, "steps": 2}])
 def test_an_unknown_kind_in_the_file_is_corrupt(tmp_path, extra):
     entry = {"noise_multiplier": 6.0, "round": 1, "run_id": "x", "timestamp": "2026-01-01T00:00:00+00:00", **extra}
-    (tmp_path / "l.json").write_text(json.dumps({"version": 1, "delta": DELTA, "epsilon_budget": 1.0,
-                                                 "entries": [entry]}))
+    (tmp_path / "l.json").write_text(
+        json.dumps({"version": 1, "delta": DELTA, "epsilon_budget": 1.0, "entries": [entry]})
+    )
     with pytest.raises(LedgerCorruptError):
         PrivacyLedger(tmp_path / "l.json", 1.0, DELTA)
 

@@ -67,7 +67,9 @@ def test_noise_averages_out_over_the_pool():
 
 def make_distribution_evolution(per_label: int = 6) -> Evolution:
     cfg = FeedbackConfig(candidates_per_label=per_label, volume_per_label=2 * per_label, evolve="distribution")
-    return Evolution(GlyphGenerator(["0", "1"], image_size=12, seed=0), PixelEmbedder(6), 2, cfg, DegreeSchedule(), seed=0)
+    return Evolution(
+        GlyphGenerator(["0", "1"], image_size=12, seed=0), PixelEmbedder(6), 2, cfg, DegreeSchedule(), seed=0
+    )
 
 
 def test_evolution_distribution_mode_refits_the_generator_and_draws_a_fresh_pool():

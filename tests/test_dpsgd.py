@@ -38,7 +38,9 @@ def test_two_runs_with_the_same_seeds_give_different_noised_weights():
 def test_each_example_gradient_is_clipped():
     """SGD at lr 1 on the noised sum, noise ~0: the step is at most n * max_grad_norm long."""
     before = state_dict_to_numpy(build_classifier("cnn", 3, 1, 12, seed=0))
-    settings = DPSGDSettings(noise_multiplier=1e-9, sample_rate=1.0, steps=1, max_grad_norm=0.01, lr=1.0, optimizer="sgd")
+    settings = DPSGDSettings(
+        noise_multiplier=1e-9, sample_rate=1.0, steps=1, max_grad_norm=0.01, lr=1.0, optimizer="sgd"
+    )
     after = trained(settings)
     moved = np.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))
     assert 0 < moved <= len(LABELS) * 0.01 * (1 + 1e-4)
@@ -58,7 +60,9 @@ def test_noise_for_epsilon_spends_the_target_with_prv():
     assert epsilon_for_releases([(sigma * 0.98, 0.25, 20)], 1e-5) > 1.0  # not a needlessly large noise
 
 
-@pytest.mark.parametrize("field,value", [("noise_multiplier", 0.0), ("sample_rate", 1.5), ("steps", 0), ("optimizer", "lbfgs")])
+@pytest.mark.parametrize(
+    "field,value", [("noise_multiplier", 0.0), ("sample_rate", 1.5), ("steps", 0), ("optimizer", "lbfgs")]
+)
 def test_settings_out_of_range_are_rejected(field, value):
     settings = {"noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 1, field: value}
     with pytest.raises(ValueError, match=field):

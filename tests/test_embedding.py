@@ -165,4 +165,6 @@ def test_standardized_pixels_have_zero_mean_unit_norm_and_ignore_ink_intensity()
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     # a fainter copy of the same shape embeds to the same vector (votes follow shape, not ink)
     np.testing.assert_allclose(emb.embed(0.4 * images + 0.1), out, atol=1e-5)
-    assert not np.allclose(PixelEmbedder(14, standardize=False).embed(0.4 * images), PixelEmbedder(14, standardize=False).embed(images))
+    assert not np.allclose(
+        PixelEmbedder(14, standardize=False).embed(0.4 * images), PixelEmbedder(14, standardize=False).embed(images)
+    )

@@ -20,13 +20,25 @@ from pathlib import Path
 import pytest
 
 from coautogen_fl.config import load_config, save_config
-from flower_processes import ProcessWatch, processes_naming
 from simulations.launcher import FlowerSimulation, app_dir
+
+from flower_processes import ProcessWatch, processes_naming
 
 pytestmark = pytest.mark.flower
 
-SUMMARY_KEYS = ("framework", "rater", "epsilon", "delta", "epsilon_spent_max", "rounds", "num_hospitals",
-                "num_synthetic", "accuracy_real_test", "accuracy_federated", "wall_time_s")
+SUMMARY_KEYS = (
+    "framework",
+    "rater",
+    "epsilon",
+    "delta",
+    "epsilon_spent_max",
+    "rounds",
+    "num_hospitals",
+    "num_synthetic",
+    "accuracy_real_test",
+    "accuracy_federated",
+    "wall_time_s",
+)
 TINY = ["feedback.rounds=2", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=2"]
 EXIT_GRACE_S = 20.0  # Ray and the simulation runtime shut down asynchronously
 
@@ -47,7 +59,9 @@ def assert_nothing_left(watch: ProcessWatch, superlink_pid: int, marker: str) ->
 
 
 def superlink_pid_of(watch: ProcessWatch, flwr_home: Path) -> int:
-    pids = [key[0] for key, command in watch.seen.items() if "flower-superlink" in command and str(flwr_home) in command]
+    pids = [
+        key[0] for key, command in watch.seen.items() if "flower-superlink" in command and str(flwr_home) in command
+    ]
     assert len(pids) == 1, f"expected one SuperLink under {flwr_home}: {watch.seen}"
     return pids[0]
 
@@ -56,8 +70,17 @@ def superlink_pid_of(watch: ProcessWatch, flwr_home: Path) -> int:
 def test_coautogen_run_command(tmp_path):
     out = tmp_path / "runs"
     run_dir = out / "e2e"
-    command = [str(Path(sys.executable).parent / "coautogen"), "run", "--out", str(out), "--name", "e2e",
-               "--num-hospitals", "3", *TINY]
+    command = [
+        str(Path(sys.executable).parent / "coautogen"),
+        "run",
+        "--out",
+        str(out),
+        "--name",
+        "e2e",
+        "--num-hospitals",
+        "3",
+        *TINY,
+    ]
     started = time.monotonic()
     with ProcessWatch([str(tmp_path)]) as watch:
         proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,7 +144,9 @@ def flwr_run_watched(tmp_path: Path, cfg, num_supernodes: int):
             with FlowerSimulation(tmp_path / "flwr-home") as simulation, open(log, "w") as output:
                 superlink = simulation.process.pid
                 watch.add_root(superlink)
-                status = simulation.run(app_dir(), {"config-file": str(config_file)}, num_supernodes=num_supernodes, output=output)
+                status = simulation.run(
+                    app_dir(), {"config-file": str(config_file)}, num_supernodes=num_supernodes, output=output
+                )
             assert_nothing_left(watch, superlink, str(tmp_path))
         finally:
             watch.kill_leftovers()
@@ -157,10 +182,18 @@ def test_flwr_run_feedback_with_tiny_diffusers(tmp_path, tiny_pipeline_folder, t
     """A Feedback run through `flwr run` whose ServerApp loads a (tiny, random-weight) Stable
     Diffusion pipeline from a local folder, the way a user's -sgen ./models/sd15 would."""
     run_dir = tmp_path / "run"
-    cfg = load_config(overrides=[
-        *TINY, "federation.num_hospitals=3", f"tracking.run_dir={run_dir}", f"generator.name={tiny_pipeline_folder}",
-        "generator.steps=2", "generator.batch_size=20", f"feedback.task_mode={task_mode}", "data.image_size=32",
-    ])
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            "federation.num_hospitals=3",
+            f"tracking.run_dir={run_dir}",
+            f"generator.name={tiny_pipeline_folder}",
+            "generator.steps=2",
+            "generator.batch_size=20",
+            f"feedback.task_mode={task_mode}",
+            "data.image_size=32",
+        ]
+    )
     status, log = flwr_run_watched(tmp_path, cfg, num_supernodes=3)
     assert status.completed, f"run {status.run_id} ended as {status.status}:\n{_tail(log)}"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -20,7 +20,13 @@ PER_LABEL = 4
 
 
 def make_evolution(selection: str = "rank", per_label: int = PER_LABEL, seed: int = 0) -> Evolution:
-    cfg = FeedbackConfig(candidates_per_label=per_label, volume_per_label=2 * per_label, selection=selection, threshold=1.0, evolve="candidates")
+    cfg = FeedbackConfig(
+        candidates_per_label=per_label,
+        volume_per_label=2 * per_label,
+        selection=selection,
+        threshold=1.0,
+        evolve="candidates",
+    )
     return Evolution(
         GlyphGenerator(CLASSES, image_size=IMAGE_SIZE, seed=seed),
         PixelEmbedder(PIXELS),
@@ -162,7 +168,9 @@ def test_several_rounds_chain_parents_across_rounds():
     assert len(round2) == 2 * PER_LABEL * len(CLASSES)
 
 
-@pytest.mark.parametrize("shape", [(PER_LABEL * len(CLASSES) - 1,), (PER_LABEL * len(CLASSES), 1), (1, PER_LABEL * len(CLASSES))])
+@pytest.mark.parametrize(
+    "shape", [(PER_LABEL * len(CLASSES) - 1,), (PER_LABEL * len(CLASSES), 1), (1, PER_LABEL * len(CLASSES))]
+)
 def test_wrong_votes_shape_raises(shape):
     evo = make_evolution()
     evo.start()

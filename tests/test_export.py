@@ -18,16 +18,32 @@ def run_dir(tmp_path):
     entries = [("a-1", 0, "cat"), ("a-2", 0, "cat"), ("b-1", 1, "dog")]
     for i, (image_id, label, name) in enumerate(entries):
         (run / "synthetic" / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8), 40 * (i + 1), dtype=np.uint8)).save(run / "synthetic" / name / f"{image_id}.png")
+        Image.fromarray(np.full((8, 8), 40 * (i + 1), dtype=np.uint8)).save(
+            run / "synthetic" / name / f"{image_id}.png"
+        )
     with open(run / "synthetic" / "index.jsonl", "w") as index:
         for image_id, label, name in entries:
-            index.write(json.dumps({"id": image_id, "label": label, "genotype": {"font": "x", "size": label},
-                                    "parent": None, "round": 2, "votes": 1.5, "file": f"{name}/{image_id}.png"}) + "\n")  # fmt: skip
+            index.write(
+                json.dumps(
+                    {
+                        "id": image_id,
+                        "label": label,
+                        "genotype": {"font": "x", "size": label},
+                        "parent": None,
+                        "round": 2,
+                        "votes": 1.5,
+                        "file": f"{name}/{image_id}.png",
+                    }
+                )
+                + "\n"
+            )
     return run
 
 
 def test_imagefolder_export_honours_rejections_and_relabels(run_dir, capsys):
-    (run_dir / "review.json").write_text(json.dumps({"decisions": {"a-1": {"status": "reject"}, "a-2": {"status": "accept", "label": 1}}}))
+    (run_dir / "review.json").write_text(
+        json.dumps({"decisions": {"a-1": {"status": "reject"}, "a-2": {"status": "accept", "label": 1}}})
+    )
     assert cli_main(["export", str(run_dir)]) == 0
     out = run_dir / "export-imagefolder"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["dog/a-2.png", "dog/b-1.png"]

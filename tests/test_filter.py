@@ -13,8 +13,12 @@ from coautogen_fl.config import ConfigError, load_config
 from coautogen_fl.rater import build_rater, filter_scores
 from simulations.cli import main as cli_main
 from strategies.server_app import build_strategy
-from strategy_helpers import InProcessGrid, small_config
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+from strategy_helpers import (
+    InProcessGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -48,11 +52,21 @@ def test_secagg_refuses_rf_scores():
 
 def test_filter_accumulates_kept_candidates_through_the_client_handlers(tmp_path, monkeypatch):
     monkeypatch.setattr(client_app, "_SITES", {})
-    cfg = small_config("feedback.framework=Filter", "feedback.rater=RF", "privacy.mode=central", "privacy.epsilon=1000",
-                       "feedback.rounds=3", "feedback.candidates_per_label=6", "feedback.volume_per_label=4", "feedback.k=1")  # fmt: skip
+    cfg = small_config(
+        "feedback.framework=Filter",
+        "feedback.rater=RF",
+        "privacy.mode=central",
+        "privacy.epsilon=1000",
+        "feedback.rounds=3",
+        "feedback.candidates_per_label=6",
+        "feedback.volume_per_label=4",
+        "feedback.k=1",
+    )
     strategy = build_strategy(cfg, tmp_path / "run")
     assert strategy.evolution.evolve == "filter"
-    strategy.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=10)
+    strategy.start(
+        grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=strategy.rounds, timeout=10
+    )
     final = strategy.evolution.pool
     assert len(final) == 4 * 10 and all(sum(c.label == label for c in final) == 4 for label in range(10))
     kept = [c for c in final if c.votes is not None and c.votes > 0]
@@ -76,8 +90,26 @@ def test_filter_resume_is_refused(tmp_path):
 @pytest.mark.flower
 def test_filter_with_rf_through_flower(tmp_path, capsys):
     out = tmp_path / "runs"
-    code = cli_main(["run", "--out", str(out), "--name", "filter", "--num-hospitals", "3", "-f", "Filter", "-r", "RF",
-                     "feedback.rounds=2", "feedback.candidates_per_label=5", "-vpl", "6", "downstream.epochs=1"])  # fmt: skip
+    code = cli_main(
+        [
+            "run",
+            "--out",
+            str(out),
+            "--name",
+            "filter",
+            "--num-hospitals",
+            "3",
+            "-f",
+            "Filter",
+            "-r",
+            "RF",
+            "feedback.rounds=2",
+            "feedback.candidates_per_label=5",
+            "-vpl",
+            "6",
+            "downstream.epochs=1",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.out[-3000:] + printed.err[-2000:]
     summary = json.loads((out / "filter" / "summary.json").read_text())
@@ -96,5 +128,9 @@ def test_rf_replacement_sensitivity_is_two(tmp_path):
     assert np.linalg.norm(keep - reject) == pytest.approx(2.0)  # a site of one image, replaced
     assert vote_sensitivity("site", signed=True) == 2.0 and vote_sensitivity("image", capped=True, signed=True) == 2.0
     assert vote_sensitivity("site") == pytest.approx(np.sqrt(2.0)) and vote_sensitivity("image", signed=True) == 1.0
-    assert build_strategy(small_config("feedback.rater=RF", "data.real_per_label=5"), tmp_path / "run").sensitivity == 2.0
-    assert build_strategy(small_config("data.real_per_label=5"), tmp_path / "run2").sensitivity == pytest.approx(np.sqrt(2.0))
+    assert (
+        build_strategy(small_config("feedback.rater=RF", "data.real_per_label=5"), tmp_path / "run").sensitivity == 2.0
+    )
+    assert build_strategy(small_config("data.real_per_label=5"), tmp_path / "run2").sensitivity == pytest.approx(
+        np.sqrt(2.0)
+    )

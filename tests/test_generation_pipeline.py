@@ -14,8 +14,12 @@ from coautogen_fl.embedding.clip import CLIPFilter
 from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.postprocess import PostProcessedGenerator
 from strategies.server_app import build_strategy
-from strategy_helpers import InProcessGrid, small_config
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+from strategy_helpers import (
+    InProcessGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
 from tiny_clip import build_tiny_clip
 
 NAMES = [str(i) for i in range(10)]
@@ -39,8 +43,16 @@ def test_domain_randomisation_wraps_glyph_and_keeps_distribution_evolution() -> 
 
 
 def test_clip_filter_from_config_keeps_only_candidates_clip_places_in_their_class(clip_folder) -> None:
-    cfg = load_config(overrides=[SOLID, "data.channels=3", "data.image_size=16", "postprocess.clip_filter=true",
-                                 f"embedder.model={clip_folder}", "postprocess.max_draws=2"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            SOLID,
+            "data.channels=3",
+            "data.image_size=16",
+            "postprocess.clip_filter=true",
+            f"embedder.model={clip_folder}",
+            "postprocess.max_draws=2",
+        ]
+    )
     generator = build_generator(cfg, NAMES)
     clip = next(f for f in generator.filters if isinstance(f, CLIPFilter))
     for label in range(10):
@@ -56,7 +68,9 @@ def test_feedback_run_with_postprocessing_and_clip_embedder(tmp_path, monkeypatc
     from clients import client_app
 
     monkeypatch.setattr(client_app, "_SITES", {})
-    cfg = small_config("postprocess.domain=true", "embedder.name=clip", f"embedder.model={clip_folder}", "data.image_size=16")
+    cfg = small_config(
+        "postprocess.domain=true", "embedder.name=clip", f"embedder.model={clip_folder}", "data.image_size=16"
+    )
     s = build_strategy(cfg, tmp_path / "run")
     s.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
     assert s.dropped == [] and all(site.rounds_answered == 2 for site in s.sites.values())
@@ -70,7 +84,9 @@ def test_clip_filter_counts_reach_the_round_metrics(tmp_path, monkeypatch, clip_
     from coautogen_fl.tracking import read_metrics
 
     monkeypatch.setattr(client_app, "_SITES", {})
-    cfg = small_config(SOLID, "data.channels=3", "data.image_size=16", "postprocess.clip_filter=true", f"embedder.model={clip_folder}")
+    cfg = small_config(
+        SOLID, "data.channels=3", "data.image_size=16", "postprocess.clip_filter=true", f"embedder.model={clip_folder}"
+    )
     s = build_strategy(cfg, tmp_path / "run")
     s.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
     rounds = read_metrics(tmp_path / "run")
@@ -84,12 +100,15 @@ def test_feedback_run_with_a_latent_generator_from_torchscript(tmp_path, monkeyp
     import torch
 
     from clients import client_app
+
     from tiny_latent_models import build_unconditional
 
     monkeypatch.setattr(client_app, "_SITES", {})
     model = tmp_path / "g.pt"
     torch.jit.save(torch.jit.script(build_unconditional()), str(model))
-    cfg = small_config("generator.name=Latent", f"generator.model={model}", f"feedback.evolve={evolve}", "data.image_size=16")
+    cfg = small_config(
+        "generator.name=Latent", f"generator.model={model}", f"feedback.evolve={evolve}", "data.image_size=16"
+    )
     s = build_strategy(cfg, tmp_path / "run")
     s.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
     assert s.dropped == [] and all(site.rounds_answered == 2 for site in s.sites.values())
@@ -105,8 +124,14 @@ def test_feedback_run_with_a_latent_generator_from_torchscript(tmp_path, monkeyp
 
 def test_clip_filter_shares_the_clip_embedders_weights(tmp_path, clip_folder) -> None:
     """-cue clip with postprocess.clip_filter: the server loads CLIP once, for both."""
-    cfg = small_config(SOLID, "data.channels=3", "data.image_size=16", "postprocess.clip_filter=true",
-                       "embedder.name=clip", f"embedder.model={clip_folder}")  # fmt: skip
+    cfg = small_config(
+        SOLID,
+        "data.channels=3",
+        "data.image_size=16",
+        "postprocess.clip_filter=true",
+        "embedder.name=clip",
+        f"embedder.model={clip_folder}",
+    )
     s = build_strategy(cfg, tmp_path / "run")
     clip = next(f for f in s.evolution.generator.filters if isinstance(f, CLIPFilter))
     assert clip.embedder.model is s.evolution.embedder.model

@@ -35,8 +35,9 @@ def api() -> Iterator[str]:
     """Base URL of a fake API subprocess; stopped by PID in teardown, also when a test fails."""
     script = Path(__file__).with_name("fake_image_api.py")
     env = dict(os.environ, FAKE_API_KEY=SERVER_KEY, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    proc = subprocess.Popen([sys.executable, str(script), "--port", "0", "--slow-seconds", "5"],
-                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", "0", "--slow-seconds", "5"], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20.0)
         line = proc.stdout.readline() if ready else ""
@@ -178,7 +179,11 @@ def test_i2i_child_resembles_parent_at_low_strength(api: str) -> None:
     for parent, child, other in zip(parents, children, unrelated):
         assert child.parent_id == parent.candidate_id and child.round == 1 and child.label == 0
         g = child.genotype
-        assert g["mode"] == "i2i" and g["strength"] == pytest.approx(0.1) and g["parent_prompt"] == parent.genotype["prompt"]
+        assert (
+            g["mode"] == "i2i"
+            and g["strength"] == pytest.approx(0.1)
+            and g["parent_prompt"] == parent.genotype["prompt"]
+        )
         assert np.abs(child.image - parent.image).mean() < 0.5 * np.abs(other.image - parent.image).mean()
     assert gen.vary(parents[:1], 0.0)[0].genotype["strength"] == MIN_STRENGTH
     with pytest.raises(ValueError, match="degree"):
@@ -319,8 +324,16 @@ def test_built_from_the_run_config(api: str) -> None:
     from coautogen_fl.config import load_config
     from coautogen_fl.generation import build_generator
 
-    cfg = load_config(overrides=["generator.name=HTTP", f"generator.api_url={api}/v1/images", "generator.api_key_env=''",
-                                 "data.image_size=16", "data.channels=3", "generator.api_retries=0"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            "generator.name=HTTP",
+            f"generator.api_url={api}/v1/images",
+            "generator.api_key_env=''",
+            "data.image_size=16",
+            "data.channels=3",
+            "generator.api_retries=0",
+        ]
+    )
     generator = build_generator(cfg, ["cat", "dog"])
     assert isinstance(generator, HTTPImageGenerator)
     children = generator.vary(generator.random(1, 2), 0.3)

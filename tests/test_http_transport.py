@@ -14,10 +14,11 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import pytest
-from fake_image_api import Handler, State
 
 from coautogen_fl.generation.base import GeneratorLoadError
 from coautogen_fl.generation.http_transport import HTTPTransport, retry_after_seconds
+
+from fake_image_api import Handler, State
 
 KEY = "sk-transport-7d2e9b41"
 KEY_ENV = "COAUTOGEN_TEST_TRANSPORT_KEY"
@@ -141,7 +142,9 @@ def test_exhausted_retries_name_the_attempts_and_back_off_exponentially(server: 
     fake = FakeTime()
     before = posts(state, "/down")
     with transport(base + "/down", retries=2, backoff_s=0.5, sleep=fake.sleep, clock=fake.clock) as t:
-        with pytest.raises(GeneratorLoadError, match=r"failed after 3 attempts \(last: HTTP 503\).*generator.api_retries") as info:
+        with pytest.raises(
+            GeneratorLoadError, match=r"failed after 3 attempts \(last: HTTP 503\).*generator.api_retries"
+        ) as info:
             t.post_json(body("down"))
     assert "\n" not in str(info.value) and base + "/down" in str(info.value)
     assert posts(state, "/down") - before == 3
@@ -159,7 +162,9 @@ def test_redirect_to_another_host_is_refused_and_the_key_stays_home(
         seen = len(state.tokens)
     before = posts(state, "/v1/images")
     with transport(f"{base}/redirect?status={status}&to={elsewhere}", api_key_env=KEY_ENV, retries=2) as t:
-        with pytest.raises(GeneratorLoadError, match=rf"redirected \(HTTP {status}\) to '{elsewhere}'.*set generator.api_url") as info:
+        with pytest.raises(
+            GeneratorLoadError, match=rf"redirected \(HTTP {status}\) to '{elsewhere}'.*set generator.api_url"
+        ) as info:
             t.post_json(body("redirect"))
     assert KEY not in str(info.value)
     assert posts(state, "/v1/images") == before  # the other host never saw the request
@@ -190,23 +195,31 @@ def test_rate_limit_spaces_request_starts(server: tuple[str, State]) -> None:
     assert posts(state, "/v1/images") - before == 4
 
 
-def test_client_errors_name_the_fix_without_retrying(server: tuple[str, State], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_errors_name_the_fix_without_retrying(
+    server: tuple[str, State], monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, state = server
     monkeypatch.setenv(KEY_ENV, "sk-wrong-1234")
     fake = FakeTime()
     with transport(base + "/auth", api_key_env=KEY_ENV, retries=3, sleep=fake.sleep) as t:
-        with pytest.raises(GeneratorLoadError, match=rf"refused the key in {KEY_ENV} \(HTTP 401\); set {KEY_ENV} to a valid key"):
+        with pytest.raises(
+            GeneratorLoadError, match=rf"refused the key in {KEY_ENV} \(HTTP 401\); set {KEY_ENV} to a valid key"
+        ):
             t.post_json(body("auth"))
     with transport(base + "/auth", retries=3, sleep=fake.sleep) as t:
         with pytest.raises(GeneratorLoadError, match=r"requires a key \(HTTP 401\).*generator.api_key_env"):
             t.post_json(body("auth"))
     before = posts(state, "/nope")
     with transport(base + "/nope", retries=3, sleep=fake.sleep) as t:
-        with pytest.raises(GeneratorLoadError, match=rf"API {base}/nope does not exist \(HTTP 404.*check the path in generator.api_url"):
+        with pytest.raises(
+            GeneratorLoadError, match=rf"API {base}/nope does not exist \(HTTP 404.*check the path in generator.api_url"
+        ):
             t.post_json(body("404"))
     assert posts(state, "/nope") - before == 1 and fake.sleeps == []
     with transport(base + "/echo", api_key_env=KEY_ENV) as t:  # a server echoing the key
-        with pytest.raises(GeneratorLoadError, match=r"rejected the request \(HTTP 400: .*bad token Bearer \*\*\*") as info:
+        with pytest.raises(
+            GeneratorLoadError, match=r"rejected the request \(HTTP 400: .*bad token Bearer \*\*\*"
+        ) as info:
             t.post_json(body("echo"))
         assert "sk-wrong-1234" not in str(info.value) and "sk-wrong-1234" not in repr(t)
 

@@ -21,6 +21,7 @@ from coautogen_fl.generation.imageops import resize, to_output  # noqa: E402
 from coautogen_fl.generation.inpaint import check_mask, mask_fraction, mask_image, random_mask  # noqa: E402
 from coautogen_fl.generation.postprocess import PostProcessedGenerator  # noqa: E402
 from coautogen_fl.generation.upscale import Upscaler  # noqa: E402
+
 from tiny_diffusers import (  # noqa: E402
     build_tiny_inpaint_pipeline,
     build_tiny_latent_upscaler,
@@ -147,8 +148,17 @@ def test_inpaint_errors(dirs: dict[str, str], tmp_path) -> None:
         with pytest.raises(ValueError, match="inpaint must be a probability"):
             make(dirs, inpaint=bad)
     g = make(dirs)
-    genotype = {"prompt": "x", "seed": 1, "steps": 2, "guidance": 7.5, "mode": "inpaint", "model": dirs["t2i"],
-                "strength": 0.5, "inpaint_model": "", "mask": [0.5, 0.0, 0.2, 1.0]}  # fmt: skip
+    genotype = {
+        "prompt": "x",
+        "seed": 1,
+        "steps": 2,
+        "guidance": 7.5,
+        "mode": "inpaint",
+        "model": dirs["t2i"],
+        "strength": 0.5,
+        "inpaint_model": "",
+        "mask": [0.5, 0.0, 0.2, 1.0],
+    }
     with pytest.raises(ValueError, match="mask"):
         g.regenerate(genotype, np.zeros((SIZE, SIZE), np.float32))
 
@@ -163,10 +173,19 @@ def check_upscaled(out: list[Candidate], inputs: list[Candidate], up: Upscaler) 
         assert new.image.shape == (UP, UP) + old.image.shape[2:] and new.image.dtype == np.float32
         assert 0.0 <= new.image.min() and new.image.max() <= 1.0 and new.image.std() > 0
         assert (new.candidate_id, new.label, new.parent_id, new.round, new.votes) == (
-            old.candidate_id, old.label, old.parent_id, old.round, old.votes)  # fmt: skip
+            old.candidate_id,
+            old.label,
+            old.parent_id,
+            old.round,
+            old.votes,
+        )
         params = new.genotype["upscale"]
         assert {k: params[k] for k in ("model", "steps", "strength", "size")} == {
-            "model": up.model, "steps": 2, "strength": up.strength, "size": UP}  # fmt: skip
+            "model": up.model,
+            "steps": 2,
+            "strength": up.strength,
+            "size": UP,
+        }
         assert {k: v for k, v in new.genotype.items() if k != "upscale"} == old.genotype
         json.dumps(new.index_entry())
     assert len({c.genotype["upscale"]["seed"] for c in out}) == len(out)
@@ -174,8 +193,9 @@ def check_upscaled(out: list[Candidate], inputs: list[Candidate], up: Upscaler) 
 
 # diffusers' Euler scheduler (the latent upscaler's) still calls np.array(tensor, copy=False).
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-@pytest.mark.parametrize("which, pipeline", [("x4", "StableDiffusionUpscalePipeline"),
-                                             ("latent", "StableDiffusionLatentUpscalePipeline")])  # fmt: skip
+@pytest.mark.parametrize(
+    "which, pipeline", [("x4", "StableDiffusionUpscalePipeline"), ("latent", "StableDiffusionLatentUpscalePipeline")]
+)
 def test_super_resolution(dirs: dict[str, str], parents: list[Candidate], which: str, pipeline: str) -> None:
     up = Upscaler(dirs[which], UP, steps=2, batch_size=1, seed=4)
     assert up.route == "super-resolution" and type(up.pipe).__name__ == pipeline
@@ -222,8 +242,15 @@ def test_upscaler_errors(dirs: dict[str, str], tmp_path) -> None:
     assert str(missing) in str(info.value) and "\n" not in str(info.value)
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "ddpm"))
     with pytest.raises(GeneratorLoadError, match="DDPMPipeline: neither a super-resolution") as info:
         Upscaler(str(tmp_path / "ddpm"), UP)

@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 from coautogen_fl.generation.base import Candidate, Generator, GeneratorLoadError  # noqa: E402
 from coautogen_fl.generation.distribution import vote_weights  # noqa: E402
 from coautogen_fl.generation.latent import LatentGenerator  # noqa: E402
+
 from tiny_latent_models import (  # noqa: E402
     LATENT_DIM,
     NAMES,
@@ -35,7 +36,13 @@ def _z(candidate: Candidate) -> np.ndarray:
 
 def _with_z(z, label: int = 0, votes: float | None = None, cid: str = "x") -> Candidate:
     z = np.asarray(z, dtype=np.float32)
-    return Candidate(cid, label, np.zeros((16, 16), np.float32), {"model": "tiny", "z": [float(v) for v in z], "label": label}, votes=votes)
+    return Candidate(
+        cid,
+        label,
+        np.zeros((16, 16), np.float32),
+        {"model": "tiny", "z": [float(v) for v in z], "label": label},
+        votes=votes,
+    )
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -347,7 +354,9 @@ def test_fit_with_zero_weights_keeps_the_distribution_and_learns_directions() ->
     for i, c in enumerate(voted):
         c.votes = float(i)
     gen.fit(voted, np.zeros(8))
-    assert np.array_equal(gen.mean, np.zeros((NUM_CLASSES, LATENT_DIM))) and np.array_equal(gen.std, np.ones((NUM_CLASSES, LATENT_DIM)))
+    assert np.array_equal(gen.mean, np.zeros((NUM_CLASSES, LATENT_DIM))) and np.array_equal(
+        gen.std, np.ones((NUM_CLASSES, LATENT_DIM))
+    )
     assert set(gen.directions) == {2}  # fit also observes the votes
     with pytest.raises(ValueError, match="one per candidate"):
         gen.fit(voted, np.zeros(3))

@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 from coautogen_fl.generation.base import GeneratorLoadError  # noqa: E402
 from coautogen_fl.generation.latent import LatentGenerator, load_latent_module, takes_labels  # noqa: E402
+
 from tiny_latent_models import (  # noqa: E402
     LATENT_DIM,
     NAMES,
@@ -250,7 +251,14 @@ class _Args(nn.Module):
 
 @pytest.mark.parametrize(
     ("module", "expected"),
-    [(_Z(), False), (_ZY(), True), (_ZOptionalY(), True), (_ZTruncation(), False), (_ZLabels(), True), (_Args(), False)],
+    [
+        (_Z(), False),
+        (_ZY(), True),
+        (_ZOptionalY(), True),
+        (_ZTruncation(), False),
+        (_ZLabels(), True),
+        (_Args(), False),
+    ],
 )
 def test_takes_labels_reads_the_forward_signature(module: nn.Module, expected: bool) -> None:
     assert takes_labels(module) is expected
@@ -259,4 +267,6 @@ def test_takes_labels_reads_the_forward_signature(module: nn.Module, expected: b
 def test_takes_labels_reads_torchscript_schemas() -> None:
     assert takes_labels(_script(build_conditional())) is True
     assert takes_labels(_script(build_unconditional())) is False
-    assert takes_labels(_trace(build_conditional(), torch.zeros(2, LATENT_DIM), torch.zeros(2, dtype=torch.long))) is True
+    assert (
+        takes_labels(_trace(build_conditional(), torch.zeros(2, LATENT_DIM), torch.zeros(2, dtype=torch.long))) is True
+    )

@@ -30,8 +30,12 @@ def test_votes_only_ledger_is_exact_gdp_and_keeps_its_file_format(tmp_path):
 
 
 def test_an_old_ledger_file_loads_and_composes_with_dpsgd(tmp_path):
-    old = {"version": 1, "delta": DELTA, "epsilon_budget": 2.0, "entries": [
-        {"noise_multiplier": 6.0, "round": 1, "run_id": "old", "timestamp": "2026-01-01T00:00:00+00:00"}]}
+    old = {
+        "version": 1,
+        "delta": DELTA,
+        "epsilon_budget": 2.0,
+        "entries": [{"noise_multiplier": 6.0, "round": 1, "run_id": "old", "timestamp": "2026-01-01T00:00:00+00:00"}],
+    }
     (tmp_path / "l.json").write_text(json.dumps(old))
     ledger = PrivacyLedger(tmp_path / "l.json", 2.0, DELTA)
     assert ledger.entries[0].sample_rate == 1.0 and ledger.entries[0].steps == 1
@@ -77,19 +81,29 @@ def test_votes_plus_dpsgd_rounds_never_exceed_the_budget(tmp_path, task_type, vo
 def test_the_split_gives_the_gaussian_releases_their_share():
     plan = plan_noise(1.0, DELTA, 3, 0.5, 0.5, 4, 3)
     assert epsilon_for_noise([plan.gaussian] * 3, DELTA) == pytest.approx(0.5, rel=1e-6)
-    assert training_share("real", 0.0) == 0.9 and training_share("mix", 0.0) == 0.5 and training_share("mix", 0.7) == 0.7
+    assert (
+        training_share("real", 0.0) == 0.9 and training_share("mix", 0.0) == 0.5 and training_share("mix", 0.7) == 0.7
+    )
     assert training_share("syn", 0.7) == 0.0
 
 
 def test_a_corrupt_dpsgd_entry_is_refused(tmp_path):
-    bad = {"version": 1, "delta": DELTA, "epsilon_budget": 1.0, "entries": [
-        {"noise_multiplier": 6.0, "round": 1, "run_id": "x", "timestamp": "t", "sample_rate": 0.0, "steps": 3}]}
+    bad = {
+        "version": 1,
+        "delta": DELTA,
+        "epsilon_budget": 1.0,
+        "entries": [
+            {"noise_multiplier": 6.0, "round": 1, "run_id": "x", "timestamp": "t", "sample_rate": 0.0, "steps": 3}
+        ],
+    }
     (tmp_path / "l.json").write_text(json.dumps(bad))
     with pytest.raises(LedgerCorruptError, match="entry 0"):
         PrivacyLedger(tmp_path / "l.json", 1.0, DELTA)
 
 
-@pytest.mark.parametrize("history", [((6.9, 0.25, 50), (30.7, 1.0, 1)), ((4.2, 0.5, 4), (30.7, 1.0, 1)), ((1.0, 0.1, 100),)])
+@pytest.mark.parametrize(
+    "history", [((6.9, 0.25, 50), (30.7, 1.0, 1)), ((4.2, 0.5, 4), (30.7, 1.0, 1)), ((1.0, 0.1, 100),)]
+)
 def test_the_integer_order_domain_gives_opacus_prv_epsilon(history):
     """The ledger's PRV sizes its domain with integer Renyi orders only (faster); the epsilon is
     opacus' own PRV epsilon, to far below PRV's 0.01 error."""

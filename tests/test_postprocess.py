@@ -39,12 +39,20 @@ class FakeColour:
 
     def _make(self, label: int, genotype: dict, parent: Candidate | None) -> Candidate:
         self.counter += 1
-        return Candidate(f"fake-{self.counter:04d}", label, self.regenerate(genotype), genotype,
-                         None if parent is None else parent.candidate_id, 0 if parent is None else parent.round + 1)
+        return Candidate(
+            f"fake-{self.counter:04d}",
+            label,
+            self.regenerate(genotype),
+            genotype,
+            None if parent is None else parent.candidate_id,
+            0 if parent is None else parent.round + 1,
+        )
 
     def random(self, label: int, n: int) -> list[Candidate]:
-        return [self._make(label, {"colour": [float(v) for v in 0.6 + 0.4 * self.rng.random(3)], "backdrop": 0.1}, None)
-                for _ in range(n)]  # fmt: skip
+        return [
+            self._make(label, {"colour": [float(v) for v in 0.6 + 0.4 * self.rng.random(3)], "backdrop": 0.1}, None)
+            for _ in range(n)
+        ]
 
     def vary(self, candidates: list[Candidate], degree: float) -> list[Candidate]:
         self.vary_calls += 1
@@ -155,7 +163,9 @@ def test_tint_acts_through_luminance_on_grayscale(glyphs: list[Candidate]) -> No
     stage = randomizer()
     params = stage.sample_params(np.random.default_rng(0), glyphs[0].image.shape)
     params["lighting"].update(gain=0.9, tint=[1.2, 1.0, 0.8], light_amplitude=0.0)
-    expected = np.clip(glyphs[0].image * np.float32(0.9) * np.float32(LUMA @ np.array([1.2, 1.0, 0.8], np.float32)), 0, 1)
+    expected = np.clip(
+        glyphs[0].image * np.float32(0.9) * np.float32(LUMA @ np.array([1.2, 1.0, 0.8], np.float32)), 0, 1
+    )
     np.testing.assert_allclose(stage.apply_params(glyphs[0].image, params), expected, atol=1e-6)
     # On colour images the same tint changes the channels unequally.
     rgb = np.full((SIZE, SIZE, 3), 0.5, dtype=np.float32)
@@ -173,7 +183,9 @@ def test_directional_light_is_a_ramp_across_the_image() -> None:
     np.testing.assert_allclose([out[0, 0], out[0, -1]], [0.5 * 0.6, 0.5 * 1.4], atol=1e-6)
 
 
-def test_same_seed_same_params_and_pixels_different_seed_differs(colours: list[Candidate], background_dir: Path) -> None:
+def test_same_seed_same_params_and_pixels_different_seed_differs(
+    colours: list[Candidate], background_dir: Path
+) -> None:
     def run(seed: int) -> list[Candidate]:
         return DomainRandomizer(1, 1, 1, str(background_dir), 1.0, seed=seed).apply(colours)
 
@@ -227,7 +239,9 @@ def test_background_rule_blends_between_one_and_two_tolerances(background_dir: P
     params = stage.sample_params(np.random.default_rng(0), image.shape)
     scene = float(LUMA @ np.array(BACKGROUND_COLOURS[params["background"]["file"]], np.float32))
     out = stage.apply_params(image, params)
-    np.testing.assert_allclose([out[0, 0], out[10, 10], out[14, 14]], [scene, scene, 2 * BACKGROUND_TOLERANCE], atol=1e-5)
+    np.testing.assert_allclose(
+        [out[0, 0], out[10, 10], out[14, 14]], [scene, scene, 2 * BACKGROUND_TOLERANCE], atol=1e-5
+    )
     np.testing.assert_allclose(out[12, 12], 0.5 * scene + 0.5 * 1.5 * BACKGROUND_TOLERANCE, atol=1e-5)
 
 

@@ -48,9 +48,7 @@ def test_varying_noise_composes_like_single_mu():
     mu = math.sqrt(sum(1 / s**2 for s in noises))
     assert gdp_mu(noises) == pytest.approx(mu, rel=1e-12)
     # One release with noise 1/mu is the same mechanism as the whole composition.
-    assert epsilon_for_noise(noises, DELTA) == pytest.approx(
-        epsilon_for_noise([1 / mu], DELTA), rel=1e-9
-    )
+    assert epsilon_for_noise(noises, DELTA) == pytest.approx(epsilon_for_noise([1 / mu], DELTA), rel=1e-9)
     assert epsilon_for_noise(noises, DELTA) == pytest.approx(epsilon_for_mu(mu, DELTA), rel=1e-12)
 
 

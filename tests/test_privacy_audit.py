@@ -80,12 +80,24 @@ OTHER_KEYS = (bytes(range(32, 64)), bytes(range(64, 96)))
 KEY_FILE, LEDGER_FILE = "site_secret.key", "privacy_ledger.json"
 #: Digits indices per class: the audited site, two other fixed sites, spare images (the
 #: candidates for the added file), the vote request's candidates.
-SLICES = {"site": slice(0, PER_CLASS), "other0": slice(PER_CLASS, 2 * PER_CLASS), "other1": slice(2 * PER_CLASS, 3 * PER_CLASS),
-          "spare": slice(3 * PER_CLASS, 3 * PER_CLASS + 20), "pool": slice(100, 100 + POOL_PER_CLASS)}  # fmt: skip
+SLICES = {
+    "site": slice(0, PER_CLASS),
+    "other0": slice(PER_CLASS, 2 * PER_CLASS),
+    "other1": slice(2 * PER_CLASS, 3 * PER_CLASS),
+    "spare": slice(3 * PER_CLASS, 3 * PER_CLASS + 20),
+    "pool": slice(100, 100 + POOL_PER_CLASS),
+}
 ADDED_NAME = "a_added.png"  # sorts before the img_*.png files: first in any order-based rule
-BASE_OVERRIDES = ["feedback.rounds=1", "feedback.candidates_per_label=3", "feedback.volume_per_label=5",
-                  "downstream.epochs=1", "federation.num_hospitals=3", f"privacy.epsilon={EPS_CLAIM}",
-                  f"privacy.delta={DELTA}", "privacy.evaluation=clear"]  # fmt: skip
+BASE_OVERRIDES = [
+    "feedback.rounds=1",
+    "feedback.candidates_per_label=3",
+    "feedback.volume_per_label=5",
+    "downstream.epochs=1",
+    "federation.num_hospitals=3",
+    f"privacy.epsilon={EPS_CLAIM}",
+    f"privacy.delta={DELTA}",
+    "privacy.evaluation=clear",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -105,8 +117,10 @@ class HalvedNoiseMechanism(GaussianMechanism):
 
 
 MECHANISMS = {"gaussian": GaussianMechanism, "halved_noise": HalvedNoiseMechanism}
-AUDIT_CASES = [pytest.param("gaussian", True, id="real-mechanism-passes"),
-               pytest.param("halved_noise", False, id="halved-noise-detected")]  # fmt: skip
+AUDIT_CASES = [
+    pytest.param("gaussian", True, id="real-mechanism-passes"),
+    pytest.param("halved_noise", False, id="halved-noise-detected"),
+]
 
 
 # ---- the folders -----------------------------------------------------------------------------
@@ -140,7 +154,13 @@ def run_config(cap: int, mode: str, unit: str, k: int) -> dict:
 
 @cache
 def _run_config(cap: int, mode: str, unit: str, k: int) -> dict:
-    overrides = [*BASE_OVERRIDES, f"data.real_per_label={cap}", f"privacy.mode={mode}", f"privacy.unit={unit}", f"feedback.k={k}"]
+    overrides = [
+        *BASE_OVERRIDES,
+        f"data.real_per_label={cap}",
+        f"privacy.mode={mode}",
+        f"privacy.unit={unit}",
+        f"feedback.k={k}",
+    ]
     return {**flatten(to_dict(load_config(overrides=overrides))), "config-file": ""}
 
 
@@ -158,7 +178,16 @@ class SiteRun:
 
 #: The reply's metadata compared between worlds; ``created_at`` and ``ttl`` are clock readings
 #: and ``message_id`` (empty here, the content's hash in Flower) follows the content.
-METADATA = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id", "reply_to_message_id", "group_id", "message_type")
+METADATA = (
+    "run_id",
+    "src_node_id",
+    "dst_node_id",
+    "src_task_id",
+    "dst_task_id",
+    "reply_to_message_id",
+    "group_id",
+    "message_type",
+)
 
 
 def reply_fields(reply: Message) -> dict[tuple[str, str], Any]:
@@ -182,7 +211,9 @@ class Worlds:
         site_images = {c: list(_indices("site", c)) for c in range(NUM_CLASSES)}
         self.folders = {"D": write_folder(root / "D", site_images)}
         for n in (0, 1):
-            self.folders[f"other{n}"] = write_folder(root / f"other{n}", {c: list(_indices(f"other{n}", c)) for c in range(NUM_CLASSES)})
+            self.folders[f"other{n}"] = write_folder(
+                root / f"other{n}", {c: list(_indices(f"other{n}", c)) for c in range(NUM_CLASSES)}
+            )
         # Site-unit replacement: a site with only class-0 images vs one with only class-1 images
         # (disjoint votes: the normalised vectors differ by the most they can, sqrt 2).
         self.folders["A"] = write_folder(root / "A", {0: list(_indices("site", 0)) + list(_indices("other0", 0))})
@@ -194,7 +225,11 @@ class Worlds:
             scans, _ = _digits()
             Image.fromarray(scans[index]).save(folder / str(label) / ADDED_NAME)
             self.folders[f"D+{name}"] = folder
-        self.state_dirs = {"site": root / "state-site", "other0": root / "state-other0", "other1": root / "state-other1"}
+        self.state_dirs = {
+            "site": root / "state-site",
+            "other0": root / "state-other0",
+            "other1": root / "state-other1",
+        }
         for (name, path), key in zip(self.state_dirs.items(), (SITE_KEY, *OTHER_KEYS)):
             path.mkdir()
             (path / KEY_FILE).write_bytes(key)
@@ -216,8 +251,11 @@ class Worlds:
         from coautogen_fl.data import keyed_uniforms, load_image_folder
 
         cfg = config_from_run_config(run_config(0, "local", "image", 1)).data
-        spare = load_image_folder(write_folder(self.root / "spare", {c: list(_indices("spare", c)) for c in range(NUM_CLASSES)}),
-                                  cfg.image_size, cfg.channels)  # fmt: skip
+        spare = load_image_folder(
+            write_folder(self.root / "spare", {c: list(_indices("spare", c)) for c in range(NUM_CLASSES)}),
+            cfg.image_size,
+            cfg.channels,
+        )
         spare_index = np.concatenate([_indices("spare", c) for c in range(NUM_CLASSES)])  # load order: label, name
         u_spare = keyed_uniforms(spare, SITE_KEY)
         site = load_image_folder(self.folders["D"], cfg.image_size, cfg.channels)
@@ -230,7 +268,11 @@ class Worlds:
             label, u = int(spare.labels[i]), u_spare[i]
             if u < cfg.site_test_fraction:
                 extras.setdefault("test", (label, int(spare_index[i])))
-            elif u < cut[label] and sum(n.startswith("early") for n in extras) < 2 and f"early-voter-{label}" not in extras:
+            elif (
+                u < cut[label]
+                and sum(n.startswith("early") for n in extras) < 2
+                and f"early-voter-{label}" not in extras
+            ):
                 extras[f"early-voter-{label}"] = (label, int(spare_index[i]))
             elif u > cut[label]:
                 extras["late-voter"] = (label, int(spare_index[i]))  # the last one: the largest hash
@@ -247,7 +289,10 @@ class Worlds:
             cfg = config_from_run_config(run_config(0, "local", "image", 1))
             data = load_digits_dataset(cfg.data.image_size, cfg.data.channels)
             index = np.concatenate([_indices("pool", c) for c in range(NUM_CLASSES)])
-            self._candidates = build_embedder(cfg.embedder).embed(data.images[index]).astype(np.float16), data.labels[index]
+            self._candidates = (
+                build_embedder(cfg.embedder).embed(data.images[index]).astype(np.float16),
+                data.labels[index],
+            )
         return self._candidates
 
     def request(self, mode: str, unit: str, k: int) -> Message:
@@ -257,7 +302,9 @@ class Worlds:
         if (mode, unit, k) not in self._requests:
             embeddings, labels = self.candidates()
             request = P.VoteRequest(1, "PE", k, SIGMA, mode, unit, embeddings, labels)
-            self._requests[mode, unit, k] = Message(content=to_content(request.to_parts()), dst_node_id=NODE_ID, message_type=MessageType.TRAIN)
+            self._requests[mode, unit, k] = Message(
+                content=to_content(request.to_parts()), dst_node_id=NODE_ID, message_type=MessageType.TRAIN
+            )
         return self._requests[mode, unit, k]
 
     # -------------------------------------------------------------- one world
@@ -288,10 +335,21 @@ class Worlds:
         for name in (LEDGER_FILE, LEDGER_FILE + ".lock"):  # the same ledger history in every world
             (state_dir / name).unlink(missing_ok=True)
         shutil.rmtree(state_dir / "releases", ignore_errors=True)  # and no stored release to replay
-        node_config = {"partition-id": list(self.state_dirs).index(site), "data-path": str(self.folders[folder]),
-                       "state-dir": str(state_dir), "site-epsilon": SITE_EPSILON, "site-delta": DELTA,
-                       "trust-server": "true" if mode == "central" else "false"}  # fmt: skip
-        context = Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config=run_config(cap, mode, unit, k))
+        node_config = {
+            "partition-id": list(self.state_dirs).index(site),
+            "data-path": str(self.folders[folder]),
+            "state-dir": str(state_dir),
+            "site-epsilon": SITE_EPSILON,
+            "site-delta": DELTA,
+            "trust-server": "true" if mode == "central" else "false",
+        }
+        context = Context(
+            run_id=RUN_ID,
+            node_id=NODE_ID,
+            node_config=node_config,
+            state=RecordDict(),
+            run_config=run_config(cap, mode, unit, k),
+        )
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(site_module, "GaussianMechanism", Recording)
             mp.setattr(client_app, "_SITES", {})  # a fresh process per world: nothing cached
@@ -355,10 +413,14 @@ def test_one_added_file_moves_only_the_charged_votes_within_the_declared_sensiti
     for extra in worlds.extras:
         plus = worlds.run(f"D+{extra}", "site", cap, mode, unit, k)
         for run in (base, plus):
-            assert set(run.fields) == set(DECLARED), f"undeclared: {set(run.fields) - set(DECLARED)}, missing: {set(DECLARED) - set(run.fields)}"
+            assert set(run.fields) == set(DECLARED), (
+                f"undeclared: {set(run.fields) - set(DECLARED)}, missing: {set(DECLARED) - set(run.fields)}"
+            )
         for key, field in DECLARED.items():
             if field.release is not P.Release.CHARGED:  # public (or consented) values are the same in both worlds
-                assert plus.fields[key] == base.fields[key], f"{key} ({field.release.value}) differs when {extra} is added"
+                assert plus.fields[key] == base.fields[key], (
+                    f"{key} ({field.release.value}) differs when {extra} is added"
+                )
         assert plus.metadata == base.metadata
         assert plus.sensitivity == base.sensitivity  # declared independently of the data
         assert plus.noise_multiplier == base.noise_multiplier == pytest.approx(SIGMA)
@@ -366,8 +428,10 @@ def test_one_added_file_moves_only_the_charged_votes_within_the_declared_sensiti
         assert moved[extra] <= base.sensitivity + 1e-9, (
             f"adding {extra} moved the clean votes by {moved[extra]:.4f} > declared sensitivity {base.sensitivity:.4f}"
         )
-    print(f"[cap={cap} k={k} {unit} {mode}] declared {base.sensitivity:.4f}, ||clean_D' - clean_D||: "
-          + ", ".join(f"{e} {m:.4f}" for e, m in moved.items()))  # fmt: skip
+    print(
+        f"[cap={cap} k={k} {unit} {mode}] declared {base.sensitivity:.4f}, ||clean_D' - clean_D||: "
+        + ", ".join(f"{e} {m:.4f}" for e, m in moved.items())
+    )
     # The public bookkeeping is what the site's terms and the request say.
     assert base.fields[(P.METRICS, P.EPSILON_SPENT)] == pytest.approx(EPS_CLAIM, rel=1e-6)
     assert base.fields[(P.METRICS, P.EPSILON_BUDGET)] == SITE_EPSILON
@@ -377,7 +441,9 @@ def test_one_added_file_moves_only_the_charged_votes_within_the_declared_sensiti
         assert moved["late-voter"] == (0.0 if cap else pytest.approx(1.0, abs=1e-9))
         early = [m for e, m in moved.items() if e.startswith("early")]
         if cap and k == 1:  # an early voter pushes one out, which voted elsewhere: sqrt 2
-            assert max(early) == pytest.approx(math.sqrt(2.0), abs=1e-9), "the cap never pushed a voter out: not exercised"
+            assert max(early) == pytest.approx(math.sqrt(2.0), abs=1e-9), (
+                "the cap never pushed a voter out: not exercised"
+            )
         elif cap:  # k = 2: the two voters may share a candidate
             assert max(early) > 0
         else:
@@ -419,7 +485,9 @@ class CalibrationResult:
     mean_ok: bool
 
 
-def noise_calibration_audit(outputs: np.ndarray, clean: np.ndarray, claimed_std: float, alpha: float) -> CalibrationResult:
+def noise_calibration_audit(
+    outputs: np.ndarray, clean: np.ndarray, claimed_std: float, alpha: float
+) -> CalibrationResult:
     """Per coordinate: ``(n-1) s^2 / claimed_std^2`` within chi2(n-1) two-sided bounds, and the
     mean of ``outputs - clean`` within its normal CI; Bonferroni over coordinates and both tests."""
     noise = outputs - clean
@@ -540,11 +608,15 @@ def audit(worlds: Worlds, case: str, mech_name: str) -> AuditResult:
         pair = neighbour_pair(worlds, case)
         out_a, out_b = releases(worlds, case, mech_name, pair)
         claimed_std = pair.sigma * pair.sensitivity
-        calibration = (noise_calibration_audit(out_a, pair.clean_a, claimed_std, CALIBRATION_ALPHA / 2),
-                       noise_calibration_audit(out_b, pair.clean_b, claimed_std, CALIBRATION_ALPHA / 2))  # fmt: skip
+        calibration = (
+            noise_calibration_audit(out_a, pair.clean_a, claimed_std, CALIBRATION_ALPHA / 2),
+            noise_calibration_audit(out_b, pair.clean_b, claimed_std, CALIBRATION_ALPHA / 2),
+        )
         eps_lb = empirical_epsilon_lower_bound(out_a, out_b, pair.clean_a, pair.clean_b, claimed_std, DELTA)
         gap = float(np.linalg.norm(pair.clean_b - pair.clean_a))
-        worlds.audits[case, mech_name] = AuditResult(gap, pair.sensitivity, claimed_std, pair.epsilon_spent, calibration, eps_lb)
+        worlds.audits[case, mech_name] = AuditResult(
+            gap, pair.sensitivity, claimed_std, pair.epsilon_spent, calibration, eps_lb
+        )
     return worlds.audits[case, mech_name]
 
 
@@ -579,8 +651,10 @@ def test_empirical_epsilon_audit(worlds, case, mech_name, expected_pass, record_
     eps_lb = result.eps_lb
     record_property("eps_lb", eps_lb)
     record_property("eps_claim", EPS_CLAIM)
-    print(f"[{case}/{mech_name}] gap {result.gap:.4f} (declared {result.sensitivity:.4f}): "
-          f"empirical eps lower bound {eps_lb:.3f} vs claimed {EPS_CLAIM}")  # fmt: skip
+    print(
+        f"[{case}/{mech_name}] gap {result.gap:.4f} (declared {result.sensitivity:.4f}): "
+        f"empirical eps lower bound {eps_lb:.3f} vs claimed {EPS_CLAIM}"
+    )
     msg = f"{case}/{mech_name}: eps_lb={eps_lb:.3f}, eps_claim={EPS_CLAIM}"
     assert (eps_lb <= EPS_CLAIM) is expected_pass, msg
     if expected_pass:

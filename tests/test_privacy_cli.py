@@ -51,6 +51,7 @@ def _number_after(label: str, text: str) -> float:
 
 # --- --epsilon: the noise multiplier each round needs --------------------------------------
 
+
 @pytest.mark.parametrize("rounds, expected", [(1, 3.73), (10, 11.80)])
 def test_noise_for_epsilon_human(coautogen, rounds, expected):
     code, out, err = coautogen("--epsilon", "1", "--delta", "1e-5", "--rounds", str(rounds))
@@ -65,8 +66,10 @@ def test_noise_for_epsilon_human(coautogen, rounds, expected):
 def test_human_output_line_format(coautogen):
     code, out, _ = coautogen("--epsilon", "1", "--rounds", "4")
     assert code == 0
-    assert out.splitlines()[0] == ("noise multiplier per round: 7.4613 (epsilon 1 over 4 rounds at delta 1e-05; "
-                                   "exact Gaussian-DP composition, mu = 0.2681)")
+    assert out.splitlines()[0] == (
+        "noise multiplier per round: 7.4613 (epsilon 1 over 4 rounds at delta 1e-05; "
+        "exact Gaussian-DP composition, mu = 0.2681)"
+    )
     assert _number_after("mu =", out) == pytest.approx(math.sqrt(4) / 7.4613, abs=1e-4)
 
 
@@ -91,6 +94,7 @@ def test_defaults_are_delta_1e5_and_one_round(coautogen):
 
 # --- --noise: the epsilon it gives ----------------------------------------------------------
 
+
 def test_epsilon_for_noise_human(coautogen):
     code, out, err = coautogen("--noise", "11.7973", "--delta", "1e-5", "--rounds", "10")
     assert code == 0 and err == ""
@@ -109,6 +113,7 @@ def test_epsilon_for_noise_json(coautogen):
 
 
 # --- --mode / --sites: the noise on the aggregate ------------------------------------------
+
 
 @pytest.mark.parametrize("sites", [1, 4, 10])
 def test_aggregate_noise_local_grows_with_sqrt_sites_central_does_not(coautogen, sites):
@@ -148,25 +153,29 @@ def test_no_mode_no_aggregate(coautogen):
 
 # --- refusals: exit code 2, one line on stderr naming the flag, no traceback ----------------
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--epsilon", "0"], "--epsilon"),
-    (["--epsilon", "-1"], "--epsilon"),
-    (["--epsilon", "nan"], "--epsilon"),
-    (["--epsilon", "inf"], "--epsilon"),
-    (["--noise", "0"], "--noise"),
-    (["--noise", "-3"], "--noise"),
-    (["--epsilon", "1", "--delta", "0"], "--delta"),
-    (["--epsilon", "1", "--delta", "1"], "--delta"),
-    (["--epsilon", "1", "--delta", "1.5"], "--delta"),
-    (["--noise", "5", "--delta=-1e-5"], "--delta"),  # "-1e-5" alone reads as a flag
-    (["--epsilon", "1", "--rounds", "0"], "--rounds"),
-    (["--noise", "5", "--rounds", "-2"], "--rounds"),
-    (["--epsilon", "1", "--mode", "local", "--sites", "0"], "--sites"),
-    (["--epsilon", "1", "--mode", "central", "--sites", "-1"], "--sites"),
-    (["--epsilon", "1", "--mode", "local"], "--sites"),
-    (["--noise", "5", "--mode", "central", "--json"], "--sites"),
-    (["--epsilon", "1", "--sites", "3"], "--mode"),
-])
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--epsilon", "0"], "--epsilon"),
+        (["--epsilon", "-1"], "--epsilon"),
+        (["--epsilon", "nan"], "--epsilon"),
+        (["--epsilon", "inf"], "--epsilon"),
+        (["--noise", "0"], "--noise"),
+        (["--noise", "-3"], "--noise"),
+        (["--epsilon", "1", "--delta", "0"], "--delta"),
+        (["--epsilon", "1", "--delta", "1"], "--delta"),
+        (["--epsilon", "1", "--delta", "1.5"], "--delta"),
+        (["--noise", "5", "--delta=-1e-5"], "--delta"),  # "-1e-5" alone reads as a flag
+        (["--epsilon", "1", "--rounds", "0"], "--rounds"),
+        (["--noise", "5", "--rounds", "-2"], "--rounds"),
+        (["--epsilon", "1", "--mode", "local", "--sites", "0"], "--sites"),
+        (["--epsilon", "1", "--mode", "central", "--sites", "-1"], "--sites"),
+        (["--epsilon", "1", "--mode", "local"], "--sites"),
+        (["--noise", "5", "--mode", "central", "--json"], "--sites"),
+        (["--epsilon", "1", "--sites", "3"], "--mode"),
+    ],
+)
 def test_bad_input_refused_with_one_line(coautogen, argv, flag):
     code, out, err = coautogen(*argv)
     assert code == 2
@@ -177,13 +186,16 @@ def test_bad_input_refused_with_one_line(coautogen, argv, flag):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "one of the arguments --epsilon --noise is required"),
-    (["--epsilon", "1", "--noise", "2"], "not allowed with"),
-    (["--epsilon", "1", "--mode", "secagg", "--sites", "3"], "invalid choice"),
-    (["--epsilon", "one"], "invalid float value"),
-    (["--epsilon", "1", "--rounds", "2.5"], "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "one of the arguments --epsilon --noise is required"),
+        (["--epsilon", "1", "--noise", "2"], "not allowed with"),
+        (["--epsilon", "1", "--mode", "secagg", "--sites", "3"], "invalid choice"),
+        (["--epsilon", "one"], "invalid float value"),
+        (["--epsilon", "1", "--rounds", "2.5"], "invalid int value"),
+    ],
+)
 def test_argparse_refusals_exit_2(coautogen, argv, message):
     code, out, err = coautogen(*argv)
     assert code == 2 and out == ""

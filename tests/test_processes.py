@@ -20,9 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flower_processes import ProcessWatch, processes_naming
 from simulations import cli, commands, launcher, processes
 from simulations.processes import ProcessRecord
+
+from flower_processes import ProcessWatch, processes_naming
 
 PY = sys.executable
 SLEEP = "import time; time.sleep(600)"
@@ -30,8 +31,13 @@ SLEEP = "import time; time.sleep(600)"
 
 # ---------------------------------------------------------------------------------- helpers
 def spawn(code: str, *args: str, new_session: bool = False, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-c", code, *args], start_new_session=new_session, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [PY, "-c", code, *args],
+        start_new_session=new_session,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def kill_records(records) -> None:
@@ -188,15 +194,15 @@ def test_markers_match_whole_paths_and_environment(tmp_path):
     assert not processes.names(f"x --home {home}.old", str(home))
     by_command = spawn(SLEEP, f"{home}/superlink.log", new_session=True)
     by_env = spawn(SLEEP, new_session=True, env={**os.environ, "FLWR_HOME": str(home)})
-    other = spawn(SLEEP, f"{home}2/superlink.log", new_session=True,
-                  env={**os.environ, "FLWR_HOME": f"{home}2"})
+    other = spawn(SLEEP, f"{home}2/superlink.log", new_session=True, env={**os.environ, "FLWR_HOME": f"{home}2"})
     try:
         wait_for(lambda: all(processes.record(p.pid) for p in (by_command, by_env, other)), what="the sleepers")
         found = {rec.pid for rec in processes.find_processes([str(home)], {"FLWR_HOME": str(home)})}
         assert by_command.pid in found and by_env.pid in found and other.pid not in found
         assert os.getpid() not in found
-        stopped = processes.stop([], [str(home)], {"FLWR_HOME": str(home)}, grace_s=5.0,
-                                 reap=lambda: (by_command.poll(), by_env.poll()))
+        stopped = processes.stop(
+            [], [str(home)], {"FLWR_HOME": str(home)}, grace_s=5.0, reap=lambda: (by_command.poll(), by_env.poll())
+        )
         assert {rec.pid for rec in stopped} == {by_command.pid, by_env.pid}
         assert by_command.wait(5) == -signal.SIGTERM and by_env.wait(5) == -signal.SIGTERM
         assert other.poll() is None  # another run's FLWR_HOME, a prefix apart
@@ -211,12 +217,22 @@ def _dead_record() -> ProcessRecord:
     return rec
 
 
-def _write_state(home: Path, launcher_rec: ProcessRecord, recorded: list[ProcessRecord], state: str = "running") -> Path:
+def _write_state(
+    home: Path, launcher_rec: ProcessRecord, recorded: list[ProcessRecord], state: str = "running"
+) -> Path:
     path = home / launcher.STATE_FILE
-    launcher.write_state(path, {"version": 1, "state": state, "flwr_home": str(home),
-                                "launcher": launcher_rec.to_dict(),
-                                "superlink": recorded[0].to_dict() if recorded else None,
-                                "processes": [r.to_dict() for r in recorded], "leftovers": []})
+    launcher.write_state(
+        path,
+        {
+            "version": 1,
+            "state": state,
+            "flwr_home": str(home),
+            "launcher": launcher_rec.to_dict(),
+            "superlink": recorded[0].to_dict() if recorded else None,
+            "processes": [r.to_dict() for r in recorded],
+            "leftovers": [],
+        },
+    )
     return path
 
 
@@ -227,8 +243,10 @@ def test_cleanup_stops_what_a_killed_launcher_left_and_nothing_else(tmp_path):
     not match (a recycled PID) and a live process with a matching time that is not the run's."""
     home = (tmp_path / "runs" / "r1" / "flower").resolve()
     home.mkdir(parents=True)
-    link_code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
-                 "start_new_session=True); time.sleep(600)")
+    link_code = (
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+        "start_new_session=True); time.sleep(600)"
+    )
     link = spawn(link_code, "--log-file", f"{home}/superlink.log", new_session=True)
     unrecorded = spawn(SLEEP, new_session=True, env={**os.environ, "FLWR_HOME": str(home)})
     recycled = spawn(SLEEP, new_session=True)
@@ -294,7 +312,9 @@ def test_next_run_sweeps_leftovers_of_a_killed_run(tmp_path):
         _write_state(out_dir / "clean" / "flower", _dead_record(), [], state="stopped")
         buffer = io.StringIO()
         cli._sweep_leftovers(out_dir, buffer)
-        assert buffer.getvalue() == f"coautogen: stopped 1 process(es) left running by the killed run in {home.parent}\n"
+        assert (
+            buffer.getvalue() == f"coautogen: stopped 1 process(es) left running by the killed run in {home.parent}\n"
+        )
         assert link.wait(10) == -signal.SIGTERM
     finally:
         reap(link)
@@ -344,8 +364,9 @@ SHIELD = textwrap.dedent(
 def test_signals_wait_for_the_shielded_block():
     """SIGTERM inside a shielded block (starting or stopping processes) is raised as
     Interrupted when the block ends; a second signal does not cut the stop short."""
-    result = subprocess.run([PY, "-c", SHIELD], capture_output=True, text=True, timeout=60,
-                            cwd=Path(cli.__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [PY, "-c", SHIELD], capture_output=True, text=True, timeout=60, cwd=Path(cli.__file__).resolve().parent.parent
+    )
     assert result.stdout.splitlines() == ["shield held", "interrupted by SIGTERM"], result.stderr
     assert result.returncode == 143
 
@@ -397,11 +418,29 @@ def test_run_interrupted_stops_its_tree_without_flower(tmp_path, sig):
     run_dir = tmp_path / "runs" / "fake"
     home = str((run_dir / "flower").resolve())
     ready = tmp_path / "ready"
-    command = [PY, "-c", RUN_WITH_FAKES, *fakes, "--out", str(tmp_path / "runs"), "--name", "fake", "--num-hospitals", "2"]
-    proc = subprocess.Popen(command, cwd=Path(cli.__file__).resolve().parent.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "FAKE_FLWR_READY": str(ready)})
+    command = [
+        PY,
+        "-c",
+        RUN_WITH_FAKES,
+        *fakes,
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "fake",
+        "--num-hospitals",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=Path(cli.__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FAKE_FLWR_READY": str(ready)},
+    )
     seen: list[ProcessRecord] = []
     try:
+
         def tree_up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"exited early: {proc.communicate()}")
@@ -416,7 +455,8 @@ def test_run_interrupted_stops_its_tree_without_flower(tmp_path, sig):
         assert proc.returncode == 128 + sig, (stdout, stderr)
         assert stderr.strip().splitlines()[-1] == (
             f"coautogen run: stopped by {name}; the Flower processes it started are stopped; "
-            f"the run directory keeps what finished: {run_dir}"), stderr
+            f"the run directory keeps what finished: {run_dir}"
+        ), stderr
         assert "Traceback" not in stderr
         assert processes.still_running(seen) == [] and processes.find_processes([home], {"FLWR_HOME": home}) == []
         state = json.loads((run_dir / "flower" / launcher.STATE_FILE).read_text())
@@ -431,8 +471,14 @@ def test_run_interrupted_stops_its_tree_without_flower(tmp_path, sig):
 
 
 # ---------------------------------------------------------------------------------- with Flower
-TINY = ["--num-hospitals", "3", "feedback.rounds=3", "feedback.candidates_per_label=4",
-        "feedback.volume_per_label=10", "downstream.epochs=2"]
+TINY = [
+    "--num-hospitals",
+    "3",
+    "feedback.rounds=3",
+    "feedback.candidates_per_label=4",
+    "feedback.volume_per_label=10",
+    "downstream.epochs=2",
+]
 ROUND_STARTED = "round 1/3:"  # the strategy's line when round 1's candidates go out
 FLOWER_BINARIES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet")
 ACTOR = "ray::ClientAppActor"
@@ -440,7 +486,15 @@ ACTOR = "ray::ClientAppActor"
 
 def _start_run(tmp_path: Path, watch: ProcessWatch, name: str) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / "runs" / name
-    command = [str(Path(sys.executable).parent / "coautogen"), "run", "--out", str(tmp_path / "runs"), "--name", name, *TINY]
+    command = [
+        str(Path(sys.executable).parent / "coautogen"),
+        "run",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        name,
+        *TINY,
+    ]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch.add_root(proc.pid)
     return proc, run_dir
@@ -481,8 +535,10 @@ def test_sigterm_mid_round_stops_everything(tmp_path):
             stdout, stderr = proc.communicate(timeout=90)
             stop_s = time.monotonic() - sent
             assert proc.returncode == 143, f"stdout:\n{stdout}\nstderr:\n{stderr}"
-            line = (f"coautogen run: stopped by SIGTERM; the Flower processes it started are stopped; "
-                    f"the run directory keeps what finished: {run_dir}")
+            line = (
+                f"coautogen run: stopped by SIGTERM; the Flower processes it started are stopped; "
+                f"the run directory keeps what finished: {run_dir}"
+            )
             assert stderr.strip().splitlines()[-1] == line, stderr
             assert "Traceback" not in stderr
             watch.scan()
@@ -517,27 +573,40 @@ def test_sigkill_then_cleanup_stops_the_leftovers(tmp_path):
             assert _ours(run_dir)
             cleanup_started = time.monotonic()
 
-            result = subprocess.run([str(Path(sys.executable).parent / "coautogen"), "cleanup", str(run_dir)],
-                                    cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                [str(Path(sys.executable).parent / "coautogen"), "cleanup", str(run_dir)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             cleanup_s = time.monotonic() - cleanup_started
             assert result.returncode == 0, result
             reported = {int(line.split()[1]) for line in result.stdout.splitlines()[1:]}
             # The leftovers that never exit on their own are among the processes reported stopped.
-            must = {pid for (pid, _), command in leftovers.items()
-                    if any(b in command for b in (*FLOWER_BINARIES, ACTOR))}
+            must = {
+                pid for (pid, _), command in leftovers.items() if any(b in command for b in (*FLOWER_BINARIES, ACTOR))
+            }
             assert must and must <= reported, (must, result.stdout)
             lines = result.stdout.splitlines()
-            assert lines[0].startswith(f"coautogen cleanup: {run_dir}: stopped ") and \
-                lines[0].endswith(f" process(es) left by launcher PID {launcher_pid}"), result.stdout
-            assert any("flower-superlink" in line for line in lines[1:]) and \
-                any("flwr-simulation" in line for line in lines[1:]), result.stdout
+            assert lines[0].startswith(f"coautogen cleanup: {run_dir}: stopped ") and lines[0].endswith(
+                f" process(es) left by launcher PID {launcher_pid}"
+            ), result.stdout
+            assert any("flower-superlink" in line for line in lines[1:]) and any(
+                "flwr-simulation" in line for line in lines[1:]
+            ), result.stdout
             watch.scan()
             assert watch.alive() == {}, f"left running: {watch.alive()}"
             assert processes_naming([str(tmp_path)]) == [] and _ours(run_dir) == []
             state = json.loads((run_dir / "flower" / launcher.STATE_FILE).read_text())
             assert state["state"] == "stopped"
-            again = subprocess.run([str(Path(sys.executable).parent / "coautogen"), "cleanup", str(run_dir)],
-                                   cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            again = subprocess.run(
+                [str(Path(sys.executable).parent / "coautogen"), "cleanup", str(run_dir)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert again.stdout == f"coautogen cleanup: {run_dir}: nothing left running\n"
         finally:
             if proc.poll() is None:

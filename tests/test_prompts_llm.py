@@ -26,8 +26,13 @@ from coautogen_fl.prompts.llm import (  # noqa: E402
     mentions,
     truncate_to_tokens,
 )
-from tiny_text_models import offline_single_thread  # noqa: E402,F401  (autouse fixture)
-from tiny_text_models import CHAT_TEMPLATE, build_tiny_bart, build_tiny_gpt2  # noqa: E402
+
+from tiny_text_models import (  # noqa: E402
+    CHAT_TEMPLATE,
+    build_tiny_bart,
+    build_tiny_gpt2,
+    offline_single_thread,  # noqa: F401  (autouse fixture)
+)
 
 CLASSES = ["cat", "dog", "bird"]
 LIMIT = 12
@@ -45,7 +50,9 @@ def gpt2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(gpt2_dir):
-    return LLMPrompts(gpt2_dir, CLASSES, per_class=6, max_new_tokens=30, token_limit=LIMIT, count_tokens=count_words, seed=0)
+    return LLMPrompts(
+        gpt2_dir, CLASSES, per_class=6, max_new_tokens=30, token_limit=LIMIT, count_tokens=count_words, seed=0
+    )
 
 
 def make(model_dir: str, seed: int = 0, **kwargs) -> LLMPrompts:
@@ -103,7 +110,7 @@ def test_fewer_than_per_class_after_three_attempts_keeps_the_template(gpt2_dir, 
 
     def repeating(instructions, per_instruction, seed):
         calls.append(seed)
-        return ["A fluffy cat on the grass."] * per_instruction + ["Description:", "", "\"a photo of cat\""]
+        return ["A fluffy cat on the grass."] * per_instruction + ["Description:", "", '"a photo of cat"']
 
     monkeypatch.setattr(source, "_generate", repeating)
     assert source.describe(0) == ["a photo of cat", "A fluffy cat on the grass."]
@@ -141,7 +148,11 @@ def test_evolve_falls_back_to_the_parent_and_can_be_switched_off(gpt2_dir, monke
     monkeypatch.setattr(source, "_generate", lambda instructions, n, seed: ["  \n", "\ufffd\x07"][: len(instructions)])
     parents = ["a photo of cat, at dusk", "a photo of dog", "", "a photo of cat"]
     assert source.evolve(parents, [0, 1, 2, 0], np.random.default_rng(0)) == [
-        "a photo of cat, at dusk", "a photo of dog", "a photo of bird", "a photo of cat"]  # fmt: skip
+        "a photo of cat, at dusk",
+        "a photo of dog",
+        "a photo of bird",
+        "a photo of cat",
+    ]
     frozen = make(gpt2_dir, evolve_prompts=False)
     assert frozen.evolve(parents, [0, 1, 2, 0], np.random.default_rng(0))[0] == "a photo of cat, at dusk"
 
@@ -157,7 +168,12 @@ def test_extra_descriptions_are_added_cleaned(gpt2_dir):
 def test_settings_are_recorded(prompts):
     settings = prompts.settings()
     assert settings["source"] == "llm" and settings["model"] == prompts.model_name
-    assert (settings["temperature"], settings["top_p"], settings["max_new_tokens"], settings["seed"]) == (0.9, 0.95, 30, 0)
+    assert (settings["temperature"], settings["top_p"], settings["max_new_tokens"], settings["seed"]) == (
+        0.9,
+        0.95,
+        30,
+        0,
+    )
     json.dumps(settings)
 
 
@@ -198,8 +214,13 @@ def test_aliases_match_the_config():
 
 
 def test_argument_validation(gpt2_dir):
-    for kwargs, match in [({"per_class": 0}, "per_class"), ({"temperature": 0.0}, "temperature"), ({"top_p": 1.5}, "top_p"),
-                          ({"token_limit": 0}, "token_limit"), ({"template": "a photo of {x}"}, "template")]:  # fmt: skip
+    for kwargs, match in [
+        ({"per_class": 0}, "per_class"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"token_limit": 0}, "token_limit"),
+        ({"template": "a photo of {x}"}, "template"),
+    ]:
         with pytest.raises(ValueError, match=match):
             LLMPrompts(gpt2_dir, CLASSES, **kwargs)
     with pytest.raises(ValueError, match="class_names"):
@@ -222,7 +243,9 @@ def test_load_errors_are_one_line_naming_prompts_llm(tmp_path, gpt2_dir):
     _one_line_error(str(tmp_path / "missing"), "does not exist")
     _one_line_error("nobody/no-such-llm-xyz", "not found locally", "huggingface-cli download nobody/no-such-llm-xyz")
     _one_line_error("Llama3", "meta-llama/Meta-Llama-3-8B-Instruct")
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(tmp_path / "vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
+        tmp_path / "vit"
+    )
     _one_line_error(str(tmp_path / "vit"), "vit model, not a language model")
     (tmp_path / "empty").mkdir()
     _one_line_error(str(tmp_path / "empty"), "holds no config.json")

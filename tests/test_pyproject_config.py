@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
+import tomllib
 
 from coautogen_fl.config import RunConfig, config_from_run_config, flat_defaults
 

@@ -56,7 +56,9 @@ def test_singular_covariances_give_a_finite_non_negative_distance():
     x, y = gaussian(20, 50, 5), gaussian(20, 50, 6)
     d = frechet_distance(x, y)
     assert np.isfinite(d) and d > 0
-    assert frechet_distance_from_moments(np.zeros(3), np.zeros((3, 3)), np.ones(3), np.zeros((3, 3))) == pytest.approx(3.0)
+    assert frechet_distance_from_moments(np.zeros(3), np.zeros((3, 3)), np.ones(3), np.zeros((3, 3))) == pytest.approx(
+        3.0
+    )
 
 
 def test_knn_radii_skip_the_point_itself():
@@ -89,7 +91,13 @@ def test_quality_metrics_overall_and_per_class_with_small_classes_as_none():
     assert q["k"] == 3 and set(q["per_class"]) == {"a", "b", "c"}
     assert q["per_class"]["a"]["precision"] == 1.0 and q["per_class"]["a"]["recall"] == 1.0
     assert q["per_class"]["a"]["frechet_distance"] == pytest.approx(3 * 0.01**2)  # the mean shift alone
-    assert q["per_class"]["c"] == {"num_real": 20, "num_synthetic": 0, "frechet_distance": None, "precision": None, "recall": None}
+    assert q["per_class"]["c"] == {
+        "num_real": 20,
+        "num_synthetic": 0,
+        "frechet_distance": None,
+        "precision": None,
+        "recall": None,
+    }
     assert q["overall"]["num_real"] == 60 and np.isfinite(q["overall"]["frechet_distance"])
 
 

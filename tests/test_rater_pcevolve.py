@@ -60,8 +60,9 @@ def test_one_sample_moves_the_votes_by_norm_exactly_one(seed, k):
                 assert change == 0.0
         extra = rng.normal(size=(1, private.shape[1]))
         extra_label = rng.integers(0, max(labels.max(), candidate_labels.max()) + 1, 1)
-        added = contrastive_votes(np.concatenate([private, extra]), np.concatenate([labels, extra_label]),
-                                  candidates, candidate_labels, k)  # fmt: skip
+        added = contrastive_votes(
+            np.concatenate([private, extra]), np.concatenate([labels, extra_label]), candidates, candidate_labels, k
+        )
         change = float(np.linalg.norm(added - full))
         assert change == (pytest.approx(1.0, abs=1e-9) if np.any(candidate_labels == extra_label[0]) else 0.0)
     assert nonzero > 20  # exercised on real votes, not just empty classes
@@ -74,8 +75,10 @@ def test_another_samples_vote_never_changes_when_one_is_added():
     for _ in range(20):
         private, labels, candidates, candidate_labels = random_case(rng)
         k = int(rng.integers(1, 4))
-        alone = [contrastive_votes(private[i : i + 1], labels[i : i + 1], candidates, candidate_labels, k)
-                 for i in range(len(labels))]  # fmt: skip
+        alone = [
+            contrastive_votes(private[i : i + 1], labels[i : i + 1], candidates, candidate_labels, k)
+            for i in range(len(labels))
+        ]
         extra = rng.normal(size=(1, private.shape[1]))
         extra_label = candidate_labels[:1]  # a class that has candidates: it does vote
         bigger = np.concatenate([private, extra])
@@ -83,8 +86,9 @@ def test_another_samples_vote_never_changes_when_one_is_added():
         with_extra = contrastive_votes(bigger, bigger_labels, candidates, candidate_labels, k)
         extra_alone = contrastive_votes(extra, extra_label, candidates, candidate_labels, k)
         np.testing.assert_allclose(with_extra - extra_alone, np.sum(alone, axis=0), atol=1e-12)
-        np.testing.assert_allclose(contrastive_votes(private, labels, candidates, candidate_labels, k),
-                                   np.sum(alone, axis=0), atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            contrastive_votes(private, labels, candidates, candidate_labels, k), np.sum(alone, axis=0), atol=1e-12
+        )
 
 
 def test_sensitivity_holds_at_exact_ties():
@@ -129,8 +133,9 @@ def test_the_contrastive_part_prefers_the_discriminative_candidate():
     assert u_b > u_a
 
     # with k = 2 both class-0 candidates get 1/sqrt 2, as with PE
-    np.testing.assert_allclose(contrastive_votes(private, labels, candidates, candidate_labels, 2),
-                               [2**-0.5, 2**-0.5, 0, 0])  # fmt: skip
+    np.testing.assert_allclose(
+        contrastive_votes(private, labels, candidates, candidate_labels, 2), [2**-0.5, 2**-0.5, 0, 0]
+    )
 
 
 def test_with_one_class_it_is_pe():
@@ -139,8 +144,10 @@ def test_with_one_class_it_is_pe():
     private, candidates = rng.normal(size=(40, 6)), rng.normal(size=(8, 6))
     labels, candidate_labels = np.zeros(40, dtype=np.int64), np.zeros(8, dtype=np.int64)
     for k in (1, 3):
-        np.testing.assert_array_equal(contrastive_votes(private, labels, candidates, candidate_labels, k),
-                                      vote_histogram(private, labels, candidates, candidate_labels, k))  # fmt: skip
+        np.testing.assert_array_equal(
+            contrastive_votes(private, labels, candidates, candidate_labels, k),
+            vote_histogram(private, labels, candidates, candidate_labels, k),
+        )
 
 
 def test_public_scale_falls_back_to_one_and_empty_inputs_vote_zeros():
@@ -206,12 +213,31 @@ def isolated(monkeypatch):
 
 
 def make_context(state_dir: Path, *overrides: str, **node_extra) -> Context:
-    cfg = load_config(overrides=[f"feedback.rounds={ROUNDS}", "feedback.candidates_per_label=3", "feedback.volume_per_label=5",
-                                 "downstream.epochs=1", "federation.num_hospitals=3", *overrides])  # fmt: skip
-    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(state_dir), "site-epsilon": EPSILON,
-                   "site-delta": DELTA, **node_extra}  # fmt: skip
-    return Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(),
-                   run_config={**flatten(to_dict(cfg)), "config-file": ""})  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            f"feedback.rounds={ROUNDS}",
+            "feedback.candidates_per_label=3",
+            "feedback.volume_per_label=5",
+            "downstream.epochs=1",
+            "federation.num_hospitals=3",
+            *overrides,
+        ]
+    )
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 3,
+        "state-dir": str(state_dir),
+        "site-epsilon": EPSILON,
+        "site-delta": DELTA,
+        **node_extra,
+    }
+    return Context(
+        run_id=RUN_ID,
+        node_id=NODE_ID,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={**flatten(to_dict(cfg)), "config-file": ""},
+    )
 
 
 def candidates(context: Context):
@@ -219,14 +245,17 @@ def candidates(context: Context):
     pool, _ = load_pool_and_test(cfg.data)
     rng = np.random.default_rng(5)
     index = np.concatenate([rng.choice(np.flatnonzero(pool.labels == c), 3, replace=False) for c in range(10)])
-    return build_embedder(cfg.embedder).embed(pool.images[index]).astype(np.float16), pool.labels[index].astype(np.int64)
+    return build_embedder(cfg.embedder).embed(pool.images[index]).astype(np.float16), pool.labels[index].astype(
+        np.int64
+    )
 
 
 def vote(context: Context, rater: str, embeddings, labels, mode: str, k: int = 2) -> Message:
     sigma = noise_multiplier_for_epsilon(EPSILON, DELTA, ROUNDS)
     request = P.VoteRequest(1, rater, k, sigma, mode, "image", embeddings, labels)
-    reply = client_app.train(Message(content=to_content(request.to_parts()), dst_node_id=NODE_ID,
-                                     message_type=MessageType.TRAIN), context)  # fmt: skip
+    reply = client_app.train(
+        Message(content=to_content(request.to_parts()), dst_node_id=NODE_ID, message_type=MessageType.TRAIN), context
+    )
     assert not reply.has_error(), reply.error.reason
     return reply
 
@@ -242,7 +271,11 @@ def test_the_site_votes_with_pcevolve_and_is_charged_like_for_pe(tmp_path, isola
     pe, pc = vote(pe_site, "PE", embeddings, labels, "local"), vote(pc_site, "PCEvolve", embeddings, labels, "local")
     votes = pc.content.array_records[P.VOTES][P.VOTES].numpy()
     assert votes.dtype == np.float64 and votes.shape == (len(labels),) and np.all(np.isfinite(votes))
-    assert pc.content.metric_records[P.METRICS][P.EPSILON_SPENT] == pe.content.metric_records[P.METRICS][P.EPSILON_SPENT] > 0
+    assert (
+        pc.content.metric_records[P.METRICS][P.EPSILON_SPENT]
+        == pe.content.metric_records[P.METRICS][P.EPSILON_SPENT]
+        > 0
+    )
     assert ledger_entries(pc_site) == ledger_entries(pe_site) and len(ledger_entries(pc_site)) == 1
 
     # trusted central mode: the clean votes, exactly the rater's (the noise is the server's)

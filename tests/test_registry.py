@@ -20,6 +20,7 @@ from coautogen_fl.generation.base import GeneratorLoadError
 from coautogen_fl.generation.glyph import GlyphGenerator
 from coautogen_fl.generation.pipeline import check_model_sources
 from coautogen_fl.generation.schedule import DegreeSchedule
+
 from plugin_pkg.components import MeanEmbedder, SolidGenerator
 
 NAMES = [str(i) for i in range(3)]
@@ -44,21 +45,27 @@ def test_seed_flags_map_to_config_keys() -> None:
     assert cfg.prompts.llm == "Llama3" and cfg.prompts.captioner == "BlipBase"
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("embedder.name", "clipp", "embedder.name='clipp' is not valid; use one of pixels, resnet18, clip"),
-    ("prompts.captioner", "Blip", "prompts.captioner='Blip' is not valid; use one of BlipBase, BlipLarge, LLaVA"),
-    ("generator.name", "Glph", "generator.name='Glph' is not valid; use one of Glyph, Latent, HTTP"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("embedder.name", "clipp", "embedder.name='clipp' is not valid; use one of pixels, resnet18, clip"),
+        ("prompts.captioner", "Blip", "prompts.captioner='Blip' is not valid; use one of BlipBase, BlipLarge, LLaVA"),
+        ("generator.name", "Glph", "generator.name='Glph' is not valid; use one of Glyph, Latent, HTTP"),
+    ],
+)
 def test_bad_names_are_one_clear_line(key, value, message) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load_config(overrides=[f"{key}={value}", "prompts.reference=/x"])
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("pkg_that_does_not_exist:Gen", "cannot import module 'pkg_that_does_not_exist'"),
-    ("plugin_pkg.components:Missing", "has no attribute 'Missing'"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("pkg_that_does_not_exist:Gen", "cannot import module 'pkg_that_does_not_exist'"),
+        ("plugin_pkg.components:Missing", "has no attribute 'Missing'"),
+    ],
+)
 def test_plugins_are_imported_on_the_server_not_at_config_validation(value, message) -> None:
     """Sites validate the same config, and need not have the server's generator installed:
     the import (and its error) happens in the server's preflight and when the generator is built."""
@@ -72,7 +79,9 @@ def test_plugins_are_imported_on_the_server_not_at_config_validation(value, mess
 
 def test_entry_points_are_found_and_called(monkeypatch) -> None:
     points = {
-        "coautogen_fl.generators": [EntryPoint("solid", "plugin_pkg.components:solid_factory", "coautogen_fl.generators")],
+        "coautogen_fl.generators": [
+            EntryPoint("solid", "plugin_pkg.components:solid_factory", "coautogen_fl.generators")
+        ],
         "coautogen_fl.embedders": [EntryPoint("mean", "plugin_pkg.components:MeanEmbedder", "coautogen_fl.embedders")],
     }
     monkeypatch.setattr(registry, "entry_points", lambda group: points.get(group, []))
@@ -87,13 +96,21 @@ def test_entry_points_are_found_and_called(monkeypatch) -> None:
 
 
 def test_spec_plugins_build_and_evolve_by_candidates() -> None:
-    cfg = load_config(overrides=["generator.name=plugin_pkg.components:SolidGenerator", "data.image_size=8",
-                                 "embedder.name=plugin_pkg.components:MeanEmbedder"])  # fmt: skip
+    cfg = load_config(
+        overrides=[
+            "generator.name=plugin_pkg.components:SolidGenerator",
+            "data.image_size=8",
+            "embedder.name=plugin_pkg.components:MeanEmbedder",
+        ]
+    )
     generator = build_generator(cfg, NAMES)
     assert isinstance(generator, SolidGenerator) and generator.image_size == 8
     evolution = Evolution(generator, build_embedder(cfg.embedder), 3, cfg.feedback, DegreeSchedule())
     assert evolution.evolve == "candidates"  # auto: SolidGenerator has no fit()
-    assert Evolution(GlyphGenerator(NAMES), build_embedder(cfg.embedder), 3, cfg.feedback, DegreeSchedule()).evolve == "distribution"
+    assert (
+        Evolution(GlyphGenerator(NAMES), build_embedder(cfg.embedder), 3, cfg.feedback, DegreeSchedule()).evolve
+        == "distribution"
+    )
 
 
 def test_plugin_that_is_not_a_generator_is_refused() -> None:
@@ -152,7 +169,9 @@ def test_gpu_requested_without_gpu() -> None:
 
 
 def test_generator_output_shape_with_plugin() -> None:
-    cfg = load_config(overrides=["generator.name=plugin_pkg.components:SolidGenerator", "data.image_size=8", "data.channels=3"])
+    cfg = load_config(
+        overrides=["generator.name=plugin_pkg.components:SolidGenerator", "data.image_size=8", "data.channels=3"]
+    )
     images = np.stack([c.image for c in build_generator(cfg, NAMES).random(2, 3)])
     assert images.shape == (3, 8, 8, 3) and np.allclose(images, 0.75)
 
@@ -182,10 +201,16 @@ def test_the_generator_table_is_the_only_list_of_builtins(monkeypatch) -> None:
         load_config(overrides=["generator.name=Solid"])
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["data.channels=3"], r"generator.name=Glyph renders grayscale images, but data.channels=3: set data.channels=1"),
-    (["generator.name=Latent"], "generator.name=Latent needs generator.model"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.channels=3"],
+            r"generator.name=Glyph renders grayscale images, but data.channels=3: set data.channels=1",
+        ),
+        (["generator.name=Latent"], "generator.name=Latent needs generator.model"),
+    ],
+)
 def test_builtin_requirements_are_refused_at_validation(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load_config(overrides=overrides)

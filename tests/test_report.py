@@ -21,6 +21,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
+
+from coautogen_fl import protocol as P
+from coautogen_fl.report import REPORT_FILE, SECTIONS, write_report
+from simulations.cli import main as cli_main
+from strategies.server_app import build_strategy, run_summary, write_run_report
+from strategies.strategy import RoundFailed
+
 from strategy_helpers import (
     NUM_CLASSES,
     FakeGrid,
@@ -31,16 +38,18 @@ from strategy_helpers import (
     vote_reply,
 )
 
-from coautogen_fl import protocol as P
-from coautogen_fl.report import REPORT_FILE, SECTIONS, write_report
-from simulations.cli import main as cli_main
-from strategies.server_app import build_strategy, run_summary, write_run_report
-from strategies.strategy import RoundFailed
-
 NODES = [11, 12, 13, 14]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class Page(HTMLParser):
@@ -218,8 +227,13 @@ def chromium(args: list[str], timeout: float = 90.0) -> subprocess.CompletedProc
     """Run headless Chromium in its own process group with a fresh profile; on a timeout or any
     failure the group it started (and only that) is killed."""
     with tempfile.TemporaryDirectory(prefix="report-chromium-") as profile:
-        proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         finally:
@@ -256,9 +270,20 @@ def test_log_final_mirrors_the_quality_numbers_to_the_trackers_run_summary(tmp_p
     tracker = RunTracker(tmp_path)
     tracker.log_final("quality", {"available": True})  # no wandb run: nothing to do
     tracker._run = FakeRun()
-    tracker.log_final("quality", {"available": True, "k": 3, "overall": {"precision": 0.5, "recall": None},
-                                  "per_class": {"a": {"frechet_distance": np.float64(1.5)}}})
-    assert FakeRun.summary == {"quality/k": 3.0, "quality/overall/precision": 0.5, "quality/per_class/a/frechet_distance": 1.5}
+    tracker.log_final(
+        "quality",
+        {
+            "available": True,
+            "k": 3,
+            "overall": {"precision": 0.5, "recall": None},
+            "per_class": {"a": {"frechet_distance": np.float64(1.5)}},
+        },
+    )
+    assert FakeRun.summary == {
+        "quality/k": 3.0,
+        "quality/overall/precision": 0.5,
+        "quality/per_class/a/frechet_distance": 1.5,
+    }
     assert not (tmp_path / "metrics.jsonl").exists()  # end-of-run numbers are no round
 
 
@@ -285,8 +310,9 @@ def test_a_server_app_that_crashes_still_leaves_a_report(identity, tmp_path, mon
     monkeypatch.setattr(CoAutoGenStrategy, "start", crash)
     cfg = small_config(f"tracking.run_dir={tmp_path / 'run'}")
     save_config(cfg, tmp_path / "run.yaml")
-    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={"config-file": str(tmp_path / "run.yaml")})
+    context = Context(
+        run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={"config-file": str(tmp_path / "run.yaml")}
+    )
     with pytest.raises(RuntimeError, match="out of memory"):
         server_app.main(FakeGrid(NODES), context)
     text = (tmp_path / "run" / REPORT_FILE).read_text()
@@ -295,18 +321,45 @@ def test_a_server_app_that_crashes_still_leaves_a_report(identity, tmp_path, mon
 
 def test_dpsgd_rounds_of_real_and_mix_runs_get_an_accuracy_curve(tmp_path):
     spend = {"0": 0.2}
-    lines = [{"round": 1, "votes_received": 3, "aggregate_noise_std": 9.0, "epsilon_spent": spend},
-             {"round": 2, "phase": "dpsgd", "updates_received": 3, "dp_noise_multiplier": 1.1, "accuracy_real_test": 0.4,
-              "epsilon_spent": {"0": 0.6}},
-             {"round": 3, "phase": "dpsgd", "updates_received": 3, "dp_noise_multiplier": 1.1, "accuracy_real_test": 0.5,
-              "epsilon_spent": {"0": 0.9}}]
+    lines = [
+        {"round": 1, "votes_received": 3, "aggregate_noise_std": 9.0, "epsilon_spent": spend},
+        {
+            "round": 2,
+            "phase": "dpsgd",
+            "updates_received": 3,
+            "dp_noise_multiplier": 1.1,
+            "accuracy_real_test": 0.4,
+            "epsilon_spent": {"0": 0.6},
+        },
+        {
+            "round": 3,
+            "phase": "dpsgd",
+            "updates_received": 3,
+            "dp_noise_multiplier": 1.1,
+            "accuracy_real_test": 0.5,
+            "epsilon_spent": {"0": 0.9},
+        },
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    site = {"partition_id": 0, "node_id": 1, "status": "answered", "rounds_answered": 3, "epsilon_budget": 1.0,
-            "epsilon_spent": 0.95, "refusals": [], "failures": []}
-    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "task_type": "mix", "epsilon": 1.0,
-                                                       "accuracy_real_test": 0.5, "sites": {"0": site}}))
+    site = {
+        "partition_id": 0,
+        "node_id": 1,
+        "status": "answered",
+        "rounds_answered": 3,
+        "epsilon_budget": 1.0,
+        "epsilon_spent": 0.95,
+        "refusals": [],
+        "failures": [],
+    }
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            {"status": "completed", "task_type": "mix", "epsilon": 1.0, "accuracy_real_test": 0.5, "sites": {"0": site}}
+        )
+    )
     page = Page(text := write_report(tmp_path).read_text())
     assert {"spend-curve", "accuracy-curve", "accuracy-bars"} <= set(page.images)
     assert "<th>phase</th>" in text and "<th>valid replies</th>" in text and page.site_rows == ["0"]
-    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "task_type": "real", "sites": {"0": site}}))
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"status": "completed", "task_type": "real", "sites": {"0": site}})
+    )
     assert write_report(tmp_path).read_text().count("Task type real") == 3  # pools, final dataset, quality

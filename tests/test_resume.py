@@ -21,8 +21,12 @@ from coautogen_fl.privacy import PrivacyLedger
 from coautogen_fl.tracking import read_metrics
 from strategies.resume import rounds_left
 from strategies.server_app import build_strategy, resume_strategy, run_summary
-from strategy_helpers import InProcessGrid, small_config
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+from strategy_helpers import (
+    InProcessGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
 
 ROUNDS = 3
 
@@ -66,7 +70,12 @@ def crashed_run(tmp_path, monkeypatch):
     s = build_strategy(cfg, run_dir)
     s.run_key = "run-under-test"
     with pytest.raises(Crash):
-        s.start(grid=CrashingGrid(cfg, tmp_path, crash_round=3), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
+        s.start(
+            grid=CrashingGrid(cfg, tmp_path, crash_round=3),
+            initial_arrays=ArrayRecord(),
+            num_rounds=s.rounds,
+            timeout=10,
+        )
     return cfg, run_dir
 
 
@@ -80,9 +89,13 @@ def test_a_run_killed_mid_round_resumes_without_charging_anyone_twice(tmp_path, 
     assert not (run_dir / "synthetic").exists()
 
     monkeypatch.setattr(client_app, "_SITES", {})  # the sites restart too
-    resumed = resume_strategy(small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir)
+    resumed = resume_strategy(
+        small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir
+    )
     assert rounds_left(resumed) == 1 and resumed.round_offset == 2
-    resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=rounds_left(resumed), timeout=10)
+    resumed.start(
+        grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=rounds_left(resumed), timeout=10
+    )
 
     # Round 3 was answered from the sites' stored releases: one ledger entry per release.
     for site in range(3):
@@ -101,28 +114,36 @@ def test_a_site_refuses_to_release_a_paid_round_for_other_candidates(tmp_path, c
     release of that round: the sites refuse, and the run stops instead of spending more."""
     cfg, run_dir = crashed_run
     monkeypatch.setattr(client_app, "_SITES", {})
-    resumed = resume_strategy(small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir)
+    resumed = resume_strategy(
+        small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir
+    )
     resumed.evolution.pool = list(reversed(resumed.evolution.pool))  # another order: another request
     resumed.evolution._payload = None
     from strategies.strategy import RoundFailed
 
     with pytest.raises(RoundFailed):
         resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)
-    assert {d["reason"] for d in resumed.dropped} == {f"{P.ERROR_REASONS[P.ERROR_NOT_ALLOWED]} (code {P.ERROR_NOT_ALLOWED})"}
+    assert {d["reason"] for d in resumed.dropped} == {
+        f"{P.ERROR_REASONS[P.ERROR_NOT_ALLOWED]} (code {P.ERROR_NOT_ALLOWED})"
+    }
     for site in range(3):
         assert ledger_rounds(tmp_path, site) == [1, 2, 3]
 
 
 def test_resume_refuses_another_config_and_a_missing_checkpoint(tmp_path, crashed_run):
     cfg, run_dir = crashed_run
-    other = small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true", "privacy.epsilon=2")
+    other = small_config(
+        f"feedback.rounds={ROUNDS}", f"tracking.run_dir={run_dir}", "tracking.resume=true", "privacy.epsilon=2"
+    )
     with pytest.raises(CheckpointError, match="differs from .*config.yaml in privacy.epsilon"):
         resume_strategy(other, run_dir)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(str(run_dir), str(empty)))
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        resume_strategy(small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={empty}", "tracking.resume=true"), empty)
+        resume_strategy(
+            small_config(f"feedback.rounds={ROUNDS}", f"tracking.run_dir={empty}", "tracking.resume=true"), empty
+        )
 
 
 def test_checkpoint_is_plain_json_with_the_votes_of_each_round(crashed_run):
@@ -148,8 +169,20 @@ def test_coautogen_run_killed_mid_round_resumes(tmp_path):
 
     coautogen = str(Path(sys.executable).parent / "coautogen")
     run_dir = tmp_path / "runs" / "crash"
-    command = [coautogen, "run", "--out", str(tmp_path / "runs"), "--name", "crash", "--num-hospitals", "3",
-               "feedback.rounds=3", "feedback.candidates_per_label=4", "feedback.volume_per_label=10", "downstream.epochs=20"]
+    command = [
+        coautogen,
+        "run",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "crash",
+        "--num-hospitals",
+        "3",
+        "feedback.rounds=3",
+        "feedback.candidates_per_label=4",
+        "feedback.volume_per_label=10",
+        "downstream.epochs=20",
+    ]
     with ProcessWatch([str(tmp_path)]) as watch:
         proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -166,8 +199,9 @@ def test_coautogen_run_killed_mid_round_resumes(tmp_path):
             # Killed after round 1 and before the end (the 20-epoch final stage leaves a wide margin).
             assert Checkpoint.load(run_dir).completed_rounds >= 1 and not (run_dir / "summary.json").exists()
 
-            resumed = subprocess.run([coautogen, "run", "--resume", str(run_dir)], cwd=tmp_path,
-                                     capture_output=True, text=True, timeout=300)
+            resumed = subprocess.run(
+                [coautogen, "run", "--resume", str(run_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+            )
             watch.scan()
         finally:
             if proc.poll() is None:
@@ -180,7 +214,9 @@ def test_coautogen_run_killed_mid_round_resumes(tmp_path):
     assert "coautogen: resuming Feedback" in resumed.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["num_hospitals"] == 3
-    assert sorted(summary["sites"]) == ["0", "1", "2"] and all(s["rounds_answered"] == 3 for s in summary["sites"].values())
+    assert sorted(summary["sites"]) == ["0", "1", "2"] and all(
+        s["rounds_answered"] == 3 for s in summary["sites"].values()
+    )
     assert abs(summary["epsilon_spent_max"] - 1.0) < 1e-6
     for site in range(3):
         ledger = json.loads((run_dir / "sites" / f"site-{site}" / "privacy_ledger.json").read_text())
@@ -210,6 +246,7 @@ def test_a_resumed_simulation_names_each_site_once(tmp_path):
     from flwr.app import Message, RecordDict
 
     from clients.wire import to_content
+
     from strategy_helpers import FakeGrid, integer_votes, train_messages, vote_reply
 
     s = build_strategy(small_config("federation.min_sites=1"), tmp_path)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cdp
 from simulations.cli import main as cli_main
 from simulations.review import ReviewState, serve
+
+import cdp
 
 
 @pytest.fixture
@@ -32,7 +33,16 @@ def run_dir(tmp_path):
                 image[:, 2 + 3 * i : 4 + 3 * i] = 255
             image_id = f"{name}-{i}"
             Image.fromarray(image).save(run / "synthetic" / name / f"{image_id}.png")
-            entries.append({"id": image_id, "label": label, "genotype": {}, "parent": None, "round": 1, "file": f"{name}/{image_id}.png"})
+            entries.append(
+                {
+                    "id": image_id,
+                    "label": label,
+                    "genotype": {},
+                    "parent": None,
+                    "round": 1,
+                    "file": f"{name}/{image_id}.png",
+                }
+            )
     (run / "synthetic" / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     return run
 
@@ -54,7 +64,11 @@ def wait_for_decision(run_dir, image_id, timeout=20.0) -> dict:
 def test_a_reject_suggests_its_neighbours_and_nothing_changes_until_confirmed(run_dir):
     state = ReviewState(run_dir)
     suggested = state.decide("square-0", "reject")
-    assert suggested[0] == "square-1" and set(suggested) <= {"square-1", "square-2", "square-3"}  # its own class, nearest first
+    assert suggested[0] == "square-1" and set(suggested) <= {
+        "square-1",
+        "square-2",
+        "square-3",
+    }  # its own class, nearest first
     assert set(decisions(run_dir)) == {"square-0"}  # a suggestion is not a decision
     assert state.decide("bar-0", "accept") == []  # accepting as is suggests nothing
     assert state.decide("bar-1", "accept", label=0)[0] == "bar-2"  # a relabel spreads to the nearest bars
@@ -88,6 +102,9 @@ def test_the_page_records_keyboard_decisions_on_disk(run_dir):
         server.shutdown()
         server.server_close()
     assert cli_main(["export", str(run_dir)]) == 0
-    exported = sorted(p.relative_to(run_dir / "export-imagefolder").as_posix() for p in (run_dir / "export-imagefolder").rglob("*.png"))
+    exported = sorted(
+        p.relative_to(run_dir / "export-imagefolder").as_posix()
+        for p in (run_dir / "export-imagefolder").rglob("*.png")
+    )
     kept_squares = [f"square/square-{i}.png" for i in range(4) if f"square-{i}" not in decisions(run_dir)]
     assert exported == sorted(["bar/bar-1.png", "bar/bar-2.png", "bar/bar-3.png", "square/bar-0.png", *kept_squares])

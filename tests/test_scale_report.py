@@ -10,8 +10,16 @@ from simulations import scale
 
 
 def record(sites, mode, round_s, rss, status="completed"):
-    return {"sites": sites, "mode": mode, "status": status, "accuracy_real_test": 0.5, "serverapp_s": 10.0,
-            "peak_rss_mb": rss, "round_s": round_s, "site_round_s": round_s / (2 * sites)}
+    return {
+        "sites": sites,
+        "mode": mode,
+        "status": status,
+        "accuracy_real_test": 0.5,
+        "serverapp_s": 10.0,
+        "peak_rss_mb": rss,
+        "round_s": round_s,
+        "site_round_s": round_s / (2 * sites),
+    }
 
 
 def test_fits_recover_the_fixed_and_per_site_costs():
@@ -24,10 +32,26 @@ def test_fits_recover_the_fixed_and_per_site_costs():
 
 
 def test_table_orders_by_sites_then_mode_and_marks_failures():
-    rows = scale.table([record(100, "secagg", 8.0, 1.0), record(10, "central", 2.0, 1.0), record(100, "local", 4.0, 1.0),
-                        {**record(1000, "local", 0, 0, "failed"), "accuracy_real_test": None, "serverapp_s": None, "site_round_s": None}])
+    rows = scale.table(
+        [
+            record(100, "secagg", 8.0, 1.0),
+            record(10, "central", 2.0, 1.0),
+            record(100, "local", 4.0, 1.0),
+            {
+                **record(1000, "local", 0, 0, "failed"),
+                "accuracy_real_test": None,
+                "serverapp_s": None,
+                "site_round_s": None,
+            },
+        ]
+    )
     lines = rows.strip().splitlines()[2:]
-    assert [line.split("|")[1:3] for line in lines] == [[" 10 ", " central "], [" 100 ", " local "], [" 100 ", " secagg "], [" 1000 ", " local "]]
+    assert [line.split("|")[1:3] for line in lines] == [
+        [" 10 ", " central "],
+        [" 100 ", " local "],
+        [" 100 ", " secagg "],
+        [" 1000 ", " local "],
+    ]
     assert lines[-1].endswith("| - | - | 0 | - | failed |")
 
 

@@ -25,8 +25,12 @@ from coautogen_fl.privacy import PrivacyLedger
 from coautogen_fl.secure_votes import MODULUS, SecAggShape, SecureVoteEncoding
 from strategies.secagg import SecureVoteRound
 from strategies.server_app import build_strategy
-from strategy_helpers import SecureGrid, small_config
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+from strategy_helpers import (
+    SecureGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
 
 FIVE = [21, 22, 23, 24, 25]
 #: These sites set their own terms (a deployment's node config): they count on every site.
@@ -68,7 +72,9 @@ def secure_round(tmp_path, nodes, *overrides, lost=None):
     secure = strategy.secure
     secure.plan(len(nodes), len(labels))
     grid = SecureGrid(cfg, tmp_path, nodes, lost=lost, **TRUST_ALL)
-    revealed = SecureVoteRound(secure.shape, secure.encoding, 10).run(grid, nodes, strategy.vote_request(1, embeddings, labels))
+    revealed = SecureVoteRound(secure.shape, secure.encoding, 10).run(
+        grid, nodes, strategy.vote_request(1, embeddings, labels)
+    )
     return strategy, grid, revealed
 
 
@@ -145,8 +151,9 @@ def test_secagg_noise_equals_central_noise_when_every_site_counts(tmp_path, spy)
     """With threshold = all sites, the revealed sum carries the central amount of noise: the
     residual against the clean sum has the std central mode adds (s x sensitivity)."""
     nodes = list(range(31, 41))
-    strategy, _, revealed = secure_round(tmp_path, nodes, "privacy.secagg_threshold=1.0", "feedback.candidates_per_label=30",
-                                         "feedback.k=1")
+    strategy, _, revealed = secure_round(
+        tmp_path, nodes, "privacy.secagg_threshold=1.0", "feedback.candidates_per_label=30", "feedback.k=1"
+    )
     encoding = strategy.secure.encoding
     assert encoding.summands == 10 and encoding.exact
     clean = sum(encoding.encode(v) for v in spy["clean"].values()) / encoding.scale
@@ -185,9 +192,11 @@ def test_a_setup_that_would_clip_or_round_the_votes_is_refused():
     encoding = SecureVoteEncoding.plan(5.0, 3, 1, "image", 1.0, False, 1024, 30)
     bound = encoding.bound
     SecAggSetup(5, 5, 3, float(bound), 2 * bound, MODULUS, 1.0).check(encoding)
-    for bad in [SecAggSetup(5, 5, 3, float(bound - 1), 2 * bound, MODULUS, 1.0),  # would clip
-                SecAggSetup(5, 5, 3, float(bound), 2 ** 22, MODULUS, 1.0),  # would round stochastically
-                SecAggSetup(5, 5, 3, float(bound), 2 * bound, MODULUS, 1000.0)]:  # fmt: skip
+    for bad in [
+        SecAggSetup(5, 5, 3, float(bound - 1), 2 * bound, MODULUS, 1.0),  # would clip
+        SecAggSetup(5, 5, 3, float(bound), 2**22, MODULUS, 1.0),  # would round stochastically
+        SecAggSetup(5, 5, 3, float(bound), 2 * bound, MODULUS, 1000.0),
+    ]:
         with pytest.raises(P.SiteRefusal, match="does not carry this site's integer votes exactly"):
             bad.check(encoding)
 

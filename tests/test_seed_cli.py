@@ -14,22 +14,81 @@ import torch
 from PIL import Image
 
 from coautogen_fl.config import GENERATOR_ALIASES, load_config
-from simulations.cli import dataset_folder, main as cli_main, overrides_from_args, parse_args, seed_notes
+from simulations.cli import dataset_folder, overrides_from_args, parse_args, seed_notes
+from simulations.cli import main as cli_main
 from simulations.seed_flags import SEED_FLAGS, markdown_table
 
 #: The seed README's example, verbatim.
-SEED_EXAMPLE = ("-tt syn -tm I2I -f Feedback -did 1 -eps 5 -rvpl 10 -vpl 100 -sgen StableDiffusion -cret 1 "
-                "-cue ResNet18 -cmodel ResNet18 -cmp 1 -cef 1 -cdata COVIDx -r PE")  # fmt: skip
+SEED_EXAMPLE = (
+    "-tt syn -tm I2I -f Feedback -did 1 -eps 5 -rvpl 10 -vpl 100 -sgen StableDiffusion -cret 1 "
+    "-cue ResNet18 -cmodel ResNet18 -cmp 1 -cef 1 -cdata COVIDx -r PE"
+)
 
 
 def test_every_seed_flag_parses_and_lands_on_its_key_or_a_note():
-    args = parse_args(["run", "-cret", "1", "-cmp", "1", "-cef", "0", "-cbs", "8", "-clr", "0.01", "-ce", "3",
-                       "-is", "0.7", "-isa", "0.05", "-isth", "0.3", "-uipa", "1", "-ipas", "0.2", "-dth", "0.5",
-                       "-hth", "2", "-tau", "10", "-eg", "2", "-tc", "20", "-nipp", "4", "-ims", "32", "-tr", "0.25",
-                       "-pml", "77", "-cml", "40", "-cmodel", "ResNet18", "-cue", "CLIP", "-sgen", "stablediffusion"])  # fmt: skip
+    args = parse_args(
+        [
+            "run",
+            "-cret",
+            "1",
+            "-cmp",
+            "1",
+            "-cef",
+            "0",
+            "-cbs",
+            "8",
+            "-clr",
+            "0.01",
+            "-ce",
+            "3",
+            "-is",
+            "0.7",
+            "-isa",
+            "0.05",
+            "-isth",
+            "0.3",
+            "-uipa",
+            "1",
+            "-ipas",
+            "0.2",
+            "-dth",
+            "0.5",
+            "-hth",
+            "2",
+            "-tau",
+            "10",
+            "-eg",
+            "2",
+            "-tc",
+            "20",
+            "-nipp",
+            "4",
+            "-ims",
+            "32",
+            "-tr",
+            "0.25",
+            "-pml",
+            "77",
+            "-cml",
+            "40",
+            "-cmodel",
+            "ResNet18",
+            "-cue",
+            "CLIP",
+            "-sgen",
+            "stablediffusion",
+        ]
+    )
     cfg = load_config(overrides=overrides_from_args(args))
     d, g = cfg.downstream, cfg.generator
-    assert (d.pretrained, d.encoder_fixed, d.batch_size, d.lr, d.epochs, d.model) == (True, False, 8, 0.01, 3, "resnet18")
+    assert (d.pretrained, d.encoder_fixed, d.batch_size, d.lr, d.epochs, d.model) == (
+        True,
+        False,
+        8,
+        0.01,
+        3,
+        "resnet18",
+    )
     assert (g.degree_start, g.degree_step, g.degree_end, g.batch_size, g.name) == (0.7, 0.05, 0.3, 4, "StableDiffusion")
     assert (cfg.data.image_size, cfg.data.test_fraction, cfg.embedder.name) == (32, 0.25, "clip")
     notes = seed_notes(args)
@@ -38,7 +97,9 @@ def test_every_seed_flag_parses_and_lands_on_its_key_or_a_note():
 
 
 def test_long_names_and_booleans_as_the_seed_wrote_them():
-    args = parse_args(["run", "--client_model_pretrained", "0", "--client_encoder_fixed", "True", "--volume_per_label", "8"])
+    args = parse_args(
+        ["run", "--client_model_pretrained", "0", "--client_encoder_fixed", "True", "--volume_per_label", "8"]
+    )
     cfg = load_config(overrides=overrides_from_args(args))
     assert (cfg.downstream.pretrained, cfg.downstream.encoder_fixed, cfg.feedback.volume_per_label) == (False, True, 8)
     with pytest.raises(Exception, match="-cmp 'maybe' is not a boolean"):
@@ -84,8 +145,9 @@ def hub_cache_with(cache: Path, repo_id: str, build) -> None:
 
 @pytest.mark.flower
 def test_the_seed_example_command_runs_as_written(tmp_path, monkeypatch, capsys):
-    from tiny_diffusers import build_tiny_pipeline
     from torchvision.models import resnet18
+
+    from tiny_diffusers import build_tiny_pipeline
 
     monkeypatch.chdir(tmp_path)
     digits_image_folder(tmp_path / "dataset" / "COVIDx")
@@ -102,8 +164,16 @@ def test_the_seed_example_command_runs_as_written(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # ... and HF_HUB_CACHE
 
-    small = ["--num-hospitals", "3", "feedback.rounds=1", "feedback.candidates_per_label=4", "generator.steps=2",
-             "generator.batch_size=20", "data.image_size=32", "downstream.epochs=1"]  # a CPU-sized run; flags as written
+    small = [
+        "--num-hospitals",
+        "3",
+        "feedback.rounds=1",
+        "feedback.candidates_per_label=4",
+        "generator.steps=2",
+        "generator.batch_size=20",
+        "data.image_size=32",
+        "downstream.epochs=1",
+    ]  # a CPU-sized run; flags as written
     code = cli_main(["run", "--out", str(tmp_path / "runs"), "--name", "seed", *SEED_EXAMPLE.split(), *small])
     printed = capsys.readouterr()
     assert code == 0, printed.out[-4000:] + printed.err[-2000:]

@@ -27,16 +27,22 @@ from clients import client_app
 from clients import site as site_module
 from clients.wire import from_content, to_content
 from coautogen_fl import protocol as P
-from strategy_helpers import declared_fields, sent_fields
 from coautogen_fl.config import config_from_run_config, flatten, load_config, to_dict
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import noise_multiplier_for_epsilon
 from coautogen_fl.rater import vote_histogram
 
+from strategy_helpers import declared_fields, sent_fields
+
 RUN_ID = 4242
 NODE_ID = 17
 CLASSES = ("a", "b", "c", "d")
-SMALL = ["feedback.rounds=2", "feedback.candidates_per_label=3", "feedback.volume_per_label=5", "federation.num_hospitals=3"]
+SMALL = [
+    "feedback.rounds=2",
+    "feedback.candidates_per_label=3",
+    "feedback.volume_per_label=5",
+    "federation.num_hospitals=3",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +78,9 @@ def run_config(*overrides: str) -> dict:
 
 def deployed(tmp_path: Path, overrides=(), **node) -> Context:
     node_config = {"partition-id": 1, "state-dir": str(tmp_path / "state"), "site-epsilon": 1.0, **node}
-    return Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config=run_config(*overrides))
+    return Context(
+        run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config=run_config(*overrides)
+    )
 
 
 def train_request(context: Context, folder: Path, per_class: int = 2) -> Message:
@@ -140,7 +148,10 @@ def test_a_small_class_does_not_change_whether_the_site_votes(tmp_path):
     """Adding the one image of a class that had none must not flip vote <-> error: both worlds vote
     and send the same declared fields; the clean votes differ by the one image (L2 1)."""
     replies, clean = {}, {}
-    for world, counts in {"without": {"a": 4, "b": 0, "c": 3, "d": 3}, "with": {"a": 4, "b": 1, "c": 3, "d": 3}}.items():
+    for world, counts in {
+        "without": {"a": 4, "b": 0, "c": 3, "d": 3},
+        "with": {"a": 4, "b": 1, "c": 3, "d": 3},
+    }.items():
         folder = write_site(tmp_path / world / "site", counts)
         context = deployed(tmp_path, **{"data-path": str(folder)})  # one state dir: the same secret key
         request = train_request(context, folder)
@@ -149,9 +160,13 @@ def test_a_small_class_does_not_change_whether_the_site_votes(tmp_path):
         replies[world] = client_app.app(request, context)
         site = client_app.get_site(context)
         parts = P.VoteRequest.from_parts(from_content(request.content))
-        clean[world] = vote_histogram(site.embeddings, site.data.train.labels, parts.embeddings.astype(np.float32), parts.labels, 1)
+        clean[world] = vote_histogram(
+            site.embeddings, site.data.train.labels, parts.embeddings.astype(np.float32), parts.labels, 1
+        )
         assert_declared_vote_reply(replies[world])
-    assert set(replies["with"].content.metric_records[P.METRICS]) == set(replies["without"].content.metric_records[P.METRICS])
+    assert set(replies["with"].content.metric_records[P.METRICS]) == set(
+        replies["without"].content.metric_records[P.METRICS]
+    )
     assert np.linalg.norm(clean["with"] - clean["without"]) <= 1.0 + 1e-12
 
 
@@ -172,7 +187,9 @@ def test_on_bad_image_error_refuses_and_names_the_files_only_locally(tmp_path, c
 
 
 # ------------------------------------------------------------------ data-path not set, not found, empty
-@pytest.mark.parametrize("case", ["not found", "empty folder", "class folders without images", "empty value", "not set"])
+@pytest.mark.parametrize(
+    "case", ["not found", "empty folder", "class folders without images", "empty value", "not set"]
+)
 def test_a_site_without_a_data_folder_fails_at_start_up_naming_data_path(tmp_path, caplog, case):
     node: dict = {}
     if case == "not found":

@@ -27,6 +27,7 @@ from coautogen_fl.config import flatten, load_config, to_dict
 from coautogen_fl.downstream import build_classifier, state_dict_to_numpy
 from coautogen_fl.privacy import noise_multiplier_for_epsilon
 from strategies.server_app import build_strategy
+
 from strategy_helpers import FakeGrid, integer_votes, small_config, train_messages, vote_reply
 
 SMALL = [

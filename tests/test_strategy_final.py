@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from clients.wire import to_content
 from coautogen_fl import protocol as P
 from coautogen_fl.downstream import build_classifier
 from coautogen_fl.privacy import noise_multiplier_for_epsilon
@@ -17,9 +18,18 @@ from coautogen_fl.store import read_index
 from coautogen_fl.tracking import read_metrics
 from strategies.server_app import build_strategy, run_summary
 
-from clients.wire import to_content
-from strategy_helpers import NODES, NUM_CLASSES, FakeGrid, InProcessGrid, small_config, vote_reply, eval_reply, train_messages, integer_votes
-from strategy_helpers import strategy, task_identity  # noqa: F401  (pytest fixtures, used by name)
+from strategy_helpers import (
+    NODES,
+    NUM_CLASSES,
+    FakeGrid,
+    InProcessGrid,
+    eval_reply,
+    integer_votes,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name; `strategy` is in conftest.py)
+    train_messages,
+    vote_reply,
+)
 
 
 # ---------------------------------------------------------------------------------- last round
@@ -30,7 +40,9 @@ def test_last_round_builds_the_dataset_and_the_model_goes_to_every_node(tmp_path
         messages = train_messages(s, server_round, grid)
         assert len(messages) == 2  # a sample of the three nodes
         assert list(s.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)) == []  # nothing yet
-        replies = [vote_reply(m, integer_votes(m.metadata.dst_node_id), 0.5 * server_round, i) for i, m in enumerate(messages)]
+        replies = [
+            vote_reply(m, integer_votes(m.metadata.dst_node_id), 0.5 * server_round, i) for i, m in enumerate(messages)
+        ]
         arrays, metrics = s.aggregate_train(server_round, replies)
         assert metrics["votes_received"] == 2
         if server_round == 1:
@@ -60,8 +72,12 @@ def test_last_round_builds_the_dataset_and_the_model_goes_to_every_node(tmp_path
         assert m.metadata.message_type == MessageType.EVALUATE
         config = m.content.config_records[P.CONFIG]
         assert dict(config) == {
-            "model": "cnn", "num-classes": NUM_CLASSES, "channels": 1, "image-size": 28,
-            P.EVALUATION_NOISE: s.noise_multiplier, "round": 3,  # noised and charged: release T + 1
+            "model": "cnn",
+            "num-classes": NUM_CLASSES,
+            "channels": 1,
+            "image-size": 28,
+            P.EVALUATION_NOISE: s.noise_multiplier,
+            "round": 3,  # noised and charged: release T + 1
             P.RUN_KEY: s.run_key,
         }
         sent = m.content.array_records[P.WEIGHTS]
@@ -166,7 +182,9 @@ def test_feedback_run_with_in_process_sites(tmp_path, monkeypatch):
 
 def test_aggregate_evaluate_survives_a_list_valued_metric(strategy):
     m = evaluate_messages([11, 12])
-    odd = Message(content=RecordDict({P.METRICS: MetricRecord({P.ACCURACY: [0.5], P.NUM_EXAMPLES: 10})}), reply_to=m[11])
+    odd = Message(
+        content=RecordDict({P.METRICS: MetricRecord({P.ACCURACY: [0.5], P.NUM_EXAMPLES: 10})}), reply_to=m[11]
+    )
     result = strategy.aggregate_evaluate(2, [odd, eval_reply(m[12], 0.5, 10)])
     assert result[P.ACCURACY] == pytest.approx(0.5) and [d["node"] for d in strategy.dropped] == [11]
 
@@ -175,16 +193,20 @@ def test_noised_evaluation_is_planned_into_the_noise_and_aggregated_from_noised_
     s = build_strategy(small_config(), tmp_path)  # privacy.evaluation=noised is the default
     cfg = s.cfg
     # the rounds and the evaluation release share the budget: T + 1 releases at one sigma
-    assert s.noise_multiplier == pytest.approx(noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, cfg.feedback.rounds + 1))
+    assert s.noise_multiplier == pytest.approx(
+        noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, cfg.feedback.rounds + 1)
+    )
     m = evaluate_messages([11, 12, 13])
-    metrics = [P.EvaluationReply(30.4, 41.0, 1.0, 1.0, 0), P.EvaluationReply(9.7, 19.2, 1.0, 1.0, 1),
-               P.EvaluationReply(float("nan"), 10.0, 1.0, 1.0, 2)]  # fmt: skip
+    metrics = [
+        P.EvaluationReply(30.4, 41.0, 1.0, 1.0, 0),
+        P.EvaluationReply(9.7, 19.2, 1.0, 1.0, 1),
+        P.EvaluationReply(float("nan"), 10.0, 1.0, 1.0, 2),
+    ]
     replies = [Message(content=to_content(x.to_parts()), reply_to=m[n]) for n, x in zip([11, 12, 13], metrics)]
     result = s.aggregate_evaluate(2, replies)
     assert result[P.ACCURACY] == pytest.approx((30.4 + 9.7) / (41.0 + 19.2))
     assert [d["node"] for d in s.dropped] == [13]
     assert s.sites[11].epsilon_spent == pytest.approx(1.0)
-
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +224,22 @@ def test_feedback_run_with_a_diffusers_generator(tmp_path, monkeypatch, tiny_pip
 
     monkeypatch.setattr(client_app, "_SITES", {})
     cfg = small_config(
-        f"generator.name={tiny_pipeline_folder}", "generator.steps=2", "generator.batch_size=10",
-        "feedback.evolve=candidates", f"feedback.task_mode={task_mode}", "data.image_size=32",
+        f"generator.name={tiny_pipeline_folder}",
+        "generator.steps=2",
+        "generator.batch_size=10",
+        "feedback.evolve=candidates",
+        f"feedback.task_mode={task_mode}",
+        "data.image_size=32",
     )
     s = build_strategy(cfg, tmp_path / "run")
     s.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
     assert s.dropped == [] and all(site.rounds_answered == 2 for site in s.sites.values())
     final = json.loads((tmp_path / "run" / "synthetic" / "index.jsonl").read_text().splitlines()[0])
     genotype = final["genotype"]
-    assert final["parent"] is not None and genotype["prompt"] == "a photo of " + ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"][final["label"]]
+    assert (
+        final["parent"] is not None
+        and genotype["prompt"] == "a photo of " + ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"][final["label"]]
+    )
     assert genotype["mode"] == ("i2i" if task_mode == "I2I" else "t2i")
     assert len(list((tmp_path / "run" / "synthetic").rglob("*.png"))) == 5 * NUM_CLASSES
     assert 0.0 <= s.federated_accuracy <= 1.0
@@ -220,13 +249,17 @@ def test_refused_evaluation_is_recorded_at_its_release(strategy):
     """A site declining the noised evaluation (release T + 1 in its ledger) is a refusal, named
     with the protocol's line for its code; a site refusing clean votes for lack of trust, too."""
     m = evaluate_messages([11, 12])
-    replies = [Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason="anything"), reply_to=m[11]),
-               Message(Error(code=P.ERROR_NOT_ALLOWED, reason="anything"), reply_to=m[12])]
+    replies = [
+        Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason="anything"), reply_to=m[11]),
+        Message(Error(code=P.ERROR_NOT_ALLOWED, reason="anything"), reply_to=m[12]),
+    ]
     assert strategy.aggregate_evaluate(2, replies) is None
     line = f"evaluation: {P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]} (code {P.ERROR_BUDGET_EXCEEDED})"
     assert strategy.dropped[0] == {"round": 3, "node": 11, "site": "node-11", "refused": True, "reason": line}
     assert strategy.sites[11].refusals == [f"round 3: {line}"]
-    assert strategy.dropped[1]["refused"] is True and strategy.sites[12].refusals[0].startswith("round 3: evaluation: refused")
+    assert strategy.dropped[1]["refused"] is True and strategy.sites[12].refusals[0].startswith(
+        "round 3: evaluation: refused"
+    )
 
 
 @pytest.mark.parametrize("evolve", ["distribution", "candidates"])

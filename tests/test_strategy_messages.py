@@ -7,7 +7,6 @@ so their ``src_node_id`` is the node the request was addressed to.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
@@ -20,8 +19,19 @@ from coautogen_fl.tracking import read_metrics
 from strategies.server_app import build_strategy, run_summary
 from strategies.strategy import RoundFailed
 
-from strategy_helpers import NODES, NUM_CLASSES, POOL, DIM, FakeGrid, small_config, vote_reply, train_messages, by_node, integer_votes
-from strategy_helpers import strategy, task_identity  # noqa: F401  (pytest fixtures, used by name)
+from strategy_helpers import (
+    DIM,
+    NODES,
+    NUM_CLASSES,
+    POOL,
+    FakeGrid,
+    by_node,
+    integer_votes,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name; `strategy` is in conftest.py)
+    train_messages,
+    vote_reply,
+)
 
 
 # ---------------------------------------------------------------------------------- configure_train
@@ -57,7 +67,9 @@ def test_noise_multiplier_follows_epsilon_and_rounds(tmp_path):
     s = build_strategy(small_config("privacy.epsilon=4", "feedback.rounds=3"), tmp_path)
     config = train_messages(s, 1)[0].content.config_records[P.CONFIG]
     assert config[P.NOISE_MULTIPLIER] == pytest.approx(noise_multiplier_for_epsilon(4.0, 1e-5, 3 + 1), rel=1e-12)
-    clear = build_strategy(small_config("privacy.epsilon=4", "feedback.rounds=3", "privacy.evaluation=clear"), tmp_path / "clear")
+    clear = build_strategy(
+        small_config("privacy.epsilon=4", "feedback.rounds=3", "privacy.evaluation=clear"), tmp_path / "clear"
+    )
     assert clear.noise_multiplier == pytest.approx(noise_multiplier_for_epsilon(4.0, 1e-5, 3), rel=1e-12)
 
 
@@ -74,8 +86,7 @@ def test_valid_replies_are_summed_and_the_round_is_stored(strategy, tmp_path):
     messages = by_node(train_messages(strategy, 1))
     votes = {node: integer_votes(node) for node in NODES}
     replies = [
-        vote_reply(messages[node], votes[node], epsilon_spent=0.1 * i, partition_id=i)
-        for i, node in enumerate(NODES)
+        vote_reply(messages[node], votes[node], epsilon_spent=0.1 * i, partition_id=i) for i, node in enumerate(NODES)
     ]
     assert [r.metadata.src_node_id for r in replies] == NODES  # reply_to sets the sender
     voted_ids = [c.candidate_id for c in strategy.evolution.pool]
@@ -100,7 +111,11 @@ def test_valid_replies_are_summed_and_the_round_is_stored(strategy, tmp_path):
     assert not strategy.evolution.generator.distribution.is_prior
     assert set(voted_ids).isdisjoint(c.candidate_id for c in strategy.evolution.pool)
     # What the server knows of each site comes from its own metrics.
-    assert {n: (s.partition_id, s.rounds_answered) for n, s in strategy.sites.items()} == {11: (0, 1), 12: (1, 1), 13: (2, 1)}
+    assert {n: (s.partition_id, s.rounds_answered) for n, s in strategy.sites.items()} == {
+        11: (0, 1),
+        12: (1, 1),
+        13: (2, 1),
+    }
     assert strategy.sites[13].epsilon_spent == pytest.approx(0.2)
     logged = read_metrics(tmp_path)
     assert len(logged) == 1 and logged[0]["round"] == 1 and logged[0]["votes_received"] == 3
@@ -154,7 +169,9 @@ def malformed_reply(msg: Message, kind: str) -> Message:
         content = RecordDict({P.VOTES: ArrayRecord({"scores": Array(good)}), P.METRICS: metrics})
         return Message(content=content, reply_to=msg)
     if kind == "missing epsilon-budget":
-        content = RecordDict({P.VOTES: ArrayRecord({P.VOTES: Array(good)}), P.METRICS: MetricRecord({P.EPSILON_SPENT: 0.3})})
+        content = RecordDict(
+            {P.VOTES: ArrayRecord({P.VOTES: Array(good)}), P.METRICS: MetricRecord({P.EPSILON_SPENT: 0.3})}
+        )
         return Message(content=content, reply_to=msg)
     if kind == "negative epsilon-spent":
         return vote_reply(msg, good, epsilon_spent=-0.1)
@@ -191,27 +208,42 @@ def test_a_round_without_enough_valid_votes_stops_the_run(strategy, tmp_path, va
     the sites asked) stops the run with a one-line reason; no round without private signal is
     stored or evolved from, and no site is asked again."""
     messages = by_node(train_messages(strategy, 1))
-    replies = [vote_reply(messages[n], integer_votes(n)) if i < valid else malformed_reply(messages[n], "nan")
-               for i, n in enumerate(NODES)]
-    with pytest.raises(RoundFailed, match=rf"round 1: valid votes from {valid} of 3 sites, fewer than the 2 the run needs"):
+    replies = [
+        vote_reply(messages[n], integer_votes(n)) if i < valid else malformed_reply(messages[n], "nan")
+        for i, n in enumerate(NODES)
+    ]
+    with pytest.raises(
+        RoundFailed, match=rf"round 1: valid votes from {valid} of 3 sites, fewer than the 2 the run needs"
+    ):
         strategy.aggregate_train(1, replies)
     assert not (tmp_path / "rounds").exists() and read_metrics(tmp_path) == []
     summary = run_summary(strategy.cfg, strategy, tmp_path, 1.0, failure="round 1: ...")
     assert summary["status"] == "failed" and summary["num_hospitals"] == valid and summary["num_hospitals_planned"] == 3
-    assert sorted(site["status"] for site in summary["sites"].values()) == sorted(["answered"] * valid + ["failed"] * (3 - valid))
+    assert sorted(site["status"] for site in summary["sites"].values()) == sorted(
+        ["answered"] * valid + ["failed"] * (3 - valid)
+    )
 
 
 def test_a_site_that_sends_nothing_is_named_in_the_summary(tmp_path):
     """A site killed mid-round sends no reply: it is a failure of that site, by node id."""
     s = build_strategy(small_config("federation.min_sites=2"), tmp_path)
     messages = by_node(train_messages(s, 1))
-    s.aggregate_train(1, [vote_reply(messages[11], integer_votes(1), 0.5, 0), vote_reply(messages[12], integer_votes(2), 0.5, 1)])
+    s.aggregate_train(
+        1, [vote_reply(messages[11], integer_votes(1), 0.5, 0), vote_reply(messages[12], integer_votes(2), 0.5, 1)]
+    )
     summary = run_summary(s.cfg, s, tmp_path, 1.0)
     lost = summary["sites"]["node-13"]
     assert lost["status"] == "failed" and lost["node_id"] == 13 and lost["partition_id"] is None
     assert lost["failures"] == ["round 1: no reply (the node was lost, stopped or timed out)"]
-    assert summary["dropped_replies"] == [{"round": 1, "node": 13, "site": "node-13", "refused": False,
-                                           "reason": "no reply (the node was lost, stopped or timed out)"}]
+    assert summary["dropped_replies"] == [
+        {
+            "round": 1,
+            "node": 13,
+            "site": "node-13",
+            "refused": False,
+            "reason": "no reply (the node was lost, stopped or timed out)",
+        }
+    ]
     assert summary["num_hospitals"] == 2 and summary["sites"]["0"]["status"] == "answered"
 
 
@@ -221,8 +253,12 @@ def test_budget_refusal_is_recorded_in_the_site_record(tmp_path):
     s.aggregate_train(1, [vote_reply(messages[n], integer_votes(n), 0.4, i) for i, n in enumerate(NODES)])
 
     messages = by_node(train_messages(s, 2))
-    refusal = Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason=P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]), reply_to=messages[12])
-    bad_request = Message(Error(code=P.ERROR_BAD_REQUEST, reason="a site may send anything here"), reply_to=messages[13])
+    refusal = Message(
+        Error(code=P.ERROR_BUDGET_EXCEEDED, reason=P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]), reply_to=messages[12]
+    )
+    bad_request = Message(
+        Error(code=P.ERROR_BAD_REQUEST, reason="a site may send anything here"), reply_to=messages[13]
+    )
     refused = f"{P.ERROR_REASONS[P.ERROR_BUDGET_EXCEEDED]} (code {P.ERROR_BUDGET_EXCEEDED})"
     assert refusal.metadata.src_node_id == 12 and refusal.has_error()
     replies = [vote_reply(messages[11], integer_votes(1), 0.8, 0), refusal, bad_request]
@@ -248,7 +284,9 @@ def test_budget_refusal_is_recorded_in_the_site_record(tmp_path):
 
 def test_summary_keeps_every_refusing_site_apart(strategy, tmp_path):
     messages = by_node(train_messages(strategy, 1))
-    replies = [Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason=f"site {n} refuses"), reply_to=messages[n]) for n in NODES]
+    replies = [
+        Message(Error(code=P.ERROR_BUDGET_EXCEEDED, reason=f"site {n} refuses"), reply_to=messages[n]) for n in NODES
+    ]
     with pytest.raises(RoundFailed):  # nobody answered: no private signal, no "completed" run
         strategy.aggregate_train(1, replies)
     assert len(strategy.sites) == 3
@@ -264,7 +302,11 @@ def test_central_mode_adds_the_noise_once_on_the_server(tmp_path):
     votes = {n: integer_votes(n) for n in NODES}
     # Clean votes: the server validates them with zero noise slack.
     noisy = votes[13] + np.random.default_rng(1).normal(0.0, s.noise_multiplier, POOL)
-    replies = [vote_reply(messages[11], votes[11]), vote_reply(messages[12], votes[12]), vote_reply(messages[13], noisy * 3)]
+    replies = [
+        vote_reply(messages[11], votes[11]),
+        vote_reply(messages[12], votes[12]),
+        vote_reply(messages[13], noisy * 3),
+    ]
     _, metrics = s.aggregate_train(1, replies)
     assert metrics["votes_received"] == 2 and [d["node"] for d in s.dropped] == [13]
     assert metrics["aggregate_noise_std"] == pytest.approx(s.noise_multiplier)
@@ -291,8 +333,6 @@ def test_central_site_unit_normalises_each_site_vector(tmp_path):
     np.testing.assert_allclose(total, expected)
 
 
-
-
 def test_an_error_reply_flower_makes_for_a_lost_node_names_that_node(tmp_path):
     """Flower answers for a node that died with its own error (code 5, sent from the SuperLink's
     id): the strategy names the node the request went to, not the SuperLink."""
@@ -306,7 +346,9 @@ def test_an_error_reply_flower_makes_for_a_lost_node_names_that_node(tmp_path):
     lost = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=by[13])
     lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's id
     assert lost.metadata.src_node_id == 1 and lost.metadata.reply_to_message_id == "msg-2"
-    s.aggregate_train(1, [vote_reply(by[11], integer_votes(1), 0.5, 0), vote_reply(by[12], integer_votes(2), 0.5, 1), lost])
+    s.aggregate_train(
+        1, [vote_reply(by[11], integer_votes(1), 0.5, 0), vote_reply(by[12], integer_votes(2), 0.5, 1), lost]
+    )
     assert sorted(s.sites) == [11, 12, 13] and s.sites[13].status == "failed"
     assert s.sites[13].failures == ["round 1: failed: the node was lost (Flower: node unavailable) (code 5)"]
     assert [d["node"] for d in s.dropped] == [13]  # once: not also as a missing reply

@@ -17,14 +17,27 @@ from coautogen_fl.checkpoint import CheckpointError
 from coautogen_fl.config import save_config
 from coautogen_fl.privacy import PrivacyLedger
 from strategies.server_app import build_strategy, resume_strategy
-from strategy_helpers import InProcessGrid, sent_fields, small_config
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
 
-TINY = ["downstream.dp_rounds=2", "downstream.dp_local_steps=2", "downstream.dp_sample_rate=0.5", "downstream.mix_synthetic_steps=3"]
+from strategy_helpers import (
+    InProcessGrid,
+    sent_fields,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
+
+TINY = [
+    "downstream.dp_rounds=2",
+    "downstream.dp_local_steps=2",
+    "downstream.dp_sample_rate=0.5",
+    "downstream.mix_synthetic_steps=3",
+]
 
 
 def ledgers(cfg, tmp_path, sites=3):
-    return [PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta) for i in range(sites)]
+    return [
+        PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta)
+        for i in range(sites)
+    ]
 
 
 def run(cfg, tmp_path):
@@ -38,7 +51,14 @@ def test_train_request_and_reply_round_trip():
     weights = {"0.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "0.bias": np.zeros(2, np.float32)}
     request = P.TrainRequest(3, "cnn", 10, 1, 28, 4.5, 0.25, 5, 1.0, 1e-2, "adam", weights, "run-7")
     back = P.TrainRequest.from_parts(from_content(to_content(request.to_parts())))
-    assert (back.round, back.noise_multiplier, back.sample_rate, back.steps, back.optimizer, back.run_key) == (3, 4.5, 0.25, 5, "adam", "run-7")
+    assert (back.round, back.noise_multiplier, back.sample_rate, back.steps, back.optimizer, back.run_key) == (
+        3,
+        4.5,
+        0.25,
+        5,
+        "adam",
+        "run-7",
+    )
     assert all(np.array_equal(back.weights[k], weights[k]) for k in weights)
     assert back.fingerprint() == request.fingerprint()
     reply = P.TrainReply(weights, 0.4, 1.0, 2, 4.5, "north")
@@ -77,7 +97,9 @@ def test_mix_votes_then_trains_and_the_ledger_holds_both(tmp_path):
     # The votes kept (1 - share) of epsilon on their own: the split is the documented 0.5.
     from coautogen_fl.privacy import epsilon_for_noise
 
-    assert epsilon_for_noise([s.noise_multiplier] * 3, cfg.privacy.delta) == pytest.approx(0.5 * cfg.privacy.epsilon, rel=1e-6)
+    assert epsilon_for_noise([s.noise_multiplier] * 3, cfg.privacy.delta) == pytest.approx(
+        0.5 * cfg.privacy.epsilon, rel=1e-6
+    )
 
 
 def test_a_site_replays_a_repeated_request_and_refuses_over_budget(tmp_path):
@@ -99,16 +121,32 @@ def test_a_site_replays_a_repeated_request_and_refuses_over_budget(tmp_path):
     # A request that would spend more than the budget is refused with the budget code; nothing charged.
     greedy = P.TrainRequest.from_parts(from_content(messages[0].content))
     greedy = P.TrainRequest(**{**greedy.__dict__, "round": 2, "noise_multiplier": 0.3})
-    reply = grid.send_and_receive([Message(content=to_content(greedy.to_parts()), dst_node_id=messages[0].metadata.dst_node_id,
-                                           message_type=P.TRAIN_DPSGD)])[0]
+    reply = grid.send_and_receive(
+        [
+            Message(
+                content=to_content(greedy.to_parts()),
+                dst_node_id=messages[0].metadata.dst_node_id,
+                message_type=P.TRAIN_DPSGD,
+            )
+        ]
+    )[0]
     assert reply.has_error() and reply.error.code == P.ERROR_BUDGET_EXCEEDED
     # A model opacus cannot train per example (BatchNorm) is a bad request, refused before the charge.
     from coautogen_fl.downstream import build_classifier, state_dict_to_numpy
 
     resnet = state_dict_to_numpy(build_classifier("resnet18", 10, 1, 28))
-    batchnorm = P.TrainRequest(**{**greedy.__dict__, "round": 3, "noise_multiplier": 50.0, "model": "resnet18", "weights": resnet})
-    reply = grid.send_and_receive([Message(content=to_content(batchnorm.to_parts()), dst_node_id=messages[0].metadata.dst_node_id,
-                                           message_type=P.TRAIN_DPSGD)])[0]
+    batchnorm = P.TrainRequest(
+        **{**greedy.__dict__, "round": 3, "noise_multiplier": 50.0, "model": "resnet18", "weights": resnet}
+    )
+    reply = grid.send_and_receive(
+        [
+            Message(
+                content=to_content(batchnorm.to_parts()),
+                dst_node_id=messages[0].metadata.dst_node_id,
+                message_type=P.TRAIN_DPSGD,
+            )
+        ]
+    )[0]
     assert reply.has_error() and reply.error.code == P.ERROR_BAD_REQUEST
     assert len(ledgers(cfg, tmp_path)[0].entries) == 1
 

@@ -15,13 +15,17 @@ from flwr.app import ArrayRecord, MessageType
 from flwr.clientapp import ClientApp
 
 from clients import client_app
+from clients.secagg import make_secagg_mod, secure_vote_fields
 from clients.wire_log import make_wire_log_mod
 from coautogen_fl import protocol as P
 from coautogen_fl.privacy import PrivacyLedger, epsilon_for_noise, epsilon_for_releases
 from strategies.server_app import build_strategy
-from clients.secagg import make_secagg_mod, secure_vote_fields
-from strategy_helpers import SecureGrid, small_config
-from strategy_helpers import task_identity  # noqa: F401  (pytest fixture, used by name)
+
+from strategy_helpers import (
+    SecureGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
 
 
 class WireGrid(SecureGrid):
@@ -122,22 +126,38 @@ def test_every_field_of_a_secagg_run_is_charged_or_public(tmp_path, monkeypatch)
     s.start(grid=WireGrid(cfg, tmp_path, log_path), initial_arrays=ArrayRecord(), num_rounds=s.rounds, timeout=10)
 
     entries = [json.loads(line) for line in log_path.read_text().splitlines()]
-    kinds = Counter(secure_vote_fields(e["configs"]) if e["message_type"] == MessageType.TRAIN else "evaluate" for e in entries)
+    kinds = Counter(
+        secure_vote_fields(e["configs"]) if e["message_type"] == MessageType.TRAIN else "evaluate" for e in entries
+    )
     rounds = cfg.feedback.rounds
-    assert kinds == {"secagg-setup": 3 * rounds, "secagg-share-keys": 3 * rounds, "secagg-collect": 3 * rounds,
-                     "secagg-unmask": 3 * rounds, "evaluate": 3}  # fmt: skip
+    assert kinds == {
+        "secagg-setup": 3 * rounds,
+        "secagg-share-keys": 3 * rounds,
+        "secagg-collect": 3 * rounds,
+        "secagg-unmask": 3 * rounds,
+        "evaluate": 3,
+    }
     problems, charged = wire_problems(entries, s.noise_multiplier, secagg=True)
     assert problems == []
     for i in range(3):
         ledger = PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta)
         assert charged[str(i)] == len(ledger.entries) == rounds + 1
-        evaluated = [e["metrics"][P.METRICS][P.EPSILON_SPENT] for e in entries if e["node_config"]["partition-id"] == str(i) and "metrics" in e
-                     and P.METRICS in e["metrics"]]  # fmt: skip
+        evaluated = [
+            e["metrics"][P.METRICS][P.EPSILON_SPENT]
+            for e in entries
+            if e["node_config"]["partition-id"] == str(i) and "metrics" in e and P.METRICS in e["metrics"]
+        ]
         assert evaluated == [pytest.approx(ledger.spent_epsilon())]
-        collected = [e for e in entries if e["node_config"]["partition-id"] == str(i) and secure_vote_fields(e["configs"]) == "secagg-collect"]
+        collected = [
+            e
+            for e in entries
+            if e["node_config"]["partition-id"] == str(i) and secure_vote_fields(e["configs"]) == "secagg-collect"
+        ]
         spent = [e["configs"][P.FITRES_METRICS][P.EPSILON_SPENT] for e in collected]
-        assert spent == [pytest.approx(epsilon_for_releases([x.release for x in ledger.entries[: r + 1]], cfg.privacy.delta))
-                         for r in range(rounds)]  # fmt: skip
+        assert spent == [
+            pytest.approx(epsilon_for_releases([x.release for x in ledger.entries[: r + 1]], cfg.privacy.delta))
+            for r in range(rounds)
+        ]
         assert all(e["configs"][P.FITRES_METRICS][P.NOISE_MULTIPLIER] == s.noise_multiplier for e in collected)
     assert not any(P.VOTES in e["arrays"] for e in entries)  # no vote ever travels in the clear
 

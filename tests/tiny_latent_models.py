@@ -32,10 +32,13 @@ class ConditionalG(nn.Module):
         self.embed = nn.Embedding(num_classes, latent_dim)
         self.fc = nn.Linear(2 * latent_dim, 32 * 4 * 4)
         self.up = nn.Sequential(
-            nn.BatchNorm2d(32), nn.ReLU(),
-            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 16, 4, 2, 1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
             nn.ConvTranspose2d(16, channels, 4, 2, 1),
-        )  # fmt: skip
+        )
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1)).view(-1, 32, 4, 4)

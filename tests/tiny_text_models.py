@@ -53,7 +53,9 @@ def build_bpe_tokenizer(special_tokens: list[str], **names: str):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     backend.decoder = decoders.ByteLevel()
     alphabet = list(string.ascii_letters + string.digits + string.punctuation)
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=special_tokens, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=special_tokens, initial_alphabet=alphabet, show_progress=False
+    )
     backend.train_from_iterator(_corpus(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **names)
 
@@ -78,8 +80,16 @@ def build_tiny_gpt2(folder: str | Path, seed: int = 0, chat_template: str | None
     if chat_template:
         tokenizer.chat_template = chat_template
     eos_id = tokenizer.eos_token_id
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eos_id, eos_token_id=eos_id, tie_word_embeddings=False)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
@@ -104,11 +114,22 @@ def build_tiny_bart(folder: str | Path, seed: int = 0) -> Path:
     specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     tokenizer = build_bpe_tokenizer(list(specials.values()), **specials)
     config = BartConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+    )
     torch.manual_seed(seed)
     model = BartForConditionalGeneration(config)
     with torch.no_grad():
@@ -132,12 +153,26 @@ def build_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = BertTokenizer(str(vocab_dir / "vocab.txt"), bos_token="[DEC]")
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-        sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id,
-    )  # fmt: skip
-    vision_config = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8, initializer_range=1.0)  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+    vision_config = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        initializer_range=1.0,
+    )
     config = BlipConfig(text_config=text_config, vision_config=vision_config, projection_dim=32)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)

@@ -32,9 +32,19 @@ def build_embedder(cfg: EmbedderConfig, device: str = "cpu") -> Embedder:
         return CLIPEmbedder(cfg.model, device=device, batch_size=cfg.batch_size)
     embedder = call_plugin(resolved.value, cfg, {"device": device})  # type: ignore[arg-type]
     if not callable(getattr(embedder, "embed", None)):
-        raise EmbedderError(f"embedder.name={cfg.name!r} built {type(embedder).__name__}, which has no embed(images) method")
+        raise EmbedderError(
+            f"embedder.name={cfg.name!r} built {type(embedder).__name__}, which has no embed(images) method"
+        )
     return embedder
 
 
-__all__ = ["Embedder", "EmbedderError", "PixelEmbedder", "ResNet18Embedder", "RESNET18_FILE", "build_embedder",
-           "resolve_resnet18_weights", "to_nchw"]
+__all__ = [
+    "Embedder",
+    "EmbedderError",
+    "PixelEmbedder",
+    "ResNet18Embedder",
+    "RESNET18_FILE",
+    "build_embedder",
+    "resolve_resnet18_weights",
+    "to_nchw",
+]

@@ -20,8 +20,7 @@ class Embedder(Protocol):
 
     name: str
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        ...
+    def embed(self, images: np.ndarray) -> np.ndarray: ...
 
 
 def to_nchw(images: np.ndarray) -> torch.Tensor:

@@ -133,7 +133,9 @@ class CLIPEmbedder:
 
     name = "clip"
 
-    def __init__(self, model: str | tuple[Any, Any], device: str = "cpu", batch_size: int = 64, progress: bool = False) -> None:
+    def __init__(
+        self, model: str | tuple[Any, Any], device: str = "cpu", batch_size: int = 64, progress: bool = False
+    ) -> None:
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.model, self.processor, self.model_name = _loaded(model, device)
         self.device = self.model.device
@@ -176,7 +178,7 @@ class CLIPEmbedder:
         features = []
         with torch.inference_mode():
             for start in starts:
-                pixels = self._pixel_values(batch[start:start + self.batch_size])
+                pixels = self._pixel_values(batch[start : start + self.batch_size])
                 features.append(_projected(self.model.get_image_features(pixel_values=pixels)).float().cpu())
         out = torch.cat(features)
         # normalise in float32 after the (possibly float16) forward pass
@@ -232,7 +234,9 @@ class CLIPFilter:
         try:
             prompts = [template.format(name=name) for name in names]
         except (KeyError, IndexError, ValueError, AttributeError) as exc:
-            raise ValueError(f"template must be a format string whose only field is {{name}}, got {template!r}") from exc
+            raise ValueError(
+                f"template must be a format string whose only field is {{name}}, got {template!r}"
+            ) from exc
         if threshold is None:
             threshold = 1.0 / len(names)
         elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
@@ -250,9 +254,12 @@ class CLIPFilter:
 
         model = self.embedder.model
         tokens = self.embedder.processor(
-            text=prompts, padding=True, truncation=True,
-            max_length=model.config.text_config.max_position_embeddings, return_tensors="pt",
-        )  # fmt: skip
+            text=prompts,
+            padding=True,
+            truncation=True,
+            max_length=model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        )
         with torch.inference_mode():
             output = model.get_text_features(
                 input_ids=tokens["input_ids"].to(self.embedder.device),
@@ -287,7 +294,9 @@ class CLIPFilter:
         labels = np.array([int(c.label) for c in candidates])
         bad = labels[(labels < 0) | (labels >= len(self.class_names))]
         if bad.size:
-            raise ValueError(f"candidate label {int(bad[0])} is outside the {len(self.class_names)} classes of the filter")
+            raise ValueError(
+                f"candidate label {int(bad[0])} is outside the {len(self.class_names)} classes of the filter"
+            )
         probabilities = self.probabilities(stack_images(candidates))
         return probabilities[np.arange(len(labels)), labels]
 

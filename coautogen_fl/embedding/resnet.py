@@ -15,8 +15,11 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_resnet18_weights(weights: str, key: str = "embedder.weights",
-                             instead: str = "use embedder.name=pixels; embedder.random_weights=true only for tests") -> Path:
+def resolve_resnet18_weights(
+    weights: str,
+    key: str = "embedder.weights",
+    instead: str = "use embedder.name=pixels; embedder.random_weights=true only for tests",
+) -> Path:
     """The ImageNet ResNet-18 weights file: ``weights`` if given, else torchvision's cache.
     ``key`` names the setting and ``instead`` the way out, in the error."""
     candidate = Path(weights).expanduser() if weights else Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_FILE
@@ -33,7 +36,9 @@ class ResNet18Embedder:
 
     name = "resnet18"
 
-    def __init__(self, weights: str = "", random_weights: bool = False, device: str = "cpu", batch_size: int = 256) -> None:
+    def __init__(
+        self, weights: str = "", random_weights: bool = False, device: str = "cpu", batch_size: int = 256
+    ) -> None:
         from torchvision.models import resnet18
 
         model = resnet18(weights=None)

@@ -39,9 +39,18 @@ def _latent(cfg: RunConfig, ctx: GeneratorContext) -> Generator:
     g = cfg.generator
     module = load_latent_module(g.model, g.factory, g.trust_pickle, ctx.device)
     return LatentGenerator(
-        module, ctx.class_names, image_size=ctx.image_size, channels=ctx.channels, device=ctx.device, seed=g.seed,
-        latent_dim=g.latent_dim, output_range=(g.output_low, g.output_high), perturb_scale=g.perturb_scale,
-        batch_size=g.batch_size, source=g.model, progress=True,
+        module,
+        ctx.class_names,
+        image_size=ctx.image_size,
+        channels=ctx.channels,
+        device=ctx.device,
+        seed=g.seed,
+        latent_dim=g.latent_dim,
+        output_range=(g.output_low, g.output_high),
+        perturb_scale=g.perturb_scale,
+        batch_size=g.batch_size,
+        source=g.model,
+        progress=True,
     )
 
 
@@ -52,9 +61,19 @@ def _http(cfg: RunConfig, ctx: GeneratorContext) -> Generator:
 
     g = cfg.generator
     return HTTPImageGenerator(
-        g.api_url, ctx.class_names, image_size=ctx.image_size, channels=ctx.channels, seed=g.seed, task_mode=ctx.task_mode,
-        prompts=TemplatePrompts(ctx.class_names, g.prompt_template), api_key_env=g.api_key_env, timeout_s=g.api_timeout_s,
-        retries=g.api_retries, backoff_s=g.api_backoff_s, requests_per_minute=g.api_requests_per_minute, progress=True,
+        g.api_url,
+        ctx.class_names,
+        image_size=ctx.image_size,
+        channels=ctx.channels,
+        seed=g.seed,
+        task_mode=ctx.task_mode,
+        prompts=TemplatePrompts(ctx.class_names, g.prompt_template),
+        api_key_env=g.api_key_env,
+        timeout_s=g.api_timeout_s,
+        retries=g.api_retries,
+        backoff_s=g.api_backoff_s,
+        requests_per_minute=g.api_requests_per_minute,
+        progress=True,
     )
 
 
@@ -63,18 +82,31 @@ def _diffusers(cfg: RunConfig, ctx: GeneratorContext, model: str) -> Generator:
 
     g = cfg.generator
     return DiffusersGenerator(
-        model, ctx.class_names, image_size=ctx.image_size, channels=ctx.channels, device=ctx.device, seed=g.seed,
-        task_mode=ctx.task_mode, prompt_template=g.prompt_template, num_inference_steps=g.steps,
-        guidance_scale=g.guidance_scale, batch_size=g.batch_size, safety_checker=g.safety_checker,
-        inpaint=g.inpaint, inpaint_model=g.inpaint_model, progress=True,
+        model,
+        ctx.class_names,
+        image_size=ctx.image_size,
+        channels=ctx.channels,
+        device=ctx.device,
+        seed=g.seed,
+        task_mode=ctx.task_mode,
+        prompt_template=g.prompt_template,
+        num_inference_steps=g.steps,
+        guidance_scale=g.guidance_scale,
+        batch_size=g.batch_size,
+        safety_checker=g.safety_checker,
+        inpaint=g.inpaint,
+        inpaint_model=g.inpaint_model,
+        progress=True,
     )
 
 
 def _grayscale(cfg: RunConfig) -> str | None:
     if cfg.data.channels == 1:
         return None
-    return (f"generator.name=Glyph renders grayscale images, but data.channels={cfg.data.channels}: set data.channels=1, "
-            "or pick a generator of colour images (Latent, HTTP, a diffusers model)")
+    return (
+        f"generator.name=Glyph renders grayscale images, but data.channels={cfg.data.channels}: set data.channels=1, "
+        "or pick a generator of colour images (Latent, HTTP, a diffusers model)"
+    )
 
 
 def _model_file(cfg: RunConfig) -> str | None:
@@ -136,7 +168,9 @@ def build_base_generator(cfg: RunConfig, class_names: Sequence[str], device: str
     # top; resolving a name (aliases, entry points, "pkg.module:Class") is the registry's job.
     from coautogen_fl.registry import call_plugin, resolve
 
-    ctx = GeneratorContext(tuple(class_names), cfg.data.image_size, cfg.data.channels, device, cfg.feedback.task_mode, cfg.generator.seed)
+    ctx = GeneratorContext(
+        tuple(class_names), cfg.data.image_size, cfg.data.channels, device, cfg.feedback.task_mode, cfg.generator.seed
+    )
     resolved = resolve("generator", cfg.generator.name)
     if resolved.kind == "builtin":
         builtin = BUILTIN_GENERATORS[resolved.value]
@@ -148,7 +182,10 @@ def build_base_generator(cfg: RunConfig, class_names: Sequence[str], device: str
         return _diffusers(cfg, ctx, resolved.value)
     generator = call_plugin(resolved.value, cfg, ctx)
     if not isinstance(generator, Generator):
-        raise TypeError(f"generator.name={cfg.generator.name!r} built {type(generator).__name__}, which lacks random(label, n) / vary(candidates, degree)")
+        raise TypeError(
+            f"generator.name={cfg.generator.name!r} built {type(generator).__name__}, "
+            "which lacks random(label, n) / vary(candidates, degree)"
+        )
     return generator
 
 
@@ -163,5 +200,15 @@ def build_generator(cfg: RunConfig, class_names: Sequence[str], device: str = "c
     return wrap_postprocessing(generator, cfg, class_names, device, embedder)
 
 
-__all__ = ["BUILTIN_GENERATORS", "BuiltinGenerator", "Candidate", "Generator", "GeneratorContext", "GeneratorLoadError",
-           "build_base_generator", "build_generator", "builtin_requirement", "stack_images"]
+__all__ = [
+    "BUILTIN_GENERATORS",
+    "BuiltinGenerator",
+    "Candidate",
+    "Generator",
+    "GeneratorContext",
+    "GeneratorLoadError",
+    "build_base_generator",
+    "build_generator",
+    "builtin_requirement",
+    "stack_images",
+]

@@ -98,8 +98,7 @@ class GeneratorContext:
 class Describable(Protocol):
     """A sampling distribution that can say where it stands (``metrics.jsonl``'s ``distribution``)."""
 
-    def describe(self) -> dict[str, Any]:
-        ...
+    def describe(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable
@@ -108,7 +107,9 @@ class Refittable(Protocol):
 
     distribution: Any  # a Describable
 
-    def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
+    def fit(
+        self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08
+    ) -> None:
         """Move the sampling distribution toward ``candidates`` weighted by their votes."""
         ...
 
@@ -117,8 +118,7 @@ class Refittable(Protocol):
 class VoteObserver(Protocol):
     """Learns from each round's voted pool (e.g. latent attribute directions), Private Evolution mode."""
 
-    def observe_votes(self, voted: Sequence[Candidate]) -> None:
-        ...
+    def observe_votes(self, voted: Sequence[Candidate]) -> None: ...
 
 
 @runtime_checkable
@@ -133,11 +133,9 @@ class TokenLimited(Protocol):
     """Has a text encoder with a token limit that prompts written for it must fit."""
 
     @property
-    def token_limit(self) -> int | None:
-        ...
+    def token_limit(self) -> int | None: ...
 
-    def count_tokens(self, prompt: str) -> int:
-        ...
+    def count_tokens(self, prompt: str) -> int: ...
 
 
 @runtime_checkable
@@ -160,9 +158,13 @@ class GeneratorCapabilities:
     @classmethod
     def of(cls, generator: Any) -> "GeneratorCapabilities":
         """Check ``generator`` (or the wrapper that forwards to it) against every Protocol."""
-        return cls(refit=isinstance(generator, Refittable), observes_votes=isinstance(generator, VoteObserver),
-                   prompted=isinstance(generator, Prompted), token_limited=isinstance(generator, TokenLimited),
-                   filtering=isinstance(generator, Filtering))  # fmt: skip
+        return cls(
+            refit=isinstance(generator, Refittable),
+            observes_votes=isinstance(generator, VoteObserver),
+            prompted=isinstance(generator, Prompted),
+            token_limited=isinstance(generator, TokenLimited),
+            filtering=isinstance(generator, Filtering),
+        )
 
 
 class CandidateMaker:
@@ -178,8 +180,9 @@ class CandidateMaker:
         """``label`` as an int in ``0 .. len(class_names) - 1``, or a ValueError naming ``what``."""
         return check_int(what, label, 0, len(self.class_names) - 1)
 
-    def _candidate(self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None,
-                   round_index: int) -> Candidate:  # fmt: skip
+    def _candidate(
+        self, label: int, genotype: dict[str, Any], image: np.ndarray, parent_id: str | None, round_index: int
+    ) -> Candidate:
         """Wrap an image into a candidate with the next id from the counter."""
         candidate_id = f"{self.ID_PREFIX}-{self._counter:07d}"
         self._counter += 1
@@ -213,7 +216,9 @@ MIN_STRENGTH = 0.05
 TASK_MODES = ("I2I", "T2I")
 
 
-def check_output_spec(class_names: Sequence[str], image_size: int, channels: int, task_mode: str | None = None) -> tuple[str, ...]:
+def check_output_spec(
+    class_names: Sequence[str], image_size: int, channels: int, task_mode: str | None = None
+) -> tuple[str, ...]:
     """Validate the arguments every generator shares; return the class names as a tuple of str.
 
     Raises

@@ -14,8 +14,13 @@ from coautogen_fl.generation.base import GeneratorLoadError
 from coautogen_fl.hub import check_device, first_line, resolve_model_source, torch_dtype_for
 
 
-def load_pipeline(model: str, device: str = "cpu", safety_checker: bool = False, auto_class: str = "AutoPipelineForText2Image",
-                  config_key: str = "generator.name") -> Any:  # fmt: skip
+def load_pipeline(
+    model: str,
+    device: str = "cpu",
+    safety_checker: bool = False,
+    auto_class: str = "AutoPipelineForText2Image",
+    config_key: str = "generator.name",
+) -> Any:
     """Load a diffusers pipeline from a local folder or the local hub cache.
 
     Parameters

@@ -18,9 +18,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.base import (
+    MIN_STRENGTH,
+    SEED_HIGH,
+    TASK_MODES,
+    Candidate,
+    CandidateMaker,
+    GeneratorLoadError,
+    check_int,
+    check_output_spec,
+)
 from coautogen_fl.generation.diffusers_loading import load_text2image
 from coautogen_fl.generation.imageops import to_output as _to_output
+from coautogen_fl.generation.inpaint import check_mask as _check_mask
 from coautogen_fl.generation.inpaint import (
     denoise_steps,
     inpaint_pipeline,
@@ -31,11 +41,9 @@ from coautogen_fl.generation.inpaint import (
     run_inpaint,
     seeded_generators,
 )
-from coautogen_fl.generation.inpaint import check_mask as _check_mask
 from coautogen_fl.generation.schedule import check_degree
 from coautogen_fl.hub import first_line
 from coautogen_fl.prompts.base import PromptSource, TemplatePrompts
-
 
 #: Genotype modes: fresh or T2I child, image-to-image child, inpainting child.
 GENOTYPE_MODES = ("t2i", "i2i", "inpaint")
@@ -134,13 +142,18 @@ class DiffusersGenerator(CandidateMaker):
             ) from exc
         check_int("num_inference_steps", num_inference_steps, 1)
         check_int("batch_size", batch_size, 1)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not np.isfinite(guidance_scale)
+        ):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if isinstance(inpaint, bool) or not isinstance(inpaint, (int, float)) or not 0.0 <= inpaint <= 1.0:
             raise ValueError(f"inpaint must be a probability in [0, 1] (generator.inpaint), got {inpaint!r}")
         if prompts is not None and not isinstance(prompts, PromptSource):
-            raise ValueError(f"prompts must have sample(label, rng), evolve(prompts, labels, rng) and settings(), "
-                             f"got {prompts!r}")  # fmt: skip
+            raise ValueError(
+                f"prompts must have sample(label, rng), evolve(prompts, labels, rng) and settings(), got {prompts!r}"
+            )
         self.model = model
         self.class_names = names
         self.image_size = int(image_size)
@@ -186,7 +199,9 @@ class DiffusersGenerator(CandidateMaker):
     def inpainter(self) -> Any:
         """The inpainting pipeline: ``inpaint_model``'s, or ``pipe``'s weights via ``from_pipe``."""
         if self._inpainter is None:
-            self._inpainter = inpaint_pipeline(self.pipe, self.model, self.inpaint_model, self.device, self.safety_checker)
+            self._inpainter = inpaint_pipeline(
+                self.pipe, self.model, self.inpaint_model, self.device, self.safety_checker
+            )
         return self._inpainter
 
     def native_size(self) -> int:
@@ -212,17 +227,33 @@ class DiffusersGenerator(CandidateMaker):
 
         Parent images (i2i, inpaint) may have any size and channel count."""
         first = genotypes[0]
-        common = {"prompt": [g["prompt"] for g in genotypes], "num_inference_steps": int(first["steps"]),
-                  "guidance_scale": float(first["guidance"]), "output_type": "np"}  # fmt: skip
+        common = {
+            "prompt": [g["prompt"] for g in genotypes],
+            "num_inference_steps": int(first["steps"]),
+            "guidance_scale": float(first["guidance"]),
+            "output_type": "np",
+        }
         seeds = [g["seed"] for g in genotypes]
         if first["mode"] == "t2i":
             raw = self.pipe(generator=seeded_generators(seeds), **common).images
         elif first["mode"] == "i2i":
-            raw = self.i2i(image=rgb_batch(parents, self.native_size()), strength=float(first["strength"]),
-                           generator=seeded_generators(seeds), **common).images  # fmt: skip
+            raw = self.i2i(
+                image=rgb_batch(parents, self.native_size()),
+                strength=float(first["strength"]),
+                generator=seeded_generators(seeds),
+                **common,
+            ).images
         else:
-            raw = run_inpaint(self.inpainter, common["prompt"], seeds, parents, [g["mask"] for g in genotypes],
-                              first["strength"], first["steps"], first["guidance"])  # fmt: skip
+            raw = run_inpaint(
+                self.inpainter,
+                common["prompt"],
+                seeds,
+                parents,
+                [g["mask"] for g in genotypes],
+                first["strength"],
+                first["steps"],
+                first["guidance"],
+            )
         images = [_to_output(np.asarray(img, dtype=np.float32), self.image_size, self.channels) for img in raw]
         if first["mode"] == "inpaint":  # keep the parent's pixels outside the repainted rectangle
             images = [paste_back(p, img, g["mask"], self.channels) for p, img, g in zip(parents, images, genotypes)]
@@ -330,7 +361,9 @@ class DiffusersGenerator(CandidateMaker):
         missing = [k for k in GENOTYPE_KEYS if k not in genotype]
         mode = genotype.get("mode")
         if missing or mode not in GENOTYPE_MODES:
-            raise ValueError(f"genotype lacks {missing or ['a valid mode']}: not a diffusers genotype (keys {list(GENOTYPE_KEYS)})")
+            raise ValueError(
+                f"genotype lacks {missing or ['a valid mode']}: not a diffusers genotype (keys {list(GENOTYPE_KEYS)})"
+            )
         if genotype["model"] != self.model:
             raise ValueError(f"genotype was made by model '{genotype['model']}', this generator runs '{self.model}'")
         if mode != "t2i":
@@ -341,13 +374,17 @@ class DiffusersGenerator(CandidateMaker):
         if mode == "inpaint":
             _check_mask(genotype.get("mask"))
             if str(genotype.get("inpaint_model", "")) != self.inpaint_model:
-                raise ValueError(f"genotype was inpainted with inpaint_model '{genotype.get('inpaint_model', '')}', "
-                                 f"this generator uses '{self.inpaint_model}'")  # fmt: skip
+                raise ValueError(
+                    f"genotype was inpainted with inpaint_model '{genotype.get('inpaint_model', '')}', "
+                    f"this generator uses '{self.inpaint_model}'"
+                )
         return self._call([genotype], None if parent_image is None else [parent_image])[0]
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _genotype(self, prompt: str, mode: str, strength: float | None = None, mask: list[float] | None = None) -> dict[str, Any]:
+    def _genotype(
+        self, prompt: str, mode: str, strength: float | None = None, mask: list[float] | None = None
+    ) -> dict[str, Any]:
         """A new genotype with a seed drawn from the generator's rng."""
         steps = self.num_inference_steps if strength is None else denoise_steps(self.num_inference_steps, strength)
         genotype: dict[str, Any] = {
@@ -370,7 +407,7 @@ class DiffusersGenerator(CandidateMaker):
         batches = []
         for mode in GENOTYPE_MODES:
             index = [i for i, g in enumerate(genotypes) if g["mode"] == mode]
-            batches.extend(index[s:s + self.batch_size] for s in range(0, len(index), self.batch_size))
+            batches.extend(index[s : s + self.batch_size] for s in range(0, len(index), self.batch_size))
         if self.progress and batches:
             from tqdm.auto import tqdm
 
@@ -385,5 +422,12 @@ class DiffusersGenerator(CandidateMaker):
     _make = CandidateMaker._candidate
 
 
-__all__ = ["DiffusersGenerator", "GeneratorLoadError", "load_text2image", "GENOTYPE_KEYS", "GENOTYPE_MODES",
-           "TASK_MODES", "MIN_STRENGTH"]  # fmt: skip
+__all__ = [
+    "DiffusersGenerator",
+    "GeneratorLoadError",
+    "load_text2image",
+    "GENOTYPE_KEYS",
+    "GENOTYPE_MODES",
+    "TASK_MODES",
+    "MIN_STRENGTH",
+]

@@ -64,10 +64,16 @@ class GenotypeDistribution:
         """One genotype (without generator-specific extras such as noise seeds)."""
         n = len(self.choices)
         p = None if self.probabilities is None else self.probabilities
-        genotype: dict[str, Any] = {self.choice_key: self.choices[int(rng.choice(n, p=p)) if p is not None else int(rng.integers(n))]}
+        genotype: dict[str, Any] = {
+            self.choice_key: self.choices[int(rng.choice(n, p=p)) if p is not None else int(rng.integers(n))]
+        }
         for name, (low, high) in self.ranges.items():
             if self.mean is None or self.std is None:
-                value = float(rng.uniform(low, high)) if name not in self.integer_keys else float(rng.integers(int(low), int(high) + 1))
+                value = (
+                    float(rng.uniform(low, high))
+                    if name not in self.integer_keys
+                    else float(rng.integers(int(low), int(high) + 1))
+                )
             else:
                 value = self._truncated_normal(rng, self.mean[name], self.std[name], low, high)
             genotype[name] = int(round(value)) if name in self.integer_keys else float(value)
@@ -81,7 +87,9 @@ class GenotypeDistribution:
                 return value
         return min(max(value, low), high)
 
-    def fitted(self, genotypes: Sequence[Mapping[str, Any]], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> "GenotypeDistribution":
+    def fitted(
+        self, genotypes: Sequence[Mapping[str, Any]], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08
+    ) -> "GenotypeDistribution":
         """The distribution moved toward the weighted moments of ``genotypes``.
 
         Parameters
@@ -110,9 +118,13 @@ class GenotypeDistribution:
             mean[name] = mix * m + (1 - mix) * old_mean
             std[name] = max(mix * s + (1 - mix) * old_std, min_spread * (high - low))
         counts = np.array([sum(wi for wi, g in zip(w, genotypes) if g[self.choice_key] == c) for c in self.choices])
-        old_p = self.probabilities if self.probabilities is not None else np.full(len(self.choices), 1 / len(self.choices))
+        old_p = (
+            self.probabilities if self.probabilities is not None else np.full(len(self.choices), 1 / len(self.choices))
+        )
         p = np.maximum(mix * counts + (1 - mix) * old_p, min_spread / 4)
-        return GenotypeDistribution(self.ranges, self.choices, self.choice_key, self.integer_keys, mean, std, p / p.sum())
+        return GenotypeDistribution(
+            self.ranges, self.choices, self.choice_key, self.integer_keys, mean, std, p / p.sum()
+        )
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable state (for metrics and the run record)."""

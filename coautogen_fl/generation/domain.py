@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from coautogen_fl.generation.base import Candidate, SEED_HIGH, check_int
+from coautogen_fl.generation.base import SEED_HIGH, Candidate, check_int
 from coautogen_fl.generation.imageops import LUMA
 
 #: Largest per-channel distance to the median border colour at which a pixel is background; the
@@ -55,7 +55,6 @@ TEXTURE_GRID = (3, 8)
 MIN_CROP = 0.5
 
 
-
 def _check_strength(key: str, value: float) -> float:
     """A strength (or probability) in [0, 1], named by its config key in the error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
@@ -68,8 +67,10 @@ def load_backgrounds(folder: str | Path, side: int = BACKGROUND_SIDE) -> dict[st
     RGB arrays with the shorter side resized to ``side``, keyed by POSIX path relative to it."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise ValueError(f"postprocess.backgrounds: folder not found: {root}; set it to a directory of "
-                         "images (any format PIL reads) or to '' for no backgrounds")
+        raise ValueError(
+            f"postprocess.backgrounds: folder not found: {root}; set it to a directory of "
+            "images (any format PIL reads) or to '' for no backgrounds"
+        )
     images: dict[str, np.ndarray] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
@@ -84,8 +85,10 @@ def load_backgrounds(folder: str | Path, side: int = BACKGROUND_SIDE) -> dict[st
         size = (max(1, round(rgb.size[0] * factor)), max(1, round(rgb.size[1] * factor)))
         images[relative.as_posix()] = np.asarray(rgb.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
     if not images:
-        raise ValueError(f"postprocess.backgrounds: no readable image in {root}; put .png/.jpg files "
-                         "there or set it to '' for no backgrounds")
+        raise ValueError(
+            f"postprocess.backgrounds: no readable image in {root}; put .png/.jpg files "
+            "there or set it to '' for no backgrounds"
+        )
     return images
 
 
@@ -141,8 +144,15 @@ class DomainRandomizer:
 
     name = "domain"
 
-    def __init__(self, lighting: float = 0.3, texture: float = 0.2, camera: float = 0.2, backgrounds: str = "",
-                 background_probability: float = 0.5, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lighting: float = 0.3,
+        texture: float = 0.2,
+        camera: float = 0.2,
+        backgrounds: str = "",
+        background_probability: float = 0.5,
+        seed: int = 0,
+    ) -> None:
         self.lighting = _check_strength("lighting", lighting)
         self.texture = _check_strength("texture", texture)
         self.camera = _check_strength("camera", camera)
@@ -187,6 +197,7 @@ class DomainRandomizer:
         shape : Sequence[int]
             The image's shape; its aspect ratio sets the background crop's.
         """
+
         def sym(scale: float) -> float:  # uniform in [-scale, scale]
             return float(scale * (2.0 * rng.random() - 1.0))
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 #: A private-use code point no font in the bundle draws; its rendering is the font's
 #: ".notdef" box (or nothing), which a usable glyph must differ from.
-MISSING_GLYPH = "\U0010FFFD"
+MISSING_GLYPH = "\U0010fffd"
 
 #: Pixel size used only to probe fonts; large enough that distinct glyphs never collide.
 _PROBE_SIZE = 48
@@ -30,9 +30,7 @@ _PROBE_SIZE = 48
 #: PostScript glyph names of the characters we can check by name. A symbol font can map the
 #: code point of "0" to a glyph called e.g. "parenlefttp": it renders, and renders distinctly,
 #: but it is not a zero. Letters are named after themselves.
-_DIGIT_NAMES = dict(
-    zip("0123456789", "zero one two three four five six seven eight nine".split())
-)
+_DIGIT_NAMES = dict(zip("0123456789", "zero one two three four five six seven eight nine".split()))
 
 
 class NoUsableFontError(RuntimeError):
@@ -72,15 +70,12 @@ def font_path(name: str) -> Path:
     if not path.is_file():
         available = sorted(p.stem for p in font_dir().glob("*.ttf"))
         raise ValueError(
-            f"font {name!r} is not among matplotlib's bundled fonts in {font_dir()}; "
-            f"choose one of {available}"
+            f"font {name!r} is not among matplotlib's bundled fonts in {font_dir()}; choose one of {available}"
         )
     return path
 
 
-def select_fonts(
-    text_samples: Sequence[str], names: Sequence[str] | None = None
-) -> tuple[str, ...]:
+def select_fonts(text_samples: Sequence[str], names: Sequence[str] | None = None) -> tuple[str, ...]:
     """The fonts a generator may use for these texts.
 
     Parameters
@@ -160,9 +155,7 @@ def bundled_fonts(text_samples: Sequence[str] = tuple("0123456789")) -> dict[str
     """
     samples = tuple(dict.fromkeys(str(s) for s in text_samples))  # dedupe, keep order
     if not samples or any(not s.strip() for s in samples):
-        raise ValueError(
-            f"text_samples must be non-empty strings with visible characters, got {text_samples!r}"
-        )
+        raise ValueError(f"text_samples must be non-empty strings with visible characters, got {text_samples!r}")
     # Copy so callers cannot mutate the cached mapping.
     return dict(_bundled_fonts_cached(samples))
 
@@ -172,9 +165,7 @@ def _bundled_fonts_cached(samples: tuple[str, ...]) -> tuple[tuple[str, Path], .
     """Probe every bundled TTF once per tuple of samples (the expensive part)."""
     folder = font_dir()
     kept = tuple(
-        (path.stem, path)
-        for path in sorted(folder.glob("*.ttf"), key=lambda p: p.stem)
-        if _font_renders(path, samples)
+        (path.stem, path) for path in sorted(folder.glob("*.ttf"), key=lambda p: p.stem) if _font_renders(path, samples)
     )
     if not kept:
         raise NoUsableFontError(

@@ -97,7 +97,9 @@ def render_glyph(genotype: dict[str, Any], text: str, image_size: int = 28) -> n
     source = _draw_text(genotype, text, em_size=canvas)
     data = _affine_coefficients(genotype, source.size, canvas)
     work = source.transform((canvas,) * 2, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
-    work = handwriting.elastic(work, float(genotype["elastic_alpha"]), float(genotype["elastic_scale"]), int(genotype["noise_seed"]))
+    work = handwriting.elastic(
+        work, float(genotype["elastic_alpha"]), float(genotype["elastic_scale"]), int(genotype["noise_seed"])
+    )
     work = handwriting.stroke(work, float(genotype["stroke_weight"]))
     image = _degrade(work, image_size, int(genotype["resolution"]), float(genotype["blur"]), int(genotype["levels"]))
     pixels = np.asarray(image, dtype=np.float32) * np.float32(float(genotype["contrast"]) / 255.0)
@@ -172,8 +174,10 @@ def _require_genotype(genotype: dict[str, Any], owner: str) -> None:
     """Raise if ``genotype`` lacks a glyph key (e.g. it came from another generator)."""
     missing = [k for k in GENOTYPE_KEYS if k not in genotype]
     if missing:
-        raise ValueError(f"{owner} lacks {missing}: not a glyph genotype; vary and render "
-                         f"only genotypes made by a GlyphGenerator (keys {list(GENOTYPE_KEYS)})")
+        raise ValueError(
+            f"{owner} lacks {missing}: not a glyph genotype; vary and render "
+            f"only genotypes made by a GlyphGenerator (keys {list(GENOTYPE_KEYS)})"
+        )
 
 
 class GlyphGenerator(CandidateMaker):
@@ -237,7 +241,9 @@ class GlyphGenerator(CandidateMaker):
         #: Per-class distributions (``refit="per_class"``); a class without one draws from the shared one.
         self.class_distributions: dict[int, GenotypeDistribution] = {}
 
-    def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
+    def fit(
+        self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08
+    ) -> None:
         """Move the sampling distribution toward the vote-weighted genotypes of ``candidates``
         (see ``GenotypeDistribution.fitted``); later ``random`` calls draw from it. With
         ``refit="per_class"`` each class is also fitted to its own candidates' votes, starting
@@ -336,4 +342,3 @@ class GlyphGenerator(CandidateMaker):
     def _make(self, label: int, genotype: dict[str, Any], parent_id: str | None, round_index: int) -> Candidate:
         """Render a genotype into a candidate with the next id from the counter."""
         return self._candidate(label, genotype, self.render(genotype, self.class_names[label]), parent_id, round_index)
-

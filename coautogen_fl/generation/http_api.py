@@ -25,7 +25,16 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, MIN_STRENGTH, SEED_HIGH, TASK_MODES, check_int, check_output_spec
+from coautogen_fl.generation.base import (
+    MIN_STRENGTH,
+    SEED_HIGH,
+    TASK_MODES,
+    Candidate,
+    CandidateMaker,
+    GeneratorLoadError,
+    check_int,
+    check_output_spec,
+)
 from coautogen_fl.generation.http_transport import HTTPTransport, snippet
 from coautogen_fl.generation.imageops import to_output, to_rgb, to_uint8
 from coautogen_fl.generation.schedule import check_degree
@@ -163,7 +172,9 @@ class HTTPImageGenerator(CandidateMaker):
         self.prompts: PromptSource = prompts if prompts is not None else TemplatePrompts(names)
         self.extra = extra
         self.progress = bool(progress)
-        self.transport = HTTPTransport(url, api_key_env, timeout_s, retries, backoff_s, requests_per_minute, sleep, clock)
+        self.transport = HTTPTransport(
+            url, api_key_env, timeout_s, retries, backoff_s, requests_per_minute, sleep, clock
+        )
         self._rng = np.random.default_rng(seed)
 
     # -- protocol --------------------------------------------------------------------------
@@ -186,8 +197,7 @@ class HTTPImageGenerator(CandidateMaker):
         genotype gets ``prompts.sample`` of its class.
         """
         degree = check_degree(degree)
-        labels = [self._check_label(c.label, f"label of candidate {c.candidate_id}")
-                  for c in candidates]  # fmt: skip
+        labels = [self._check_label(c.label, f"label of candidate {c.candidate_id}") for c in candidates]
         parent_prompts = []
         for parent, label in zip(candidates, labels):
             prompt = parent.genotype.get("prompt") if isinstance(parent.genotype, dict) else None
@@ -213,7 +223,9 @@ class HTTPImageGenerator(CandidateMaker):
         back when the API is deterministic in prompt and seed."""
         missing = [k for k in ("prompt", "seed", "mode") if k not in genotype]
         if missing or genotype.get("mode") not in ("t2i", "i2i"):
-            raise ValueError(f"genotype lacks {missing or ['a valid mode']}: not an HTTP API genotype (keys {list(GENOTYPE_KEYS)})")
+            raise ValueError(
+                f"genotype lacks {missing or ['a valid mode']}: not an HTTP API genotype (keys {list(GENOTYPE_KEYS)})"
+            )
         endpoint = genotype.get("endpoint", self.url)
         if endpoint != self.url:
             raise ValueError(f"genotype was made by endpoint '{endpoint}', this generator posts to '{self.url}'")
@@ -239,8 +251,9 @@ class HTTPImageGenerator(CandidateMaker):
     def _request(self, genotype: dict[str, Any], parent_image: np.ndarray | None) -> np.ndarray:
         """POST one genotype and return the decoded image at ``image_size``/``channels``."""
         body = dict(self.extra)
-        body.update(prompt=genotype["prompt"], seed=int(genotype["seed"]), width=self.image_size,
-                    height=self.image_size, n=1)  # fmt: skip
+        body.update(
+            prompt=genotype["prompt"], seed=int(genotype["seed"]), width=self.image_size, height=self.image_size, n=1
+        )
         if parent_image is not None:
             body["image"] = encode_png_base64(parent_image)
             body["strength"] = float(genotype["strength"])
@@ -257,19 +270,29 @@ class HTTPImageGenerator(CandidateMaker):
             raw = _image_bytes_from_json(payload)
         image = _decode_image(raw) if raw else None
         if image is None or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
-            raise GeneratorLoadError(self.transport.redact(
-                f"API {self.url} returned a non-image reply (HTTP {reply.status_code}, content-type {media or 'none'}: "
-                f"{snippet(payload)}); check generator.api_url and the API's reply format"
-            ))  # fmt: skip
+            raise GeneratorLoadError(
+                self.transport.redact(
+                    f"API {self.url} returned a non-image reply (HTTP {reply.status_code}, "
+                    f"content-type {media or 'none'}: {snippet(payload)}); "
+                    "check generator.api_url and the API's reply format"
+                )
+            )
         return to_output(image, self.image_size, self.channels)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _genotype(self, prompt: str, mode: str, strength: float | None = None,
-                  parent_prompt: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def _genotype(
+        self, prompt: str, mode: str, strength: float | None = None, parent_prompt: str | None = None
+    ) -> dict[str, Any]:
         """A new genotype with a seed drawn from the generator's rng."""
         seed = int(self._rng.integers(SEED_HIGH))
-        genotype = {"prompt": prompt, "seed": seed, "mode": mode, "endpoint": self.url, "prompt_source": self.prompts.settings()}
+        genotype = {
+            "prompt": prompt,
+            "seed": seed,
+            "mode": mode,
+            "endpoint": self.url,
+            "prompt_source": self.prompts.settings(),
+        }
         if strength is not None:
             genotype["strength"] = float(strength)
         if parent_prompt is not None:
@@ -279,4 +302,11 @@ class HTTPImageGenerator(CandidateMaker):
     _make = CandidateMaker._candidate
 
 
-__all__ = ["HTTPImageGenerator", "GeneratorLoadError", "GENOTYPE_KEYS", "TASK_MODES", "MIN_STRENGTH", "encode_png_base64"]
+__all__ = [
+    "HTTPImageGenerator",
+    "GeneratorLoadError",
+    "GENOTYPE_KEYS",
+    "TASK_MODES",
+    "MIN_STRENGTH",
+    "encode_png_base64",
+]

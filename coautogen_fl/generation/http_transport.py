@@ -125,8 +125,11 @@ class HTTPTransport:
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"generator.api_url must be an http:// or https:// URL, got {url!r}")
-        for name, value, low in (("timeout_s", timeout_s, None), ("backoff_s", backoff_s, 0.0),
-                                 ("requests_per_minute", requests_per_minute, 0.0)):  # fmt: skip
+        for name, value, low in (
+            ("timeout_s", timeout_s, None),
+            ("backoff_s", backoff_s, 0.0),
+            ("requests_per_minute", requests_per_minute, 0.0),
+        ):
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not number or (value <= 0 if low is None else value < low):
                 raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value!r}")
@@ -142,8 +145,9 @@ class HTTPTransport:
         self._last_start: float | None = None
         # The system trust store, as the standard library uses (httpx alone would use certifi's);
         # no connect retries in httpx: they would bypass proxy settings and the backoff below.
-        self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s), follow_redirects=False,
-                                    verify=ssl.create_default_context())  # fmt: skip
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self.timeout_s), follow_redirects=False, verify=ssl.create_default_context()
+        )
 
     def __repr__(self) -> str:
         return f"HTTPTransport(url={self.url!r}, api_key_env={self.api_key_env!r}, retries={self.retries})"
@@ -193,10 +197,12 @@ class HTTPTransport:
                 if delay > 0:
                     self._sleep(delay)
         attempts = self.retries + 1
-        raise GeneratorLoadError(self.redact(
-            f"API {self.url} failed after {attempts} attempt{'s' if attempts > 1 else ''} (last: {cause}); "
-            "check that the API is reachable, or raise generator.api_retries / generator.api_timeout_s"
-        ))  # fmt: skip
+        raise GeneratorLoadError(
+            self.redact(
+                f"API {self.url} failed after {attempts} attempt{'s' if attempts > 1 else ''} (last: {cause}); "
+                "check that the API is reachable, or raise generator.api_retries / generator.api_timeout_s"
+            )
+        )
 
     def redact(self, message: str) -> str:
         """``message`` with the key replaced by ``***`` (a server may echo it back)."""
@@ -218,14 +224,21 @@ class HTTPTransport:
         if reply.status_code in (401, 403) and self.api_key_env:
             message = f"{where} refused the key in {self.api_key_env} ({code}); set {self.api_key_env} to a valid key"
         elif reply.status_code in (401, 403):
-            message = f"{where} requires a key ({code}); put it in an environment variable named by generator.api_key_env"
+            message = (
+                f"{where} requires a key ({code}); put it in an environment variable named by generator.api_key_env"
+            )
         elif 300 <= reply.status_code < 400:
-            message = (f"{where} redirected ({code}) to {reply.headers.get('Location')!r}; redirects are not followed "
-                       "(they could carry the key elsewhere); set generator.api_url to the final address")  # fmt: skip
+            message = (
+                f"{where} redirected ({code}) to {reply.headers.get('Location')!r}; redirects are not followed "
+                "(they could carry the key elsewhere); set generator.api_url to the final address"
+            )
         elif reply.status_code == 404:
             message = f"{where} does not exist ({code}: {snippet(reply.content)}); check the path in generator.api_url"
         else:
-            message = f"{where} rejected the request ({code}: {snippet(reply.content)}); check generator.api_url and the request fields"
+            message = (
+                f"{where} rejected the request ({code}: {snippet(reply.content)}); "
+                "check generator.api_url and the request fields"
+            )
         return GeneratorLoadError(self.redact(message))
 
 

@@ -15,7 +15,11 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
     planes = image[..., None] if image.ndim == 2 else image
     out = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c]), mode="F").resize((size, size), Image.Resampling.BICUBIC))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(planes[..., c]), mode="F").resize(
+                (size, size), Image.Resampling.BICUBIC
+            )
+        )
         for c in range(planes.shape[-1])
     ]
     resized = np.clip(np.stack(out, axis=-1), 0.0, 1.0).astype(np.float32)

@@ -101,8 +101,10 @@ def check_mask(mask: Any) -> list[float]:
     valid = isinstance(mask, (list, tuple)) and len(mask) == 4
     box = [float(v) for v in mask] if valid else []
     if not valid or not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
-        raise ValueError(f"inpaint genotype 'mask' must be [x0, y0, x1, y1] fractions with 0 <= x0 < x1 <= 1 "
-                         f"and 0 <= y0 < y1 <= 1, got {mask!r}")  # fmt: skip
+        raise ValueError(
+            f"inpaint genotype 'mask' must be [x0, y0, x1, y1] fractions with 0 <= x0 < x1 <= 1 "
+            f"and 0 <= y0 < y1 <= 1, got {mask!r}"
+        )
     return box
 
 
@@ -132,7 +134,9 @@ def paste_back(parent: np.ndarray, child: np.ndarray, mask: Sequence[float], cha
 # -- the pipeline --------------------------------------------------------------------------
 
 
-def inpaint_pipeline(pipe: Any, model: str, inpaint_model: str = "", device: str = "cpu", safety_checker: bool = False) -> Any:
+def inpaint_pipeline(
+    pipe: Any, model: str, inpaint_model: str = "", device: str = "cpu", safety_checker: bool = False
+) -> Any:
     """The inpainting pipeline of a generator.
 
     Parameters
@@ -157,7 +161,9 @@ def inpaint_pipeline(pipe: Any, model: str, inpaint_model: str = "", device: str
         ``pipe``.
     """
     if inpaint_model:
-        return load_pipeline(inpaint_model, device, safety_checker, "AutoPipelineForInpainting", "generator.inpaint_model")
+        return load_pipeline(
+            inpaint_model, device, safety_checker, "AutoPipelineForInpainting", "generator.inpaint_model"
+        )
     from diffusers import AutoPipelineForInpainting
 
     try:
@@ -171,8 +177,16 @@ def inpaint_pipeline(pipe: Any, model: str, inpaint_model: str = "", device: str
     return inpainter
 
 
-def run_inpaint(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], parents: Sequence[np.ndarray],
-                masks: Sequence[Sequence[float]], strength: float, steps: int, guidance: float) -> np.ndarray:  # fmt: skip
+def run_inpaint(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    parents: Sequence[np.ndarray],
+    masks: Sequence[Sequence[float]],
+    strength: float,
+    steps: int,
+    guidance: float,
+) -> np.ndarray:
     """One inpainting pipeline call at the pipeline's native size, without paste-back.
 
     Returns
@@ -196,5 +210,18 @@ def run_inpaint(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], parents
     return np.asarray(out.images, dtype=np.float32)
 
 
-__all__ = ["MIN_MASK_FRACTION", "MASK_FRACTION_SLOPE", "mask_fraction", "random_mask", "check_mask", "mask_image", "paste_back",
-           "inpaint_pipeline", "run_inpaint", "denoise_steps", "native_size", "rgb_batch", "seeded_generators"]
+__all__ = [
+    "MIN_MASK_FRACTION",
+    "MASK_FRACTION_SLOPE",
+    "mask_fraction",
+    "random_mask",
+    "check_mask",
+    "mask_image",
+    "paste_back",
+    "inpaint_pipeline",
+    "run_inpaint",
+    "denoise_steps",
+    "native_size",
+    "rgb_batch",
+    "seeded_generators",
+]

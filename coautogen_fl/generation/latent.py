@@ -24,14 +24,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, check_int, check_output_spec
-from coautogen_fl.generation.schedule import check_degree
-from coautogen_fl.hub import check_device, first_line
-
 from coautogen_fl.generation.latent_distribution import LatentDistribution, check_fit_arguments
 from coautogen_fl.generation.latent_loading import (  # noqa: F401  (re-exported)
-    CLASS_ATTRIBUTES, GENOTYPE_KEYS, LATENT_ATTRIBUTES, OPERATIONS, _module_int, load_latent_module, takes_labels,
+    CLASS_ATTRIBUTES,
+    GENOTYPE_KEYS,
+    LATENT_ATTRIBUTES,
+    OPERATIONS,
+    _module_int,
+    load_latent_module,
+    takes_labels,
 )
-
+from coautogen_fl.generation.schedule import check_degree
+from coautogen_fl.hub import check_device, first_line
 
 # -- the generator ------------------------------------------------------------------------------
 
@@ -110,8 +114,10 @@ class LatentGenerator(CandidateMaker):
             raise ValueError(f"output_range must be two numbers (low, high), got {output_range!r}") from None
         if not (math.isfinite(low) and math.isfinite(high) and high > low):
             raise ValueError(f"output_range must be finite with high > low, got {output_range!r}")
-        if isinstance(perturb_scale, bool) or not isinstance(perturb_scale, numbers.Real) or not (
-            math.isfinite(perturb_scale) and perturb_scale >= 0
+        if (
+            isinstance(perturb_scale, bool)
+            or not isinstance(perturb_scale, numbers.Real)
+            or not (math.isfinite(perturb_scale) and perturb_scale >= 0)
         ):
             raise ValueError(f"perturb_scale must be a finite number >= 0, got {perturb_scale!r}")
         unknown = [op for op in operations if op not in OPERATIONS]
@@ -165,7 +171,8 @@ class LatentGenerator(CandidateMaker):
         except Exception as exc:
             shape = f"z of shape (2, {self.latent_dim})" + (" and int64 labels" if self.conditional else "")
             raise GeneratorLoadError(
-                f"generator '{self.source or type(self.module).__name__}' failed on {shape}: {first_line(exc, with_type=True)}; "
+                f"generator '{self.source or type(self.module).__name__}' failed on {shape}: "
+                f"{first_line(exc, with_type=True)}; "
                 "check generator.latent_dim, and that G's forward takes class labels as its second argument "
                 "exactly when it is class-conditional"
             ) from exc
@@ -174,9 +181,11 @@ class LatentGenerator(CandidateMaker):
     def _check_output(self, out: Any, n: int) -> None:
         import torch
 
-        ok = isinstance(out, torch.Tensor) and (
-            (out.ndim == 4 and out.shape[1] in (1, 3)) or out.ndim == 3
-        ) and out.shape[0] == n
+        ok = (
+            isinstance(out, torch.Tensor)
+            and ((out.ndim == 4 and out.shape[1] in (1, 3)) or out.ndim == 3)
+            and out.shape[0] == n
+        )
         if not ok:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise GeneratorLoadError(
@@ -197,7 +206,6 @@ class LatentGenerator(CandidateMaker):
 
     def _to_images(self, out: Any) -> np.ndarray:
         """G's output (N, C, H, W) in ``output_range`` -> float32 (N, S, S) or (N, S, S, 3) in [0, 1]."""
-        import torch
         import torch.nn.functional as F
 
         x = out.detach().float()
@@ -211,7 +219,9 @@ class LatentGenerator(CandidateMaker):
             x = x.repeat(1, 3, 1, 1)
         size = self.image_size
         if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(
+                0.0, 1.0
+            )
         array = x.cpu().numpy().astype(np.float32, copy=False)
         array = array[:, 0] if self.channels == 1 else np.moveaxis(array, 1, -1)
         return np.ascontiguousarray(array)
@@ -272,7 +282,9 @@ class LatentGenerator(CandidateMaker):
 
     _make = CandidateMaker._candidate
 
-    def _emit(self, labels: list[int], zs: np.ndarray, genotypes: list[dict[str, Any]], parents: Sequence[Candidate] | None) -> list[Candidate]:
+    def _emit(
+        self, labels: list[int], zs: np.ndarray, genotypes: list[dict[str, Any]], parents: Sequence[Candidate] | None
+    ) -> list[Candidate]:
         """Render all z's, complete their genotypes (z, batch, slot) and wrap them into candidates."""
         images, places = self._render(zs, np.asarray(labels, dtype=np.int64))
         out = []
@@ -280,9 +292,15 @@ class LatentGenerator(CandidateMaker):
             genotype["z"] = [float(v) for v in zs[i]]  # float32 -> float is exact, so is JSON
             genotype["batch"], genotype["slot"] = batch, slot
             parent = None if parents is None else parents[i]
-            out.append(self._make(labels[i], genotype, image,
-                                  None if parent is None else parent.candidate_id,
-                                  0 if parent is None else parent.round + 1))  # fmt: skip
+            out.append(
+                self._make(
+                    labels[i],
+                    genotype,
+                    image,
+                    None if parent is None else parent.candidate_id,
+                    0 if parent is None else parent.round + 1,
+                )
+            )
         return out
 
     # -- protocol ----------------------------------------------------------------------------
@@ -344,11 +362,21 @@ class LatentGenerator(CandidateMaker):
         for i, parent in enumerate(parents):
             label, z = labels[i], zs[i].astype(np.float64)
             partners = [j for j in same_label[label] if parents[j].candidate_id != parent.candidate_id]
-            possible = [op for op in self.operations if op == "perturb"
-                        or (op == "interpolate" and partners) or (op == "direction" and label in self.directions)]  # fmt: skip
+            possible = [
+                op
+                for op in self.operations
+                if op == "perturb"
+                or (op == "interpolate" and partners)
+                or (op == "direction" and label in self.directions)
+            ]
             possible = possible or ["perturb"]
             op = possible[int(rng.integers(len(possible)))]
-            genotype: dict[str, Any] = {"model": self.source, "op": op, "label": label, "parents": [parent.candidate_id]}
+            genotype: dict[str, Any] = {
+                "model": self.source,
+                "op": op,
+                "label": label,
+                "parents": [parent.candidate_id],
+            }
             if op == "perturb":
                 sigma = degree * self.perturb_scale
                 child = z + sigma * rng.standard_normal(self.latent_dim)
@@ -435,7 +463,9 @@ class LatentGenerator(CandidateMaker):
             z = np.stack([self._z_of(usable[i]) for i in members]).astype(np.float64)
             self.distribution.observe(label, z, np.array([float(usable[i].votes) for i in members]))
 
-    def fit(self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08) -> None:
+    def fit(
+        self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08
+    ) -> None:
         """Move each class's sampling Gaussian toward its vote-weighted z's (distribution evolution).
 
         Per class: the weighted mean and std (per dimension) of the candidates' z's, blended as
@@ -463,7 +493,13 @@ class LatentGenerator(CandidateMaker):
         """JSON-serialisable summary of the sampling distributions (for metrics and the run record)."""
         return self.distribution.describe()
 
+
 __all__ = [
-    "GENOTYPE_KEYS", "LATENT_ATTRIBUTES", "OPERATIONS", "GeneratorLoadError", "LatentGenerator",
-    "load_latent_module", "takes_labels",
-]  # fmt: skip
+    "GENOTYPE_KEYS",
+    "LATENT_ATTRIBUTES",
+    "OPERATIONS",
+    "GeneratorLoadError",
+    "LatentGenerator",
+    "load_latent_module",
+    "takes_labels",
+]

@@ -32,10 +32,25 @@ LATENT_ATTRIBUTES = ("latent_dim", "z_dim", "nz")
 CLASS_ATTRIBUTES = ("num_classes", "n_classes")
 
 #: Names of a second forward argument that mean "class labels" even when it has a default.
-_LABEL_ARGUMENTS = frozenset({
-    "y", "c", "label", "labels", "cls", "class_", "classes", "class_label", "class_labels", "class_idx",
-    "class_ids", "target", "targets", "cond", "condition",
-})  # fmt: skip
+_LABEL_ARGUMENTS = frozenset(
+    {
+        "y",
+        "c",
+        "label",
+        "labels",
+        "cls",
+        "class_",
+        "classes",
+        "class_label",
+        "class_labels",
+        "class_idx",
+        "class_ids",
+        "target",
+        "targets",
+        "cond",
+        "condition",
+    }
+)
 
 
 _PICKLE_WARNING = (
@@ -48,7 +63,7 @@ _PICKLE_WARNING = (
 
 
 def _file_kind(path: str) -> str:
-    """"torchscript", "torch" (torch.save zip or legacy pickle) or "unknown", from the content."""
+    """ "torchscript", "torch" (torch.save zip or legacy pickle) or "unknown", from the content."""
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -94,9 +109,13 @@ def _build_from_factory(factory: str, path: str) -> Any:
     try:
         module = target()
     except Exception as exc:
-        raise GeneratorLoadError(f"generator.factory '{factory}' failed when called without arguments: {first_line(exc, with_type=True)}") from exc
+        raise GeneratorLoadError(
+            f"generator.factory '{factory}' failed when called without arguments: {first_line(exc, with_type=True)}"
+        ) from exc
     if not isinstance(module, nn.Module):
-        raise GeneratorLoadError(f"generator.factory '{factory}' returned {type(module).__name__}, not a torch.nn.Module")
+        raise GeneratorLoadError(
+            f"generator.factory '{factory}' returned {type(module).__name__}, not a torch.nn.Module"
+        )
     return module
 
 
@@ -119,14 +138,19 @@ def _load_state_dict(module: Any, state: Any, factory: str, path: str) -> None:
         module.load_state_dict(state, strict=True)
     except Exception as exc:  # e.g. size mismatches
         raise GeneratorLoadError(
-            f"the state dict in '{path}' does not fit the module built by generator.factory '{factory}': {joined_lines(exc)}"
+            f"the state dict in '{path}' does not fit the module built by generator.factory '{factory}': "
+            f"{joined_lines(exc)}"
         ) from exc
 
 
 def _is_state_dict(obj: Any) -> bool:
     import torch
 
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def load_latent_module(path: str, factory: str = "", trust_pickle: bool = False, device: str = "cpu") -> Any:
@@ -188,7 +212,9 @@ def load_latent_module(path: str, factory: str = "", trust_pickle: bool = False,
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(path, map_location=device)
         except Exception as exc:
-            raise GeneratorLoadError(f"TorchScript file '{path}' (generator.model) could not be loaded: {first_line(exc, with_type=True)}") from exc
+            raise GeneratorLoadError(
+                f"TorchScript file '{path}' (generator.model) could not be loaded: {first_line(exc, with_type=True)}"
+            ) from exc
         return module.eval()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -207,7 +233,9 @@ def load_latent_module(path: str, factory: str = "", trust_pickle: bool = False,
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise GeneratorLoadError(f"pickled file '{path}' (generator.model) could not be loaded: {first_line(exc2, with_type=True)}") from exc2
+            raise GeneratorLoadError(
+                f"pickled file '{path}' (generator.model) could not be loaded: {first_line(exc2, with_type=True)}"
+            ) from exc2
     if isinstance(obj, torch.nn.Module):
         module = obj
     elif _is_state_dict(obj):
@@ -264,9 +292,10 @@ def takes_labels(module: Any) -> bool:
     except (TypeError, ValueError):
         return False
     positional = [
-        p for p in signature.parameters.values()
+        p
+        for p in signature.parameters.values()
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]  # fmt: skip
+    ]
     if len(positional) < 2:
         return False
     second = positional[1]

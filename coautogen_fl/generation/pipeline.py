@@ -54,11 +54,20 @@ def build_prompt_source(cfg: RunConfig, class_names: Sequence[str], device: str 
     from coautogen_fl.prompts.llm import LLMPrompts
 
     return LLMPrompts(
-        LLM_ALIASES.get(p.llm, p.llm), class_names, template=template, device=device, per_class=p.per_class,
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=cfg.generator.seed,
+        LLM_ALIASES.get(p.llm, p.llm),
+        class_names,
+        template=template,
+        device=device,
+        per_class=p.per_class,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        seed=cfg.generator.seed,
         token_limit=int(generator.token_limit or 77) if isinstance(generator, TokenLimited) else 77,
         count_tokens=generator.count_tokens if isinstance(generator, TokenLimited) else None,
-        evolve_prompts=p.evolve, extra_descriptions=captions, progress=True,
+        evolve_prompts=p.evolve,
+        extra_descriptions=captions,
+        progress=True,
     )
 
 
@@ -80,12 +89,21 @@ def build_upscaler(cfg: RunConfig, device: str = "cpu") -> Any:
     from .upscale import Upscaler
 
     pp = cfg.postprocess
-    return Upscaler(pp.upscaler, cfg.data.image_size, device=device, steps=pp.upscale_steps, strength=pp.upscale_strength,
-                    batch_size=cfg.generator.batch_size, seed=cfg.generator.seed, progress=True)  # fmt: skip
+    return Upscaler(
+        pp.upscaler,
+        cfg.data.image_size,
+        device=device,
+        steps=pp.upscale_steps,
+        strength=pp.upscale_strength,
+        batch_size=cfg.generator.batch_size,
+        seed=cfg.generator.seed,
+        progress=True,
+    )
 
 
-def wrap_postprocessing(generator: Generator, cfg: RunConfig, class_names: Sequence[str], device: str = "cpu",
-                        embedder: Any = None) -> Generator:  # fmt: skip
+def wrap_postprocessing(
+    generator: Generator, cfg: RunConfig, class_names: Sequence[str], device: str = "cpu", embedder: Any = None
+) -> Generator:
     """``generator`` with the configured per-candidate stages and filters (unchanged if none).
     A CLIP ``embedder`` of the same model lends its loaded weights to the CLIP filter."""
     pp = cfg.postprocess
@@ -94,7 +112,11 @@ def wrap_postprocessing(generator: Generator, cfg: RunConfig, class_names: Seque
     if pp.domain:
         from .postprocess import DomainRandomizer
 
-        stages.append(DomainRandomizer(pp.lighting, pp.texture, pp.camera, pp.backgrounds, pp.background_probability, seed=cfg.generator.seed))
+        stages.append(
+            DomainRandomizer(
+                pp.lighting, pp.texture, pp.camera, pp.backgrounds, pp.background_probability, seed=cfg.generator.seed
+            )
+        )
     if pp.upscaler and pp.upscale_on == "rounds":
         stages.append(build_upscaler(cfg, device))
     if pp.clip_filter:
@@ -148,14 +170,19 @@ def check_model_sources(cfg: RunConfig, device: str = "cpu") -> None:
     if cfg.embedder.name == "clip":
         transformers_models.append(("embedder.model", cfg.embedder.model))
     if pp.clip_filter:
-        transformers_models.append(("postprocess.clip_model" if pp.clip_model else "embedder.model", pp.clip_model or cfg.embedder.model))
+        transformers_models.append(
+            ("postprocess.clip_model" if pp.clip_model else "embedder.model", pp.clip_model or cfg.embedder.model)
+        )
     for key, model in transformers_models:
         if model:
             resolve_model_source(model, "transformers model", "config.json", key, GeneratorLoadError)
     if g.name == "Latent" and not Path(g.model).expanduser().is_file():
         raise GeneratorLoadError(f"latent generator file {g.model} does not exist; fix generator.model")
     if g.name == "HTTP" and g.api_key_env and not os.environ.get(g.api_key_env):
-        raise GeneratorLoadError(f"the API key variable {g.api_key_env} is not set; export {g.api_key_env}=... or set generator.api_key_env=''")
+        raise GeneratorLoadError(
+            f"the API key variable {g.api_key_env} is not set; "
+            f"export {g.api_key_env}=... or set generator.api_key_env=''"
+        )
     if p.captioner and not Path(p.reference).expanduser().is_dir():
         raise GeneratorLoadError(f"reference image folder {p.reference!r} does not exist; fix prompts.reference")
 

@@ -78,8 +78,9 @@ class PostProcessedGenerator:
         "filled"}}``: candidates drawn, kept by the filters, and rejected ones used as fill.
     """
 
-    def __init__(self, generator: Generator, stages: Sequence[Stage] = (), filters: Sequence[Filter] = (),
-                 max_draws: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self, generator: Generator, stages: Sequence[Stage] = (), filters: Sequence[Filter] = (), max_draws: int = 4
+    ) -> None:
         self.generator = generator
         self.stages = tuple(stages)
         self.filters = tuple(filters)
@@ -147,8 +148,10 @@ class PostProcessedGenerator:
                 break
             children = self._process(self.generator.vary([parents[i] for i in pending], degree))
             if len(children) != len(pending):
-                raise ValueError(f"{type(self.generator).__name__}.vary returned {len(children)} children "
-                                 f"for {len(pending)} parents; it must return one per parent")
+                raise ValueError(
+                    f"{type(self.generator).__name__}.vary returned {len(children)} children "
+                    f"for {len(pending)} parents; it must return one per parent"
+                )
             drawn += len(children)
             passed, ranks = self._judge(children)
             still = []
@@ -178,8 +181,10 @@ class PostProcessedGenerator:
         """
         inner = getattr(self.generator, "regenerate", None)
         if not callable(inner):
-            raise TypeError(f"{type(self.generator).__name__} has no regenerate(genotype) method, so its "
-                            "candidates cannot be re-created from their genotypes")
+            raise TypeError(
+                f"{type(self.generator).__name__} has no regenerate(genotype) method, so its "
+                "candidates cannot be re-created from their genotypes"
+            )
         stripped = self.strip(genotype)
         image = inner(stripped) if parent_image is None else inner(stripped, parent_image)
         for stage in self.stages:
@@ -211,7 +216,9 @@ class PostProcessedGenerator:
         for filt in self.filters:
             keep = np.asarray(filt.keep(candidates))
             if keep.shape != (count,) or keep.dtype != bool:
-                raise ValueError(f"filter '{filt.name}'.keep must return {count} booleans, got {keep.dtype} {keep.shape}")
+                raise ValueError(
+                    f"filter '{filt.name}'.keep must return {count} booleans, got {keep.dtype} {keep.shape}"
+                )
             keeps.append(keep)
         passed = np.logical_and.reduce(keeps) if keeps else np.ones(count, dtype=bool)
         ranks = [(len(self.filters), float("inf"))] * count
@@ -222,8 +229,10 @@ class PostProcessedGenerator:
             for filt in self.filters:
                 scores = np.asarray(filt.scores(subset), dtype=np.float64)
                 if scores.shape != (rejected.size,) or not np.isfinite(scores).all():
-                    raise ValueError(f"filter '{filt.name}'.scores must return {rejected.size} finite numbers, "
-                                     f"got shape {scores.shape}")
+                    raise ValueError(
+                        f"filter '{filt.name}'.scores must return {rejected.size} finite numbers, "
+                        f"got shape {scores.shape}"
+                    )
                 total += scores
             passes = np.sum(keeps, axis=0)[rejected]
             for j, i in enumerate(rejected):
@@ -237,8 +246,16 @@ class PostProcessedGenerator:
             self.filter_stats["total"][key] += value
         if filled:
             names = ", ".join(f.name for f in self.filters)
-            logger.warning("%s: filters [%s] kept %d of %d drawn candidates after %d rounds; filled %d with "
-                           "the best-scoring rejected ones", call, names, kept, drawn, self.max_draws, filled)
+            logger.warning(
+                "%s: filters [%s] kept %d of %d drawn candidates after %d rounds; filled %d with "
+                "the best-scoring rejected ones",
+                call,
+                names,
+                kept,
+                drawn,
+                self.max_draws,
+                filled,
+            )
 
 
 __all__ = ["PostProcessedGenerator", "DomainRandomizer", "Stage", "Filter"]

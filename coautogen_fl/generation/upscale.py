@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, GeneratorLoadError, SEED_HIGH, check_int
+from coautogen_fl.generation.base import SEED_HIGH, Candidate, GeneratorLoadError, check_int
 from coautogen_fl.generation.diffusers_loading import load_pipeline
 from coautogen_fl.generation.imageops import to_output
 from coautogen_fl.generation.inpaint import denoise_steps, rgb_batch, seeded_generators
@@ -37,7 +37,6 @@ SUPER_RESOLUTION = ("StableDiffusionUpscalePipeline", "StableDiffusionLatentUpsc
 
 #: The config key naming the upscaler, quoted in errors.
 CONFIG_KEY = "postprocess.upscaler"
-
 
 
 def _is_super_resolution(pipe: Any) -> bool:
@@ -88,15 +87,29 @@ class Upscaler:
 
     name = "upscale"
 
-    def __init__(self, model: str, size: int, device: str = "cpu", steps: int = 20, strength: float = 0.3,
-                 guidance_scale: float = 0.0, batch_size: int = 4, seed: int = 0, progress: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        size: int,
+        device: str = "cpu",
+        steps: int = 20,
+        strength: float = 0.3,
+        guidance_scale: float = 0.0,
+        batch_size: int = 4,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
         self.size = check_int("size", size, 8)
         self.steps = check_int("steps", steps, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.seed = check_int("seed", seed, 0)
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be a number in [0, 1] (postprocess.upscale_strength), got {strength!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, numbers.Real)
+            or not np.isfinite(guidance_scale)
+        ):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.model = model
         self.device = device
@@ -123,7 +136,8 @@ class Upscaler:
             i2i = None
         if i2i is None or not _takes_image_and_strength(i2i):
             raise GeneratorLoadError(
-                f"{CONFIG_KEY}='{model}' is a {kind}: neither a super-resolution pipeline ({', '.join(SUPER_RESOLUTION)}) "
+                f"{CONFIG_KEY}='{model}' is a {kind}: "
+                f"neither a super-resolution pipeline ({', '.join(SUPER_RESOLUTION)}) "
                 f"nor one diffusers can run image-to-image; set {CONFIG_KEY} to an upscaler or a Stable Diffusion model"
             )
         i2i.set_progress_bar_config(disable=True)
@@ -142,9 +156,14 @@ class Upscaler:
             starts = tqdm(starts, desc=f"upscale ({self.route})", unit="batch")
         images: list[np.ndarray] = []
         for start in starts:
-            chunk = candidates[start:start + self.batch_size]
-            images.extend(self.upscale([c.image for c in chunk], [_prompt(c.genotype) for c in chunk],
-                                       params[start:start + self.batch_size]))  # fmt: skip
+            chunk = candidates[start : start + self.batch_size]
+            images.extend(
+                self.upscale(
+                    [c.image for c in chunk],
+                    [_prompt(c.genotype) for c in chunk],
+                    params[start : start + self.batch_size],
+                )
+            )
         return [
             Candidate(c.candidate_id, c.label, image, {**c.genotype, self.name: p}, c.parent_id, c.round, c.votes)
             for c, image, p in zip(candidates, images, params)
@@ -162,7 +181,9 @@ class Upscaler:
 
     # -- upscaling ---------------------------------------------------------------------------
 
-    def upscale(self, images: Sequence[np.ndarray], prompts: Sequence[str], params: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+    def upscale(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], params: Sequence[dict[str, Any]]
+    ) -> list[np.ndarray]:
         """One pipeline call: ``images`` (any size, (H, W) or (H, W, 3)) upscaled with their
         prompts and parameters (steps, strength and guidance of the first are used for all).
 
@@ -176,9 +197,13 @@ class Upscaler:
             return []
         first = params[0]
         size = int(first["size"])
-        common = {"prompt": [str(p) for p in prompts], "num_inference_steps": int(first["steps"]), "output_type": "np",
-                  "guidance_scale": float(first.get("guidance", self.guidance_scale)),
-                  "generator": seeded_generators([p["seed"] for p in params])}  # fmt: skip
+        common = {
+            "prompt": [str(p) for p in prompts],
+            "num_inference_steps": int(first["steps"]),
+            "output_type": "np",
+            "guidance_scale": float(first.get("guidance", self.guidance_scale)),
+            "generator": seeded_generators([p["seed"] for p in params]),
+        }
         strength = float(first["strength"])
         if self.route == "super-resolution":
             upscaled = self.pipe(image=rgb_batch(images, self._low_res_side(size)), **common).images
@@ -187,8 +212,10 @@ class Upscaler:
             upscaled = self.pipe(image=rgb_batch(images, size), strength=strength, **common).images
         else:  # strength 0: nothing to refine, the bicubic resize is the result
             upscaled = rgb_batch(images, size)
-        return [to_output(np.asarray(up, dtype=np.float32), size, 1 if np.ndim(src) == 2 else 3)
-                for up, src in zip(upscaled, images)]  # fmt: skip
+        return [
+            to_output(np.asarray(up, dtype=np.float32), size, 1 if np.ndim(src) == 2 else 3)
+            for up, src in zip(upscaled, images)
+        ]
 
     def _low_res_side(self, size: int) -> int:
         """The input side a super-resolution pipeline turns into (about) ``size``: ``size /
@@ -201,8 +228,14 @@ class Upscaler:
         return max(multiple, int(round(size / factor / multiple)) * multiple)
 
     def _params(self, seed: int) -> dict[str, Any]:
-        return {"model": self.model, "steps": self.steps, "strength": self.strength,
-                "guidance": self.guidance_scale, "seed": seed, "size": self.size}  # fmt: skip
+        return {
+            "model": self.model,
+            "steps": self.steps,
+            "strength": self.strength,
+            "guidance": self.guidance_scale,
+            "seed": seed,
+            "size": self.size,
+        }
 
 
 def _prompt(genotype: Any) -> str:

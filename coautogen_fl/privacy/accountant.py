@@ -35,8 +35,13 @@ def _require(ok: bool, name: str, value: object, rule: str, fix: str) -> None:
 
 def _check_noise(noise_multiplier: float, name: str = "noise_multiplier") -> float:
     s = float(noise_multiplier)
-    _require(math.isfinite(s) and s > 0, name, noise_multiplier, "be a finite number > 0",
-             "derive it with noise_multiplier_for_epsilon(epsilon, delta, rounds)")
+    _require(
+        math.isfinite(s) and s > 0,
+        name,
+        noise_multiplier,
+        "be a finite number > 0",
+        "derive it with noise_multiplier_for_epsilon(epsilon, delta, rounds)",
+    )
     return s
 
 
@@ -48,8 +53,13 @@ def _check_int(value: int, name: str, minimum: int, fix: str) -> int:
 
 def _check_delta(delta: float) -> float:
     d = float(delta)
-    _require(0.0 < d < 1.0, "privacy.delta", delta, "satisfy 0 < delta < 1",  # rejects nan
-             "set privacy.delta=1e-5 or another value well below 1/(number of private records)")
+    _require(
+        0.0 < d < 1.0,
+        "privacy.delta",
+        delta,
+        "satisfy 0 < delta < 1",  # rejects nan
+        "set privacy.delta=1e-5 or another value well below 1/(number of private records)",
+    )
     return d
 
 
@@ -73,8 +83,13 @@ def validate_epsilon_delta(epsilon: float, delta: float, num_private: int | None
         If epsilon or delta is out of range, or num_private is not a positive integer.
     """
     e = float(epsilon)
-    _require(math.isfinite(e) and e > 0, "privacy.epsilon", epsilon, "be > 0 and finite",
-             "set privacy.epsilon=1.0 or another positive value")
+    _require(
+        math.isfinite(e) and e > 0,
+        "privacy.epsilon",
+        epsilon,
+        "be > 0 and finite",
+        "set privacy.epsilon=1.0 or another positive value",
+    )
     d = _check_delta(delta)
     if num_private is None:
         return
@@ -192,21 +207,36 @@ RELEASE_KINDS = ("gaussian", "ddg")
 
 
 def _check_kind(kind: str) -> str:
-    _require(kind in RELEASE_KINDS, "release kind", kind, f"be one of {', '.join(map(repr, RELEASE_KINDS))}",
-             "use 'gaussian' for a noised vote or DP-SGD release, 'ddg' for a secure-aggregation sum")
+    _require(
+        kind in RELEASE_KINDS,
+        "release kind",
+        kind,
+        f"be one of {', '.join(map(repr, RELEASE_KINDS))}",
+        "use 'gaussian' for a noised vote or DP-SGD release, 'ddg' for a secure-aggregation sum",
+    )
     return str(kind)
 
 
 def _unpack_release(release: Sequence) -> tuple[float, float, int, str]:
     """``(noise, rate, steps)`` or ``(noise, rate, steps, kind)``, validated."""
-    _require(len(release) in (3, 4), "release", release, "be (noise_multiplier, sample_rate, steps[, kind])",
-             "pass one tuple per release")
+    _require(
+        len(release) in (3, 4),
+        "release",
+        release,
+        "be (noise_multiplier, sample_rate, steps[, kind])",
+        "pass one tuple per release",
+    )
     noise, rate, steps = release[:3]
     kind = _check_kind(release[3]) if len(release) == 4 else "gaussian"
     q = float(rate)
     _require(0.0 < q <= 1.0, "sample_rate", rate, "satisfy 0 < sample_rate <= 1", "use 1.0 for full participation")
-    _require(kind == "gaussian" or q == 1.0, "sample_rate of a 'ddg' release", rate, "be 1.0",
-             "a secure-aggregation sum takes every site's votes: record it with sample_rate=1.0")
+    _require(
+        kind == "gaussian" or q == 1.0,
+        "sample_rate of a 'ddg' release",
+        rate,
+        "be 1.0",
+        "a secure-aggregation sum takes every site's votes: record it with sample_rate=1.0",
+    )
     return _check_noise(noise), q, _check_int(steps, "steps", 1, "count the release's steps"), kind
 
 
@@ -337,8 +367,13 @@ class _Recorded:
 
     def _check(self, noise_multiplier: float, sample_rate: float) -> tuple[float, float]:
         q = float(sample_rate)
-        _require(0.0 < q <= 1.0, "sample_rate", sample_rate, "satisfy 0 < sample_rate <= 1",
-                 "use 1.0 when every record takes part in every release")
+        _require(
+            0.0 < q <= 1.0,
+            "sample_rate",
+            sample_rate,
+            "satisfy 0 < sample_rate <= 1",
+            "use 1.0 when every record takes part in every release",
+        )
         return _check_noise(noise_multiplier), q
 
     @property
@@ -351,8 +386,13 @@ class GaussianAccountant(_Recorded):
 
     def step(self, noise_multiplier: float, sample_rate: float = 1.0) -> None:
         s, q = self._check(noise_multiplier, sample_rate)
-        _require(q == 1.0, "GaussianAccountant sample_rate", sample_rate, "be 1.0 (exact only "
-                 "for full participation)", "use OpacusAccountant('prv') / accountant='prv'")
+        _require(
+            q == 1.0,
+            "GaussianAccountant sample_rate",
+            sample_rate,
+            "be 1.0 (exact only for full participation)",
+            "use OpacusAccountant('prv') / accountant='prv'",
+        )
         self._history.append((s, q))
 
     def get_epsilon(self, delta: float) -> float:

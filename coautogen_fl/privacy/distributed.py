@@ -134,8 +134,13 @@ def _discrete_gaussian_one(rng: _OsBits, p: int, q: int, t: int) -> int:
 
 def _check_variance(variance: float, name: str, minimum: float = 0.0) -> float:
     v = float(variance)
-    _require(math.isfinite(v) and v > minimum, name, variance, f"be a finite number > {minimum:g}",
-             "derive it with share_variance(noise_multiplier, sensitivity, summands)")
+    _require(
+        math.isfinite(v) and v > minimum,
+        name,
+        variance,
+        f"be a finite number > {minimum:g}",
+        "derive it with share_variance(noise_multiplier, sensitivity, summands)",
+    )
     return v
 
 
@@ -166,8 +171,13 @@ def discrete_gaussian(variance: float, size: int | tuple[int, ...]) -> np.ndarra
         If ``variance`` is not finite and in (0, 1e24].
     """
     v = _check_variance(variance, "variance")
-    _require(v <= MAX_SAMPLER_VARIANCE, "variance", variance, f"be <= {MAX_SAMPLER_VARIANCE:g}",
-             "quantise the votes more coarsely")
+    _require(
+        v <= MAX_SAMPLER_VARIANCE,
+        "variance",
+        variance,
+        f"be <= {MAX_SAMPLER_VARIANCE:g}",
+        "quantise the votes more coarsely",
+    )
     frac = Fraction(v)  # exact: every float is a dyadic rational
     p, q = frac.numerator, frac.denominator
     t = math.isqrt(p * q) // q + 1  # floor(sqrt(p/q)) + 1, exactly
@@ -185,8 +195,13 @@ def discrete_gaussian(variance: float, size: int | tuple[int, ...]) -> np.ndarra
 
 def _check_sensitivity(sensitivity: float) -> float:
     c = float(sensitivity)
-    _require(math.isfinite(c) and c > 0, "sensitivity", sensitivity, "be a finite number > 0",
-             "pass the L2 norm bound of a site's integer vote vector")
+    _require(
+        math.isfinite(c) and c > 0,
+        "sensitivity",
+        sensitivity,
+        "be a finite number > 0",
+        "pass the L2 norm bound of a site's integer vote vector",
+    )
     return c
 
 
@@ -222,9 +237,13 @@ def ddg_epsilon(share_variance: float, sensitivity: float, summands: int, dim: i
         On an invalid argument, or share_variance < 1/2.
     """
     s2 = float(share_variance)
-    _require(math.isfinite(s2) and s2 >= MIN_SHARE_VARIANCE, "share_variance", share_variance,
-             f"be finite and >= {MIN_SHARE_VARIANCE} (the distributed discrete Gaussian theorem needs "
-             "sigma >= 1/2)", "raise the noise multiplier or the vote quantisation scale")
+    _require(
+        math.isfinite(s2) and s2 >= MIN_SHARE_VARIANCE,
+        "share_variance",
+        share_variance,
+        f"be finite and >= {MIN_SHARE_VARIANCE} (the distributed discrete Gaussian theorem needs sigma >= 1/2)",
+        "raise the noise multiplier or the vote quantisation scale",
+    )
     d2 = _check_sensitivity(sensitivity)
     n = _check_int(summands, "summands", 1, "pass SecAgg+'s reconstruction threshold (minimum sites in the sum)")
     d = _check_int(dim, "dim", 1, "pass the number of coordinates of the vote vector")
@@ -386,8 +405,13 @@ def secagg_bound(clean_max: float, share_variance: float, coordinates: int, fail
         On an invalid argument.
     """
     v = float(clean_max)
-    _require(math.isfinite(v) and v >= 0, "clean_max", clean_max, "be finite and >= 0",
-             "pass the largest possible clean vote count")
+    _require(
+        math.isfinite(v) and v >= 0,
+        "clean_max",
+        clean_max,
+        "be finite and >= 0",
+        "pass the largest possible clean vote count",
+    )
     s2 = _check_variance(share_variance, "share_variance")
     c = _check_int(coordinates, "coordinates", 1, "pass the number of noised coordinates")
     f = float(failure)
@@ -438,8 +462,10 @@ def check_modulus(bound: int, sites: int, modulus: int, fix: str | None = None) 
     """
     if not wrap_free(bound, sites, modulus):
         need = int(sites) * 2 * int(bound)
-        fix = fix or (f"set the SecAgg+ modulus_range to at least 2**{need.bit_length()} (> {need}), "
-                      "or lower the vote quantisation scale / noise bound")  # fmt: skip
+        fix = fix or (
+            f"set the SecAgg+ modulus_range to at least 2**{need.bit_length()} (> {need}), "
+            "or lower the vote quantisation scale / noise bound"
+        )
         raise PrivacyError(
             f"SecAgg+ modulus {modulus} is too small: {sites} sites x 2 x bound {bound} = {need} "
             f"could wrap around the modular sum; {fix}"

@@ -100,9 +100,7 @@ class GaussianMechanism:
         return snap(noised)
 
 
-def aggregate_noise_std(
-    noise_multiplier: float, sensitivity: float, num_sites: int, mode: str
-) -> float:
+def aggregate_noise_std(noise_multiplier: float, sensitivity: float, num_sites: int, mode: str) -> float:
     """Standard deviation of the noise on each coordinate of the summed votes.
 
     Parameters

@@ -70,8 +70,9 @@ class ReleaseStore:
         if not path.is_file():
             if charged:
                 raise ReleaseMismatchError(
-                    f"round {round} of run {run_key!r} ({kind}) is charged in the ledger but its release was not stored "
-                    "(a crash between the two writes): it cannot be replayed, and answering again would charge twice"
+                    f"round {round} of run {run_key!r} ({kind}) is charged in the ledger "
+                    "but its release was not stored (a crash between the two writes): "
+                    "it cannot be replayed, and answering again would charge twice"
                 )
             return None
         stored = json.loads(path.read_text(encoding="utf-8"))

@@ -62,8 +62,13 @@ class NoisePlan:
 
 
 def plan_noise(
-    epsilon: float, delta: float, gaussian_releases: int, share: float = 0.0,
-    sample_rate: float = 1.0, steps: int = 1, rounds: int = 0,
+    epsilon: float,
+    delta: float,
+    gaussian_releases: int,
+    share: float = 0.0,
+    sample_rate: float = 1.0,
+    steps: int = 1,
+    rounds: int = 0,
 ) -> NoisePlan:
     """Calibrate a run's noise to one total (epsilon, delta) per site.
 
@@ -81,8 +86,12 @@ def plan_noise(
     validate_epsilon_delta(epsilon, delta)
     if rounds <= 0:
         gaussian = noise_multiplier_for_epsilon(epsilon, delta, gaussian_releases) if gaussian_releases else 0.0
-        return NoisePlan(gaussian, 0.0, epsilon_for_releases([(gaussian, 1.0, 1)] * gaussian_releases, delta) if gaussian else 0.0)
-    gaussian = noise_multiplier_for_epsilon((1.0 - share) * epsilon, delta, gaussian_releases) if gaussian_releases else 0.0
+        return NoisePlan(
+            gaussian, 0.0, epsilon_for_releases([(gaussian, 1.0, 1)] * gaussian_releases, delta) if gaussian else 0.0
+        )
+    gaussian = (
+        noise_multiplier_for_epsilon((1.0 - share) * epsilon, delta, gaussian_releases) if gaussian_releases else 0.0
+    )
     fixed = [(gaussian, 1.0, 1)] * gaussian_releases
 
     def spent(sigma: float) -> float:

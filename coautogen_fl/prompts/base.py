@@ -45,15 +45,21 @@ class TemplatePrompts:
         some, ``sample`` draws uniformly from them instead of using the template.
     """
 
-    def __init__(self, class_names: Sequence[str], template: str = "a photo of {name}",
-                 descriptions: dict[int, list[str]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        template: str = "a photo of {name}",
+        descriptions: dict[int, list[str]] | None = None,
+    ) -> None:
         names = tuple(str(c) for c in class_names)
         if not names or any(not c.strip() for c in names):
             raise ValueError(f"class_names must be a non-empty sequence of non-blank names, got {list(class_names)!r}")
         try:
             template.format(name=names[0])
         except (KeyError, IndexError, ValueError, AttributeError) as exc:
-            raise ValueError(f"prompt template must be a format string whose only field is {{name}}, got {template!r}") from exc
+            raise ValueError(
+                f"prompt template must be a format string whose only field is {{name}}, got {template!r}"
+            ) from exc
         self.class_names = names
         self.template = template
         self.descriptions = {int(k): [str(p) for p in v if str(p).strip()] for k, v in (descriptions or {}).items()}

@@ -26,7 +26,6 @@ from coautogen_fl.hub import check_device, first_line, resolve_model_source, tra
 
 from .llm import PromptError, clean_text, dedupe_key, model_kind
 
-
 #: The config keys naming the captioner and the reference images, quoted in error messages.
 CONFIG_KEY = "prompts.captioner"
 REFERENCE_KEY = "prompts.reference"
@@ -72,8 +71,15 @@ class Captioner:
         Show a tqdm bar over batches.
     """
 
-    def __init__(self, model: str, device: str = "cpu", max_new_tokens: int = 30, prompt: str = "",
-                 batch_size: int = 8, progress: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        max_new_tokens: int = 30,
+        prompt: str = "",
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> None:
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.device = str(device)
@@ -93,10 +99,14 @@ class Captioner:
         model_kind(source, model, CONFIG_KEY, kinds, "an image captioning (image-text-to-text) model")
         try:
             processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-            captioner = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, **transformers_dtype(self.device))
+            captioner = AutoModelForImageTextToText.from_pretrained(
+                source, local_files_only=True, **transformers_dtype(self.device)
+            )
             captioner = captioner.to(self.device).eval()
         except Exception as exc:
-            raise PromptError(f"could not load image captioning model '{model}' ({CONFIG_KEY}): {first_line(exc)}") from exc
+            raise PromptError(
+                f"could not load image captioning model '{model}' ({CONFIG_KEY}): {first_line(exc)}"
+            ) from exc
         return processor, captioner
 
     def _text_input(self) -> str | None:
@@ -107,14 +117,18 @@ class Captioner:
         needs_text = getattr(self.processor, "image_token", None) is not None
         if getattr(self.processor, "chat_template", None) and (self.prompt or needs_text):
             content = [{"type": "image"}, {"type": "text", "text": self.prompt or DEFAULT_QUESTION}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True
+            )
         return self.prompt or None
 
     def _caption_batch(self, images: Sequence[Any]) -> list[str]:
         import torch
 
         texts = None if self.text is None else [self.text] * len(images)
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", **({"padding": True} if texts else {}))
+        inputs = self.processor(
+            images=list(images), text=texts, return_tensors="pt", **({"padding": True} if texts else {})
+        )
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -174,16 +188,24 @@ class Captioner:
         check_int("per_class", per_class, 1)
         root = Path(folder).expanduser()
         if not root.is_dir():
-            raise PromptError(f"reference image folder {root} does not exist; set {REFERENCE_KEY} to an ImageFolder "
-                              "of public images laid out as <root>/<class_name>/*.png")  # fmt: skip
+            raise PromptError(
+                f"reference image folder {root} does not exist; set {REFERENCE_KEY} to an ImageFolder "
+                "of public images laid out as <root>/<class_name>/*.png"
+            )
         names = [str(n) for n in class_names]
         files: list[tuple[int, Path]] = []
         for label, name in enumerate(names):
             class_dir = root / name
-            found = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
+            found = (
+                sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                if class_dir.is_dir()
+                else []
+            )
             if not found:
-                raise PromptError(f"{REFERENCE_KEY}: class '{name}' has no images in {class_dir} (expected "
-                                  f"{'/'.join(IMAGE_SUFFIXES)} files); add some or unset {REFERENCE_KEY}")  # fmt: skip
+                raise PromptError(
+                    f"{REFERENCE_KEY}: class '{name}' has no images in {class_dir} (expected "
+                    f"{'/'.join(IMAGE_SUFFIXES)} files); add some or unset {REFERENCE_KEY}"
+                )
             files += [(label, f) for f in found[:per_class]]
         captions: dict[int, list[str]] = {label: [] for label in range(len(names))}
         seen: set[tuple[int, str]] = set()
@@ -197,7 +219,12 @@ class Captioner:
         return captions
 
     def settings(self) -> dict[str, Any]:
-        return {"source": "captioner", "model": self.model_name, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens}
+        return {
+            "source": "captioner",
+            "model": self.model_name,
+            "prompt": self.prompt,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 def _read_rgb(path: Path) -> Any:  # -> PIL.Image.Image
@@ -207,4 +234,6 @@ def _read_rgb(path: Path) -> Any:  # -> PIL.Image.Image
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise PromptError(f"cannot read reference image {path} ({first_line(exc)}); replace it or fix {REFERENCE_KEY}") from None
+        raise PromptError(
+            f"cannot read reference image {path} ({first_line(exc)}); replace it or fix {REFERENCE_KEY}"
+        ) from None

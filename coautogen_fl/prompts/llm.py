@@ -22,10 +22,16 @@ import numpy as np
 
 from coautogen_fl.config import LLM_ALIASES  # the seed's names -> hub ids, with the other config names
 from coautogen_fl.generation.base import check_int
-from coautogen_fl.hub import ModelLoadError, check_device, first_line, read_model_config, resolve_model_source, transformers_dtype
+from coautogen_fl.hub import (
+    ModelLoadError,
+    check_device,
+    first_line,
+    read_model_config,
+    resolve_model_source,
+    transformers_dtype,
+)
 
 from .base import TemplatePrompts
-
 
 #: The config key naming the LLM, quoted in error messages.
 CONFIG_KEY = "prompts.llm"
@@ -196,8 +202,10 @@ class LLMPrompts:
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
         from transformers.models.auto import modeling_auto
 
-        kinds = {"seq2seq": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-                 "causal": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}  # fmt: skip
+        kinds = {
+            "seq2seq": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+            "causal": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        }
         kind = model_kind(source, model, CONFIG_KEY, kinds, "a language model (causal LM or encoder-decoder)")
         encoder_decoder = kind == "seq2seq"
         auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
@@ -240,10 +248,14 @@ class LLMPrompts:
         with torch.random.fork_rng(devices=devices), torch.inference_mode():  # seeded, global RNG left alone
             torch.manual_seed(seed)
             output = self.model.generate(
-                **batch, do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens, num_return_sequences=per_instruction,
+                **batch,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens,
+                num_return_sequences=per_instruction,
                 pad_token_id=self.tokenizer.pad_token_id,
-            )  # fmt: skip
+            )
         if not self.encoder_decoder:
             output = output[:, batch["input_ids"].shape[1] :]  # a causal LM echoes its input
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
@@ -332,7 +344,9 @@ class LLMPrompts:
         children: list[str] = []
         for start in starts:
             chunk = range(start, min(start + step, len(parents)))
-            instructions = [EVOLVE_INSTRUCTION.format(name=self.class_names[int(labels[i])], prompt=parents[i]) for i in chunk]
+            instructions = [
+                EVOLVE_INSTRUCTION.format(name=self.class_names[int(labels[i])], prompt=parents[i]) for i in chunk
+            ]
             outputs = self._generate(instructions, 1, self._seed_for(1, seed, start))
             for i, text in zip(chunk, outputs):
                 children.append(self.finish(text, int(labels[i])) or parents[i])

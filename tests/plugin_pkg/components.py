@@ -12,8 +12,15 @@ from coautogen_fl.generation.base import Candidate
 class SolidGenerator:
     """Each class is one flat grey level; vary moves it by degree/10."""
 
-    def __init__(self, class_names: Sequence[str], image_size: int, channels: int, device: str = "cpu",
-                 task_mode: str = "I2I", seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        image_size: int,
+        channels: int,
+        device: str = "cpu",
+        task_mode: str = "I2I",
+        seed: int = 0,
+    ) -> None:
         self.class_names, self.image_size, self.channels, self.seed = tuple(class_names), image_size, channels, seed
         self.prompts = None  # takes prompts, so prompts.* may attach a source
         self.count = 0
@@ -21,8 +28,14 @@ class SolidGenerator:
     def _make(self, label: int, level: float, parent: Candidate | None = None) -> Candidate:
         shape = (self.image_size, self.image_size) + ((3,) if self.channels == 3 else ())
         self.count += 1
-        return Candidate(f"solid-{self.count}", label, np.full(shape, level, np.float32), {"level": level},
-                         parent.candidate_id if parent else None, parent.round + 1 if parent else 0)  # fmt: skip
+        return Candidate(
+            f"solid-{self.count}",
+            label,
+            np.full(shape, level, np.float32),
+            {"level": level},
+            parent.candidate_id if parent else None,
+            parent.round + 1 if parent else 0,
+        )
 
     def random(self, label: int, n: int) -> list[Candidate]:
         return [self._make(label, (label + 1) / (len(self.class_names) + 1)) for _ in range(n)]
