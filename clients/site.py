@@ -27,7 +27,7 @@ from coautogen_fl.data import (
 )
 from coautogen_fl.device import resolve_device
 from coautogen_fl.downstream import build_classifier, class_errors, load_numpy_state_dict, state_dict_to_numpy
-from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, dp_train
+from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, clipped_gradient_sum, dp_train
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.privacy.distributed import discrete_gaussian
@@ -347,6 +347,8 @@ class Site:
         model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
         load_numpy_state_dict(model, request.weights)  # a malformed model fails before the charge
         check_private_model(model)  # so does one opacus cannot train per example (BatchNorm)
+        if request.privacy_mode != "local":
+            return self._gradient_step(request, settings, model, run_id)
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
         if stored is None:
@@ -363,4 +365,40 @@ class Site:
             weights = {k: np.asarray(v, dtype=request.weights[k].dtype) for k, v in stored.items()}
         return P.TrainReply(
             weights, spent, self.terms.epsilon_budget, self.partition_id, settings.noise_multiplier, self.label
+        )
+
+    def _gradient_step(self, request: P.TrainRequest, settings: DPSGDSettings, model: Any, run_id: str) -> P.TrainReply:
+        """Central-mode DP-SGD: this site's clipped per-example gradient sum of one Poisson batch,
+        clean, to a server its node config trusts (the server noises the sum of all sites), charged
+        first as one step of (noise multiplier, public sample rate). A repeated request of a
+        resumed run gets the stored sum."""
+        if request.privacy_mode != "central" or settings.steps != 1:
+            raise PrivacyError(
+                f"a DP-SGD request with privacy-mode {request.privacy_mode!r} and {settings.steps} steps; "
+                "expected local, or central with 1 step (one gradient sum per round)"
+            )
+        if not self.terms.trusts_server:
+            raise P.SiteRefusal(
+                "the server asked for a clean gradient sum (central DP-SGD) but this site does not trust it "
+                "(node config trust-server)"
+            )
+        run_key, fingerprint = request.run_key or run_id, request.fingerprint()
+        stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
+        if stored is None:
+            spent = self.ledger.charge(settings.noise_multiplier, request.round, run_key, settings.sample_rate, 1)
+            sums = clipped_gradient_sum(
+                model, self.data.train.images, self.data.train.labels, settings.sample_rate, settings.max_grad_norm
+            )
+            self.releases.save(run_key, "dpsgd", request.round, fingerprint, {k: v.tolist() for k, v in sums.items()})
+        else:
+            spent = self.ledger.spent_epsilon()
+            sums = {k: np.asarray(v, dtype=np.float32) for k, v in stored.items()}
+        return P.TrainReply(
+            sums,
+            spent,
+            self.terms.epsilon_budget,
+            self.partition_id,
+            settings.noise_multiplier,
+            self.label,
+            gradients=True,
         )

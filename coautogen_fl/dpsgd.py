@@ -181,6 +181,47 @@ def dp_train(
     return model
 
 
+def clipped_gradient_sum(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    sample_rate: float,
+    max_grad_norm: float,
+    *,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """One central-mode DP-SGD step's share of a site: the sum, over one Poisson batch of its
+    private examples (each joins with the public probability ``sample_rate``, drawn from OS
+    entropy), of every example's gradient clipped to L2 norm ``max_grad_norm``. No noise: the site
+    sends it only to a server its node config trusts, which adds the noise once to the sum of all
+    sites (the pooled DP-SGD step; one example moves the sum by at most ``max_grad_norm``).
+
+    Returns
+    -------
+    dict of str to np.ndarray
+        float32 sums keyed by ``model.named_parameters()`` names; zeros for an empty batch.
+    """
+    from opacus import GradSampleModule
+
+    names = [name for name, _ in model.named_parameters()]
+    work = GradSampleModule(copy.deepcopy(model).to(device))
+    params = list(work._module.parameters())
+    chosen = torch.rand(len(labels), generator=entropy_generator()) < sample_rate
+    sums = [torch.zeros_like(p) for p in params]
+    if bool(chosen.any()):
+        x = images_to_tensor(images)[chosen].to(device)
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))[chosen].to(device)
+        work.train()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            nn.CrossEntropyLoss(reduction="sum")(work(x), y).backward()
+        per_example = [p.grad_sample.reshape(len(y), -1) for p in params]
+        norms = torch.cat(per_example, dim=1).norm(dim=1)
+        scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        sums = [(scale.view(-1, *([1] * (p.grad_sample.dim() - 1))) * p.grad_sample).sum(0) for p in params]
+    return {name: g.detach().cpu().numpy().astype(np.float32) for name, g in zip(names, sums)}
+
+
 def public_steps(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, *, steps: int, lr: float, batch_size: int, seed: int
 ) -> nn.Module:

@@ -27,6 +27,8 @@ Scalar = Union[int, float, str, bool]
 # Record names and keys: spelled here only.
 CANDIDATES, EMBEDDINGS, LABELS = "candidates", "embeddings", "labels"
 CONFIG, VOTES, METRICS, WEIGHTS = "config", "votes", "metrics", "arrays"
+#: -tt real/mix with privacy.mode=central: a site's clipped per-example gradient sum of one Poisson batch.
+GRADIENTS = "gradients"
 #: -f Active: the per-class errors of the server's model on the site's voters, released with the votes.
 CLASS_ERRORS = "class-errors"
 ROUND, RATER, K = "round", "rater", "k"
@@ -41,6 +43,8 @@ SAMPLE_RATE, LOCAL_STEPS, MAX_GRAD_NORM = "sample-rate", "local-steps", "max-gra
 LEARNING_RATE, OPTIMIZER = "learning-rate", "optimizer"
 #: The Flower message type of a DP-SGD round (``@app.train("dpsgd")`` at the site).
 TRAIN_DPSGD = "train.dpsgd"
+#: SITE_REPLY_FIELDS kind of a central-mode DP-SGD reply (same message type, gradients instead of weights).
+TRAIN_DPSGD_CENTRAL = "train.dpsgd-central"
 #: ``privacy.mode=secagg``: the fewest sites any revealed sum holds, and the public clean-vote cap.
 SECAGG_SUMMANDS, SECAGG_VOTE_CAP = "secagg-summands", "secagg-vote-cap"
 #: Flower's SecAgg+ record (``flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS``;
@@ -114,6 +118,17 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
     TRAIN_DPSGD: (
         WireField(
             WEIGHTS, ANY_KEY, Release.CHARGED, "the model after the site's DP-SGD steps, one array per parameter"
+        ),
+        WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
+        *_SITE_BOOKKEEPING,
+    ),
+    TRAIN_DPSGD_CENTRAL: (  # privacy.mode=central: one DP-SGD step, the server noises the sum
+        WireField(
+            GRADIENTS,
+            ANY_KEY,
+            Release.CHARGED,
+            "the clipped per-example gradient sum of one Poisson batch, clean to a server the site's node config "
+            "trusts, which adds the noise to the sum of all sites",
         ),
         WireField(METRICS, NOISE_MULTIPLIER, Release.PUBLIC, "echo of the requested noise multiplier"),
         *_SITE_BOOKKEEPING,
@@ -562,10 +577,14 @@ class TrainRequest:
     optimizer: str
     weights: dict[str, np.ndarray]
     run_key: str = ""
+    privacy_mode: str = (
+        "local"  # local: DP-SGD steps at the site; central: one clipped gradient sum, noised by the server
+    )
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
             **_model_config(self),
+            PRIVACY_MODE: self.privacy_mode,
             NOISE_MULTIPLIER: float(self.noise_multiplier),
             SAMPLE_RATE: float(self.sample_rate),
             LOCAL_STEPS: int(self.steps),
@@ -586,6 +605,7 @@ class TrainRequest:
             max_grad_norm=_get(config, MAX_GRAD_NORM, float, what),
             lr=_get(config, LEARNING_RATE, float, what),
             optimizer=_get(config, OPTIMIZER, str, what),
+            privacy_mode=str(config.get(PRIVACY_MODE, "local")),
             **fields,
         )
 
@@ -606,20 +626,23 @@ class TrainReply:
     partition_id: int
     noise_multiplier: float
     site_label: str = ""
+    gradients: bool = False  # central mode: ``weights`` holds the clipped gradient sum per parameter
 
     def to_parts(self) -> WireParts:
         metrics = _bookkeeping(self)
-        arrays = {WEIGHTS: {k: np.asarray(v) for k, v in self.weights.items()}}
+        arrays = {GRADIENTS if self.gradients else WEIGHTS: {k: np.asarray(v) for k, v in self.weights.items()}}
         return WireParts(arrays=arrays, configs={SITE: {SITE_LABEL: self.site_label}}, metrics={METRICS: metrics})
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "TrainReply":
         what = "training reply"
-        if WEIGHTS not in parts.arrays:
-            raise ReplyError(f"{what} lacks the '{WEIGHTS}' record")
+        record = next((r for r in (WEIGHTS, GRADIENTS) if r in parts.arrays), None)
+        if record is None:
+            raise ReplyError(f"{what} lacks the '{WEIGHTS}' (or '{GRADIENTS}') record")
         return cls(
-            weights=dict(parts.arrays[WEIGHTS]),
+            weights=dict(parts.arrays[record]),
             **_bookkeeping_fields(parts, what),
+            gradients=record == GRADIENTS,
         )
 
 

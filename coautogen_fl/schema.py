@@ -159,6 +159,7 @@ class PrivacyConfig:
     epsilon: float = 1.0  # -eps: total for the run, per site
     delta: float = 1e-5
     mode: str = "local"  # local | central | secagg (Flower's SecAgg+: each site adds a discrete-Gaussian share)
+    # (-tt real/mix with central: each round one pooled DP-SGD step on the sites' clipped gradient sums)
     unit: str = "image"  # image | site
     evaluation: str = "noised"  # noised: Gaussian, charged; clear: only sites whose node config allows it answer
     secagg_threshold: float = (

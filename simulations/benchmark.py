@@ -65,6 +65,17 @@ ROWS: dict[str, Row] = {
         Row("dpsgd-pooled", "DP-SGD on the pooled private data (opacus, best of a stated grid)", pooled=True),
         Row("real", "-tt real: federated DP-SGD at the sites", ("-tt", "real")),
         Row("mix", "-tt mix: votes, synthetic data and federated DP-SGD", ("-tt", "mix")),
+        # Central DP-SGD: 32 x 5 = 160 pooled steps at rate 0.25 = the pooled reference grid's 40 epochs.
+        Row(
+            "real-central",
+            "-tt real, central: pooled DP-SGD steps on the sites' clipped gradient sums",
+            ("-tt", "real", "privacy.mode=central", "downstream.dp_rounds=32"),
+        ),
+        Row(
+            "mix-central",
+            "-tt mix, central: votes, synthetic pretraining, pooled DP-SGD steps",
+            ("-tt", "mix", "privacy.mode=central", "downstream.dp_rounds=32"),
+        ),
     )
 }
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -28,6 +29,7 @@ from coautogen_fl import protocol as P
 from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import public_steps
+from coautogen_fl.privacy import GaussianMechanism
 
 from .sites import RoundFailed, SiteRecord
 
@@ -54,7 +56,13 @@ class TrainingRounds:
         self.cfg = cfg
         self.noise_multiplier = float(noise_multiplier)
         self.first_round = int(first_round)
-        self.rounds = cfg.downstream.dp_rounds
+        #: privacy.mode=central: every round is one DP-SGD step on the sum of the sites' clipped
+        #: gradients, noised once by the server (pooled DP-SGD); the same (noise, rate) steps as
+        #: dp_rounds x dp_local_steps local steps, so the same epsilon.
+        self.central = cfg.privacy.mode == "central"
+        self.rounds = cfg.downstream.dp_rounds * (cfg.downstream.dp_local_steps if self.central else 1)
+        self._model: Any = None  # central: the global model and its optimiser, kept across rounds
+        self._optimizer: Any = None
         self.run_dir = Path(run_dir)
         self.weights: dict[str, np.ndarray] | None = None  # the global model, after the last finished round
         self.accuracy_synthetic: float | None = None  # mix: the model pretrained on the synthetic data
@@ -100,12 +108,13 @@ class TrainingRounds:
             round=server_round,
             noise_multiplier=self.noise_multiplier,
             sample_rate=d.dp_sample_rate,
-            steps=d.dp_local_steps,
+            steps=1 if self.central else d.dp_local_steps,
             max_grad_norm=d.dp_max_grad_norm,
             lr=d.dp_lr,
             optimizer=d.dp_optimizer,
             weights=dict(self.weights or {}),
             run_key=strategy.run_key,
+            privacy_mode="central" if self.central else "local",
             **strategy.final.model_spec(),
         )
 
@@ -141,7 +150,12 @@ class TrainingRounds:
                 continue
             try:
                 reply = P.TrainReply.from_parts(from_content(msg.content))
-                P.validate_weights(reply.weights, self.weights or {})
+                if reply.gradients != self.central:
+                    raise P.ReplyError(
+                        f"a {'central' if self.central else 'local'} DP-SGD round got "
+                        f"{'a gradient sum' if reply.gradients else 'weights'}"
+                    )
+                P.validate_weights(reply.weights, self._parameters(strategy) if self.central else self.weights or {})
             except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
                 strategy._drop(server_round, msg, f"DP-SGD: {exc}")
                 continue
@@ -167,7 +181,7 @@ class TrainingRounds:
                 f"fewer than the {strategy.min_sites(server_round)} the run needs (federation.min_sites); nothing more "
                 "was asked of any site. summary.json names each site and why it did not count"
             )
-        model = self._average(strategy, updates)
+        model = self._step(strategy, updates) if self.central else self._average(strategy, updates)
         self.weights = state_dict_to_numpy(model)
         self._checkpoint(server_round)
         metrics = self._metrics(strategy, server_round, len(replies), len(updates), model, started)
@@ -192,6 +206,46 @@ class TrainingRounds:
                 batch_size=d.batch_size,
                 seed=d.seed + len(self.history),
             )
+        return model
+
+    def _global_model(self, strategy: "CoAutoGenStrategy") -> Any:
+        """Central mode: the global model (from :attr:`weights`) and its optimiser, built once."""
+        if self._model is None:
+            spec, d = strategy.final.model_spec(), self.cfg.downstream
+            self._model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"])
+            load_numpy_state_dict(self._model, self.weights or {})
+            params = self._model.parameters()
+            self._optimizer = (
+                torch.optim.SGD(params, lr=d.dp_lr) if d.dp_optimizer == "sgd" else torch.optim.Adam(params, lr=d.dp_lr)
+            )
+        return self._model
+
+    def _parameters(self, strategy: "CoAutoGenStrategy") -> dict[str, np.ndarray]:
+        """The global model's trainable parameters by name (what a gradient sum must match)."""
+        return {name: p.detach().numpy() for name, p in self._global_model(strategy).named_parameters()}
+
+    def _step(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]]) -> Any:
+        """Central mode: one optimiser step on the sum of the sites' clipped gradient sums plus
+        Gaussian noise of std noise multiplier x max_grad_norm, from OS entropy (as a pooled
+        DP-SGD step on the noised sum; Adam is invariant to its scale), then the mix's public steps."""
+        model, d = self._global_model(strategy), self.cfg.downstream
+        noise = GaussianMechanism(self.noise_multiplier, d.dp_max_grad_norm)
+        self._optimizer.zero_grad(set_to_none=True)
+        for name, param in model.named_parameters():
+            total = np.sum([u[name] for u in updates], axis=0)
+            param.grad = torch.as_tensor(noise.apply(total), dtype=param.dtype)
+        self._optimizer.step()
+        synthetic = strategy.final.synthetic
+        if self.cfg.feedback.task_type == "mix" and synthetic is not None and d.mix_synthetic_steps:
+            public_steps(
+                model,
+                *synthetic,
+                steps=d.mix_synthetic_steps,
+                lr=d.lr,
+                batch_size=d.batch_size,
+                seed=d.seed + len(self.history),
+            )
+        model.eval()
         return model
 
     def _checkpoint(self, server_round: int) -> None:
