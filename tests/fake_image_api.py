@@ -48,6 +48,22 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+class FakeTime:
+    """A clock that only moves when someone sleeps (or a test advances it): the transport's
+    rate limit and backoff, tested without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 class State:
     """Counters shared by the handler threads."""
 

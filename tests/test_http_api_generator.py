@@ -24,6 +24,8 @@ from coautogen_fl.generation.base import Candidate, Generator, GeneratorLoadErro
 from coautogen_fl.generation.http_api import GENOTYPE_KEYS, MIN_STRENGTH, HTTPImageGenerator
 from coautogen_fl.hub import ModelLoadError
 
+from fake_image_api import FakeTime
+
 NAMES = ["cat", "dog"]
 SIZE = 24
 SERVER_KEY = "sk-test-5e3c1a9f"
@@ -71,21 +73,6 @@ def make(url: str, **overrides: Any) -> HTTPImageGenerator:
     kwargs: dict[str, Any] = {"image_size": SIZE, "api_key_env": "", "requests_per_minute": 0, "retries": 0}
     kwargs.update(overrides)
     return HTTPImageGenerator(url, NAMES, **kwargs)
-
-
-class FakeTime:
-    """A clock that only moves when someone sleeps (or a test advances it)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class SuffixPrompts:

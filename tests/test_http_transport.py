@@ -18,7 +18,7 @@ import pytest
 from coautogen_fl.generation.base import GeneratorLoadError
 from coautogen_fl.generation.http_transport import HTTPTransport, retry_after_seconds
 
-from fake_image_api import Handler, State
+from fake_image_api import FakeTime, Handler, State
 
 KEY = "sk-transport-7d2e9b41"
 KEY_ENV = "COAUTOGEN_TEST_TRANSPORT_KEY"
@@ -47,21 +47,6 @@ class TransportTestHandler(Handler):
         if path == "/echo":
             return self._json(400, {"error": f"bad token {token}"})
         super()._route(path, query, body, token)
-
-
-class FakeTime:
-    """A clock that only moves when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
