@@ -117,20 +117,12 @@ def test_final_dataset_follows_the_steered_shares_and_the_mixing_ratio():
     assert len(fresh1) == 10 and all(c.parent_id is None for c in fresh1)  # fresh draws, not variations
 
 
-def test_secagg_and_resume_are_refused_for_active(tmp_path):
+def test_secagg_and_a_bad_mixing_ratio_are_refused_for_active():
+    """(Resume is refused too: tests/test_filter.py, for both accumulating frameworks.)"""
     with pytest.raises(ConfigError, match="Active"):
         load_config(overrides=["privacy.mode=secagg", "feedback.framework=Active"])
     with pytest.raises(ConfigError, match="mix_ratio"):
         load_config(overrides=["feedback.framework=Active", "feedback.mix_ratio=1.0"])
-    from coautogen_fl.checkpoint import CheckpointError
-    from coautogen_fl.config import save_config
-    from strategies.server_app import resume_strategy
-
-    cfg = small_config("feedback.framework=Active", f"tracking.run_dir={tmp_path}")
-    save_config(cfg, tmp_path / "config.yaml")
-    cfg.tracking.resume = True
-    with pytest.raises(CheckpointError, match="Active run cannot be resumed"):
-        resume_strategy(cfg, tmp_path)
 
 
 def test_active_rounds_through_the_client_handlers(tmp_path, monkeypatch):

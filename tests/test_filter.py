@@ -75,15 +75,17 @@ def test_filter_accumulates_kept_candidates_through_the_client_handlers(tmp_path
     assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # 3 filter rounds + evaluation
 
 
-def test_filter_resume_is_refused(tmp_path):
+@pytest.mark.parametrize("framework", ["Filter", "Active"])
+def test_accumulating_frameworks_refuse_resume(tmp_path, framework):
+    """Filter and Active keep what they accumulated outside the checkpoint (frameworks.py: not resumable)."""
     from coautogen_fl.checkpoint import CheckpointError
     from coautogen_fl.config import save_config
     from strategies.server_app import resume_strategy
 
-    cfg = small_config("feedback.framework=Filter", f"tracking.run_dir={tmp_path}")
+    cfg = small_config(f"feedback.framework={framework}", f"tracking.run_dir={tmp_path}")
     save_config(cfg, tmp_path / "config.yaml")
     cfg.tracking.resume = True
-    with pytest.raises(CheckpointError, match="Filter run cannot be resumed"):
+    with pytest.raises(CheckpointError, match=f"{framework} run cannot be resumed"):
         resume_strategy(cfg, tmp_path)
 
 
