@@ -15,8 +15,6 @@ histograms are drawn for the same rounds.
 
 from __future__ import annotations
 
-import html
-import json
 import re
 import time
 from collections.abc import Callable
@@ -25,6 +23,8 @@ from typing import Any
 
 from . import report_figures as fig
 from .atomic import write_text_atomic
+from .report_files import _class_names, _read_json, _read_jsonl, _round_folders
+from .report_html import STYLE, _e, _img, _note, _num, _table
 
 REPORT_FILE = "report.html"
 #: Section id -> heading, in page order. The ids are stable: tests and links rely on them.
@@ -45,97 +45,6 @@ REAL_ONLY = (
 )
 #: Lines of flower.log shown when a run left no summary.json (it crashed or was killed).
 LOG_TAIL_LINES = 30
-
-STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:16px 24px;color:#222}
-h1{font-size:1.5em;margin-bottom:0.2em} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:1.6em}
-h3{font-size:1em;margin:1em 0 0.3em} nav a{margin-right:12px} .muted{color:#666;font-size:0.9em}
-table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:0.9em;vertical-align:top}
-th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.strip{height:48px;image-rendering:pixelated;display:block}
-.status{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff;font-weight:bold}
-.completed{background:#2e7d32} .failed{background:#c62828} .unknown{background:#757575}
-.reason{border-left:4px solid #c62828;background:#fdecea;padding:8px 12px;margin:8px 0}
-.note{border-left:4px solid #999;background:#f6f6f6;padding:6px 12px;margin:8px 0}
-.figs img{margin:4px 8px 4px 0;vertical-align:top;border:1px solid #eee} pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:0.8em}
-"""  # noqa: E501 (embedded CSS, served as is: wrapping its lines would change the page)
-
-
-# ---------------------------------------------------------------------------- reading the run
-def _read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of ``path``, one per line; missing file: []; broken lines are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _round_folders(run_dir: Path) -> dict[int, Path]:
-    """Round number -> rounds/round_NNN folder of every stored voted pool."""
-    folders = {}
-    for folder in (run_dir / "rounds").glob("round_*"):
-        match = re.fullmatch(r"round_(\d+)", folder.name)
-        if match and (folder / "index.jsonl").is_file():
-            folders[int(match.group(1))] = folder
-    return dict(sorted(folders.items()))
-
-
-def _class_names(entries: list[dict]) -> dict[int, str]:
-    """Label -> class name, read from the ImageFolder layout of the entries' files."""
-    names: dict[int, str] = {}
-    for e in entries:
-        if isinstance(e.get("label"), int):
-            names.setdefault(e["label"], Path(str(e.get("file", ""))).parent.name or str(e["label"]))
-    return dict(sorted(names.items()))
-
-
-# ---------------------------------------------------------------------------- html helpers
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    """A number for a table cell; a dash for None (not measured, not reported)."""
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return _e(value)
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _img(uri: str, alt: str, element_id: str = "", css: str = "") -> str:
-    ident = f' id="{_e(element_id)}"' if element_id else ""
-    klass = f' class="{css}"' if css else ""
-    return f'<img{ident}{klass} src="{uri}" alt="{_e(alt)}">'
-
-
-def _table(header: list[str], rows: list[list[str]], row_attrs: list[str] | None = None) -> str:
-    """An HTML table; cells are HTML already (escape them with _e / _num)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    attrs = row_attrs or [""] * len(rows)
-    body = "".join(f"<tr{attr}>{''.join(cells)}</tr>" for attr, cells in zip(attrs, rows))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # ---------------------------------------------------------------------------- sections

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from coautogen_fl.generation.base import Candidate, CandidateMaker, GeneratorLoadError, check_int, check_output_spec
-from coautogen_fl.generation.latent_distribution import LatentDistribution, check_fit_arguments
+from coautogen_fl.generation.latent_distribution import LatentDistribution, LatentVoteLearner
 from coautogen_fl.generation.latent_loading import (  # noqa: F401  (re-exported)
     CLASS_ATTRIBUTES,
     GENOTYPE_KEYS,
@@ -34,13 +34,14 @@ from coautogen_fl.generation.latent_loading import (  # noqa: F401  (re-exported
     load_latent_module,
     takes_labels,
 )
+from coautogen_fl.generation.latent_render import LatentRenderer
 from coautogen_fl.generation.schedule import check_degree
-from coautogen_fl.hub import check_device, first_line
+from coautogen_fl.hub import check_device
 
 # -- the generator ------------------------------------------------------------------------------
 
 
-class LatentGenerator(CandidateMaker):
+class LatentGenerator(LatentRenderer, LatentVoteLearner, CandidateMaker):
     """A latent-variable generator G(z) or G(z, class); implements the ``Generator`` protocol.
 
     Parameters
@@ -158,100 +159,6 @@ class LatentGenerator(CandidateMaker):
         #: What the votes taught: per-class Gaussians over z and attribute directions.
         self.distribution = LatentDistribution(k, self.latent_dim)
         self._rng = np.random.default_rng(seed)
-
-    # -- running G ---------------------------------------------------------------------------
-
-    def _probe(self) -> None:
-        """One forward pass on zeros: a wrong latent size, label handling or output shape fails
-        here, at start-up, with the config key to fix."""
-        z = np.zeros((2, self.latent_dim), dtype=np.float32)
-        labels = np.zeros(2, dtype=np.int64)
-        try:
-            out = self._forward(z, labels)
-        except Exception as exc:
-            shape = f"z of shape (2, {self.latent_dim})" + (" and int64 labels" if self.conditional else "")
-            raise GeneratorLoadError(
-                f"generator '{self.source or type(self.module).__name__}' failed on {shape}: "
-                f"{first_line(exc, with_type=True)}; "
-                "check generator.latent_dim, and that G's forward takes class labels as its second argument "
-                "exactly when it is class-conditional"
-            ) from exc
-        self._check_output(out, 2)
-
-    def _check_output(self, out: Any, n: int) -> None:
-        import torch
-
-        ok = (
-            isinstance(out, torch.Tensor)
-            and ((out.ndim == 4 and out.shape[1] in (1, 3)) or out.ndim == 3)
-            and out.shape[0] == n
-        )
-        if not ok:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise GeneratorLoadError(
-                f"generator '{self.source or type(self.module).__name__}' returned {shape} for {n} latents; a latent "
-                "generator must return images (N, C, H, W) with C 1 or 3"
-            )
-
-    def _forward(self, z: np.ndarray, labels: np.ndarray) -> Any:
-        """G on float32 z (N, D) and int64 labels (N,); the raw output tensor."""
-        import torch
-
-        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self.device)
-        with torch.no_grad():
-            if self.conditional:
-                yt = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(self.device)
-                return self.module(zt, yt)
-            return self.module(zt)
-
-    def _to_images(self, out: Any) -> np.ndarray:
-        """G's output (N, C, H, W) in ``output_range`` -> float32 (N, S, S) or (N, S, S, 3) in [0, 1]."""
-        import torch.nn.functional as F
-
-        x = out.detach().float()
-        if x.ndim == 3:
-            x = x[:, None]
-        low, high = self.output_range
-        x = ((x - low) / (high - low)).clamp_(0.0, 1.0)
-        if x.shape[1] == 3 and self.channels == 1:
-            x = x.mean(dim=1, keepdim=True)
-        elif x.shape[1] == 1 and self.channels == 3:
-            x = x.repeat(1, 3, 1, 1)
-        size = self.image_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(
-                0.0, 1.0
-            )
-        array = x.cpu().numpy().astype(np.float32, copy=False)
-        array = array[:, 0] if self.channels == 1 else np.moveaxis(array, 1, -1)
-        return np.ascontiguousarray(array)
-
-    def _render_batch(self, z: np.ndarray, labels: np.ndarray, batch: int) -> np.ndarray:
-        """Images of up to ``batch`` latents, run as one forward pass of exactly ``batch`` rows
-        (zero-padded): on a given machine the pixels then depend only on each row's z, label,
-        position and the batch shape, which the genotype records."""
-        n = z.shape[0]
-        zp = np.zeros((batch, self.latent_dim), dtype=np.float32)
-        yp = np.zeros(batch, dtype=np.int64)
-        zp[:n], yp[:n] = z, labels
-        out = self._forward(zp, yp)
-        self._check_output(out, batch)
-        return self._to_images(out)[:n]
-
-    def _render(self, z: np.ndarray, labels: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-        """Images of all rows of z in forward passes of ``batch_size``; also (batch, slot) per row."""
-        starts = range(0, z.shape[0], self.batch_size)
-        if self.progress and z.shape[0]:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="latent generator", unit="batch")
-        images: list[np.ndarray] = []
-        places: list[tuple[int, int]] = []
-        for start in starts:
-            stop = min(start + self.batch_size, z.shape[0])
-            images.extend(self._render_batch(z[start:stop], labels[start:stop], self.batch_size))
-            places.extend((self.batch_size, i) for i in range(stop - start))
-        return images, places
 
     # -- genotypes ---------------------------------------------------------------------------
 
@@ -422,76 +329,6 @@ class LatentGenerator(CandidateMaker):
         labels = np.zeros(slot + 1, dtype=np.int64)
         labels[slot] = label
         return self._render_batch(zs, labels, batch)[slot]
-
-    # -- learning from votes -----------------------------------------------------------------
-
-    def _voted_by_class(self, voted: Sequence[Candidate]) -> dict[int, list[int]]:
-        """Indices of candidates with a z, by label."""
-        groups: dict[int, list[int]] = {}
-        for i, candidate in enumerate(voted):
-            if self._z_of(candidate) is None:
-                continue
-            label = self._check_label(candidate.label, f"label of candidate {candidate.candidate_id}")
-            groups.setdefault(label, []).append(i)
-        return groups
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Per-class sampling means of z, (num_classes, latent_dim)."""
-        return self.distribution.mean
-
-    @property
-    def std(self) -> np.ndarray:
-        """Per-class sampling stds of z, (num_classes, latent_dim)."""
-        return self.distribution.std
-
-    @property
-    def directions(self) -> dict[int, np.ndarray]:
-        """Per-class unit attribute directions learned from the votes."""
-        return self.distribution.directions
-
-    def observe_votes(self, voted: Sequence[Candidate]) -> None:
-        """Learn per class an attribute direction in z from voted candidates.
-
-        For each class among ``voted`` (candidates with ``votes`` set and a "z"), the direction is
-        the unit vector of mean z of the top-voted quarter minus mean z of the bottom-voted
-        quarter. A class with fewer than 4 such candidates, or equal means, gets no direction;
-        classes absent from ``voted`` keep theirs. Used by ``vary``'s "direction" operation.
-        """
-        usable = [c for c in voted if c.votes is not None]
-        for label, members in self._voted_by_class(usable).items():
-            z = np.stack([self._z_of(usable[i]) for i in members]).astype(np.float64)
-            self.distribution.observe(label, z, np.array([float(usable[i].votes) for i in members]))
-
-    def fit(
-        self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08
-    ) -> None:
-        """Move each class's sampling Gaussian toward its vote-weighted z's (distribution evolution).
-
-        Per class: the weighted mean and std (per dimension) of the candidates' z's, blended as
-        ``mix * new + (1 - mix) * old``, the std floored at ``min_spread`` (in units of the prior
-        std 1). A class whose weights sum to zero keeps its distribution. Then ``observe_votes``.
-
-        Parameters
-        ----------
-        candidates : Sequence[Candidate]
-            The voted candidates (latent genotypes; others are skipped).
-        weights : np.ndarray
-            One non-negative weight per candidate (see ``distribution.vote_weights``).
-        mix : float, default 0.8
-            Weight of the new moments, in [0, 1].
-        min_spread : float, default 0.08
-            Lower bound of every std, >= 0.
-        """
-        weights, mix = check_fit_arguments(weights, len(candidates), mix, min_spread)
-        for label, members in self._voted_by_class(candidates).items():
-            z = np.stack([self._z_of(candidates[i]) for i in members]).astype(np.float64)
-            self.distribution.refit(label, z, weights[members], mix, min_spread)
-        self.observe_votes(candidates)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-serialisable summary of the sampling distributions (for metrics and the run record)."""
-        return self.distribution.describe()
 
 
 __all__ = [

@@ -1,14 +1,18 @@
 """What the votes teach a latent generator: a Gaussian over z per class (refit from vote-weighted
 latents, for ``feedback.evolve=distribution``) and an attribute direction per class (top-voted
-minus bottom-voted latents, for ``vary``'s "direction" step). Pure numpy, no model."""
+minus bottom-voted latents, for ``vary``'s "direction" step). :class:`LatentDistribution` is pure
+numpy, no model; :class:`LatentVoteLearner` is the generator's side (``observe_votes``, ``fit``,
+``describe``), which feeds it the voted candidates' latents class by class."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+from coautogen_fl.generation.base import Candidate
 
 
 class LatentDistribution:
@@ -79,3 +83,79 @@ def check_fit_arguments(weights: np.ndarray, count: int, mix: float, min_spread:
     if not (isinstance(min_spread, numbers.Real) and math.isfinite(min_spread) and min_spread >= 0):
         raise ValueError(f"min_spread must be a finite number >= 0, got {min_spread!r}")
     return weights, float(mix)
+
+
+class LatentVoteLearner:
+    """The generator's side of learning from votes: groups voted candidates' latents by class and
+    hands them to its :class:`LatentDistribution`; a mixin of ``LatentGenerator``, which provides
+    ``distribution``, ``_z_of`` (a candidate's z, or None) and ``_check_label``."""
+
+    distribution: LatentDistribution
+
+    def _voted_by_class(self, voted: Sequence[Candidate]) -> dict[int, list[int]]:
+        """Indices of candidates with a z, by label."""
+        groups: dict[int, list[int]] = {}
+        for i, candidate in enumerate(voted):
+            if self._z_of(candidate) is None:
+                continue
+            label = self._check_label(candidate.label, f"label of candidate {candidate.candidate_id}")
+            groups.setdefault(label, []).append(i)
+        return groups
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-class sampling means of z, (num_classes, latent_dim)."""
+        return self.distribution.mean
+
+    @property
+    def std(self) -> np.ndarray:
+        """Per-class sampling stds of z, (num_classes, latent_dim)."""
+        return self.distribution.std
+
+    @property
+    def directions(self) -> dict[int, np.ndarray]:
+        """Per-class unit attribute directions learned from the votes."""
+        return self.distribution.directions
+
+    def observe_votes(self, voted: Sequence[Candidate]) -> None:
+        """Learn per class an attribute direction in z from voted candidates.
+
+        For each class among ``voted`` (candidates with ``votes`` set and a "z"), the direction is
+        the unit vector of mean z of the top-voted quarter minus mean z of the bottom-voted
+        quarter. A class with fewer than 4 such candidates, or equal means, gets no direction;
+        classes absent from ``voted`` keep theirs. Used by ``vary``'s "direction" operation.
+        """
+        usable = [c for c in voted if c.votes is not None]
+        for label, members in self._voted_by_class(usable).items():
+            z = np.stack([self._z_of(usable[i]) for i in members]).astype(np.float64)
+            self.distribution.observe(label, z, np.array([float(usable[i].votes) for i in members]))
+
+    def fit(
+        self, candidates: Sequence[Candidate], weights: np.ndarray, mix: float = 0.8, min_spread: float = 0.08
+    ) -> None:
+        """Move each class's sampling Gaussian toward its vote-weighted z's (distribution evolution).
+
+        Per class: the weighted mean and std (per dimension) of the candidates' z's, blended as
+        ``mix * new + (1 - mix) * old``, the std floored at ``min_spread`` (in units of the prior
+        std 1). A class whose weights sum to zero keeps its distribution. Then ``observe_votes``.
+
+        Parameters
+        ----------
+        candidates : Sequence[Candidate]
+            The voted candidates (latent genotypes; others are skipped).
+        weights : np.ndarray
+            One non-negative weight per candidate (see ``distribution.vote_weights``).
+        mix : float, default 0.8
+            Weight of the new moments, in [0, 1].
+        min_spread : float, default 0.08
+            Lower bound of every std, >= 0.
+        """
+        weights, mix = check_fit_arguments(weights, len(candidates), mix, min_spread)
+        for label, members in self._voted_by_class(candidates).items():
+            z = np.stack([self._z_of(candidates[i]) for i in members]).astype(np.float64)
+            self.distribution.refit(label, z, weights[members], mix, min_spread)
+        self.observe_votes(candidates)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable summary of the sampling distributions (for metrics and the run record)."""
+        return self.distribution.describe()
