@@ -10,7 +10,7 @@ from typing import IO
 
 from coautogen_fl.report import write_report
 
-from .launcher import Cleanup, cleanup, flwr_homes
+from .leftovers import Cleanup, cleanup, flwr_homes
 
 
 def _report_cleanup(result: Cleanup, out: IO[str]) -> None:
