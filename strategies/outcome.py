@@ -86,22 +86,10 @@ class FinalStage:
             "image_size": d.image_size,
         }
 
-    def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
-        """Write the final dataset, train the downstream model on it, evaluate centrally."""
-        if self.upscaler is not None:
-            log(INFO, "upscaling the final dataset (%d images) with %s", len(final), self.cfg.postprocess.upscaler)
-            final = self.upscaler.apply(final)
-        self.store.write_final(final)
-        self.num_synthetic = len(final)
-        images = stack_images(final)
-        labels = np.array([c.label for c in final], dtype=np.int64)
-        self.synthetic = (images, labels)
-        self.tracker.log_image_grid("synthetic", images, labels, self.class_names, server_round)
-        self.quality = self.measure_quality(images, labels)
-        ds = self.cfg.downstream
-        d = self.cfg.data
-        epochs = ds.epochs or derived_epochs(len(final))
-        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), epochs)
+    def train_model(self, images: np.ndarray, labels: np.ndarray, epochs: int) -> Any:
+        """The downstream model (``downstream.*``: -cmodel, -cmp, -cef, optimiser, augmentation) trained
+        on ``images`` for ``epochs``: the final model, and -f Active's model of each round."""
+        ds, d = self.cfg.downstream, self.cfg.data
         model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
         if ds.pretrained and ds.model == "resnet18":
             fresh = load_imagenet_weights(model, ds.weights)
@@ -125,6 +113,24 @@ class FinalStage:
             augment=ds.augment,
             label_smoothing=ds.label_smoothing,
         )
+        return model
+
+    def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
+        """Write the final dataset, train the downstream model on it, evaluate centrally."""
+        if self.upscaler is not None:
+            log(INFO, "upscaling the final dataset (%d images) with %s", len(final), self.cfg.postprocess.upscaler)
+            final = self.upscaler.apply(final)
+        self.store.write_final(final)
+        self.num_synthetic = len(final)
+        images = stack_images(final)
+        labels = np.array([c.label for c in final], dtype=np.int64)
+        self.synthetic = (images, labels)
+        self.tracker.log_image_grid("synthetic", images, labels, self.class_names, server_round)
+        self.quality = self.measure_quality(images, labels)
+        ds = self.cfg.downstream
+        epochs = ds.epochs or derived_epochs(len(final))
+        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), epochs)
+        model = self.train_model(images, labels, epochs)
         if self.real_test is not None and len(self.real_test):
             self.accuracy_real_test, _ = evaluate_classifier(
                 model, self.real_test.images, self.real_test.labels, device=self.device

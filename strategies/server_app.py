@@ -17,7 +17,7 @@ from coautogen_fl.checkpoint import RESUME_UNSUPPORTED, Checkpoint, CheckpointEr
 from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
 from coautogen_fl.device import resolve_device
-from coautogen_fl.downstream import build_classifier, predict_probabilities, pretrained_weights, train_classifier
+from coautogen_fl.downstream import predict_probabilities, pretrained_weights
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.evolution import Evolution
 from coautogen_fl.frameworks import FRAMEWORKS
@@ -52,12 +52,6 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     embedder = build_embedder(cfg.embedder, device)
     generator = build_generator(cfg, class_names, device, embedder)
     schedule = DegreeSchedule(g.degree_start, g.degree_end, g.degree_step)
-    active = (
-        active_loop(cfg, generator, len(class_names), device)
-        if FRAMEWORKS[cfg.feedback.framework].evolve == "active"
-        else None
-    )
-    evolution = Evolution(generator, embedder, len(class_names), cfg.feedback, schedule, g.seed, active)
     t = cfg.tracking
     tracker = RunTracker(run_dir, t.wandb_mode, t.wandb_project, t.wandb_entity, run_dir.name, to_dict(cfg))
     upscale_final = cfg.postprocess.upscaler and cfg.postprocess.upscale_on == "final"
@@ -71,6 +65,12 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
         upscaler=build_upscaler(cfg, device) if upscale_final else None,
         embedder=embedder,
     )
+    active = (
+        active_loop(cfg, generator, len(class_names), final, device)
+        if FRAMEWORKS[cfg.feedback.framework].evolve == "active"
+        else None
+    )
+    evolution = Evolution(generator, embedder, len(class_names), cfg.feedback, schedule, g.seed, active)
     feedback = cfg.feedback.framework in VOTING_FRAMEWORKS
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     votes = feedback and cfg.feedback.task_type != "real"
@@ -87,24 +87,13 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     return strategy
 
 
-def active_loop(cfg: RunConfig, generator: Any, num_classes: int, device: str) -> ActiveLoop:
-    """-f Active's loop: each round's model is the downstream model, trained for feedback.active_epochs."""
-    ds, d, f = cfg.downstream, cfg.data, cfg.feedback
+def active_loop(cfg: RunConfig, generator: Any, num_classes: int, final: FinalStage, device: str) -> ActiveLoop:
+    """-f Active's loop: each round's model is the downstream model (``FinalStage.train_model``),
+    trained for feedback.active_epochs."""
+    f = cfg.feedback
 
     def train(images: np.ndarray, labels: np.ndarray) -> Any:
-        model = build_classifier(ds.model, num_classes, d.channels, d.image_size, seed=ds.seed)
-        return train_classifier(
-            model,
-            images,
-            labels,
-            epochs=f.active_epochs,
-            lr=ds.lr,
-            batch_size=ds.batch_size,
-            seed=ds.seed,
-            device=device,
-            augment=ds.augment,
-            label_smoothing=ds.label_smoothing,
-        )
+        return final.train_model(images, labels, f.active_epochs)
 
     def predict(model: Any, images: np.ndarray) -> np.ndarray:
         return predict_probabilities(model, images, device=device)

@@ -143,6 +143,7 @@ class TrainingRounds:
         self, strategy: "CoAutoGenStrategy", server_round: int, replies: list[Message]
     ) -> list[dict[str, np.ndarray]]:
         """The valid weights of a round; every other reply is recorded against its site."""
+        reference = self._parameters(strategy) if self.central else self.weights or {}  # what a reply must match
         updates = []
         for msg in replies:
             if msg.has_error():
@@ -155,7 +156,7 @@ class TrainingRounds:
                         f"a {'central' if self.central else 'local'} DP-SGD round got "
                         f"{'a gradient sum' if reply.gradients else 'weights'}"
                     )
-                P.validate_weights(reply.weights, self._parameters(strategy) if self.central else self.weights or {})
+                P.validate_weights(reply.weights, reference)
             except (P.ReplyError, TypeError, ValueError, KeyError) as exc:
                 strategy._drop(server_round, msg, f"DP-SGD: {exc}")
                 continue
