@@ -27,7 +27,14 @@ from coautogen_fl.privacy import BudgetExceededError, LedgerCorruptError, Privac
 from coautogen_fl.privacy.release_store import ReleaseMismatchError
 from coautogen_fl.privacy.site_key import SiteKeyError
 
-from .secagg import SecAggSetup, is_secure_vote, make_secagg_mod, secure_vote_content, secure_vote_request
+from .secagg import (
+    SecAggSetup,
+    is_secure_vote,
+    make_secagg_mod,
+    secure_gradient_content,
+    secure_request,
+    secure_vote_content,
+)
 from .site import Site
 from .terms import DataPathError, SiteTermsError
 from .wire import from_content, to_content
@@ -126,14 +133,18 @@ def answer(msg: Message, handle: Callable[[], Any], content: Callable[[Any], Rec
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Vote on the candidates in ``msg`` (see coautogen_fl.protocol for the contract); inside
-    SecAgg+ (``privacy.mode=secagg``), with integer votes and a noise share the mod then masks."""
+    SecAgg+ (``privacy.mode=secagg``), with integer votes and a noise share the mod then masks,
+    or (``-tt real`` / ``mix``) with an integer clipped gradient sum and a noise share."""
     if is_secure_vote(msg):
+
+        def secure() -> P.VoteReply | tuple[P.TrainReply, Any]:
+            request, setup = secure_request(msg), SecAggSetup.from_context(context)
+            if isinstance(request, P.TrainRequest):  # -tt real/mix: a secure DP-SGD round
+                return get_site(context).secure_gradient_step(request, setup, run_id=str(context.run_id))
+            return get_site(context).secure_vote(request, setup, run_id=str(context.run_id))
+
         return answer(
-            msg,
-            lambda: get_site(context).secure_vote(
-                secure_vote_request(msg), SecAggSetup.from_context(context), run_id=str(context.run_id)
-            ),
-            secure_vote_content,
+            msg, secure, lambda r: secure_gradient_content(r) if isinstance(r, tuple) else secure_vote_content(r)
         )
     return answer(
         msg,

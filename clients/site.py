@@ -26,8 +26,7 @@ from coautogen_fl.data import (
     split_site,
 )
 from coautogen_fl.device import resolve_device
-from coautogen_fl.downstream import build_classifier, class_errors, load_numpy_state_dict, state_dict_to_numpy
-from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, clipped_gradient_sum, dp_train
+from coautogen_fl.downstream import build_classifier, class_errors, load_numpy_state_dict
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
 from coautogen_fl.privacy.distributed import discrete_gaussian
@@ -37,6 +36,7 @@ from coautogen_fl.rater import SIGNED_RATERS, build_rater, normalise_site_vector
 from coautogen_fl.secure_votes import SecureVoteEncoding
 
 from .secagg import SecAggSetup
+from .site_training import SiteTraining
 from .terms import DATA_PATH_KEY, DataPathError, SiteTerms, site_data_path
 
 #: One site-test image moves both the correct count and the test count by 1.
@@ -76,7 +76,7 @@ def shared_embedder(cfg: RunConfig) -> Any:
     return _EMBEDDERS[key]
 
 
-class Site:
+class Site(SiteTraining):
     """A site: its terms, private data, voter embeddings (computed once), its own ledger.
 
     Parameters
@@ -323,82 +323,4 @@ class Site:
             self.terms.epsilon_budget,
             self.partition_id,
             site_label=self.label,
-        )
-
-    def train_dp(self, request: P.TrainRequest, run_id: str = "") -> P.TrainReply:
-        """:meth:`_train_dp` under the site's release lock."""
-        with self.releases.exclusive():
-            return self._train_dp(request, run_id)
-
-    def _train_dp(self, request: P.TrainRequest, run_id: str = "") -> P.TrainReply:
-        """DP-SGD on this site's voter images (``-tt real`` / ``mix``): the ledger is charged with
-        the request's (noise multiplier, public sample rate, steps) before any step runs; a charge
-        past the budget raises ``BudgetExceededError`` and nothing is trained or released. A round
-        this site already paid for is answered with the stored weights if the request is the
-        same, and refused otherwise."""
-        settings = DPSGDSettings(
-            request.noise_multiplier,
-            request.sample_rate,
-            request.steps,
-            request.max_grad_norm,
-            request.lr,
-            request.optimizer,
-        ).validate()
-        model = build_classifier(request.model, request.num_classes, request.channels, request.image_size)
-        load_numpy_state_dict(model, request.weights)  # a malformed model fails before the charge
-        check_private_model(model)  # so does one opacus cannot train per example (BatchNorm)
-        if request.privacy_mode != "local":
-            return self._gradient_step(request, settings, model, run_id)
-        run_key, fingerprint = request.run_key or run_id, request.fingerprint()
-        stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
-        if stored is None:
-            spent = self.ledger.charge(
-                settings.noise_multiplier, request.round, run_key, settings.sample_rate, settings.steps
-            )
-            dp_train(model, self.data.train.images, self.data.train.labels, settings)
-            weights = state_dict_to_numpy(model)
-            self.releases.save(
-                run_key, "dpsgd", request.round, fingerprint, {k: v.tolist() for k, v in weights.items()}
-            )
-        else:
-            spent = self.ledger.spent_epsilon()
-            weights = {k: np.asarray(v, dtype=request.weights[k].dtype) for k, v in stored.items()}
-        return P.TrainReply(
-            weights, spent, self.terms.epsilon_budget, self.partition_id, settings.noise_multiplier, self.label
-        )
-
-    def _gradient_step(self, request: P.TrainRequest, settings: DPSGDSettings, model: Any, run_id: str) -> P.TrainReply:
-        """Central-mode DP-SGD: this site's clipped per-example gradient sum of one Poisson batch,
-        clean, to a server its node config trusts (the server noises the sum of all sites), charged
-        first as one step of (noise multiplier, public sample rate). A repeated request of a
-        resumed run gets the stored sum."""
-        if request.privacy_mode != "central" or settings.steps != 1:
-            raise PrivacyError(
-                f"a DP-SGD request with privacy-mode {request.privacy_mode!r} and {settings.steps} steps; "
-                "expected local, or central with 1 step (one gradient sum per round)"
-            )
-        if not self.terms.trusts_server:
-            raise P.SiteRefusal(
-                "the server asked for a clean gradient sum (central DP-SGD) but this site does not trust it "
-                "(node config trust-server)"
-            )
-        run_key, fingerprint = request.run_key or run_id, request.fingerprint()
-        stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
-        if stored is None:
-            spent = self.ledger.charge(settings.noise_multiplier, request.round, run_key, settings.sample_rate, 1)
-            sums = clipped_gradient_sum(
-                model, self.data.train.images, self.data.train.labels, settings.sample_rate, settings.max_grad_norm
-            )
-            self.releases.save(run_key, "dpsgd", request.round, fingerprint, {k: v.tolist() for k, v in sums.items()})
-        else:
-            spent = self.ledger.spent_epsilon()
-            sums = {k: np.asarray(v, dtype=np.float32) for k, v in stored.items()}
-        return P.TrainReply(
-            sums,
-            spent,
-            self.terms.epsilon_budget,
-            self.partition_id,
-            settings.noise_multiplier,
-            self.label,
-            gradients=True,
         )

@@ -85,6 +85,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("privacy.delta", 0, False),
     ("privacy.secagg_threshold", 0, False),
     ("privacy.secagg_vote_cap", 1, True),
+    ("privacy.secagg_gradient_cap", 0, False),
     ("federation.num_hospitals", 1, True),
     ("federation.fraction_train", 0, False),
     ("federation.timeout_s", 0, False),
@@ -292,11 +293,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "privacy.mode=secagg carries non-negative integer votes; -r RF's keep-minus-reject scores can be "
             "negative: use privacy.mode=local or central with -r RF"
-        )
-    if cfg.privacy.mode == "secagg" and cfg.feedback.task_type != "syn":
-        raise ConfigError(
-            f"privacy.mode=secagg carries the vote rounds of -tt syn; -tt {cfg.feedback.task_type}'s DP-SGD "
-            "rounds do not go through SecAgg+ yet: use privacy.mode=local with -tt real/mix"
         )
     g = cfg.generator
     check_names(cfg)

@@ -47,6 +47,10 @@ TRAIN_DPSGD = "train.dpsgd"
 TRAIN_DPSGD_CENTRAL = "train.dpsgd-central"
 #: ``privacy.mode=secagg``: the fewest sites any revealed sum holds, and the public clean-vote cap.
 SECAGG_SUMMANDS, SECAGG_VOTE_CAP = "secagg-summands", "secagg-vote-cap"
+#: ``privacy.mode=secagg`` DP-SGD: the public per-coordinate cap of a gradient sum (units of the
+#: clipping norm), the names of the model's parameters in a legacy FitIns (comma-separated, in
+#: order), and the legacy config entry that says a SecAgg+ round carries a training request.
+SECAGG_GRADIENT_CAP, WEIGHT_NAMES, REQUEST_KIND = "secagg-gradient-cap", "weight-names", "request-kind"
 #: Flower's SecAgg+ record (``flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS``;
 #: tests/test_secagg.py checks the spelling) and the legacy fit records it wraps.
 SECAGG_CONFIGS = "secaggplus_configs"
@@ -151,7 +155,8 @@ SITE_REPLY_FIELDS: dict[str, tuple[WireField, ...]] = {
             SECAGG_CONFIGS,
             "masked_params",
             Release.CHARGED,
-            "integer votes plus the site's discrete-Gaussian noise share, under masks (uniform mod 2^32 alone)",
+            "integer votes (or, in a secure DP-SGD round, the integer clipped gradient sum) plus the site's "
+            "discrete-Gaussian noise share, under masks (uniform mod 2^32 alone)",
         ),
         WireField(
             FITRES_NUM_EXAMPLES, "num_examples", Release.PUBLIC, "the constant 1: SecAgg+'s weight (sizes never leave)"
@@ -434,14 +439,6 @@ class VoteReply:
         SecAgg+ masks before they leave, and the public bookkeeping, which travels in the clear."""
         return [np.asarray(self.votes, dtype=np.int64)], {**_bookkeeping(self), SITE_LABEL: self.site_label}
 
-    @staticmethod
-    def legacy_bookkeeping(metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """The public bookkeeping of a secure vote reply's legacy metrics, checked."""
-        parts = WireParts(
-            configs={SITE: {SITE_LABEL: str(metrics.get(SITE_LABEL, ""))}}, metrics={METRICS: dict(metrics)}
-        )
-        return _bookkeeping_fields(parts, "secure vote reply")
-
     @classmethod
     def from_parts(cls, parts: WireParts) -> "VoteReply":
         what = "vote reply"
@@ -452,6 +449,12 @@ class VoteReply:
             **_bookkeeping_fields(parts, what),
             class_errors=None if errors is None else np.asarray(errors, dtype=np.float64),
         )
+
+
+def legacy_bookkeeping(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The public bookkeeping of a secure (vote or DP-SGD) reply's legacy metrics, checked."""
+    parts = WireParts(configs={SITE: {SITE_LABEL: str(metrics.get(SITE_LABEL, ""))}}, metrics={METRICS: dict(metrics)})
+    return _bookkeeping_fields(parts, "secure reply")
 
 
 def _model_config(request: Any) -> dict[str, Scalar]:
@@ -577,9 +580,11 @@ class TrainRequest:
     optimizer: str
     weights: dict[str, np.ndarray]
     run_key: str = ""
-    privacy_mode: str = (
-        "local"  # local: DP-SGD steps at the site; central: one clipped gradient sum, noised by the server
-    )
+    #: local: DP-SGD steps at the site; central: one clipped gradient sum, noised by the server;
+    #: secagg: one integer clipped gradient sum plus the site's noise share, through SecAgg+.
+    privacy_mode: str = "local"
+    secagg_summands: int = 0  # privacy_mode secagg: the fewest sites any revealed sum holds
+    secagg_gradient_cap: float = 0.0  # privacy_mode secagg: per-coordinate cap of a sum, in units of the clip
 
     def to_parts(self) -> WireParts:
         config: dict[str, Scalar] = {
@@ -592,7 +597,27 @@ class TrainRequest:
             LEARNING_RATE: float(self.lr),
             OPTIMIZER: self.optimizer,
         }
+        if self.privacy_mode == "secagg":
+            config.update(
+                {SECAGG_SUMMANDS: int(self.secagg_summands), SECAGG_GRADIENT_CAP: float(self.secagg_gradient_cap)}
+            )
         return WireParts(arrays={WEIGHTS: dict(self.weights)}, configs={CONFIG: config})
+
+    def to_legacy(self) -> tuple[list[np.ndarray], dict[str, Scalar]]:
+        """The request as a legacy FitIns (arrays in name order, config naming them): how SecAgg+ carries it."""
+        names = sorted(self.weights)
+        if any("," in name for name in names):
+            raise ValueError(f"parameter names {names} cannot travel comma-separated")
+        config = {**self.to_parts().configs[CONFIG], WEIGHT_NAMES: ",".join(names), REQUEST_KIND: TRAIN_DPSGD}
+        return [np.asarray(self.weights[name]) for name in names], config
+
+    @classmethod
+    def from_legacy(cls, arrays: list[np.ndarray], config: Mapping[str, Scalar]) -> "TrainRequest":
+        """The request a SecAgg+ round carried as a legacy FitIns."""
+        names = str(config.get(WEIGHT_NAMES, "")).split(",")
+        if len(names) != len(arrays) or not all(names):
+            raise ReplyError(f"secure training request names {len(names)} parameters for {len(arrays)} arrays")
+        return cls.from_parts(WireParts(arrays={WEIGHTS: dict(zip(names, arrays))}, configs={CONFIG: dict(config)}))
 
     @classmethod
     def from_parts(cls, parts: WireParts) -> "TrainRequest":
@@ -606,6 +631,8 @@ class TrainRequest:
             lr=_get(config, LEARNING_RATE, float, what),
             optimizer=_get(config, OPTIMIZER, str, what),
             privacy_mode=str(config.get(PRIVACY_MODE, "local")),
+            secagg_summands=int(config.get(SECAGG_SUMMANDS, 0)),
+            secagg_gradient_cap=float(config.get(SECAGG_GRADIENT_CAP, 0.0)),
             **fields,
         )
 
@@ -627,6 +654,11 @@ class TrainReply:
     noise_multiplier: float
     site_label: str = ""
     gradients: bool = False  # central mode: ``weights`` holds the clipped gradient sum per parameter
+
+    def to_legacy(self, integers: np.ndarray) -> tuple[list[np.ndarray], dict[str, Scalar]]:
+        """A secure DP-SGD reply as a legacy FitRes (arrays, metrics): ``integers``, the noised
+        integer gradient sum SecAgg+ masks before it leaves, and the public bookkeeping in the clear."""
+        return [np.asarray(integers, dtype=np.int64)], {**_bookkeeping(self), SITE_LABEL: self.site_label}
 
     def to_parts(self) -> WireParts:
         metrics = _bookkeeping(self)

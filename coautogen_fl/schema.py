@@ -166,6 +166,9 @@ class PrivacyConfig:
         0.6  # secagg: sites of each SecAgg+ neighbourhood (all sampled, at most 25) that must stay alive
     )
     secagg_vote_cap: int = 1024  # secagg: clean votes per candidate clipped to this (public), so sums never wrap
+    # secagg, -tt real/mix: each coordinate of a site's clipped gradient sum is clipped to +-this x
+    # downstream.dp_max_grad_norm (public), so secure sums never wrap
+    secagg_gradient_cap: float = 64.0
     training_share: float = 0.0  # -tt real/mix: share of epsilon for DP-SGD; 0 = real 0.9 (rest: evaluation), mix 0.5
 
 

@@ -221,3 +221,15 @@ def plan_secagg_noise(
             epsilon, delta, rounds, encoding.integer_sensitivity, threshold, encoding.coordinates, gaussian_releases
         )
     return s
+
+
+def secagg_vote_releases(
+    noise_multiplier: float, rounds: int, gaussian_releases: int, summands: int, encoding_args: dict
+) -> list[tuple]:
+    """The ledger entries of ``rounds`` secure vote sums at ``noise_multiplier`` for ``summands``
+    sites, plus ``gaussian_releases`` plain Gaussian releases at the same noise (what every site
+    charges; :func:`coautogen_fl.privacy.epsilon_for_releases` tuples). ``encoding_args`` as in
+    :func:`plan_secagg_noise`."""
+    encoding = SecureVoteEncoding.plan(noise_multiplier, summands, **encoding_args)
+    ddg = (encoding.charge_multiplier(summands), 1.0, 1, "ddg")
+    return [ddg] * rounds + [(noise_multiplier, 1.0, 1, "gaussian")] * gaussian_releases

@@ -76,6 +76,17 @@ ROWS: dict[str, Row] = {
             "-tt mix, central: votes, synthetic pretraining, pooled DP-SGD steps",
             ("-tt", "mix", "privacy.mode=central", "downstream.dp_rounds=32"),
         ),
+        # Secure DP-SGD: 20 x 5 = 100 pooled full-batch steps through SecAgg+ (full batches: see docs/privacy.md).
+        Row(
+            "real-secagg",
+            "-tt real, secagg: pooled full-batch DP-SGD steps on a SecAgg+ sum (no server sees a gradient)",
+            ("-tt", "real", "privacy.mode=secagg", "downstream.dp_rounds=20"),
+        ),
+        Row(
+            "mix-secagg",
+            "-tt mix, secagg: secure votes, synthetic pretraining, pooled DP-SGD steps on SecAgg+ sums",
+            ("-tt", "mix", "privacy.mode=secagg", "downstream.dp_rounds=20"),
+        ),
     )
 }
 
@@ -263,6 +274,12 @@ def targets(cells: dict[tuple[str, float], dict]) -> str:
         line(
             "Mix at epsilon 1 with central DP-SGD (a trusted server, not the target's local trust)",
             mean("mix-central"),
+            0.85,
+        ),
+        # Secure aggregation: no trusted server; each site trusts t' sites of the sum to add their noise share.
+        line(
+            "Mix at epsilon 1 with secure DP-SGD (SecAgg+: no server sees a site's votes or gradients)",
+            mean("mix-secagg"),
             0.85,
         ),
         line(

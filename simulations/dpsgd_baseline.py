@@ -106,16 +106,40 @@ def run_pooled(epsilon: float, seed: int, grid: list[dict] | None = None, overri
     }
 
 
+def parse_setting(text: str) -> dict[str, Any]:
+    """A grid setting from ``LR:SAMPLE_RATE:EPOCHS`` (Adam, clip 1), e.g. ``1e-2:1:100`` for
+    full-batch steps (rate 1: one step per epoch)."""
+    try:
+        lr, rate, epochs = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a grid setting is LR:SAMPLE_RATE:EPOCHS, e.g. 1e-2:0.25:40 (got {text!r})"
+        ) from None
+    if not (lr > 0 and 0 < rate <= 1 and epochs > 0):
+        raise argparse.ArgumentTypeError(f"need lr > 0, 0 < sample rate <= 1 and epochs > 0 (got {text!r})")
+    return {"optimizer": "adam", "lr": lr, "sample_rate": rate, "epochs": epochs, "max_grad_norm": 1.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.dpsgd_baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--epsilon", type=float, default=1.0, help="the whole budget (default 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        type=parse_setting,
+        metavar="LR:RATE:EPOCHS",
+        help="Adam settings to try instead of the stated grid (steps = epochs / rate)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     args = parser.parse_args(argv)
-    results = [run_pooled(args.epsilon, seed, overrides=args.overrides) for seed in args.seeds]
+    results = [run_pooled(args.epsilon, seed, args.grid, args.overrides) for seed in args.seeds]
     for r in results:
-        grid = ", ".join(f"lr {g['lr']:g} q {g['sample_rate']:g}: {g['accuracy_real_test']:.3f}" for g in r["grid"])
+        grid = ", ".join(
+            f"lr {g['lr']:g} q {g['sample_rate']:g} {g['epochs']:g} epochs: {g['accuracy_real_test']:.3f}"
+            for g in r["grid"]
+        )
         sys.stdout.write(f"seed {r['seed']}: best {r['accuracy_real_test']:.4f} ({r['seconds']:.0f} s; {grid})\n")
     accs = [r["accuracy_real_test"] for r in results]
     spread = statistics.stdev(accs) if len(accs) > 1 else 0.0

@@ -1,9 +1,10 @@
-"""The server's side of a secure vote round (``privacy.mode=secagg``): Flower's SecAgg+ workflow.
+"""The server's side of a secure round (``privacy.mode=secagg``): Flower's SecAgg+ workflow.
 
 In flwr 1.41 SecAgg+ lives in the legacy workflow: ``SecAggPlusWorkflow`` asks a legacy
 ``Strategy`` for FitIns (``configure_fit``) and hands it the unmasked aggregate
-(``aggregate_fit``). :class:`SecureVoteRound` runs that workflow for one vote round with
-:class:`_VoteCollector`, a legacy strategy that only carries this round's vote request in and
+(``aggregate_fit``). :class:`SecureRound` runs that workflow for one vote round (or one secure
+DP-SGD round of ``-tt real`` / ``mix``, :mod:`strategies.training`) with
+:class:`_VoteCollector`, a legacy strategy that only carries this round's request in and
 the revealed sum out, and a private LegacyContext, so nothing of the legacy machinery reaches
 :class:`strategies.strategy.CoAutoGenStrategy`. The workflow's parameters make its quantisation
 the identity on the sites' integers (see :mod:`coautogen_fl.secure_votes`), so the "weighted
@@ -12,8 +13,8 @@ mean" it reveals times the number of inputs is the exact integer sum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -36,23 +37,6 @@ from .sites import RoundFailed
 
 if TYPE_CHECKING:
     from .strategy import CoAutoGenStrategy
-
-
-@dataclass
-class SecureSum:
-    """What one SecAgg+ vote round revealed: the summed votes (vote units), and who is in the sum.
-
-    Attributes
-    ----------
-    votes : np.ndarray
-        The decoded sum of the sites' noised integer votes, float64.
-    bookkeeping : dict[int, dict | None]
-        Node id -> the public bookkeeping of its reply (spend, budget, partition id, label), for
-        every site in the sum; None where it was malformed.
-    """
-
-    votes: np.ndarray
-    bookkeeping: dict[int, dict[str, Any] | None] = field(default_factory=dict)
 
 
 class _VoteCollector(LegacyStrategy):
@@ -91,22 +75,40 @@ class _VoteCollector(LegacyStrategy):
         return None
 
 
+class IntegerEncoding(Protocol):
+    """What a secure round needs of its integer encoding (votes or gradient sums)."""
+
+    @property
+    def bound(self) -> int: ...
+
+    def check_modulus(self, sites: int) -> None: ...
+
+
+@dataclass
+class RevealedSum:
+    """The exact integer sum one SecAgg+ round revealed, and the public bookkeeping of each
+    site in it (node id -> bookkeeping, None where it was malformed)."""
+
+    integers: np.ndarray
+    bookkeeping: dict[int, dict[str, Any] | None]
+
+
 @dataclass(frozen=True)
-class SecureVoteRound:
-    """One vote round through SecAgg+.
+class SecureRound:
+    """One round through SecAgg+: a vote round, or a secure DP-SGD round of ``-tt real`` / ``mix``.
 
     Parameters
     ----------
     shape : SecAggShape
         SecAgg+'s neighbourhoods and reconstruction threshold.
-    encoding : SecureVoteEncoding
-        The round's integer encoding (sites in the sum, scale, clipping range).
+    encoding : IntegerEncoding
+        The round's integer encoding (its clipping range ``bound``, the modulus check).
     timeout : float
         Seconds each of the four stages waits for replies.
     """
 
     shape: SecAggShape
-    encoding: SecureVoteEncoding
+    encoding: IntegerEncoding
     timeout: float
 
     def workflow(self) -> SecAggPlusWorkflow:
@@ -124,9 +126,9 @@ class SecureVoteRound:
             timeout=self.timeout,
         )
 
-    def run(self, grid: Grid, nodes: list[int], request: P.VoteRequest) -> SecureSum | None:
-        """Run the four stages with ``nodes``; the revealed sum, or None when fewer than the
-        threshold survived (SecAgg+ then reveals nothing)."""
+    def run(self, grid: Grid, nodes: list[int], request: P.VoteRequest | P.TrainRequest) -> RevealedSum | None:
+        """Run the four stages with ``nodes``; the revealed integer sum, or None when fewer than
+        the threshold survived (SecAgg+ then reveals nothing)."""
         self.encoding.check_modulus(len(nodes))
         arrays, config = request.to_legacy()
         run_id = grid.run.run_id
@@ -147,13 +149,13 @@ class SecureVoteRound:
         # The workflow divides the exact integer sum by the number of inputs: undo it.
         integer_sum = np.rint(collector.mean[0].astype(np.float64) * inputs)
         bookkeeping = {proxy.node_id: _bookkeeping_or_none(res.metrics) for proxy, res in collector.results}
-        return SecureSum(self.encoding.decode(integer_sum), bookkeeping)
+        return RevealedSum(integer_sum, bookkeeping)
 
 
 def _bookkeeping_or_none(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """A site's public bookkeeping, or None when it is malformed (its votes are in the sum anyway)."""
     try:
-        return P.VoteReply.legacy_bookkeeping(metrics)
+        return P.legacy_bookkeeping(metrics)
     except P.ReplyError:
         return None
 
@@ -177,7 +179,7 @@ class SecureVotes:
         self.cfg, self.noise_multiplier, self.sensitivity, self.capped = cfg, noise_multiplier, sensitivity, capped
         self.shape: SecAggShape | None = None
         self.encoding: SecureVoteEncoding | None = None
-        self.revealed: SecureSum | None = None
+        self.revealed: RevealedSum | None = None
 
     def plan(self, sampled: int, coordinates: int) -> SecureVoteEncoding:
         """The shape and encoding of a round with ``sampled`` sites and ``coordinates`` candidates."""
@@ -198,35 +200,41 @@ class SecureVotes:
     def configure(self, grid: Grid, nodes: list[int], request: P.VoteRequest) -> None:
         """Run the round's SecAgg+ stages with ``nodes``; the sum waits for :meth:`collect`."""
         assert self.shape is not None and self.encoding is not None, "plan() the round first"
-        self.revealed = SecureVoteRound(self.shape, self.encoding, self.cfg.federation.timeout_s).run(
-            grid, nodes, request
-        )
+        self.revealed = SecureRound(self.shape, self.encoding, self.cfg.federation.timeout_s).run(grid, nodes, request)
 
     def collect(self, strategy: "CoAutoGenStrategy", server_round: int) -> tuple[np.ndarray, int, float]:
         """(summed votes, sites in the sum, noise std of the sum); every asked site that is not
         in the sum is recorded. Raises RoundFailed when SecAgg+ revealed nothing."""
         revealed, self.revealed = self.revealed, None
-        asked = strategy.sampled.get(server_round, [])
-        in_sum = revealed.bookkeeping if revealed is not None else {}
-        for node in asked:
-            if node not in in_sum:
-                strategy.note_failure(
-                    server_round, node, "not in the secure sum (refused, failed or lost during SecAgg+)"
-                )
-        if revealed is None or self.encoding is None:
-            raise RoundFailed(
-                f"round {server_round}: secure aggregation aborted: "
-                f"too few of the {len(asked)} sites completed SecAgg+ "
-                f"(each needs {self.shape.reconstruction if self.shape else 2} live sites "
-                "among its SecAgg+ neighbours; "
-                "privacy.secagg_threshold), so nothing was revealed; the sites "
-                "that were charged keep the charge. summary.json names each site"
+        assert self.shape is not None and self.encoding is not None, "plan() the round first"
+        integers, sites = account_revealed(strategy, server_round, revealed, self.shape, "votes")
+        return self.encoding.decode(integers), sites, self.encoding.sum_noise_std(sites)
+
+
+def account_revealed(
+    strategy: "CoAutoGenStrategy", server_round: int, revealed: RevealedSum | None, shape: SecAggShape, what: str
+) -> tuple[np.ndarray, int]:
+    """(the revealed integer sum, sites in it): every asked site not in the sum is recorded as
+    dropped, every site in it as answered with its public bookkeeping. Raises RoundFailed when
+    SecAgg+ revealed nothing (``what`` names the masked input in the log: votes or gradients)."""
+    asked = strategy.sampled.get(server_round, [])
+    in_sum = revealed.bookkeeping if revealed is not None else {}
+    for node in asked:
+        if node not in in_sum:
+            strategy.note_failure(server_round, node, "not in the secure sum (refused, failed or lost during SecAgg+)")
+    if revealed is None:
+        raise RoundFailed(
+            f"round {server_round}: secure aggregation aborted: "
+            f"too few of the {len(asked)} sites completed SecAgg+ "
+            f"(each needs {shape.reconstruction} live sites among its SecAgg+ neighbours; "
+            "privacy.secagg_threshold), so nothing was revealed; the sites "
+            "that were charged keep the charge. summary.json names each site"
+        )
+    for node, book in in_sum.items():
+        if book is None:
+            strategy.note_failure(
+                server_round, node, f"malformed public bookkeeping (its masked {what} are in the sum)"
             )
-        for node, book in in_sum.items():
-            if book is None:
-                strategy.note_failure(
-                    server_round, node, "malformed public bookkeeping (its masked votes are in the sum)"
-                )
-            else:
-                strategy.note_answer(node, book)
-        return revealed.votes, len(in_sum), self.encoding.sum_noise_std(len(in_sum))
+        else:
+            strategy.note_answer(node, book)
+    return revealed.integers, len(in_sum)

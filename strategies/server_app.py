@@ -25,15 +25,13 @@ from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.pipeline import build_upscaler, save_prompt_pool
 from coautogen_fl.generation.schedule import DegreeSchedule
 from coautogen_fl.privacy import noise_multiplier_for_epsilon, validate_epsilon_delta
-from coautogen_fl.privacy.split import NoisePlan, plan_noise, training_share
-from coautogen_fl.rater import SIGNED_RATERS, vote_sensitivity
 from coautogen_fl.report import write_report
 from coautogen_fl.rundir import resolve_run_dir
-from coautogen_fl.secure_votes import plan_secagg_noise
 from coautogen_fl.store import SyntheticStore
 from coautogen_fl.tracking import RunTracker, site_lines
 
 from .outcome import FinalStage
+from .privacy_plan import model_parameters, secagg_noise, secagg_training_plan, training_plan
 from .resume import restore, rounds_left
 from .strategy import VOTING_FRAMEWORKS, CoAutoGenStrategy, RoundFailed, SiteRecord
 from .training import TrainingRounds
@@ -75,13 +73,18 @@ def build_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     # Every release a site makes is planned: the voting rounds, plus the evaluation when noised.
     votes = feedback and cfg.feedback.task_type != "real"
     releases = (cfg.feedback.rounds if votes else 0) + (1 if cfg.privacy.evaluation == "noised" else 0)
+    evaluations = releases - (cfg.feedback.rounds if votes else 0)
     if cfg.feedback.task_type == "syn" and cfg.privacy.mode == "secagg" and votes:
-        sigma = secagg_noise(cfg, len(class_names), evaluations=releases - cfg.feedback.rounds)
+        sigma = secagg_noise(cfg, len(class_names), evaluations)
         return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
     if cfg.feedback.task_type == "syn":
         sigma = noise_multiplier_for_epsilon(cfg.privacy.epsilon, cfg.privacy.delta, releases) if releases else 0.0
         return CoAutoGenStrategy(cfg, evolution, final, sigma, cfg.federation.max_site_images)
-    plan = training_plan(cfg, releases)  # -tt real/mix: one epsilon for the Gaussian releases and DP-SGD
+    # -tt real/mix: one epsilon for the votes, the noised evaluation and DP-SGD
+    if cfg.privacy.mode == "secagg":
+        plan = secagg_training_plan(cfg, len(class_names), evaluations, model_parameters(final))
+    else:
+        plan = training_plan(cfg, releases)
     strategy = CoAutoGenStrategy(cfg, evolution, final, plan.gaussian, cfg.federation.max_site_images)
     strategy.training = TrainingRounds(cfg, plan.training, strategy.rounds + 1, run_dir)
     return strategy
@@ -103,32 +106,6 @@ def active_loop(cfg: RunConfig, generator: Any, num_classes: int, final: FinalSt
     )
 
 
-def secagg_noise(cfg: RunConfig, num_classes: int, evaluations: int) -> float:
-    """The noise multiplier of a secagg run's vote sums (and its noised evaluation), for the
-    sites the federation is expected to sample each round."""
-    p, f = cfg.privacy, cfg.feedback
-    sampled = max(2, round(cfg.federation.num_hospitals * cfg.federation.fraction_train))
-    args = dict(
-        k=f.k,
-        unit=p.unit,
-        sensitivity=vote_sensitivity(p.unit, capped=cfg.data.real_per_label > 0, signed=f.rater in SIGNED_RATERS),
-        capped=cfg.data.real_per_label > 0,
-        vote_cap=p.secagg_vote_cap,
-        coordinates=num_classes * f.candidates_per_label,
-    )
-    sigma = plan_secagg_noise(p.epsilon, p.delta, f.rounds, evaluations, sampled, p.secagg_threshold, args)
-    log(
-        INFO,
-        "privacy plan (secagg): %d secure vote sum(s) and %d noised evaluation(s) at noise multiplier %.4g; each site "
-        "adds a discrete-Gaussian share for the threshold of %.0f%% of the sampled sites",
-        f.rounds,
-        evaluations,
-        sigma,
-        100 * p.secagg_threshold,
-    )
-    return sigma
-
-
 def check_downstream_weights(cfg: RunConfig) -> None:
     """-cmp: find the ImageNet weights before any site is charged (a run that spends privacy and
     then cannot train is the worst failure); the cnn has none, so there the flag does nothing."""
@@ -140,28 +117,6 @@ def check_downstream_weights(cfg: RunConfig) -> None:
             cfg.downstream.model,
         )
     pretrained_weights(cfg.downstream.pretrained, cfg.downstream.model, cfg.downstream.weights)
-
-
-def training_plan(cfg: RunConfig, gaussian_releases: int) -> NoisePlan:
-    """The noise of a -tt real/mix run: the Gaussian releases' share, the DP-SGD noise for the rest."""
-    p, d = cfg.privacy, cfg.downstream
-    share = training_share(cfg.feedback.task_type, p.training_share)
-    plan = plan_noise(p.epsilon, p.delta, gaussian_releases, share, d.dp_sample_rate, d.dp_local_steps, d.dp_rounds)
-    log(
-        INFO,
-        "privacy plan (-tt %s): %d Gaussian release(s) at noise %.4g, %d DP-SGD rounds of %d steps at rate %g and "
-        "noise %.4g; each site's ledger will hold epsilon %.4f of %g",
-        cfg.feedback.task_type,
-        gaussian_releases,
-        plan.gaussian,
-        d.dp_rounds,
-        d.dp_local_steps,
-        d.dp_sample_rate,
-        plan.training,
-        plan.epsilon,
-        p.epsilon,
-    )
-    return plan
 
 
 def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:

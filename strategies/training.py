@@ -30,7 +30,10 @@ from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import public_steps
 from coautogen_fl.privacy import GaussianMechanism
+from coautogen_fl.secure_gradients import SecureGradientEncoding, unflatten
+from coautogen_fl.secure_votes import SecAggShape
 
+from .secagg import RevealedSum, SecureRound, account_revealed
 from .sites import RoundFailed, SiteRecord
 
 if TYPE_CHECKING:
@@ -58,9 +61,14 @@ class TrainingRounds:
         self.first_round = int(first_round)
         #: privacy.mode=central: every round is one DP-SGD step on the sum of the sites' clipped
         #: gradients, noised once by the server (pooled DP-SGD); the same (noise, rate) steps as
-        #: dp_rounds x dp_local_steps local steps, so the same epsilon.
+        #: dp_rounds x dp_local_steps local steps, so the same epsilon. privacy.mode=secagg: the same
+        #: pooled steps on a sum SecAgg+ reveals, each site adding a share of the noise (full batches).
         self.central = cfg.privacy.mode == "central"
-        self.rounds = cfg.downstream.dp_rounds * (cfg.downstream.dp_local_steps if self.central else 1)
+        self.secure = cfg.privacy.mode == "secagg"
+        self.pooled = self.central or self.secure
+        self.rounds = cfg.downstream.dp_rounds * (cfg.downstream.dp_local_steps if self.pooled else 1)
+        self._revealed: RevealedSum | None = None  # secagg: the sum of this round's SecAgg+ stages
+        self._shape: SecAggShape | None = None
         self._model: Any = None  # central: the global model and its optimiser, kept across rounds
         self._optimizer: Any = None
         self.run_dir = Path(run_dir)
@@ -80,7 +88,7 @@ class TrainingRounds:
             "noise_multiplier": self.noise_multiplier,
             "rounds": self.rounds,
             "local_steps": d.dp_local_steps,
-            "sample_rate": d.dp_sample_rate,
+            "sample_rate": 1.0 if self.secure else d.dp_sample_rate,
             "max_grad_norm": d.dp_max_grad_norm,
             "lr": d.dp_lr,
             "optimizer": d.dp_optimizer,
@@ -107,22 +115,34 @@ class TrainingRounds:
         return P.TrainRequest(
             round=server_round,
             noise_multiplier=self.noise_multiplier,
-            sample_rate=d.dp_sample_rate,
-            steps=1 if self.central else d.dp_local_steps,
+            sample_rate=1.0 if self.secure else d.dp_sample_rate,
+            steps=1 if self.pooled else d.dp_local_steps,
             max_grad_norm=d.dp_max_grad_norm,
             lr=d.dp_lr,
             optimizer=d.dp_optimizer,
             weights=dict(self.weights or {}),
             run_key=strategy.run_key,
-            privacy_mode="central" if self.central else "local",
+            privacy_mode=self.cfg.privacy.mode if self.pooled else "local",
+            secagg_summands=self._shape.sites_in_sum if self.secure and self._shape else 0,
+            secagg_gradient_cap=self.cfg.privacy.secagg_gradient_cap if self.secure else 0.0,
             **strategy.final.model_spec(),
+        )
+
+    def encoding(self, strategy: "CoAutoGenStrategy") -> SecureGradientEncoding:
+        """secagg: the integer encoding of this round's gradient sums (after :attr:`_shape` is planned)."""
+        assert self._shape is not None, "plan the round's SecAgg+ shape first"
+        return SecureGradientEncoding(
+            self.noise_multiplier,
+            self._shape.sites_in_sum,
+            self.cfg.downstream.dp_max_grad_norm,
+            sum(int(p.size) for p in self._parameters(strategy).values()),
+            self.cfg.privacy.secagg_gradient_cap,
         )
 
     def configure(self, strategy: "CoAutoGenStrategy", server_round: int, grid: Grid) -> list[Message]:
         """Send the global weights to every sampled site."""
         if self.weights is None:
             self.weights = self._start(strategy)
-        content = to_content(self.request(strategy, server_round).to_parts())
         nodes = strategy._sample_nodes(grid)
         strategy.planned_sites = max(strategy.planned_sites, len(grid.get_node_ids()))
         strategy.sampled[server_round] = nodes
@@ -135,6 +155,12 @@ class TrainingRounds:
             self.rounds,
             len(nodes),
         )
+        if self.secure:  # SecAgg+'s four stages run here; Flower's round loop then sends nothing
+            self._shape = SecAggShape.plan(len(nodes), self.cfg.privacy.secagg_threshold)
+            round_ = SecureRound(self._shape, self.encoding(strategy), self.cfg.federation.timeout_s)
+            self._revealed = round_.run(grid, nodes, self.request(strategy, server_round))
+            return []
+        content = to_content(self.request(strategy, server_round).to_parts())
         strategy._outbox = [Message(content=content, dst_node_id=n, message_type=P.TRAIN_DPSGD) for n in nodes]
         strategy._sent_to = {}
         return strategy._outbox
@@ -174,6 +200,11 @@ class TrainingRounds:
         """Average the sites' weights (equal weights), mix in synthetic steps, checkpoint; after the
         last round hand the model to the final stage."""
         started = time.time()
+        if self.secure:
+            model, sites = self._secure_step(strategy, server_round)
+            return self._finish(
+                strategy, server_round, model, len(strategy.sampled.get(server_round, [])), started, sites
+            )
         updates = self._collect(strategy, server_round, list(replies))
         if len(updates) < strategy.min_sites(server_round):
             raise RoundFailed(
@@ -183,9 +214,21 @@ class TrainingRounds:
                 "was asked of any site. summary.json names each site and why it did not count"
             )
         model = self._step(strategy, updates) if self.central else self._average(strategy, updates)
+        return self._finish(strategy, server_round, model, len(replies), started, len(updates))
+
+    def _finish(
+        self,
+        strategy: "CoAutoGenStrategy",
+        server_round: int,
+        model: Any,
+        sent: int,
+        started: float,
+        valid: int | None = None,
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """Checkpoint the round's global model, log its metrics; after the last round hand it on."""
         self.weights = state_dict_to_numpy(model)
         self._checkpoint(server_round)
-        metrics = self._metrics(strategy, server_round, len(replies), len(updates), model, started)
+        metrics = self._metrics(strategy, server_round, sent, sent if valid is None else valid, model, started)
         self.history.append(metrics)
         strategy.final.tracker.log_round(server_round, metrics)
         arrays = strategy.final.adopt(model) if server_round == self.last_round else None
@@ -225,16 +268,33 @@ class TrainingRounds:
         """The global model's trainable parameters by name (what a gradient sum must match)."""
         return {name: p.detach().numpy() for name, p in self._global_model(strategy).named_parameters()}
 
-    def _step(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]]) -> Any:
-        """Central mode: one optimiser step on the sum of the sites' clipped gradient sums plus
-        Gaussian noise of std noise multiplier x max_grad_norm, from OS entropy (as a pooled
-        DP-SGD step on the noised sum; Adam is invariant to its scale), then the mix's public steps."""
+    def _secure_step(self, strategy: "CoAutoGenStrategy", server_round: int) -> tuple[Any, int]:
+        """secagg: one optimiser step on the noised gradient sum SecAgg+ revealed; (the model, the
+        sites in the sum). Raises
+        RoundFailed when it revealed nothing or holds fewer sites than the run needs."""
+        revealed, self._revealed = self._revealed, None
+        assert self._shape is not None, "configure() runs the round first"
+        integers, sites = account_revealed(strategy, server_round, revealed, self._shape, "gradients")
+        if sites < strategy.min_sites(server_round):
+            raise RoundFailed(
+                f"DP-SGD round {server_round}: the secure sum holds {sites} sites, fewer than the "
+                f"{strategy.min_sites(server_round)} the run needs (federation.min_sites)"
+            )
+        reference = self._parameters(strategy)
+        total = unflatten(self.encoding(strategy).decode(integers), reference)
+        return self._step(strategy, [total], noised=True), sites
+
+    def _step(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]], noised: bool = False) -> Any:
+        """Pooled modes: one optimiser step on the sum of the sites' clipped gradient sums, plus
+        (central) Gaussian noise of std noise multiplier x max_grad_norm from OS entropy, or
+        (secagg, ``noised``) the noise the sites' shares put in the sum already (as a pooled DP-SGD
+        step on the noised sum; Adam is invariant to its scale), then the mix's public steps."""
         model, d = self._global_model(strategy), self.cfg.downstream
         noise = GaussianMechanism(self.noise_multiplier, d.dp_max_grad_norm)
         self._optimizer.zero_grad(set_to_none=True)
         for name, param in model.named_parameters():
             total = np.sum([u[name] for u in updates], axis=0)
-            param.grad = torch.as_tensor(noise.apply(total), dtype=param.dtype)
+            param.grad = torch.as_tensor(total if noised else noise.apply(total), dtype=param.dtype)
         self._optimizer.step()
         synthetic = strategy.final.synthetic
         if self.cfg.feedback.task_type == "mix" and synthetic is not None and d.mix_synthetic_steps:

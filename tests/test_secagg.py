@@ -23,7 +23,7 @@ from coautogen_fl import protocol as P
 from coautogen_fl.config import ConfigError, load_config
 from coautogen_fl.privacy import PrivacyLedger
 from coautogen_fl.secure_votes import MODULUS, SecAggShape, SecureVoteEncoding
-from strategies.secagg import SecureVoteRound
+from strategies.secagg import SecureRound
 from strategies.server_app import build_strategy
 
 from strategy_helpers import (
@@ -72,7 +72,7 @@ def secure_round(tmp_path, nodes, *overrides, lost=None):
     secure = strategy.secure
     secure.plan(len(nodes), len(labels))
     grid = SecureGrid(cfg, tmp_path, nodes, lost=lost, **TRUST_ALL)
-    revealed = SecureVoteRound(secure.shape, secure.encoding, 10).run(
+    revealed = SecureRound(secure.shape, secure.encoding, 10).run(
         grid, nodes, strategy.vote_request(1, embeddings, labels)
     )
     return strategy, grid, revealed
@@ -87,7 +87,7 @@ def test_only_the_sum_is_revealed_and_each_site_sends_a_masked_vector(tmp_path, 
     assert revealed is not None and sorted(revealed.bookkeeping) == FIVE
     encoding = strategy.secure.encoding
     # The server recovers exactly the sum of the integers the five sites handed to SecAgg+ ...
-    np.testing.assert_array_equal(revealed.votes * encoding.scale, sum(spy["sent"].values()))
+    np.testing.assert_array_equal(revealed.integers, sum(spy["sent"].values()))
     # ... while what each site sent is its integers under masks: uniform on [0, 2^32).
     collected = [r for _, stage, r in grid.replies if stage == Stage.COLLECT_MASKED_VECTORS]
     assert len(collected) == 5
@@ -106,7 +106,7 @@ def test_one_of_five_sites_dropping_mid_round_still_completes(tmp_path, spy):
     strategy, _, revealed = secure_round(tmp_path, FIVE, lost=lost)
     assert revealed is not None and sorted(revealed.bookkeeping) == FIVE[:4]
     survivors = [spy["sent"][pid] for pid in range(4)]
-    np.testing.assert_array_equal(revealed.votes * strategy.secure.encoding.scale, sum(survivors))
+    np.testing.assert_array_equal(revealed.integers, sum(survivors))
 
 
 def test_sparse_neighbourhoods_beyond_the_largest_window(tmp_path, spy, monkeypatch):
@@ -120,7 +120,7 @@ def test_sparse_neighbourhoods_beyond_the_largest_window(tmp_path, spy, monkeypa
     shape = strategy.secure.shape
     assert (shape.neighbours, shape.reconstruction, shape.sites_in_sum) == (5, 3, 6)
     assert revealed is not None and sorted(revealed.bookkeeping) == nodes[:-1]
-    np.testing.assert_array_equal(revealed.votes * strategy.secure.encoding.scale, sum(spy["sent"].values()))
+    np.testing.assert_array_equal(revealed.integers, sum(spy["sent"].values()))
     shares = [r for _, stage, r in grid.replies if stage == Stage.SHARE_KEYS]
     assert all(len(r.content.config_records[RECORD_KEY_CONFIGS][Key.DESTINATION_LIST]) == 4 for r in shares)
 
@@ -128,7 +128,7 @@ def test_sparse_neighbourhoods_beyond_the_largest_window(tmp_path, spy, monkeypa
 def test_a_site_lost_while_unmasking_is_still_in_the_sum(tmp_path, spy):
     strategy, _, revealed = secure_round(tmp_path, FIVE, lost={24: {Stage.UNMASK}})
     assert revealed is not None and len(revealed.bookkeeping) == 5
-    np.testing.assert_array_equal(revealed.votes * strategy.secure.encoding.scale, sum(spy["sent"].values()))
+    np.testing.assert_array_equal(revealed.integers, sum(spy["sent"].values()))
 
 
 def test_dropouts_below_the_threshold_reveal_nothing_and_the_charges_stand(tmp_path, spy):
@@ -157,7 +157,7 @@ def test_secagg_noise_equals_central_noise_when_every_site_counts(tmp_path, spy)
     encoding = strategy.secure.encoding
     assert encoding.summands == 10 and encoding.exact
     clean = sum(encoding.encode(v) for v in spy["clean"].values()) / encoding.scale
-    residual = revealed.votes - clean
+    residual = strategy.secure.encoding.decode(revealed.integers) - clean
     central_std = strategy.noise_multiplier * strategy.sensitivity
     assert encoding.sum_noise_std(10) == pytest.approx(central_std)
     assert abs(residual.mean()) < 5 * central_std / math.sqrt(residual.size)
@@ -197,7 +197,7 @@ def test_a_setup_that_would_clip_or_round_the_votes_is_refused():
         SecAggSetup(5, 5, 3, float(bound), 2**22, MODULUS, 1.0),  # would round stochastically
         SecAggSetup(5, 5, 3, float(bound), 2 * bound, MODULUS, 1000.0),
     ]:
-        with pytest.raises(P.SiteRefusal, match="does not carry this site's integer votes exactly"):
+        with pytest.raises(P.SiteRefusal, match="does not carry this site's integers exactly"):
             bad.check(encoding)
 
 
@@ -223,8 +223,8 @@ def test_threshold_and_config_refusals():
     assert SecAggShape.plan(100, 1.0).reconstruction == 24  # Flower: threshold < num_shares
     with pytest.raises(Exception, match="at least 2 sites"):
         SecAggShape.plan(1, 0.6)
-    with pytest.raises(ConfigError, match="privacy.mode=secagg"):
-        load_config(overrides=["privacy.mode=secagg", "feedback.task_type=real"])
+    with pytest.raises(ConfigError, match="SecAgg"):
+        load_config(overrides=["privacy.mode=secagg", "feedback.framework=Active"])
     with pytest.raises(ConfigError, match="secagg_threshold"):
         load_config(overrides=["privacy.mode=secagg", "privacy.secagg_threshold=0"])
 

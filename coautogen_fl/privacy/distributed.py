@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -289,6 +290,7 @@ def noise_for_epsilon_secagg(
     summands: int,
     dim: int,
     gaussian_releases: int = 0,
+    prior: Sequence[tuple] = (),
 ) -> float:
     """Smallest planned noise multiplier whose secure-aggregation schedule spends <= epsilon.
 
@@ -315,6 +317,9 @@ def noise_for_epsilon_secagg(
         Number of coordinates of a vote vector, >= 1.
     gaussian_releases : int (default: 0)
         Extra plain Gaussian releases (e.g. a noised evaluation) at the same noise multiplier.
+    prior : sequence of release tuples (default: none)
+        Releases of the same ledger planned before at their own noise (:func:`epsilon_for_releases`
+        tuples, e.g. ``-tt mix``'s secure vote sums before its secure DP-SGD rounds).
 
     Raises
     ------
@@ -328,9 +333,14 @@ def noise_for_epsilon_secagg(
     n = _check_int(summands, "summands", 1, "pass SecAgg+'s reconstruction threshold")
     d = _check_int(dim, "dim", 1, "pass the number of coordinates")
     target = float(epsilon)
+    if prior and epsilon_for_releases(list(prior), delta) >= target:
+        raise PrivacyError(
+            f"the releases planned before already spend epsilon {target:g} or more: nothing is left for "
+            f"{rounds} secure sum(s); raise privacy.epsilon or lower privacy.training_share"
+        )
 
     def spent(s: float) -> float:
-        return epsilon_for_releases(_secagg_releases(s, rounds, c, n, d, gaussian), delta)
+        return epsilon_for_releases([*prior, *_secagg_releases(s, rounds, c, n, d, gaussian)], delta)
 
     lo = math.sqrt(MIN_SHARE_VARIANCE * n) / c
     while share_variance(lo, c, n) < MIN_SHARE_VARIANCE:  # float rounding: step into the domain
