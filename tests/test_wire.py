@@ -162,6 +162,36 @@ def test_every_field_of_a_secagg_run_is_charged_or_public(tmp_path, monkeypatch)
     assert not any(P.VOTES in e["arrays"] for e in entries)  # no vote ever travels in the clear
 
 
+def test_every_field_of_a_secagg_mix_run_is_charged_or_public(tmp_path, monkeypatch):
+    """-tt mix with privacy.mode=secagg: the vote rounds and the DP-SGD rounds are all SecAgg+
+    rounds; no vote, weight or gradient ever travels in the clear, and every charge is one ledger entry."""
+    monkeypatch.setattr(client_app, "_SITES", {})
+    log_path = tmp_path / "wire.jsonl"
+    cfg = small_config(
+        "privacy.mode=secagg", "feedback.task_type=mix", "downstream.dp_rounds=1", "downstream.dp_local_steps=2"
+    )
+    s = build_strategy(cfg, tmp_path / "run")
+    grid = WireGrid(cfg, tmp_path, log_path)
+    s.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=s.total_rounds, timeout=10)
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    kinds = Counter(
+        secure_vote_fields(e["configs"]) if e["message_type"] == MessageType.TRAIN else "evaluate" for e in entries
+    )
+    secure_rounds = cfg.feedback.rounds + 2  # the votes, then dp_rounds x dp_local_steps DP-SGD sums
+    stages = ("secagg-setup", "secagg-share-keys", "secagg-collect", "secagg-unmask")
+    assert kinds == {**{stage: 3 * secure_rounds for stage in stages}, "evaluate": 3}
+    problems, charged = wire_problems(entries, s.noise_multiplier, secagg=True)
+    assert problems == []
+    for i in range(3):
+        ledger = PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", cfg.privacy.epsilon, cfg.privacy.delta)
+        assert charged[str(i)] == len(ledger.entries) == secure_rounds + 1
+        assert [e.kind for e in ledger.entries] == ["ddg"] * secure_rounds + ["gaussian"]
+        assert cfg.privacy.epsilon * 0.99 <= ledger.spent_epsilon() <= cfg.privacy.epsilon
+    assert not any({P.VOTES, P.WEIGHTS, P.GRADIENTS} & set(e["arrays"]) for e in entries)
+    assert [h["updates_received"] for h in s.training.history] == [3, 3]
+
+
 def test_the_wire_check_flags_what_the_old_replies_carried(tmp_path):
     """The check has teeth: a reply with the site's size (what sites used to send) or a
     detailed error reason fails it."""
