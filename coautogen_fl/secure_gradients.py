@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .privacy.distributed import check_modulus, ddg_noise_multiplier, secagg_bound, share_variance
-from .secure_votes import MODULUS
+from .privacy.distributed import check_modulus, secagg_bound
+from .secure_votes import MODULUS, NoiseShares
 
 #: The rounding of one coordinate may add at most this fraction of ``scale * C`` to the L2
 #: sensitivity (sqrt(d) <= scale * C / ROUNDING_HEADROOM).
@@ -60,7 +60,7 @@ def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[s
 
 
 @dataclass(frozen=True)
-class SecureGradientEncoding:
+class SecureGradientEncoding(NoiseShares):
     """How one round's clipped gradient sums become integers, and the noise each site adds.
 
     Parameters
@@ -94,14 +94,6 @@ class SecureGradientEncoding:
         """L2 sensitivity of a site's integer sum: ``scale * C`` plus ``sqrt(d)`` of rounding."""
         return self.scale * self.max_grad_norm + math.sqrt(self.coordinates)
 
-    def share_variance(self, summands: int) -> float:
-        """Variance of the noise a site adds when it counts on ``summands`` sites in the sum."""
-        return share_variance(self.noise_multiplier, self.integer_sensitivity, summands)
-
-    def charge_multiplier(self, summands: int) -> float:
-        """The Gaussian-equivalent noise multiplier a site's ledger charges (``kind="ddg"``)."""
-        return ddg_noise_multiplier(self.share_variance(summands), self.integer_sensitivity, summands, self.coordinates)
-
     @property
     def clean_cap(self) -> int:
         """The largest clean integer coordinate (in absolute value)."""
@@ -134,7 +126,3 @@ class SecureGradientEncoding:
     def decode(self, integer_sum: np.ndarray) -> np.ndarray:
         """The summed gradients (gradient units, flat) from the integer sum SecAgg+ revealed."""
         return np.asarray(integer_sum, dtype=np.float64) / self.scale
-
-    def sum_noise_std(self, sites: int) -> float:
-        """Std (gradient units) of the noise in a sum of ``sites`` shares planned for ``summands``."""
-        return self.noise_multiplier * self.integer_sensitivity / self.scale * math.sqrt(sites / self.summands)

@@ -96,8 +96,32 @@ class SecAggShape:
         return (self.sampled // self.neighbours) * self.reconstruction
 
 
+class NoiseShares:
+    """The noise shares of an integer encoding for SecAgg+ (votes or gradient sums): a subclass
+    has ``noise_multiplier`` (``s``), ``summands`` (``t``), ``scale``, ``coordinates`` and
+    ``integer_sensitivity`` (``D``); any sum of ``t`` shares carries noise of std ``s * D``."""
+
+    noise_multiplier: float
+    summands: int
+    coordinates: int
+    scale: int
+    integer_sensitivity: float
+
+    def share_variance(self, summands: int) -> float:
+        """Variance of the noise a site adds when it counts on ``summands`` sites in the sum."""
+        return share_variance(self.noise_multiplier, self.integer_sensitivity, summands)
+
+    def charge_multiplier(self, summands: int) -> float:
+        """The Gaussian-equivalent noise multiplier a site's ledger charges for its share (``kind="ddg"``)."""
+        return ddg_noise_multiplier(self.share_variance(summands), self.integer_sensitivity, summands, self.coordinates)
+
+    def sum_noise_std(self, sites: int) -> float:
+        """Std (in the encoded quantity's units) of the noise in a sum of ``sites`` shares planned for ``summands``."""
+        return self.noise_multiplier * self.integer_sensitivity / self.scale * math.sqrt(sites / self.summands)
+
+
 @dataclass(frozen=True)
-class SecureVoteEncoding:
+class SecureVoteEncoding(NoiseShares):
     """How one round's votes become integers, and the noise each site adds.
 
     Parameters
@@ -158,14 +182,6 @@ class SecureVoteEncoding:
         base = self.scale * self.sensitivity
         return base if self.exact else base + math.sqrt(self.changed_coordinates)
 
-    def share_variance(self, summands: int) -> float:
-        """Variance of the noise a site adds when it counts on ``summands`` sites in the sum."""
-        return share_variance(self.noise_multiplier, self.integer_sensitivity, summands)
-
-    def charge_multiplier(self, summands: int) -> float:
-        """The Gaussian-equivalent noise multiplier a site's ledger charges for its share."""
-        return ddg_noise_multiplier(self.share_variance(summands), self.integer_sensitivity, summands, self.coordinates)
-
     @property
     def bound(self) -> int:
         """SecAgg+'s clipping range ``B``: the clean cap plus the slack of a site adding all the
@@ -189,10 +205,6 @@ class SecureVoteEncoding:
     def decode(self, integer_sum: np.ndarray) -> np.ndarray:
         """Votes (vote units) from the integer sum SecAgg+ revealed."""
         return np.asarray(integer_sum, dtype=np.float64) / self.scale
-
-    def sum_noise_std(self, sites: int) -> float:
-        """Std (vote units) of the noise in a sum of ``sites`` shares planned for ``summands``."""
-        return self.noise_multiplier * self.integer_sensitivity / self.scale * math.sqrt(sites / self.summands)
 
 
 def plan_secagg_noise(

@@ -55,7 +55,11 @@ def test_table_targets_and_doc_block_come_from_the_runs(tmp_path):
     doc.write_text(f"# Benchmarks\n\nbefore\n\n{B.START}\nstale block\n{B.END}\n\nafter\n")
     B.write_doc(doc, B.report(cells, "python -m simulations.benchmark --out <dir>", "plot.png"))
     written = doc.read_text()
-    assert "stale block" not in written and written.startswith("# Benchmarks\n\nbefore") and written.rstrip().endswith("after")
+    assert (
+        "stale block" not in written
+        and written.startswith("# Benchmarks\n\nbefore")
+        and written.rstrip().endswith("after")
+    )
     assert (
         "| Gen: the generator's prior, no votes | 1 | **0.3100** (0.0100) | 0.3000, 0.3100, 0.3200 | 0 | 3 |" in written
     )
