@@ -111,8 +111,8 @@ class SecureGradientEncoding(NoiseShares):
             self.bound,
             sites,
             MODULUS,
-            f"lower privacy.secagg_gradient_cap (now {self.coordinate_cap:g}) or the sites per round "
-            "(federation.fraction_train)",
+            "ask fewer sites per round (federation.fraction_train; the noise a single site may add sets the "
+            f"range) or lower privacy.secagg_gradient_cap (now {self.coordinate_cap:g})",
         )
 
     def encode(self, gradient_sum: Mapping[str, np.ndarray]) -> np.ndarray:
