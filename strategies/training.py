@@ -140,7 +140,8 @@ class TrainingRounds:
         )
 
     def configure(self, strategy: "CoAutoGenStrategy", server_round: int, grid: Grid) -> list[Message]:
-        """Send the global weights to every sampled site."""
+        """Send the global weights to every sampled site; in secagg mode run the round's SecAgg+
+        stages with them instead (the sum waits for :meth:`aggregate`) and send nothing more."""
         if self.weights is None:
             self.weights = self._start(strategy)
         nodes = strategy._sample_nodes(grid)
@@ -200,11 +201,10 @@ class TrainingRounds:
         """Average the sites' weights (equal weights), mix in synthetic steps, checkpoint; after the
         last round hand the model to the final stage."""
         started = time.time()
-        if self.secure:
+        if self.secure:  # the round's SecAgg+ stages ran in configure(): its time counts from there
             model, sites = self._secure_step(strategy, server_round)
-            return self._finish(
-                strategy, server_round, model, len(strategy.sampled.get(server_round, [])), started, sites
-            )
+            asked = len(strategy.sampled.get(server_round, []))
+            return self._finish(strategy, server_round, model, asked, strategy._round_start, sites)
         updates = self._collect(strategy, server_round, list(replies))
         if len(updates) < strategy.min_sites(server_round):
             raise RoundFailed(
@@ -270,8 +270,8 @@ class TrainingRounds:
 
     def _secure_step(self, strategy: "CoAutoGenStrategy", server_round: int) -> tuple[Any, int]:
         """secagg: one optimiser step on the noised gradient sum SecAgg+ revealed; (the model, the
-        sites in the sum). Raises
-        RoundFailed when it revealed nothing or holds fewer sites than the run needs."""
+        sites in the sum). Raises RoundFailed when it revealed nothing or holds fewer sites than
+        the run needs."""
         revealed, self._revealed = self._revealed, None
         assert self._shape is not None, "configure() runs the round first"
         integers, sites = account_revealed(strategy, server_round, revealed, self._shape, "gradients")
