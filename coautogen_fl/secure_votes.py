@@ -30,6 +30,7 @@ from .privacy.distributed import (
     ddg_noise_multiplier,
     noise_for_epsilon_secagg,
     secagg_bound,
+    secagg_releases,
     share_variance,
 )
 
@@ -243,5 +244,6 @@ def secagg_vote_releases(
     charges; :func:`coautogen_fl.privacy.epsilon_for_releases` tuples). ``encoding_args`` as in
     :func:`plan_secagg_noise`."""
     encoding = SecureVoteEncoding.plan(noise_multiplier, summands, **encoding_args)
-    ddg = (encoding.charge_multiplier(summands), 1.0, 1, "ddg")
-    return [ddg] * rounds + [(noise_multiplier, 1.0, 1, "gaussian")] * gaussian_releases
+    return secagg_releases(
+        noise_multiplier, rounds, encoding.integer_sensitivity, summands, encoding.coordinates, gaussian_releases
+    )

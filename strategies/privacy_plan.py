@@ -17,7 +17,7 @@ from flwr.common import log
 from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier
 from coautogen_fl.privacy import epsilon_for_releases, noise_multiplier_for_epsilon
-from coautogen_fl.privacy.distributed import noise_for_epsilon_secagg
+from coautogen_fl.privacy.distributed import noise_for_epsilon_secagg, secagg_releases
 from coautogen_fl.privacy.split import NoisePlan, plan_noise, training_share
 from coautogen_fl.rater import SIGNED_RATERS, vote_sensitivity
 from coautogen_fl.secure_gradients import SecureGradientEncoding
@@ -91,7 +91,7 @@ def model_parameters(final: "FinalStage") -> int:
     """The downstream model's trainable parameters (the length of a secure gradient sum)."""
     spec = final.model_spec()
     model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"])
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in model.parameters())  # as the sites and the server count them
 
 
 def secagg_training_plan(cfg: RunConfig, num_classes: int, evaluations: int, parameters: int) -> NoisePlan:
@@ -116,12 +116,14 @@ def secagg_training_plan(cfg: RunConfig, num_classes: int, evaluations: int, par
         gaussian = noise_multiplier_for_epsilon(rest, p.delta, evaluations) if evaluations else 0.0
         prior = [(gaussian, 1.0, 1, "gaussian")] * evaluations
     steps = d.dp_rounds * d.dp_local_steps
-    encoding = SecureGradientEncoding(1.0, threshold, d.dp_max_grad_norm, parameters, p.secagg_gradient_cap)
-    training = noise_for_epsilon_secagg(
-        p.epsilon, p.delta, steps, encoding.integer_sensitivity, threshold, parameters, 0, prior
+    # The integer sensitivity depends on the model and the clip only, not on the noise.
+    sensitivity = SecureGradientEncoding(
+        1.0, threshold, d.dp_max_grad_norm, parameters, p.secagg_gradient_cap
+    ).integer_sensitivity
+    training = noise_for_epsilon_secagg(p.epsilon, p.delta, steps, sensitivity, threshold, parameters, 0, prior)
+    total = epsilon_for_releases(
+        [*prior, *secagg_releases(training, steps, sensitivity, threshold, parameters)], p.delta
     )
-    charge = SecureGradientEncoding(training, threshold, d.dp_max_grad_norm, parameters, p.secagg_gradient_cap)
-    total = epsilon_for_releases([*prior, *[(charge.charge_multiplier(threshold), 1.0, 1, "ddg")] * steps], p.delta)
     log(
         INFO,
         "privacy plan (-tt %s, secagg): %d secure vote sum(s), %d noised evaluation(s) at noise %.4g, %d secure "

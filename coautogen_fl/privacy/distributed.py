@@ -277,7 +277,10 @@ def share_variance(noise_multiplier: float, sensitivity: float, summands: int) -
     return (s * c) ** 2 / n
 
 
-def _secagg_releases(s: float, rounds: int, sensitivity: float, summands: int, dim: int, gaussian: int) -> list:
+def secagg_releases(s: float, rounds: int, sensitivity: float, summands: int, dim: int, gaussian: int = 0) -> list:
+    """The ledger entries (:func:`epsilon_for_releases` tuples) of ``rounds`` secure sums planned at
+    noise multiplier ``s`` for ``summands`` shares of integer sensitivity ``sensitivity`` over ``dim``
+    coordinates, then ``gaussian`` plain Gaussian releases at ``s``: what every site charges."""
     ddg = ddg_noise_multiplier(share_variance(s, sensitivity, summands), sensitivity, summands, dim)
     return [(ddg, 1.0, 1, "ddg")] * rounds + [(s, 1.0, 1, "gaussian")] * gaussian
 
@@ -340,7 +343,7 @@ def noise_for_epsilon_secagg(
         )
 
     def spent(s: float) -> float:
-        return epsilon_for_releases([*prior, *_secagg_releases(s, rounds, c, n, d, gaussian)], delta)
+        return epsilon_for_releases([*prior, *secagg_releases(s, rounds, c, n, d, gaussian)], delta)
 
     lo = math.sqrt(MIN_SHARE_VARIANCE * n) / c
     while share_variance(lo, c, n) < MIN_SHARE_VARIANCE:  # float rounding: step into the domain
