@@ -46,6 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feedback.selection": ("sample", "rank"),
     "feedback.evolve": ("auto", "distribution", "candidates"),
     "feedback.refit": ("per_class", "shared"),
+    "generator.glyph_style": ("auto", "pen", "fonts", "both"),
     "postprocess.upscale_on": ("final", "rounds"),
     "feedback.task_type": ("syn", "real", "mix"),
     "feedback.task_mode": ("I2I", "T2I"),

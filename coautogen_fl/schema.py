@@ -62,6 +62,7 @@ class GeneratorConfig:
     # folder (./models/sd15) | a name registered under the "coautogen_fl.generators" entry point | "pkg.module:Class"
     name: str = "Glyph"
     seed: int = 0
+    glyph_style: str = "auto"  # Glyph: pen (handwritten pen forms) | fonts (TrueType) | both | auto (pen for digits)
     prompt_template: str = "a photo of {name}"  # diffusers/HTTP: the class prompt
     steps: int = 25  # diffusers: inference steps
     guidance_scale: float = 7.5

@@ -30,7 +30,13 @@ if TYPE_CHECKING:
 def _glyph(cfg: RunConfig, ctx: GeneratorContext) -> Generator:
     from .glyph import GlyphGenerator
 
-    return GlyphGenerator(ctx.class_names, image_size=ctx.image_size, seed=cfg.generator.seed, refit=cfg.feedback.refit)
+    return GlyphGenerator(
+        ctx.class_names,
+        image_size=ctx.image_size,
+        seed=cfg.generator.seed,
+        refit=cfg.feedback.refit,
+        style=cfg.generator.glyph_style,
+    )
 
 
 def _latent(cfg: RunConfig, ctx: GeneratorContext) -> Generator:

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from coautogen_fl.generation import handwriting
+from coautogen_fl.generation import handwriting, pen
 from coautogen_fl.generation.base import Candidate, CandidateMaker, check_int
 from coautogen_fl.generation.distribution import GenotypeDistribution
-from coautogen_fl.generation.fonts import load_font, select_fonts
+from coautogen_fl.generation.fonts import load_font
 from coautogen_fl.generation.schedule import check_degree
 
 #: Sampling range (low, high) of every numeric genotype parameter; ``random`` draws uniformly
@@ -112,7 +112,11 @@ def render_glyph(genotype: dict[str, Any], text: str, image_size: int = 28) -> n
 
 
 def _draw_text(genotype: dict[str, Any], text: str, em_size: int) -> Image.Image:
-    """Draw the text tightly cropped to its ink box, with a 2 px black margin."""
+    """Draw the text tightly cropped to its ink box, with a 2 px black margin (a pen form for a
+    ``pen:<n>`` font, see ``coautogen_fl.generation.pen``)."""
+    if pen.is_pen_font(str(genotype["font"])):
+        width = pen.pen_width(float(genotype["stroke_width"]))
+        return pen.draw_pen(text, str(genotype["font"]), em_size, width, int(genotype["noise_seed"]))
     font = load_font(str(genotype["font"]), em_size)
     stroke = float(genotype["stroke_width"]) * em_size
     box = font.getbbox(text, stroke_width=stroke)  # floats when the stroke is fractional
@@ -192,17 +196,21 @@ class GlyphGenerator(CandidateMaker):
     seed : int, default 0
         Seeds the one numpy Generator all sampling draws from: same seed, same candidates.
     fonts : Sequence[str] or None, default None
-        Bundled font names to draw from; None means every bundled font that renders all
-        class names (see ``bundled_fonts``).
+        Pen forms (``pen:<n>``) and bundled font names to draw from; None means the ``style``.
     refit : str, default "per_class"
         What ``fit`` moves: ``per_class`` gives every class its own distribution (a "1" and an
         "8" are drawn by different hands), started from the shared fit; ``shared`` fits one
         distribution to all classes' votes (pools the noise of the fewest candidates).
+    style : str, default "auto"
+        What draws a glyph when ``fonts`` is None: ``pen`` (handwritten pen forms, see
+        ``coautogen_fl.generation.pen``), ``fonts`` (every bundled TrueType font that renders
+        all class names, see ``bundled_fonts``), ``both``, or ``auto`` (pen forms when every
+        class name has them, as the digits do, else fonts).
 
     Attributes
     ----------
     fonts : tuple[str, ...]
-        The fonts ``random`` picks from uniformly and ``vary`` switches between.
+        The fonts (and pen forms) ``random`` picks from uniformly and ``vary`` switches between.
     parameter_ranges : dict[str, tuple[float, float]]
         ``PARAMETER_RANGES`` with the resolution's upper bound set to ``image_size``.
     """
@@ -216,6 +224,7 @@ class GlyphGenerator(CandidateMaker):
         seed: int = 0,
         fonts: Sequence[str] | None = None,
         refit: str = "per_class",
+        style: str = "auto",
     ) -> None:
         names = tuple(str(c) for c in class_names)
         if refit not in ("per_class", "shared"):
@@ -226,7 +235,7 @@ class GlyphGenerator(CandidateMaker):
                 f"{list(class_names)!r}; for digits pass [str(d) for d in range(10)]"
             )
         check_int("image_size", image_size, 8)
-        self.fonts = select_fonts(names, fonts)
+        self.fonts = pen.glyph_fonts(names, fonts, style)
         self.class_names = names
         self.image_size = int(image_size)
         self.seed = seed
