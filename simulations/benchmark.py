@@ -47,6 +47,11 @@ ROWS: dict[str, Row] = {
         Row("feedback-local", "Feedback, local DP (the main job)"),
         Row("feedback-central", "Feedback, central DP", ("privacy.mode=central",)),
         Row(
+            "feedback-secagg",
+            "Feedback, secagg: votes summed by SecAgg+ (no server sees a site's votes)",
+            ("privacy.mode=secagg",),
+        ),
+        Row(
             "candidates",
             "Feedback, central, feedback.evolve=candidates (Private Evolution proper)",
             ("privacy.mode=central", "feedback.evolve=candidates"),
@@ -270,6 +275,11 @@ def targets(cells: dict[tuple[str, float], dict]) -> str:
     gen, local = mean("gen"), mean("feedback-local")
     lines = [
         line("Synthetic only (Feedback, local, epsilon 1)", local, 0.70),
+        line(
+            "Synthetic only with secure votes (Feedback, secagg: no server sees a site's votes)",
+            mean("feedback-secagg"),
+            0.70,
+        ),
         line("Noise-free ceiling (Feedback, central, epsilon 1000)", mean("feedback-central", 1000.0), 0.85),
         line(
             "Feedback - Gen at epsilon 1 (same generator, same volume)",
