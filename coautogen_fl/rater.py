@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 
-def _squared_distances(queries: np.ndarray, keys: np.ndarray, chunk: int = 256) -> np.ndarray:
+def squared_distances(queries: np.ndarray, keys: np.ndarray, chunk: int = 256) -> np.ndarray:
     """Pairwise squared L2 distances, (Q, D) x (K, D) -> (Q, K), in float64.
 
     Each row is computed from its own query alone (no shared matrix product, whose rounding
@@ -69,7 +69,7 @@ def vote_histogram(
             continue  # nothing of this class to vote for: these samples release nothing
         voters = private_embeddings[private_labels == label]
         k_eff = min(k, members.size)
-        distances = _squared_distances(voters, candidate_embeddings[members])
+        distances = squared_distances(voters, candidate_embeddings[members])
         nearest = np.argpartition(distances, k_eff - 1, axis=1)[:, :k_eff]
         np.add.at(votes, members[nearest.ravel()], 1.0 / np.sqrt(k_eff))
     return votes
@@ -98,9 +98,7 @@ def filter_scores(
     if not _has_voters(private_embeddings, candidate_embeddings, k) or candidate_labels.shape[0] == 0:
         return scores
     k_eff = min(k, candidate_labels.shape[0])
-    nearest = np.argpartition(_squared_distances(private_embeddings, candidate_embeddings), k_eff - 1, axis=1)[
-        :, :k_eff
-    ]
+    nearest = np.argpartition(squared_distances(private_embeddings, candidate_embeddings), k_eff - 1, axis=1)[:, :k_eff]
     agree = candidate_labels[nearest] == private_labels[:, None]
     np.add.at(scores, nearest.ravel(), np.where(agree, 1.0, -1.0).ravel() / np.sqrt(k_eff))
     return scores
@@ -118,7 +116,7 @@ def _log_contrastive_confidence(
     e = candidate_embeddings.astype(np.float64)
     classes, own = np.unique(candidate_labels, return_inverse=True)
     prototypes = np.stack([e[own == i].mean(axis=0) for i in range(classes.size)])
-    distances = _squared_distances(e, prototypes)  # (N, C), row by row
+    distances = squared_distances(e, prototypes)  # (N, C), row by row
     s2 = float(distances[np.arange(e.shape[0]), own].mean())
     if not (math.isfinite(s2) and s2 > 0.0):
         s2 = 1.0
@@ -154,7 +152,7 @@ def contrastive_votes(
 
     Sensitivity: ``u(x, .)`` depends on ``x`` and public values only, so one private sample moves
     only its own ``k`` entries of ``1/sqrt(k)``: L2 norm exactly 1 per sample, as PE (distances are
-    row-independent, :func:`_squared_distances`, so ties cannot make one sample move another's vote).
+    row-independent, :func:`squared_distances`, so ties cannot make one sample move another's vote).
 
     Why it differs from the paper: the paper's prototypes are means of the *private* data, so one
     private image moves every prototype and with it every other image's vote (and the utility of
@@ -177,7 +175,7 @@ def contrastive_votes(
         voters = private_embeddings[private_labels == label]
         k_eff = min(k, members.size)
         # -utility, element-wise from each voter's own row: smaller is better
-        cost = _squared_distances(voters, candidate_embeddings[members]) / s2 - log_q[members][None, :]
+        cost = squared_distances(voters, candidate_embeddings[members]) / s2 - log_q[members][None, :]
         best = np.argpartition(cost, k_eff - 1, axis=1)[:, :k_eff]
         np.add.at(votes, members[best.ravel()], 1.0 / np.sqrt(k_eff))
     return votes

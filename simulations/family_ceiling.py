@@ -33,12 +33,12 @@ from coautogen_fl.downstream import derived_epochs, train_and_evaluate
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.generation import build_generator
 from coautogen_fl.generation.base import Candidate, GeneratorCapabilities, stack_images
+from coautogen_fl.rater import squared_distances
 
 
 def nearest_votes(private: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Index of each private embedding's nearest candidate embedding (squared L2)."""
-    distances = (private**2).sum(1)[:, None] - 2 * private @ candidates.T + (candidates**2).sum(1)[None]
-    return distances.argmin(1)
+    """Index of each private embedding's nearest candidate embedding (squared L2, as the raters measure)."""
+    return squared_distances(private, candidates).argmin(1)
 
 
 def main(argv: list[str] | None = None) -> int:

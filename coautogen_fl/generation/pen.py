@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from coautogen_fl.config import CHOICES
 from coautogen_fl.generation.fonts import select_fonts
 
 Point = tuple[float, float]
@@ -37,8 +38,10 @@ _ASPECT = 0.62
 BASE_PEN_WIDTH = 0.06
 PEN_WIDTH_PER_STROKE = 1.5
 
-#: Std of the whole-stroke shift and of the per-point wobble steps, as fractions of the box.
-_WOBBLE = 0.04
+#: The hand's wobble, as fractions of the box: std of each stroke's whole shift, and of the
+#: per-point steps whose running sum bends the stroke smoothly.
+_STROKE_SHIFT = 0.02
+_WOBBLE_STEP = 0.004
 
 
 def _arc(cx: float, cy: float, rx: float, ry: float, start: float, end: float, steps: int = 24) -> Stroke:
@@ -134,8 +137,8 @@ def draw_pen(text: str, font: str, em_size: int, pen_width: float, seed: int) ->
     line_width = max(1, int(round(pen_width * em_size)))
     radius = line_width / 2
     for stroke in strokes:
-        points = np.array(stroke) + rng.normal(0.0, _WOBBLE, (1, 2)) * 0.5
-        points = points + rng.normal(0.0, _WOBBLE * 0.5, points.shape).cumsum(0) * 0.2
+        points = np.array(stroke) + rng.normal(0.0, _STROKE_SHIFT, (1, 2))
+        points = points + rng.normal(0.0, _WOBBLE_STEP, points.shape).cumsum(0)
         xy = [(pad + x * width, pad + y * height) for x, y in points]
         draw.line(xy, fill=255, width=line_width, joint="curve")
         for x, y in (xy[0], xy[-1]):  # round caps: PIL's lines end square
@@ -147,8 +150,8 @@ def draw_pen(text: str, font: str, em_size: int, pen_width: float, seed: int) ->
     return image.crop((left - 2, top - 2, right + 2, bottom + 2))
 
 
-#: Values of ``generator.glyph_style``: which "fonts" a glyph generator draws with.
-GLYPH_STYLES = ("auto", "pen", "fonts", "both")
+#: Values of ``generator.glyph_style``: which "fonts" a glyph generator draws with (the config's list).
+GLYPH_STYLES = CHOICES["generator.glyph_style"]
 
 
 def glyph_fonts(class_names: Sequence[str], fonts: Sequence[str] | None = None, style: str = "auto") -> tuple[str, ...]:
