@@ -29,7 +29,7 @@ from coautogen_fl.device import resolve_device
 from coautogen_fl.downstream import build_classifier, class_errors, load_numpy_state_dict
 from coautogen_fl.embedding import build_embedder
 from coautogen_fl.privacy import GaussianMechanism, PrivacyError, PrivacyLedger
-from coautogen_fl.privacy.distributed import discrete_gaussian
+from coautogen_fl.privacy.discrete_gaussian import discrete_gaussian
 from coautogen_fl.privacy.release_store import ReleaseStore
 from coautogen_fl.privacy.site_key import site_secret
 from coautogen_fl.rater import SIGNED_RATERS, build_rater, normalise_site_vector, vote_sensitivity

@@ -21,7 +21,7 @@ from coautogen_fl import protocol as P
 from coautogen_fl.downstream import build_classifier, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import DPSGDSettings, check_private_model, clipped_gradient_sum, dp_train
 from coautogen_fl.privacy import PrivacyError
-from coautogen_fl.privacy.distributed import discrete_gaussian
+from coautogen_fl.privacy.discrete_gaussian import discrete_gaussian
 from coautogen_fl.secure_gradients import SecureGradientEncoding
 
 from .secagg import SecAggSetup

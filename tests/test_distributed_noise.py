@@ -20,12 +20,12 @@ from coautogen_fl.privacy import (
     epsilon_for_noise,
     epsilon_for_releases,
 )
+from coautogen_fl.privacy.discrete_gaussian import discrete_gaussian
 from coautogen_fl.privacy.distributed import (
     check_modulus,
     clip_probability,
     ddg_epsilon,
     ddg_noise_multiplier,
-    discrete_gaussian,
     noise_for_epsilon_secagg,
     secagg_bound,
     share_variance,

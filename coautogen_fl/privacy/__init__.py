@@ -21,12 +21,12 @@ from .accountant import (
     noise_multiplier_for_epsilon,
     validate_epsilon_delta,
 )
+from .discrete_gaussian import discrete_gaussian
 from .distributed import (
     check_modulus,
     clip_probability,
     ddg_epsilon,
     ddg_noise_multiplier,
-    discrete_gaussian,
     noise_for_epsilon_secagg,
     secagg_bound,
     share_variance,
