@@ -131,8 +131,8 @@ class FlowerSimulation:
         )
 
     # ------------------------------------------------------------------ the state file
-    def _add_root(self, pid: int) -> None:
-        rec = processes.record(pid)
+    def _add_root(self, pid: int, command: list[str]) -> None:
+        rec = processes.record(pid, command)
         if rec is not None:
             with self._lock:
                 self._roots.append(rec)
@@ -206,7 +206,7 @@ class FlowerSimulation:
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,  # its own session and process group: stop() signals the group
                 )
-                self._add_root(self.process.pid)
+                self._add_root(self.process.pid, command)
                 self._recorder = threading.Thread(target=self._record_loop, name="coautogen-recorder", daemon=True)
                 self._recorder.start()
             deadline = time.monotonic() + timeout
@@ -299,7 +299,7 @@ class FlowerSimulation:
             proc = self.client = subprocess.Popen(
                 command, env=self.env, cwd=self.flwr_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
-            self._add_root(proc.pid)
+            self._add_root(proc.pid, command)
         run_id = None
         assert proc.stdout is not None
         for line in proc.stdout:

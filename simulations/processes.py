@@ -85,8 +85,12 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def record(pid: int) -> ProcessRecord | None:
-    """The record of the live process ``pid`` now, None if there is none (or it is a zombie)."""
+def record(pid: int, command: Sequence[str] | None = None) -> ProcessRecord | None:
+    """The record of the live process ``pid`` now, None if there is none (or it is a zombie).
+
+    ``command``: the command line we started ``pid`` with. Read back just after the start, a
+    process may not show it yet (before its exec, or an empty ``cmdline`` during it), so a
+    caller that knows it passes it in."""
     try:
         proc = psutil.Process(pid)
         created = proc.create_time()
@@ -94,7 +98,7 @@ def record(pid: int) -> ProcessRecord | None:
         return None
     if not _running(proc):
         return None
-    return ProcessRecord(pid, created, _command(proc))
+    return ProcessRecord(pid, created, " ".join(command) if command else _command(proc))
 
 
 def _record_of(proc: psutil.Process) -> ProcessRecord | None:

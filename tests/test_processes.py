@@ -124,6 +124,9 @@ def test_record_identifies_a_process_by_pid_and_creation_time():
         assert rec.pid == proc.pid and abs(rec.create_time - psutil.Process(proc.pid).create_time()) < 1e-6
         assert processes.is_alive(rec)
         assert ProcessRecord.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
+        # The command we started it with wins over a read-back (empty or the parent's just after a start).
+        launched = processes.record(proc.pid, ["flower-superlink", "--insecure"])
+        assert launched.command == "flower-superlink --insecure" and launched.key == rec.key
         proc.kill()
         proc.wait()
         assert not processes.is_alive(rec)
