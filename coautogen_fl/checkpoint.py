@@ -13,6 +13,12 @@ and checks that every replayed pool has exactly the candidate ids that were vote
 generator that cannot reproduce its pool (an online API, a non-deterministic GPU kernel) is
 refused with a clear error rather than silently continuing with other candidates. The votes
 themselves are released values: replaying them costs no privacy.
+
+A ``-tt real`` or ``mix`` run adds its DP-SGD rounds (:class:`TrainingRecord`): how many
+finished and their metrics. The global weights after each (and the starting model, before the
+first) are in ``training/round-NNNN.npz``, the pooled modes' optimiser state beside them: a
+resumed run sends the sites exactly the weights the crashed run would have sent, so a site that
+already paid for that round replays its stored release instead of charging again.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ from .atomic import write_text_atomic
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_VERSION = 1
 #: Why a -tt real/mix run is refused on resume: asking the sites again would charge them again.
-RESUME_UNSUPPORTED = (
-    "a -tt {task_type} run cannot be resumed yet ({run_dir}): its DP-SGD rounds are checkpointed "
-    "(training/round-*.npz) but not replayed, and asking the sites again would charge their ledgers again. "
-    "Start a new run"
+#: Why a finished run is not resumed: its final stage would ask the sites again.
+RESUME_COMPLETED = (
+    "{run_dir} is a completed run (summary.json status completed): there is nothing to resume, and "
+    "running its final stage again would ask the sites again. Start a new run"
 )
 
 
@@ -50,6 +56,15 @@ class RoundRecord:
 
 
 @dataclass
+class TrainingRecord:
+    """The DP-SGD rounds (``-tt real``/``mix``) finished so far."""
+
+    done: int  # rounds finished; 0 = the starting model is saved and round 1 may have been asked
+    history: list[dict[str, Any]] = field(default_factory=list)  # each finished round's metrics
+    accuracy_synthetic: float | None = None  # mix: the synthetic-data model's central accuracy
+
+
+@dataclass
 class Checkpoint:
     """Everything a resumed run cannot rebuild from its config."""
 
@@ -62,6 +77,7 @@ class Checkpoint:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     planned_sites: int = 0
     node_rng_state: list[Any] = field(default_factory=list)
+    training: TrainingRecord | None = None
     version: int = CHECKPOINT_VERSION
 
     @property
@@ -78,16 +94,29 @@ class Checkpoint:
         path = Path(run_dir) / CHECKPOINT_FILE
         if not path.is_file():
             raise CheckpointError(
-                f"nothing to resume in {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round). "
-                "Start a new run instead"
+                f"nothing to resume in {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round and "
+                "started no DP-SGD round). Start a new run instead"
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("version") != CHECKPOINT_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {CHECKPOINT_VERSION}")
             data["completed"] = [RoundRecord(**r) for r in data["completed"]]
+            if data.get("training") is not None:
+                data["training"] = TrainingRecord(**data["training"])
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(
                 f"{path} is unreadable ({exc}); restore it from a backup or start a new run"
             ) from None
+
+
+def check_resumable(run_dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` if ``run_dir`` holds a completed run (its summary.json says so)."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        status = json.loads(path.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return  # no summary (the run crashed before writing one) or an unreadable one: resumable
+    if status == "completed":
+        raise CheckpointError(RESUME_COMPLETED.format(run_dir=run_dir))

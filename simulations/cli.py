@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import IO, Sequence
 
-from coautogen_fl.checkpoint import CHECKPOINT_FILE, RESUME_UNSUPPORTED
+from coautogen_fl.checkpoint import CHECKPOINT_FILE, CheckpointError, check_resumable
 from coautogen_fl.config import ConfigError, RunConfig, load_config, save_config
 from coautogen_fl.report import REPORT_FILE, write_report
 from coautogen_fl.rundir import resolve_run_dir
@@ -282,12 +282,14 @@ def resume_target(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     run_dir = Path(args.resume).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; name the run directory of a `coautogen run`")
-    task_type = load_config(run_dir / "config.yaml").feedback.task_type
-    if task_type != "syn":
-        raise ConfigError(f"--resume: {RESUME_UNSUPPORTED.format(task_type=task_type, run_dir=run_dir)}")
+    try:
+        check_resumable(run_dir)
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise ConfigError(
-            f"--resume {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round); start a new run instead"
+            f"--resume {run_dir}: no {CHECKPOINT_FILE} (the run finished no voting round and started no DP-SGD "
+            "round); start a new run instead"
         )
     return load_config(run_dir / "config.yaml"), run_dir
 

@@ -115,8 +115,11 @@ class FinalStage:
         )
         return model
 
-    def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
-        """Write the final dataset, train the downstream model on it, evaluate centrally."""
+    def keep_dataset(self, final: list[Candidate], server_round: int) -> tuple[np.ndarray, np.ndarray]:
+        """Write the final dataset and keep it (:attr:`synthetic`, its quality); (images, labels).
+
+        The first half of :meth:`finish`; a resumed ``-tt mix`` run past its vote rounds needs
+        only this (its DP-SGD rounds take public steps on the dataset, and its model is saved)."""
         if self.upscaler is not None:
             log(INFO, "upscaling the final dataset (%d images) with %s", len(final), self.cfg.postprocess.upscaler)
             final = self.upscaler.apply(final)
@@ -127,9 +130,14 @@ class FinalStage:
         self.synthetic = (images, labels)
         self.tracker.log_image_grid("synthetic", images, labels, self.class_names, server_round)
         self.quality = self.measure_quality(images, labels)
+        return images, labels
+
+    def finish(self, final: list[Candidate], server_round: int) -> ArrayRecord:
+        """Write the final dataset, train the downstream model on it, evaluate centrally."""
+        images, labels = self.keep_dataset(final, server_round)
         ds = self.cfg.downstream
-        epochs = ds.epochs or derived_epochs(len(final))
-        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(final), epochs)
+        epochs = ds.epochs or derived_epochs(len(images))
+        log(INFO, "training the downstream %s on %d synthetic images (%d epochs)", ds.model, len(images), epochs)
         model = self.train_model(images, labels, epochs)
         if self.real_test is not None and len(self.real_test):
             self.accuracy_real_test, _ = evaluate_classifier(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.common import log
 
-from coautogen_fl.checkpoint import Checkpoint, CheckpointError
+from coautogen_fl.checkpoint import Checkpoint, CheckpointError, TrainingRecord
 from coautogen_fl.tracking import read_metrics
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ def checkpoint_of(strategy: "CoAutoGenStrategy") -> Checkpoint:
         sampled={str(r): nodes for r, nodes in strategy.sampled.items()},
         planned_sites=strategy.planned_sites,
         node_rng_state=[version, list(internal), gauss],
+        training=strategy.training.state() if strategy.training is not None else None,
     )
 
 
@@ -50,7 +51,8 @@ def restore(strategy: "CoAutoGenStrategy", checkpoint: Checkpoint) -> None:
         )
     strategy.run_key = checkpoint.run_key
     logged = {line["round"] for line in read_metrics(strategy.final.store.run_dir)}
-    strategy.evolution.start()
+    if strategy.is_feedback and strategy.rounds:  # the crashed run drew round 1's pool (not Gen, not -tt real)
+        strategy.evolution.start()
     feedback = strategy.cfg.feedback
     for record in checkpoint.completed:
         replayed = [c.candidate_id for c in strategy.evolution.pool]
@@ -80,9 +82,35 @@ def restore(strategy: "CoAutoGenStrategy", checkpoint: Checkpoint) -> None:
     done = checkpoint.completed_rounds
     strategy.voting_done = done >= strategy.rounds
     strategy.round_offset = strategy.rounds - 1 if strategy.voting_done else done
+    if checkpoint.training is not None:
+        _restore_training(strategy, checkpoint.training)
+        return
     log(INFO, "resumed run %s after round %d of %d (replayed and checked)", strategy.run_key, done, strategy.rounds)
+
+
+def _restore_training(strategy: "CoAutoGenStrategy", record: TrainingRecord) -> None:
+    """Past the vote rounds of a -tt real/mix run: keep the final dataset (mix), then continue the
+    DP-SGD rounds after the last one finished."""
+    if strategy.training is None:
+        raise CheckpointError("the checkpoint holds DP-SGD rounds, but this run's config has none (-tt syn)")
+    if strategy.cfg.feedback.task_type == "mix":  # its DP-SGD rounds take public steps on the dataset
+        final = (
+            strategy.evolution.pool
+            if strategy.is_feedback
+            else strategy.evolution.random_population(strategy.cfg.feedback.volume_per_label)
+        )
+        strategy.final.keep_dataset(final, strategy.rounds)
+    strategy.voting_done = True
+    strategy.round_offset = strategy.training.restore(strategy, record)
+    log(
+        INFO,
+        "resumed run %s after DP-SGD round %d of %d (the vote rounds replayed and checked)",
+        strategy.run_key,
+        record.done,
+        strategy.training.rounds,
+    )
 
 
 def rounds_left(strategy: "CoAutoGenStrategy") -> int:
     """Flower rounds the resumed strategy still has to run (1 = only the final stage)."""
-    return 1 if strategy.voting_done else strategy.rounds - strategy.round_offset
+    return strategy.total_rounds - strategy.round_offset

@@ -13,7 +13,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from coautogen_fl.active import ActiveLoop
-from coautogen_fl.checkpoint import RESUME_UNSUPPORTED, Checkpoint, CheckpointError
+from coautogen_fl.checkpoint import Checkpoint, CheckpointError, check_resumable
 from coautogen_fl.config import RunConfig, config_from_run_config, flatten, load_config, save_config, to_dict
 from coautogen_fl.data import load_pool_and_test
 from coautogen_fl.device import resolve_device
@@ -130,8 +130,7 @@ def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     saved = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     if saved is None:
         raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml (was it a coautogen-fl run directory?)")
-    if saved.feedback.task_type != "syn":
-        raise CheckpointError(RESUME_UNSUPPORTED.format(task_type=saved.feedback.task_type, run_dir=run_dir))
+    check_resumable(run_dir)
     if not FRAMEWORKS[saved.feedback.framework].resumable:
         raise CheckpointError(
             f"a -f {saved.feedback.framework} run cannot be resumed yet ({run_dir}): the candidates it "

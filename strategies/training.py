@@ -8,6 +8,13 @@ in ``mix`` runs ``downstream.mix_synthetic_steps`` Adam steps on the synthetic d
 votes built (post-processing: no privacy cost), and writes the global weights of the round to
 ``training/round-NNNN.npz``. After the last round the model goes through the FinalStage
 evaluation like a synthetic-data model (central test, the sites' noised evaluation).
+
+Crash safety: the starting model is saved as the round before the first (``round-NNNN.npz`` of
+``first_round - 1``) before any site is asked, and every finished round updates the run's
+``checkpoint.json`` (:class:`coautogen_fl.checkpoint.TrainingRecord`) after its weights (and, in
+the pooled modes, the optimiser's state) are on disk. :meth:`TrainingRounds.restore` continues
+from there with the very weights the crashed run held, so the sites replay what they already
+released for a round instead of charging it again.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from flwr.serverapp import Grid
 
 from clients.wire import from_content, to_content
 from coautogen_fl import protocol as P
+from coautogen_fl.checkpoint import CheckpointError, TrainingRecord
 from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
 from coautogen_fl.dpsgd import public_steps
@@ -33,6 +41,7 @@ from coautogen_fl.privacy import GaussianMechanism
 from coautogen_fl.secure_gradients import SecureGradientEncoding, unflatten
 from coautogen_fl.secure_votes import SecAggShape
 
+from .resume import checkpoint_of
 from .secagg import RevealedSum, SecureRound, account_revealed
 from .sites import RoundFailed, SiteRecord
 
@@ -75,6 +84,7 @@ class TrainingRounds:
         self.weights: dict[str, np.ndarray] | None = None  # the global model, after the last finished round
         self.accuracy_synthetic: float | None = None  # mix: the model pretrained on the synthetic data
         self.history: list[dict[str, Any]] = []
+        self._adopt_only = False  # resumed after the last round: only hand the model on (no site asked)
 
     @property
     def last_round(self) -> int:
@@ -96,6 +106,34 @@ class TrainingRounds:
             "accuracy_synthetic_pretrained": self.accuracy_synthetic,
             "history": self.history,
         }
+
+    def state(self) -> TrainingRecord | None:
+        """What the run's checkpoint records of these rounds; None before the starting model is saved."""
+        if self.weights is None:
+            return None
+        return TrainingRecord(len(self.history), list(self.history), self.accuracy_synthetic)
+
+    def restore(self, strategy: "CoAutoGenStrategy", record: TrainingRecord) -> int:
+        """Continue after ``record``'s last finished round: its weights (and the pooled modes'
+        optimiser state) from ``training/``; returns the strategy round of that round."""
+        last = self.first_round - 1 + int(record.done)
+        path = self._path("round", last, "npz")
+        try:
+            with np.load(path) as saved:
+                self.weights = {name: saved[name] for name in saved.files}
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"the checkpoint continues after DP-SGD round {record.done}, but {path} is unreadable ({exc}): "
+                "restore it from a backup or start a new run"
+            ) from None
+        self.history, self.accuracy_synthetic = list(record.history), record.accuracy_synthetic
+        if self.pooled and record.done:
+            self._global_model(strategy)
+            self._optimizer.load_state_dict(torch.load(self._path("optimizer", last, "pt"), weights_only=True))
+        if record.done >= self.rounds:  # the crash came after the last round: one more round hands the model on
+            self._adopt_only = True
+            return last - 1
+        return last
 
     def _start(self, strategy: "CoAutoGenStrategy") -> dict[str, np.ndarray]:
         """The first global model: the synthetic-data model (mix), or a fresh one under downstream.seed."""
@@ -142,8 +180,11 @@ class TrainingRounds:
     def configure(self, strategy: "CoAutoGenStrategy", server_round: int, grid: Grid) -> list[Message]:
         """Send the global weights to every sampled site; in secagg mode run the round's SecAgg+
         stages with them instead (the sum waits for :meth:`aggregate`) and send nothing more."""
-        if self.weights is None:
+        if self._adopt_only:
+            return []
+        if self.weights is None:  # saved before any site is asked: a crash in round 1 resumes too
             self.weights = self._start(strategy)
+            self._checkpoint(strategy, self.first_round - 1)
         nodes = strategy._sample_nodes(grid)
         strategy.planned_sites = max(strategy.planned_sites, len(grid.get_node_ids()))
         strategy.sampled[server_round] = nodes
@@ -201,6 +242,8 @@ class TrainingRounds:
         """Average the sites' weights (equal weights), mix in synthetic steps, checkpoint; after the
         last round hand the model to the final stage."""
         started = time.time()
+        if self._adopt_only:
+            return strategy.final.adopt(self._model_of(strategy, self.weights or {})), MetricRecord({})
         if self.secure:  # the round's SecAgg+ stages ran in configure(): its time counts from there
             model, sites = self._secure_step(strategy, server_round)
             asked = len(strategy.sampled.get(server_round, []))
@@ -227,18 +270,25 @@ class TrainingRounds:
     ) -> tuple[ArrayRecord | None, MetricRecord]:
         """Checkpoint the round's global model, log its metrics; after the last round hand it on."""
         self.weights = state_dict_to_numpy(model)
-        self._checkpoint(server_round)
         metrics = self._metrics(strategy, server_round, sent, sent if valid is None else valid, model, started)
         self.history.append(metrics)
+        self._checkpoint(strategy, server_round)
         strategy.final.tracker.log_round(server_round, metrics)
         arrays = strategy.final.adopt(model) if server_round == self.last_round else None
         return arrays, MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    def _average(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]]) -> Any:
-        spec, d = strategy.final.model_spec(), self.cfg.downstream
+    @staticmethod
+    def _model_of(strategy: "CoAutoGenStrategy", weights: dict[str, np.ndarray]) -> Any:
+        """The downstream model holding ``weights``."""
+        spec = strategy.final.model_spec()
         model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"])
-        load_numpy_state_dict(
-            model, {k: np.mean([u[k] for u in updates], axis=0).astype(self.weights[k].dtype) for k in self.weights}
+        load_numpy_state_dict(model, weights)
+        return model
+
+    def _average(self, strategy: "CoAutoGenStrategy", updates: list[dict[str, np.ndarray]]) -> Any:
+        d = self.cfg.downstream
+        model = self._model_of(
+            strategy, {k: np.mean([u[k] for u in updates], axis=0).astype(self.weights[k].dtype) for k in self.weights}
         )
         synthetic = strategy.final.synthetic
         if self.cfg.feedback.task_type == "mix" and synthetic is not None:
@@ -255,9 +305,8 @@ class TrainingRounds:
     def _global_model(self, strategy: "CoAutoGenStrategy") -> Any:
         """Central mode: the global model (from :attr:`weights`) and its optimiser, built once."""
         if self._model is None:
-            spec, d = strategy.final.model_spec(), self.cfg.downstream
-            self._model = build_classifier(spec["model"], spec["num_classes"], spec["channels"], spec["image_size"])
-            load_numpy_state_dict(self._model, self.weights or {})
+            d = self.cfg.downstream
+            self._model = self._model_of(strategy, self.weights or {})
             params = self._model.parameters()
             self._optimizer = (
                 torch.optim.SGD(params, lr=d.dp_lr) if d.dp_optimizer == "sgd" else torch.optim.Adam(params, lr=d.dp_lr)
@@ -309,13 +358,25 @@ class TrainingRounds:
         model.eval()
         return model
 
-    def _checkpoint(self, server_round: int) -> None:
-        """The global weights after the round, written whole or not at all (then renamed)."""
-        target = self.run_dir / "training" / f"round-{server_round:04d}.npz"
+    def _path(self, kind: str, server_round: int, suffix: str) -> Path:
+        return self.run_dir / "training" / f"{kind}-{server_round:04d}.{suffix}"
+
+    def _checkpoint(self, strategy: "CoAutoGenStrategy", server_round: int) -> None:
+        """The global weights after the round (and the pooled modes' optimiser state), each written
+        whole or not at all, then the run's checkpoint.json that names the round finished."""
+        self._write(self._path("round", server_round, "npz"), lambda fh: np.savez(fh, **self.weights))
+        if self.pooled and self._optimizer is not None:
+            self._write(
+                self._path("optimizer", server_round, "pt"), lambda fh: torch.save(self._optimizer.state_dict(), fh)
+            )
+        checkpoint_of(strategy).save(self.run_dir)
+
+    @staticmethod
+    def _write(target: Path, write: Any) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.tmp")
         with open(partial, "wb") as fh:
-            np.savez(fh, **self.weights)
+            write(fh)
         os.replace(partial, target)
 
     def _metrics(

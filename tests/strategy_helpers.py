@@ -125,6 +125,28 @@ class InProcessGrid(FakeGrid):
         return replies
 
 
+class Crash(BaseException):
+    """The server process dies (not an Exception: nothing may catch it on the way out)."""
+
+
+class CrashingGrid(InProcessGrid):
+    """Delivers messages; at the ``crash_call``-th batch of ``message_type`` the sites answer (and
+    pay) but the server dies before it sees a single reply."""
+
+    def __init__(self, cfg, tmp_path, crash_call: int, message_type: str = MessageType.TRAIN) -> None:
+        super().__init__(cfg, tmp_path)
+        self.crash_call, self.message_type, self.calls = crash_call, message_type, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == self.message_type:
+            self.calls += 1
+            if self.calls == self.crash_call:
+                raise Crash()
+        return replies
+
+
 def sent_fields(reply: Message) -> set[tuple[str, str]]:
     """(record, key) of everything a reply carries, in every record kind."""
     content = reply.content

@@ -23,34 +23,14 @@ from strategies.resume import rounds_left
 from strategies.server_app import build_strategy, resume_strategy, run_summary
 
 from strategy_helpers import (
+    Crash,
+    CrashingGrid,
     InProcessGrid,
     small_config,
     task_identity,  # noqa: F401  (pytest fixture, used by name)
 )
 
 ROUNDS = 3
-
-
-class Crash(BaseException):
-    """The server process dies (not an Exception: nothing may catch it on the way out)."""
-
-
-class CrashingGrid(InProcessGrid):
-    """Delivers messages; in ``crash_round`` the sites answer (and pay) but the server dies
-    before it sees a single reply."""
-
-    def __init__(self, cfg, tmp_path, crash_round: int) -> None:
-        super().__init__(cfg, tmp_path)
-        self.crash_round, self.train_calls = crash_round, 0
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.train_calls += 1
-            if self.train_calls == self.crash_round:
-                raise Crash()
-        return replies
 
 
 def ledger_rounds(tmp_path, site: int) -> list[int]:
@@ -71,7 +51,7 @@ def crashed_run(tmp_path, monkeypatch):
     s.run_key = "run-under-test"
     with pytest.raises(Crash):
         s.start(
-            grid=CrashingGrid(cfg, tmp_path, crash_round=3),
+            grid=CrashingGrid(cfg, tmp_path, crash_call=3),
             initial_arrays=ArrayRecord(),
             num_rounds=s.rounds,
             timeout=10,

@@ -1,6 +1,6 @@
 """`coautogen run -tt real` end to end through Flower (a private SuperLink, 3 simulated sites):
 the DP-SGD rounds travel as ``train.dpsgd`` messages, every site's ledger holds them and the
-noised evaluation within its budget, and ``--resume`` of the run is refused."""
+noised evaluation within its budget, and ``--resume`` of the completed run is refused."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ def test_coautogen_run_real_through_flower(tmp_path, capsys):
     training = summary["training"]
     assert (training["rounds"], training["local_steps"], training["sample_rate"]) == (2, 2, 0.5)
     assert len(training["history"]) == 2 and all(h["updates_received"] == 3 for h in training["history"])
-    assert sorted(p.name for p in (run_dir / "training").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+    assert sorted(p.name for p in (run_dir / "training").iterdir()) == [
+        "round-0000.npz",
+        "round-0001.npz",
+        "round-0002.npz",
+    ]
     for pid in range(3):
         ledger = json.loads((run_dir / "sites" / f"site-{pid}" / "privacy_ledger.json").read_text())
         steps = [(e["round"], e.get("sample_rate", 1.0), e.get("steps", 1)) for e in ledger["entries"]]
@@ -36,4 +40,4 @@ def test_coautogen_run_real_through_flower(tmp_path, capsys):
     assert 0.99 <= summary["epsilon_spent_max"] <= 1.0 + 1e-6
 
     assert cli_main(["run", "--resume", str(run_dir)]) == 2
-    assert "cannot be resumed yet" in capsys.readouterr().err
+    assert "is a completed run" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""Crash safety of -tt real and -tt mix (in process, the real ClientApp handlers).
+
+The server dies at a chosen point of its DP-SGD rounds after the sites paid; the resumed run
+continues from ``checkpoint.json`` and ``training/`` with the very weights the crashed run held,
+so every site replays what it already released: each ledger holds exactly one entry per release.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, MessageType
+
+from clients import client_app
+from coautogen_fl import protocol as P
+from coautogen_fl.checkpoint import Checkpoint, CheckpointError
+from coautogen_fl.config import save_config
+from coautogen_fl.privacy import PrivacyLedger
+from strategies.resume import rounds_left
+from strategies.server_app import build_strategy, resume_strategy
+
+from strategy_helpers import (
+    Crash,
+    CrashingGrid,
+    InProcessGrid,
+    small_config,
+    task_identity,  # noqa: F401  (pytest fixture, used by name)
+)
+
+TINY = [
+    "downstream.dp_rounds=2",
+    "downstream.dp_local_steps=2",
+    "downstream.dp_sample_rate=0.5",
+    "downstream.mix_synthetic_steps=3",
+]
+
+
+def ledger_entries(cfg, tmp_path) -> list[list[tuple[int, float]]]:
+    """(round, sample rate) of every entry in each site's ledger."""
+    return [
+        [
+            (e.round, e.sample_rate)
+            for e in PrivacyLedger(tmp_path / f"site{i}" / "privacy_ledger.json", 1.0, 1e-5).entries
+        ]
+        for i in range(cfg.federation.num_hospitals)
+    ]
+
+
+def crash(tmp_path, overrides, crash_call: int, message_type: str):
+    """A run killed at the ``crash_call``-th batch of ``message_type`` after the sites paid; (config, strategy)."""
+    client_app._SITES.clear()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = small_config(*TINY, *overrides, f"tracking.run_dir={run_dir}")
+    save_config(cfg, run_dir / "config.yaml")
+    crashed = build_strategy(cfg, run_dir)
+    crashed.run_key = "run-under-test"
+    grid = CrashingGrid(cfg, tmp_path, crash_call, message_type)
+    with pytest.raises(Crash):
+        crashed.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=crashed.total_rounds, timeout=10)
+    return cfg, crashed
+
+
+def resume(cfg, tmp_path, overrides):
+    """The sites restart, the server resumes from the run directory and finishes the run."""
+    client_app._SITES.clear()
+    run_dir = tmp_path / "run"
+    resumed = resume_strategy(
+        small_config(*TINY, *overrides, f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir
+    )
+    left = rounds_left(resumed)
+    resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=left, timeout=10)
+    return resumed, left
+
+
+def test_a_mix_run_killed_in_a_dpsgd_round_resumes_without_charging_anyone_twice(tmp_path):
+    overrides = ["feedback.task_type=mix"]
+    cfg, crashed = crash(tmp_path, overrides, crash_call=2, message_type=P.TRAIN_DPSGD)
+    record = Checkpoint.load(tmp_path / "run").training
+    assert record is not None and record.done == 1 and record.accuracy_synthetic is not None
+    # Two vote rounds, DP-SGD round 3 aggregated, round 4 paid for but never aggregated.
+    assert ledger_entries(cfg, tmp_path) == [[(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5)]] * 3
+
+    resumed, left = resume(cfg, tmp_path, overrides)
+    assert left == 1 and resumed.voting_done and resumed.round_offset == 3
+    # Round 4 was answered from the sites' stored releases, then the noised evaluation (round 5).
+    assert ledger_entries(cfg, tmp_path) == [[(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5), (5, 1.0)]] * 3
+    assert resumed.dropped == [] and resumed.federated_accuracy is not None
+    assert [h["updates_received"] for h in resumed.training.history] == [3, 3]
+    # The mix's public steps ran on the same final dataset; the pretrained accuracy is the crashed run's.
+    assert np.array_equal(resumed.final.synthetic[0], crashed.final.synthetic[0])
+    assert resumed.training.accuracy_synthetic == crashed.training.accuracy_synthetic
+    names = sorted(p.name for p in (tmp_path / "run" / "training").iterdir())
+    assert names == ["round-0002.npz", "round-0003.npz", "round-0004.npz"]  # the start, then each round
+    assert Checkpoint.load(tmp_path / "run").training.done == 2
+
+
+def test_a_central_real_run_resumes_with_its_optimiser_state(tmp_path):
+    overrides = ["feedback.task_type=real", "privacy.mode=central"]
+    cfg, _ = crash(tmp_path, overrides, crash_call=3, message_type=P.TRAIN_DPSGD)
+    assert (tmp_path / "run" / "training" / "optimizer-0002.pt").is_file()
+
+    resumed, left = resume(cfg, tmp_path, overrides)
+    assert left == 2 and resumed.total_rounds == 4  # 2 rounds x 2 local steps: 4 pooled steps
+    # Adam went on counting from the saved state: 4 steps in all, not the 2 of this process.
+    steps = {int(s["step"]) for s in resumed.training._optimizer.state_dict()["state"].values()}
+    assert steps == {4}
+    for entries in ledger_entries(cfg, tmp_path):
+        assert [r for r, _ in entries] == [1, 2, 3, 4, 5]  # each pooled step once, then the evaluation
+
+
+@pytest.mark.parametrize(
+    ("message_type", "done", "left"),
+    [(P.TRAIN_DPSGD, 0, 2), (MessageType.EVALUATE, 2, 1)],
+    ids=["killed-in-round-1", "killed-in-the-evaluation"],
+)
+def test_a_real_run_resumes_from_its_start_and_after_its_last_round(tmp_path, message_type, done, left):
+    overrides = ["feedback.task_type=real"]
+    cfg, crashed = crash(tmp_path, overrides, crash_call=1, message_type=message_type)
+    assert Checkpoint.load(tmp_path / "run").training.done == done
+
+    resumed, rounds = resume(cfg, tmp_path, overrides)
+    assert rounds == left
+    assert ledger_entries(cfg, tmp_path) == [[(1, 0.5), (2, 0.5), (3, 1.0)]] * 3
+    assert resumed.dropped == [] and resumed.federated_accuracy is not None
+    assert len(resumed.training.history) == 2
+    if done == 2:  # only the hand-over was left: the very model the crashed run had evaluated
+        assert resumed.final.accuracy_real_test == crashed.final.accuracy_real_test
+
+
+def test_resume_refuses_a_completed_run_and_a_run_that_asked_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = small_config("feedback.task_type=real", *TINY, f"tracking.run_dir={run_dir}")
+    save_config(cfg, run_dir / "config.yaml")
+    resumed = small_config("feedback.task_type=real", *TINY, f"tracking.run_dir={run_dir}", "tracking.resume=true")
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        resume_strategy(resumed, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(CheckpointError, match="is a completed run"):
+        resume_strategy(resumed, run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "summary.json"]  # nothing else written
