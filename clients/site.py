@@ -144,6 +144,27 @@ class Site(SiteTraining):
         """The release this site already made for this very request (a resumed run), if any."""
         return self.releases.lookup(run_key, kind, round, fingerprint, charged=self.ledger.has_charge(run_key, round))
 
+    def _charge(
+        self,
+        run_key: str,
+        kind: str,
+        round: int,
+        fingerprint: str,
+        noise_multiplier: float,
+        sample_rate: float = 1.0,
+        steps: int = 1,
+        ledger_kind: str = "gaussian",
+    ) -> float:
+        """Charge the ledger for the release of this request (``kind``: the release store's kind),
+        once; returns the epsilon spent. A charge recorded for this very request whose release
+        never left the site (a crash before the release was stored) pays for it: nothing more."""
+        terms = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate), "steps": int(steps)}
+        terms["kind"] = ledger_kind
+        if self.releases.paid(run_key, kind, round, fingerprint, terms, charged=self.ledger.has_charge(run_key, round)):
+            return self.ledger.spent_epsilon()
+        self.releases.intend(run_key, kind, round, fingerprint, terms)
+        return self.ledger.charge(noise_multiplier, round, run_key, sample_rate, steps, kind=ledger_kind)
+
     def vote(self, request: P.VoteRequest, run_id: str = "") -> P.VoteReply:
         """:meth:`_vote` under the site's release lock."""
         with self.releases.exclusive():
@@ -185,7 +206,7 @@ class Site(SiteTraining):
             math.sqrt(2.0) if errors is not None else 1.0
         )
         mechanism = GaussianMechanism(sigma, sensitivity)  # validates sigma before the charge
-        spent = self.ledger.charge(sigma, round=request.round, run_id=run_key)
+        spent = self._charge(run_key, "train", request.round, fingerprint, sigma)
         if mode == "local":
             votes = mechanism.apply(votes)
             errors = mechanism.apply(errors) if errors is not None else None
@@ -261,7 +282,7 @@ class Site(SiteTraining):
             return self._vote_reply(np.asarray(stored["votes"], dtype=np.int64), self.ledger.spent_epsilon(), request)
         clean = encoding.encode(self._clean_votes(request))
         charge = encoding.charge_multiplier(summands)  # validates the request before the charge
-        spent = self.ledger.charge(charge, round=request.round, run_id=run_key, kind="ddg")
+        spent = self._charge(run_key, "train", request.round, fingerprint, charge, ledger_kind="ddg")
         noised = clean + discrete_gaussian(encoding.share_variance(summands), clean.shape)
         # The bound's slack is exceeded with probability <= 2^-64 (secure_votes.SecureVoteEncoding.bound):
         # a no-op but for that, and it keeps SecAgg+'s own clipping from ever acting.
@@ -311,7 +332,7 @@ class Site(SiteTraining):
                 self.partition_id,
                 site_label=self.label,
             )
-        spent = self.ledger.charge(sigma, round=round, run_id=run_key)
+        spent = self._charge(run_key, "evaluate", round, fingerprint, sigma)
         noised = mechanism.apply(np.array([correct, count], dtype=np.float64))
         self.releases.save(
             run_key, "evaluate", round, fingerprint, {"correct": float(noised[0]), "count": float(noised[1])}

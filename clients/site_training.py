@@ -77,8 +77,14 @@ class SiteTraining:
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
         if stored is None:
-            spent = self.ledger.charge(
-                settings.noise_multiplier, request.round, run_key, settings.sample_rate, settings.steps
+            spent = self._charge(
+                run_key,
+                "dpsgd",
+                request.round,
+                fingerprint,
+                settings.noise_multiplier,
+                settings.sample_rate,
+                settings.steps,
             )
             dp_train(model, self.data.train.images, self.data.train.labels, settings)
             weights = state_dict_to_numpy(model)
@@ -111,7 +117,9 @@ class SiteTraining:
         run_key, fingerprint = request.run_key or run_id, request.fingerprint()
         stored = self._stored(run_key, "dpsgd", request.round, fingerprint)
         if stored is None:
-            spent = self.ledger.charge(settings.noise_multiplier, request.round, run_key, settings.sample_rate, 1)
+            spent = self._charge(
+                run_key, "dpsgd", request.round, fingerprint, settings.noise_multiplier, settings.sample_rate
+            )
             sums = clipped_gradient_sum(
                 model, self.data.train.images, self.data.train.labels, settings.sample_rate, settings.max_grad_norm
             )
@@ -164,7 +172,7 @@ class SiteTraining:
             integers = np.asarray(stored["gradients"], dtype=np.int64)
             return self._reply({}, self.ledger.spent_epsilon(), request, gradients=True), integers
         charge = encoding.charge_multiplier(summands)  # validates the request before the charge
-        spent = self.ledger.charge(charge, round=request.round, run_id=run_key, kind="ddg")
+        spent = self._charge(run_key, "dpsgd", request.round, fingerprint, charge, ledger_kind="ddg")
         sums = clipped_gradient_sum(model, self.data.train.images, self.data.train.labels, 1.0, settings.max_grad_norm)
         clean = encoding.encode(sums)
         noised = clean + discrete_gaussian(encoding.share_variance(summands), clean.shape)

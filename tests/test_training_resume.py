@@ -142,3 +142,49 @@ def test_resume_refuses_a_completed_run_and_a_run_that_asked_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="is a completed run"):
         resume_strategy(resumed, run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "summary.json"]  # nothing else written
+
+
+def test_a_site_killed_in_its_local_training_releases_once_under_the_charge(tmp_path, monkeypatch):
+    """The whole federation dies while site 0 trains round 2 (charged, nothing stored or sent): the
+    resumed run's round 2 is trained and released under that charge, not charged again."""
+    from clients import site_training
+
+    calls = {"n": 0}
+    real_dp_train = site_training.dp_train
+
+    def dies_in_round_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # round 1: three sites; round 2: site 0, after its charge
+            raise Crash()
+        return real_dp_train(*args, **kwargs)
+
+    monkeypatch.setattr(site_training, "dp_train", dies_in_round_2)
+    overrides = ["feedback.task_type=real"]
+    cfg, _ = crash(tmp_path, overrides, crash_call=99, message_type=P.TRAIN_DPSGD)
+    assert ledger_entries(cfg, tmp_path) == [[(1, 0.5), (2, 0.5)], [(1, 0.5)], [(1, 0.5)]]
+    monkeypatch.setattr(site_training, "dp_train", real_dp_train)
+
+    resumed, left = resume(cfg, tmp_path, overrides)
+    assert left == 1 and resumed.dropped == []
+    assert ledger_entries(cfg, tmp_path) == [[(1, 0.5), (2, 0.5), (3, 1.0)]] * 3  # one entry per release
+    assert [h["updates_received"] for h in resumed.training.history] == [3, 3]
+
+
+def test_a_charge_is_reused_only_for_its_own_request_and_terms(tmp_path):
+    from coautogen_fl.privacy.release_store import ReleaseMismatchError, ReleaseStore
+
+    store = ReleaseStore(tmp_path / "releases")
+    terms = {"noise_multiplier": 2.0, "sample_rate": 0.5, "steps": 2, "kind": "gaussian"}
+    assert store.lookup("run", "dpsgd", 3, "abc", charged=False) is None
+    store.intend("run", "dpsgd", 3, "abc", terms)
+    assert not store.paid("run", "dpsgd", 3, "abc", terms, charged=False)  # recorded, never charged: charge now
+    assert store.lookup("run", "dpsgd", 3, "abc", charged=True) is None  # charged, not released: release it
+    assert store.paid("run", "dpsgd", 3, "abc", terms, charged=True)
+    with pytest.raises(ReleaseMismatchError, match="charged under"):
+        store.paid("run", "dpsgd", 3, "abc", {**terms, "noise_multiplier": 1.0}, charged=True)
+    with pytest.raises(ReleaseMismatchError, match="not recorded as one for this request"):
+        store.lookup("run", "dpsgd", 3, "another request", charged=True)
+    assert not store.paid("run", "dpsgd", 3, "another request", terms, charged=True)
+    store.save("run", "dpsgd", 3, "abc", {"w": [1.0]})
+    assert store.lookup("run", "dpsgd", 3, "abc", charged=True) == {"w": [1.0]}
+    assert not store.paid("run", "dpsgd", 3, "abc", terms, charged=True)  # the release superseded the record

@@ -5,8 +5,13 @@ site that already paid for that round of that run (same run key, same round) ans
 release it stored, byte for byte, and charges nothing: sending the same noised values again
 reveals nothing new. If the repeated request differs in any way (other candidates, another
 noise multiplier), the site refuses: answering would be a second release of the same round.
-If the ledger holds the charge but no stored release (a crash between the two writes), the site
-refuses too, because it cannot prove what it sent.
+
+A release is stored before it leaves the site, and before its ledger charge the site records what
+the charge is for (:meth:`ReleaseStore.intend`: the request's fingerprint and the charge's terms).
+So a charge without a stored release (a crash between the charge and the store, e.g. during local
+DP-SGD) is a charge whose release never left the site: the same request is then answered with a
+fresh release under that charge (:meth:`ReleaseStore.paid`), which is the one release it paid for.
+A charge without such a record, or recorded for another request or other terms, is refused.
 """
 
 from __future__ import annotations
@@ -58,20 +63,54 @@ class ReleaseStore:
     def _path(self, run_key: str, kind: str, round: int) -> Path:
         return self.folder / _safe(run_key) / f"{_safe(kind)}-{int(round):04d}.json"
 
+    def _intent_path(self, run_key: str, kind: str, round: int) -> Path:
+        return self._path(run_key, kind, round).with_suffix(".intent.json")
+
+    def _intent(self, run_key: str, kind: str, round: int) -> dict[str, Any] | None:
+        path = self._intent_path(run_key, kind, round)
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def intend(self, run_key: str, kind: str, round: int, fingerprint: str, terms: dict[str, Any]) -> Path:
+        """Record, before the ledger charge, which request and which terms the charge pays for."""
+        payload = {"fingerprint": fingerprint, "terms": terms}
+        return write_text_atomic(self._intent_path(run_key, kind, round), json.dumps(payload) + "\n")
+
+    def paid(self, run_key: str, kind: str, round: int, fingerprint: str, terms: dict[str, Any], charged: bool) -> bool:
+        """True if the ledger already charged this very request (same fingerprint and terms) and its
+        release never left the site: release it now under that charge, without another.
+
+        Raises
+        ------
+        ReleaseMismatchError
+            The charge was recorded for the same request under other terms (the site's own terms
+            changed since): releasing under it would release more than it paid for.
+        """
+        intent = self._intent(run_key, kind, round)
+        if not charged or intent is None or intent.get("fingerprint") != fingerprint:
+            return False
+        if intent.get("terms") != terms:
+            raise ReleaseMismatchError(
+                f"round {round} of run {run_key!r} ({kind}) was charged under {intent.get('terms')}, this request "
+                f"needs {terms}: the site's terms changed since the charge, and charging again would charge twice"
+            )
+        return True
+
     def lookup(self, run_key: str, kind: str, round: int, fingerprint: str, charged: bool) -> dict[str, Any] | None:
         """The stored release for this exact request, or None when the round was never released.
 
         Raises
         ------
         ReleaseMismatchError
-            The round was released for another request, or charged without a stored release.
+            The round was released for another request, or charged without a stored release and
+            without a record that the charge was for this very request.
         """
         path = self._path(run_key, kind, round)
         if not path.is_file():
-            if charged:
+            intent = self._intent(run_key, kind, round)
+            if charged and (intent is None or intent.get("fingerprint") != fingerprint):
                 raise ReleaseMismatchError(
                     f"round {round} of run {run_key!r} ({kind}) is charged in the ledger "
-                    "but its release was not stored (a crash between the two writes): "
+                    "but its release was not stored, and the charge is not recorded as one for this request: "
                     "it cannot be replayed, and answering again would charge twice"
                 )
             return None
@@ -86,4 +125,6 @@ class ReleaseStore:
     def save(self, run_key: str, kind: str, round: int, fingerprint: str, values: dict[str, Any]) -> Path:
         """Store a release atomically, before it leaves the site."""
         payload = {"run_key": run_key, "kind": kind, "round": int(round), "fingerprint": fingerprint, "values": values}
-        return write_text_atomic(self._path(run_key, kind, round), json.dumps(payload) + "\n")
+        path = write_text_atomic(self._path(run_key, kind, round), json.dumps(payload) + "\n")
+        self._intent_path(run_key, kind, round).unlink(missing_ok=True)  # the release supersedes it
+        return path
