@@ -102,12 +102,14 @@ def _restore_training(strategy: "CoAutoGenStrategy", record: TrainingRecord) -> 
         strategy.final.keep_dataset(final, strategy.rounds)
     strategy.voting_done = True
     strategy.round_offset = strategy.training.restore(strategy, record)
+    replayed = " (the vote rounds replayed and checked)" if strategy.rounds else ""
     log(
         INFO,
-        "resumed run %s after DP-SGD round %d of %d (the vote rounds replayed and checked)",
+        "resumed run %s after DP-SGD round %d of %d%s",
         strategy.run_key,
         record.done,
         strategy.training.rounds,
+        replayed,
     )
 
 
