@@ -188,3 +188,47 @@ def test_a_charge_is_reused_only_for_its_own_request_and_terms(tmp_path):
     store.save("run", "dpsgd", 3, "abc", {"w": [1.0]})
     assert store.lookup("run", "dpsgd", 3, "abc", charged=True) == {"w": [1.0]}
     assert not store.paid("run", "dpsgd", 3, "abc", terms, charged=True)  # the release superseded the record
+
+
+def test_a_secure_real_run_killed_after_the_sites_paid_resumes_on_their_stored_integers(tmp_path):
+    """privacy.mode=secagg: SecAgg+ masks afresh in the resumed run, but each site's noised
+    integers of the round in flight are the ones it stored; the optimiser state carries on."""
+    from strategy_helpers import SecureGrid
+
+    class DiesInRound2(SecureGrid):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.batches = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            self.batches += 1
+            stages = {stage for _, stage, _ in self.replies[-len(replies) :]} if replies else set()
+            if self.batches > 4 and "collect_masked_vectors" in stages:  # round 2's release stage
+                raise Crash()
+            return replies
+
+    client_app._SITES.clear()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = ["feedback.task_type=real", "privacy.mode=secagg", "downstream.dp_local_steps=1"]
+    cfg = small_config(*TINY, *overrides, f"tracking.run_dir={run_dir}")
+    save_config(cfg, run_dir / "config.yaml")
+    crashed = build_strategy(cfg, run_dir)
+    trust = {"secagg-trust-sites": 100}
+    with pytest.raises(Crash):
+        crashed.start(grid=DiesInRound2(cfg, tmp_path, **trust), initial_arrays=ArrayRecord(), num_rounds=2, timeout=10)
+    assert Checkpoint.load(run_dir).training.done == 1
+    assert ledger_entries(cfg, tmp_path) == [[(1, 1.0), (2, 1.0)]] * 3  # round 2 paid, never revealed
+
+    client_app._SITES.clear()
+    resumed = resume_strategy(
+        small_config(*TINY, *overrides, f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir
+    )
+    resumed.start(grid=SecureGrid(cfg, tmp_path, **trust), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)
+    assert ledger_entries(cfg, tmp_path) == [[(1, 1.0), (2, 1.0), (3, 1.0)]] * 3
+    ledger = PrivacyLedger(tmp_path / "site0" / "privacy_ledger.json", 1.0, 1e-5)
+    assert [e.kind for e in ledger.entries] == ["ddg", "ddg", "gaussian"]
+    assert [h["updates_received"] for h in resumed.training.history] == [3, 3]
+    steps = {int(s["step"]) for s in resumed.training._optimizer.state_dict()["state"].values()}
+    assert steps == {2}
