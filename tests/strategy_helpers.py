@@ -23,6 +23,13 @@ SMALL = [
     "downstream.epochs=1",
     "federation.num_hospitals=3",
 ]
+#: Short DP-SGD schedules for -tt real/mix tests: 2 rounds of 2 local steps at rate 0.5.
+TINY_DPSGD = [
+    "downstream.dp_rounds=2",
+    "downstream.dp_local_steps=2",
+    "downstream.dp_sample_rate=0.5",
+    "downstream.mix_synthetic_steps=3",
+]
 POOL = 3 * NUM_CLASSES  # candidates_per_label x classes
 DIM = 14 * 14  # the pixels embedder at its default pixel_size
 

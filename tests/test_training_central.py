@@ -17,19 +17,14 @@ from strategies.server_app import build_strategy
 from strategies.sites import RoundFailed
 
 from strategy_helpers import (
+    TINY_DPSGD,
     InProcessGrid,
     sent_fields,
     small_config,
     task_identity,  # noqa: F401  (pytest fixture, used by name)
 )
 
-TINY = [
-    "feedback.task_type=real",
-    "privacy.mode=central",
-    "downstream.dp_rounds=2",
-    "downstream.dp_local_steps=2",
-    "downstream.dp_sample_rate=0.5",
-]
+TINY = ["feedback.task_type=real", "privacy.mode=central", *TINY_DPSGD]
 
 
 def norm(grads: dict) -> float:

@@ -22,6 +22,7 @@ from strategies.resume import rounds_left
 from strategies.server_app import build_strategy, resume_strategy
 
 from strategy_helpers import (
+    TINY_DPSGD,
     Crash,
     CrashingGrid,
     InProcessGrid,
@@ -29,12 +30,7 @@ from strategy_helpers import (
     task_identity,  # noqa: F401  (pytest fixture, used by name)
 )
 
-TINY = [
-    "downstream.dp_rounds=2",
-    "downstream.dp_local_steps=2",
-    "downstream.dp_sample_rate=0.5",
-    "downstream.mix_synthetic_steps=3",
-]
+TINY = TINY_DPSGD
 
 
 def ledger_entries(cfg, tmp_path) -> list[list[tuple[int, float]]]:

@@ -15,18 +15,14 @@ from coautogen_fl.privacy import PrivacyLedger
 from strategies.server_app import build_strategy
 
 from strategy_helpers import (
+    TINY_DPSGD,
     InProcessGrid,
     sent_fields,
     small_config,
     task_identity,  # noqa: F401  (pytest fixture, used by name)
 )
 
-TINY = [
-    "downstream.dp_rounds=2",
-    "downstream.dp_local_steps=2",
-    "downstream.dp_sample_rate=0.5",
-    "downstream.mix_synthetic_steps=3",
-]
+TINY = TINY_DPSGD
 
 
 def ledgers(cfg, tmp_path, sites=3):
