@@ -53,7 +53,6 @@ FRAMEWORKS: dict[str, Framework] = {
             "generate, keep what the votes clear, accumulate to -vpl per class",
             votes=True,
             evolve="filter",
-            resumable=False,
         ),
         Framework(
             "Active",

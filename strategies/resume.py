@@ -65,7 +65,11 @@ def restore(strategy: "CoAutoGenStrategy", checkpoint: Checkpoint) -> None:
             )
         per_label = feedback.volume_per_label if record.round == strategy.rounds else feedback.candidates_per_label
         outcome = strategy.evolution.advance(
-            record.round, np.asarray(record.votes, dtype=np.float64), record.noise_std, per_label
+            record.round,
+            np.asarray(record.votes, dtype=np.float64),
+            record.noise_std,
+            per_label,
+            final=record.round == strategy.rounds,
         )
         # The crash may have come between the checkpoint and the round's files: write them again.
         strategy.final.store.write_round(record.round, outcome.voted)

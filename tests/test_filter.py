@@ -75,9 +75,10 @@ def test_filter_accumulates_kept_candidates_through_the_client_handlers(tmp_path
     assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # 3 filter rounds + evaluation
 
 
-@pytest.mark.parametrize("framework", ["Filter", "Active"])
+@pytest.mark.parametrize("framework", ["Active"])
 def test_accumulating_frameworks_refuse_resume(tmp_path, framework):
-    """Filter and Active keep what they accumulated outside the checkpoint (frameworks.py: not resumable)."""
+    """Active keeps its per-round model and the sites' class errors outside the checkpoint
+    (frameworks.py: not resumable)."""
     from coautogen_fl.checkpoint import CheckpointError
     from coautogen_fl.config import save_config
     from strategies.server_app import resume_strategy
@@ -87,6 +88,49 @@ def test_accumulating_frameworks_refuse_resume(tmp_path, framework):
     cfg.tracking.resume = True
     with pytest.raises(CheckpointError, match=f"{framework} run cannot be resumed"):
         resume_strategy(cfg, tmp_path)
+
+
+def test_a_filter_run_resumes_with_what_it_had_accumulated(tmp_path, monkeypatch):
+    """Replaying the checkpointed votes rebuilds the Filter's accepted candidates exactly (the
+    same ids per class), so the resumed run accumulates on from where the crashed one was."""
+    from coautogen_fl.config import save_config
+    from strategies.resume import rounds_left
+    from strategies.server_app import resume_strategy
+
+    from strategy_helpers import Crash, CrashingGrid
+
+    monkeypatch.setattr(client_app, "_SITES", {})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    filter_run = [
+        "feedback.framework=Filter",
+        "feedback.rater=RF",
+        "privacy.mode=central",
+        "privacy.epsilon=1000",
+        "feedback.rounds=3",
+        "feedback.candidates_per_label=6",
+        "feedback.volume_per_label=4",
+        "feedback.k=1",
+        f"tracking.run_dir={run_dir}",
+    ]
+    cfg = small_config(*filter_run)
+    save_config(cfg, run_dir / "config.yaml")
+    crashed = build_strategy(cfg, run_dir)
+    with pytest.raises(Crash):
+        crashed.start(grid=CrashingGrid(cfg, tmp_path, 3), initial_arrays=ArrayRecord(), num_rounds=3, timeout=10)
+    accepted = {label: [c.candidate_id for c in bucket] for label, bucket in crashed.evolution.accepted.items()}
+    assert sum(map(len, accepted.values())) >= 10  # nearly noise-free: two rounds kept plenty
+
+    monkeypatch.setattr(client_app, "_SITES", {})
+    resumed = resume_strategy(small_config(*filter_run, "tracking.resume=true"), run_dir)
+    assert {label: [c.candidate_id for c in b] for label, b in resumed.evolution.accepted.items()} == accepted
+    assert rounds_left(resumed) == 1
+    resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)
+    final = resumed.evolution.pool
+    ids = {c.candidate_id for c in final}
+    assert len(final) == 4 * 10 and all(set(kept) <= ids for kept in accepted.values())
+    ledgers = [json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())["entries"] for i in range(3)]
+    assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # round 3 replayed, not re-charged
 
 
 @pytest.mark.flower
