@@ -228,3 +228,15 @@ def test_a_secure_real_run_killed_after_the_sites_paid_resumes_on_their_stored_i
     assert [h["updates_received"] for h in resumed.training.history] == [3, 3]
     steps = {int(s["step"]) for s in resumed.training._optimizer.state_dict()["state"].values()}
     assert steps == {2}
+
+
+def test_a_gen_mix_run_resumes_on_the_same_synthetic_dataset(tmp_path):
+    """-f Gen draws its dataset once from the prior (no vote round is checkpointed): the resumed
+    run draws the very same dataset again for its public steps."""
+    overrides = ["feedback.task_type=mix", "feedback.framework=Gen"]
+    cfg, crashed = crash(tmp_path, overrides, crash_call=2, message_type=P.TRAIN_DPSGD)
+    assert Checkpoint.load(tmp_path / "run").training.done == 1
+    resumed, left = resume(cfg, tmp_path, overrides)
+    assert left == 1 and resumed.dropped == []
+    assert np.array_equal(resumed.final.synthetic[0], crashed.final.synthetic[0])
+    assert ledger_entries(cfg, tmp_path) == [[(2, 0.5), (3, 0.5), (4, 1.0)]] * 3  # no vote round: DP-SGD from round 2
