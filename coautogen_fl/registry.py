@@ -30,7 +30,7 @@ import importlib
 import re
 from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Protocol, Sequence, runtime_checkable
 
 from .generation import BUILTIN_GENERATORS, GeneratorContext, builtin_requirement
 from .hub import first_line, is_path_like
@@ -150,9 +150,16 @@ def resolve(kind: str, name: str, load: bool = True) -> Resolved:
     )
 
 
+@runtime_checkable
+class BuiltFromConfig(Protocol):
+    """A plug-in that builds itself from the run config and its context (a classmethod)."""
+
+    def from_config(self, cfg: RunConfig, context: Any) -> Any: ...
+
+
 def call_plugin(obj: Any, cfg: RunConfig, context: GeneratorContext | dict[str, Any]) -> Any:
     """Build a plugged-in component (see the module docstring for the calling convention)."""
-    if hasattr(obj, "from_config"):
+    if isinstance(obj, BuiltFromConfig):
         return obj.from_config(cfg, context)
     if isinstance(obj, type):
         kwargs = asdict(context) if isinstance(context, GeneratorContext) else dict(context)

@@ -113,6 +113,12 @@ def test_spec_plugins_build_and_evolve_by_candidates() -> None:
     )
 
 
+def test_a_plugin_class_with_from_config_is_built_by_it() -> None:
+    cfg = load_config(overrides=["generator.name=plugin_pkg.components:ConfiguredSolidGenerator", "generator.seed=5"])
+    generator = build_generator(cfg, NAMES)
+    assert type(generator).__name__ == "ConfiguredSolidGenerator" and generator.seed == 1005  # not the kwargs path
+
+
 def test_plugin_that_is_not_a_generator_is_refused() -> None:
     cfg = load_config(overrides=["generator.name=plugin_pkg.components:MeanEmbedder"])
     with pytest.raises(TypeError, match=r"MeanEmbedder cannot be built from \(class_names, image_size"):

@@ -122,6 +122,14 @@ class VoteObserver(Protocol):
 
 
 @runtime_checkable
+class Regenerable(Protocol):
+    """Re-creates a candidate's pixels from its genotype alone (what post-processing stages and
+    the final dataset's re-creation need); diffusers and image APIs also take the parent image."""
+
+    def regenerate(self, genotype: dict[str, Any], *args: Any) -> np.ndarray: ...
+
+
+@runtime_checkable
 class Prompted(Protocol):
     """Draws from text prompts: its prompt source (an LLM's pool goes to ``prompts.json``)."""
 

@@ -14,6 +14,7 @@ from logging import getLogger
 from typing import Any, Sequence
 
 from coautogen_fl.config import LLM_ALIASES, ConfigError, RunConfig
+from coautogen_fl.prompts.base import KeepsDescriptions
 from coautogen_fl.registry import RegistryError, call_plugin, resolve
 
 from .base import Generator, Prompted, TokenLimited
@@ -76,7 +77,7 @@ def attach_prompts(generator: Generator, cfg: RunConfig, class_names: Sequence[s
     p = cfg.prompts
     if not p.llm and not p.captioner:
         return
-    if not hasattr(generator, "prompts"):
+    if not isinstance(generator, Prompted):
         raise ConfigError(
             f"prompts.llm / prompts.captioner need a prompt-driven generator (diffusers, HTTP); "
             f"generator.name={cfg.generator.name!r} takes no prompts"
@@ -198,10 +199,9 @@ def save_prompt_pool(generator: Generator, run_dir: str) -> str | None:
     if not isinstance(generator, Prompted):
         return None
     prompts = generator.prompts
-    pool = getattr(prompts, "descriptions", None)  # LLM prompt sources keep a pool; templates do not
-    if pool is None:
+    if not isinstance(prompts, KeepsDescriptions):
         return None
-    per_class = pool() if callable(pool) else pool
+    per_class = prompts.kept_descriptions()
     if not per_class:  # templates only: the config says everything
         return None
     record = {"settings": prompts.settings(), "per_class": {str(k): list(v) for k, v in sorted(per_class.items())}}

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from coautogen_fl.generation.base import Candidate, Generator, check_int
+from coautogen_fl.generation.base import Candidate, Generator, Regenerable, check_int
 from coautogen_fl.generation.domain import DomainRandomizer
 from coautogen_fl.generation.schedule import check_degree
 
@@ -179,14 +179,14 @@ class PostProcessedGenerator:
         parent_image : np.ndarray or None
             The parent's (post-processed) image, for genotypes that need it (e.g. diffusers i2i).
         """
-        inner = getattr(self.generator, "regenerate", None)
-        if not callable(inner):
+        if not isinstance(self.generator, Regenerable):
             raise TypeError(
                 f"{type(self.generator).__name__} has no regenerate(genotype) method, so its "
                 "candidates cannot be re-created from their genotypes"
             )
         stripped = self.strip(genotype)
-        image = inner(stripped) if parent_image is None else inner(stripped, parent_image)
+        regenerate = self.generator.regenerate
+        image = regenerate(stripped) if parent_image is None else regenerate(stripped, parent_image)
         for stage in self.stages:
             image = stage.reapply(image, genotype)
         return image

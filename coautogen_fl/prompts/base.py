@@ -31,6 +31,16 @@ class PromptSource(Protocol):
         ...
 
 
+@runtime_checkable
+class KeepsDescriptions(Protocol):
+    """A prompt source with per-class descriptions worth saving (``prompts.json``): an LLM's
+    pool, or captions of public reference images."""
+
+    def kept_descriptions(self) -> dict[int, list[str]]:
+        """Every class's descriptions (empty when there are none)."""
+        ...
+
+
 class TemplatePrompts:
     """``template.format(name=class_names[label])`` for every candidate; parents keep their prompt.
 
@@ -63,6 +73,10 @@ class TemplatePrompts:
         self.class_names = names
         self.template = template
         self.descriptions = {int(k): [str(p) for p in v if str(p).strip()] for k, v in (descriptions or {}).items()}
+
+    def kept_descriptions(self) -> dict[int, list[str]]:
+        """The extra descriptions per class (e.g. captions); empty for templates alone."""
+        return {label: list(prompts) for label, prompts in self.descriptions.items()}
 
     def class_prompt(self, label: int) -> str:
         """The template prompt of class ``label``."""

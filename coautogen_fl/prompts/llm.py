@@ -312,6 +312,10 @@ class LLMPrompts:
         self._cache[label] = kept
         return list(kept)
 
+    def kept_descriptions(self) -> dict[int, list[str]]:
+        """:meth:`descriptions` (the :class:`~coautogen_fl.prompts.base.KeepsDescriptions` protocol)."""
+        return self.descriptions()
+
     def descriptions(self) -> dict[int, list[str]]:
         """Every class's descriptions (for logging and saving), writing the missing ones."""
         labels = range(len(self.class_names))

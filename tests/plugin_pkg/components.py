@@ -44,6 +44,14 @@ class SolidGenerator:
         return [self._make(c.label, min(1.0, c.genotype["level"] + degree / 10), c) for c in candidates]
 
 
+class ConfiguredSolidGenerator(SolidGenerator):
+    """Builds itself from the run config (the ``from_config`` convention): its seed says so."""
+
+    @classmethod
+    def from_config(cls, cfg, context) -> "ConfiguredSolidGenerator":
+        return cls(context.class_names, context.image_size, context.channels, seed=cfg.generator.seed + 1000)
+
+
 def solid_factory(cfg, context) -> SolidGenerator:
     """A factory function: gets the RunConfig and the GeneratorContext."""
     return SolidGenerator(context.class_names, context.image_size, context.channels, seed=cfg.generator.seed + 100)
