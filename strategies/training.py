@@ -20,6 +20,7 @@ released for a round instead of charging it again.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from logging import INFO
 from pathlib import Path
@@ -121,15 +122,16 @@ class TrainingRounds:
         try:
             with np.load(path) as saved:
                 self.weights = {name: saved[name] for name in saved.files}
-        except (OSError, ValueError) as exc:
+            if self.pooled and record.done:
+                path = self._path("optimizer", last, "pt")
+                self._global_model(strategy)
+                self._optimizer.load_state_dict(torch.load(path, weights_only=True))
+        except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
             raise CheckpointError(
                 f"the checkpoint continues after DP-SGD round {record.done}, but {path} is unreadable ({exc}): "
                 "restore it from a backup or start a new run"
             ) from None
         self.history, self.accuracy_synthetic = list(record.history), record.accuracy_synthetic
-        if self.pooled and record.done:
-            self._global_model(strategy)
-            self._optimizer.load_state_dict(torch.load(self._path("optimizer", last, "pt"), weights_only=True))
         if record.done >= self.rounds:  # the crash came after the last round: one more round hands the model on
             self._adopt_only = True
             return last - 1

@@ -98,6 +98,13 @@ def test_a_central_real_run_resumes_with_its_optimiser_state(tmp_path):
     cfg, _ = crash(tmp_path, overrides, crash_call=3, message_type=P.TRAIN_DPSGD)
     assert (tmp_path / "run" / "training" / "optimizer-0002.pt").is_file()
 
+    optimizer = tmp_path / "run" / "training" / "optimizer-0002.pt"
+    saved = optimizer.read_bytes()
+    optimizer.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="optimizer-0002.pt is unreadable"):
+        resume(cfg, tmp_path, overrides)
+    optimizer.write_bytes(saved)
+
     resumed, left = resume(cfg, tmp_path, overrides)
     assert left == 2 and resumed.total_rounds == 4  # 2 rounds x 2 local steps: 4 pooled steps
     # Adam went on counting from the saved state: 4 steps in all, not the 2 of this process.
