@@ -2,8 +2,8 @@
 
 After every finished voting round the server writes ``<run_dir>/checkpoint.json`` atomically:
 the run key the sites' ledgers know the run by, the plan (noise multiplier, rounds), and for
-each finished round the summed noised votes the evolution advanced with, their noise std and
-the ids of the candidates they were cast on; plus the server's record of every site (spend,
+each finished round the summed noised votes the evolution advanced with (and ``-f Active``'s
+summed noised class errors), their noise std and the ids of the candidates they were cast on; plus the server's record of every site (spend,
 refusals, failures) and its node-sampling state.
 
 The pool, the generator's refit distribution and the selection randomness are not pickled:
@@ -53,6 +53,7 @@ class RoundRecord:
     noise_std: float
     candidate_ids: list[str]
     metrics: dict[str, Any] = field(default_factory=dict)  # the round's metrics.jsonl line
+    class_errors: list[float] | None = None  # -f Active: the summed noised class errors the round released
 
 
 @dataclass

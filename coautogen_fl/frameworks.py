@@ -25,8 +25,6 @@ class Framework:
         Its rounds ask the sites for votes (False: generate once, free in privacy).
     evolve : str or None
         The evolution mode it forces (``filter``, ``active``); None = ``feedback.evolve``.
-    resumable : bool
-        A crashed run can continue from its checkpoint (its state is all in the checkpoint).
     needs_llm : bool
         Needs ``prompts.llm``.
     secagg : bool
@@ -37,7 +35,6 @@ class Framework:
     description: str
     votes: bool
     evolve: Optional[str] = None
-    resumable: bool = True
     needs_llm: bool = False
     secagg: bool = True
 
@@ -60,7 +57,6 @@ FRAMEWORKS: dict[str, Framework] = {
             "volume and variation, its uncertainty picks what they vote on next",
             votes=True,
             evolve="active",
-            resumable=False,
             secagg=False,
         ),
     )

@@ -90,7 +90,7 @@ class FinalStage:
         """The downstream model (``downstream.*``: -cmodel, -cmp, -cef, optimiser, augmentation) trained
         on ``images`` for ``epochs``: the final model, and -f Active's model of each round."""
         ds, d = self.cfg.downstream, self.cfg.data
-        model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size)
+        model = build_classifier(ds.model, len(self.class_names), d.channels, d.image_size, seed=ds.seed)
         if ds.pretrained and ds.model == "resnet18":
             fresh = load_imagenet_weights(model, ds.weights)
             log(

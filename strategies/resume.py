@@ -64,6 +64,8 @@ def restore(strategy: "CoAutoGenStrategy", checkpoint: Checkpoint) -> None:
                 "sites about a different pool. Start a new run"
             )
         per_label = feedback.volume_per_label if record.round == strategy.rounds else feedback.candidates_per_label
+        if record.class_errors is not None and strategy.evolution.active is not None:
+            strategy.evolution.active.observe_errors(np.asarray(record.class_errors, dtype=np.float64))
         outcome = strategy.evolution.advance(
             record.round,
             np.asarray(record.votes, dtype=np.float64),

@@ -131,11 +131,6 @@ def resume_strategy(cfg: RunConfig, run_dir: Path) -> CoAutoGenStrategy:
     if saved is None:
         raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml (was it a coautogen-fl run directory?)")
     check_resumable(run_dir)
-    if not FRAMEWORKS[saved.feedback.framework].resumable:
-        raise CheckpointError(
-            f"a -f {saved.feedback.framework} run cannot be resumed yet ({run_dir}): the candidates it "
-            "accumulated are not checkpointed, and asking the sites again would charge them again. Start a new run"
-        )
     given, own = flatten(to_dict(cfg)), flatten(to_dict(saved))
     differ = sorted(k for k in set(given) | set(own) if k != "tracking.resume" and given.get(k) != own.get(k))
     if differ:

@@ -305,7 +305,8 @@ class CoAutoGenStrategy(SiteBook, Strategy):
         outcome = self.evolution.advance(server_round, votes, noise_std, per_label, final=last)
         asked = len(replies) if self.secure is None else len(self.sampled.get(server_round, []))
         metrics = self._round_metrics(server_round, asked, valid, noise_std, outcome)
-        self.history.append(RoundRecord(server_round, votes.tolist(), float(noise_std), ids, metrics))
+        errors = self._class_errors.tolist() if self._class_errors is not None else None
+        self.history.append(RoundRecord(server_round, votes.tolist(), float(noise_std), ids, metrics, errors))
         checkpoint_of(self).save(self.final.store.run_dir)  # the round is decided: it is never asked again
         self.final.store.write_round(server_round, outcome.voted)
         self.final.log_round(server_round, metrics, outcome.voted)

@@ -118,7 +118,6 @@ def test_final_dataset_follows_the_steered_shares_and_the_mixing_ratio():
 
 
 def test_secagg_and_a_bad_mixing_ratio_are_refused_for_active():
-    """(Resume is refused too: tests/test_filter.py, for both accumulating frameworks.)"""
     with pytest.raises(ConfigError, match="Active"):
         load_config(overrides=["privacy.mode=secagg", "feedback.framework=Active"])
     with pytest.raises(ConfigError, match="mix_ratio"):
@@ -168,6 +167,45 @@ def test_active_rounds_through_the_client_handlers(tmp_path, monkeypatch):
     shares = rounds[-1]["active"]["volume_shares"]
     errors = np.maximum(rounds[-1]["active"]["class_errors"], 0)
     assert errors.sum() > 0 and np.allclose(shares, errors / errors.sum(), atol=1e-3)  # steer 1: proportional
+
+
+def test_an_active_run_resumes_on_the_same_model_and_steering(tmp_path, monkeypatch):
+    """The replay feeds each round's checkpointed class errors back and trains each round's model
+    again: the pools match the voted ids, and the round in flight carries the very model the
+    crashed run sent (the sites replay their release: a different model would be refused)."""
+    from coautogen_fl.checkpoint import Checkpoint
+    from coautogen_fl.config import save_config
+    from strategies.resume import rounds_left
+    from strategies.server_app import resume_strategy
+
+    from strategy_helpers import Crash, CrashingGrid
+
+    monkeypatch.setattr(client_app, "_SITES", {})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    active_run = [
+        "feedback.framework=Active",
+        "feedback.rounds=3",
+        "feedback.candidates_per_label=4",
+        "feedback.volume_per_label=5",
+        "feedback.active_epochs=1",
+        f"tracking.run_dir={run_dir}",
+    ]
+    cfg = small_config(*active_run)
+    save_config(cfg, run_dir / "config.yaml")
+    crashed = build_strategy(cfg, run_dir)
+    with pytest.raises(Crash):
+        crashed.start(grid=CrashingGrid(cfg, tmp_path, 3), initial_arrays=ArrayRecord(), num_rounds=3, timeout=10)
+    assert Checkpoint.load(run_dir).completed[1].class_errors is not None  # round 2 carried the model
+
+    monkeypatch.setattr(client_app, "_SITES", {})
+    resumed = resume_strategy(small_config(*active_run, "tracking.resume=true"), run_dir)
+    assert np.array_equal(resumed.evolution.active.shares, crashed.evolution.active.shares)
+    assert rounds_left(resumed) == 1
+    resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)
+    assert resumed.dropped == [] and len(resumed.evolution.pool) == 5 * 10
+    ledgers = [json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())["entries"] for i in range(3)]
+    assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # round 3 replayed
 
 
 def test_a_reply_without_the_asked_class_errors_is_dropped(tmp_path):

@@ -75,21 +75,6 @@ def test_filter_accumulates_kept_candidates_through_the_client_handlers(tmp_path
     assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # 3 filter rounds + evaluation
 
 
-@pytest.mark.parametrize("framework", ["Active"])
-def test_accumulating_frameworks_refuse_resume(tmp_path, framework):
-    """Active keeps its per-round model and the sites' class errors outside the checkpoint
-    (frameworks.py: not resumable)."""
-    from coautogen_fl.checkpoint import CheckpointError
-    from coautogen_fl.config import save_config
-    from strategies.server_app import resume_strategy
-
-    cfg = small_config(f"feedback.framework={framework}", f"tracking.run_dir={tmp_path}")
-    save_config(cfg, tmp_path / "config.yaml")
-    cfg.tracking.resume = True
-    with pytest.raises(CheckpointError, match=f"{framework} run cannot be resumed"):
-        resume_strategy(cfg, tmp_path)
-
-
 def test_a_filter_run_resumes_with_what_it_had_accumulated(tmp_path, monkeypatch):
     """Replaying the checkpointed votes rebuilds the Filter's accepted candidates exactly (the
     same ids per class), so the resumed run accumulates on from where the crashed one was."""
