@@ -11,8 +11,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.wire import to_content
 from coautogen_fl import protocol as P
-from coautogen_fl.config import flatten, load_config, to_dict
-from strategies.server_app import build_strategy
+from coautogen_fl.config import flatten, load_config, save_config, to_dict
+from strategies.server_app import build_strategy, resume_strategy
 
 NODES = [11, 12, 13]
 NUM_CLASSES = 10
@@ -152,6 +152,33 @@ class CrashingGrid(InProcessGrid):
             if self.calls == self.crash_call:
                 raise Crash()
         return replies
+
+
+def crashed_run(tmp_path, overrides, crash_call: int, message_type: str = MessageType.TRAIN):
+    """Run ``small_config(*overrides)`` in ``tmp_path/run`` (its config.yaml saved) until the server
+    dies at the ``crash_call``-th batch of ``message_type``, after the sites paid; (config, strategy)."""
+    from clients import client_app
+
+    client_app._SITES.clear()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = small_config(*overrides, f"tracking.run_dir={run_dir}")
+    save_config(cfg, run_dir / "config.yaml")
+    crashed = build_strategy(cfg, run_dir)
+    crashed.run_key = "run-under-test"
+    grid = CrashingGrid(cfg, tmp_path, crash_call, message_type)
+    with pytest.raises(Crash):
+        crashed.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=crashed.total_rounds, timeout=10)
+    return cfg, crashed
+
+
+def resumed_run(tmp_path, overrides):
+    """The sites restart and the server resumes ``tmp_path/run`` from its checkpoint (not started)."""
+    from clients import client_app
+
+    client_app._SITES.clear()
+    run_dir = tmp_path / "run"
+    return resume_strategy(small_config(*overrides, f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir)
 
 
 def sent_fields(reply: Message) -> set[tuple[str, str]]:

@@ -169,37 +169,26 @@ def test_active_rounds_through_the_client_handlers(tmp_path, monkeypatch):
     assert errors.sum() > 0 and np.allclose(shares, errors / errors.sum(), atol=1e-3)  # steer 1: proportional
 
 
-def test_an_active_run_resumes_on_the_same_model_and_steering(tmp_path, monkeypatch):
+def test_an_active_run_resumes_on_the_same_model_and_steering(tmp_path):
     """The replay feeds each round's checkpointed class errors back and trains each round's model
     again: the pools match the voted ids, and the round in flight carries the very model the
     crashed run sent (the sites replay their release: a different model would be refused)."""
     from coautogen_fl.checkpoint import Checkpoint
-    from coautogen_fl.config import save_config
     from strategies.resume import rounds_left
-    from strategies.server_app import resume_strategy
 
-    from strategy_helpers import Crash, CrashingGrid
+    from strategy_helpers import crashed_run, resumed_run
 
-    monkeypatch.setattr(client_app, "_SITES", {})
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
     active_run = [
         "feedback.framework=Active",
         "feedback.rounds=3",
         "feedback.candidates_per_label=4",
         "feedback.volume_per_label=5",
         "feedback.active_epochs=1",
-        f"tracking.run_dir={run_dir}",
     ]
-    cfg = small_config(*active_run)
-    save_config(cfg, run_dir / "config.yaml")
-    crashed = build_strategy(cfg, run_dir)
-    with pytest.raises(Crash):
-        crashed.start(grid=CrashingGrid(cfg, tmp_path, 3), initial_arrays=ArrayRecord(), num_rounds=3, timeout=10)
-    assert Checkpoint.load(run_dir).completed[1].class_errors is not None  # round 2 carried the model
+    cfg, crashed = crashed_run(tmp_path, active_run, 3)
+    assert Checkpoint.load(tmp_path / "run").completed[1].class_errors is not None  # round 2 carried the model
 
-    monkeypatch.setattr(client_app, "_SITES", {})
-    resumed = resume_strategy(small_config(*active_run, "tracking.resume=true"), run_dir)
+    resumed = resumed_run(tmp_path, active_run)
     assert np.array_equal(resumed.evolution.active.shares, crashed.evolution.active.shares)
     assert rounds_left(resumed) == 1
     resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)

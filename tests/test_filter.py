@@ -50,18 +50,22 @@ def test_secagg_refuses_rf_scores():
         load_config(overrides=["privacy.mode=secagg", "feedback.rater=RF"])
 
 
+#: Three Filter rounds, central mode at a huge epsilon (nearly clean sums): most candidates are kept.
+FILTER_RUN = [
+    "feedback.framework=Filter",
+    "feedback.rater=RF",
+    "privacy.mode=central",
+    "privacy.epsilon=1000",
+    "feedback.rounds=3",
+    "feedback.candidates_per_label=6",
+    "feedback.volume_per_label=4",
+    "feedback.k=1",
+]
+
+
 def test_filter_accumulates_kept_candidates_through_the_client_handlers(tmp_path, monkeypatch):
     monkeypatch.setattr(client_app, "_SITES", {})
-    cfg = small_config(
-        "feedback.framework=Filter",
-        "feedback.rater=RF",
-        "privacy.mode=central",
-        "privacy.epsilon=1000",
-        "feedback.rounds=3",
-        "feedback.candidates_per_label=6",
-        "feedback.volume_per_label=4",
-        "feedback.k=1",
-    )
+    cfg = small_config(*FILTER_RUN)
     strategy = build_strategy(cfg, tmp_path / "run")
     assert strategy.evolution.evolve == "filter"
     strategy.start(
@@ -75,39 +79,18 @@ def test_filter_accumulates_kept_candidates_through_the_client_handlers(tmp_path
     assert all([e["round"] for e in entries] == [1, 2, 3, 4] for entries in ledgers)  # 3 filter rounds + evaluation
 
 
-def test_a_filter_run_resumes_with_what_it_had_accumulated(tmp_path, monkeypatch):
+def test_a_filter_run_resumes_with_what_it_had_accumulated(tmp_path):
     """Replaying the checkpointed votes rebuilds the Filter's accepted candidates exactly (the
     same ids per class), so the resumed run accumulates on from where the crashed one was."""
-    from coautogen_fl.config import save_config
     from strategies.resume import rounds_left
-    from strategies.server_app import resume_strategy
 
-    from strategy_helpers import Crash, CrashingGrid
+    from strategy_helpers import crashed_run, resumed_run
 
-    monkeypatch.setattr(client_app, "_SITES", {})
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    filter_run = [
-        "feedback.framework=Filter",
-        "feedback.rater=RF",
-        "privacy.mode=central",
-        "privacy.epsilon=1000",
-        "feedback.rounds=3",
-        "feedback.candidates_per_label=6",
-        "feedback.volume_per_label=4",
-        "feedback.k=1",
-        f"tracking.run_dir={run_dir}",
-    ]
-    cfg = small_config(*filter_run)
-    save_config(cfg, run_dir / "config.yaml")
-    crashed = build_strategy(cfg, run_dir)
-    with pytest.raises(Crash):
-        crashed.start(grid=CrashingGrid(cfg, tmp_path, 3), initial_arrays=ArrayRecord(), num_rounds=3, timeout=10)
+    cfg, crashed = crashed_run(tmp_path, FILTER_RUN, 3)
     accepted = {label: [c.candidate_id for c in bucket] for label, bucket in crashed.evolution.accepted.items()}
     assert sum(map(len, accepted.values())) >= 10  # nearly noise-free: two rounds kept plenty
 
-    monkeypatch.setattr(client_app, "_SITES", {})
-    resumed = resume_strategy(small_config(*filter_run, "tracking.resume=true"), run_dir)
+    resumed = resumed_run(tmp_path, FILTER_RUN)
     assert {label: [c.candidate_id for c in b] for label, b in resumed.evolution.accepted.items()} == accepted
     assert rounds_left(resumed) == 1
     resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=1, timeout=10)

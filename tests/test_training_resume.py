@@ -24,8 +24,9 @@ from strategies.server_app import build_strategy, resume_strategy
 from strategy_helpers import (
     TINY_DPSGD,
     Crash,
-    CrashingGrid,
     InProcessGrid,
+    crashed_run,
+    resumed_run,
     small_config,
     task_identity,  # noqa: F401  (pytest fixture, used by name)
 )
@@ -46,26 +47,12 @@ def ledger_entries(cfg, tmp_path) -> list[list[tuple[int, float]]]:
 
 def crash(tmp_path, overrides, crash_call: int, message_type: str):
     """A run killed at the ``crash_call``-th batch of ``message_type`` after the sites paid; (config, strategy)."""
-    client_app._SITES.clear()
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = small_config(*TINY, *overrides, f"tracking.run_dir={run_dir}")
-    save_config(cfg, run_dir / "config.yaml")
-    crashed = build_strategy(cfg, run_dir)
-    crashed.run_key = "run-under-test"
-    grid = CrashingGrid(cfg, tmp_path, crash_call, message_type)
-    with pytest.raises(Crash):
-        crashed.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=crashed.total_rounds, timeout=10)
-    return cfg, crashed
+    return crashed_run(tmp_path, [*TINY, *overrides], crash_call, message_type)
 
 
 def resume(cfg, tmp_path, overrides):
     """The sites restart, the server resumes from the run directory and finishes the run."""
-    client_app._SITES.clear()
-    run_dir = tmp_path / "run"
-    resumed = resume_strategy(
-        small_config(*TINY, *overrides, f"tracking.run_dir={run_dir}", "tracking.resume=true"), run_dir
-    )
+    resumed = resumed_run(tmp_path, [*TINY, *overrides])
     left = rounds_left(resumed)
     resumed.start(grid=InProcessGrid(cfg, tmp_path), initial_arrays=ArrayRecord(), num_rounds=left, timeout=10)
     return resumed, left
