@@ -3,8 +3,8 @@
 After every finished voting round the server writes ``<run_dir>/checkpoint.json`` atomically:
 the run key the sites' ledgers know the run by, the plan (noise multiplier, rounds), and for
 each finished round the summed noised votes the evolution advanced with (and ``-f Active``'s
-summed noised class errors), their noise std and the ids of the candidates they were cast on; plus the server's record of every site (spend,
-refusals, failures) and its node-sampling state.
+summed noised class errors), their noise std and the ids of the candidates they were cast on;
+plus the server's record of every site (spend, refusals, failures) and its node-sampling state.
 
 The pool, the generator's refit distribution and the selection randomness are not pickled:
 they are a deterministic function of the config (all non-DP randomness is seeded) and of the
