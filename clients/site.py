@@ -142,7 +142,7 @@ class Site(SiteTraining):
 
     def _stored(self, run_key: str, kind: str, round: int, fingerprint: str) -> dict[str, Any] | None:
         """The release this site already made for this very request (a resumed run), if any."""
-        return self.releases.lookup(run_key, kind, round, fingerprint, charged=self.ledger.has_charge(run_key, round))
+        return self.releases.lookup(run_key, kind, round, fingerprint)
 
     def _charge(
         self,
@@ -158,8 +158,12 @@ class Site(SiteTraining):
         """Charge the ledger for the release of this request (``kind``: the release store's kind),
         once; returns the epsilon spent. A charge recorded for this very request whose release
         never left the site (a crash before the release was stored) pays for it: nothing more."""
-        terms = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate), "steps": int(steps)}
-        terms["kind"] = ledger_kind
+        terms = {
+            "noise_multiplier": float(noise_multiplier),
+            "sample_rate": float(sample_rate),
+            "steps": int(steps),
+            "kind": ledger_kind,
+        }
         if self.releases.paid(run_key, kind, round, fingerprint, terms, charged=self.ledger.has_charge(run_key, round)):
             return self.ledger.spent_epsilon()
         self.releases.intend(run_key, kind, round, fingerprint, terms)

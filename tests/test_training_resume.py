@@ -165,19 +165,22 @@ def test_a_charge_is_reused_only_for_its_own_request_and_terms(tmp_path):
 
     store = ReleaseStore(tmp_path / "releases")
     terms = {"noise_multiplier": 2.0, "sample_rate": 0.5, "steps": 2, "kind": "gaussian"}
-    assert store.lookup("run", "dpsgd", 3, "abc", charged=False) is None
+    assert store.lookup("run", "dpsgd", 3, "abc") is None
+    with pytest.raises(ReleaseMismatchError, match="not recorded as one for this request"):
+        store.paid("run", "dpsgd", 3, "abc", terms, charged=True)  # charged before any record (or by another run)
     store.intend("run", "dpsgd", 3, "abc", terms)
     assert not store.paid("run", "dpsgd", 3, "abc", terms, charged=False)  # recorded, never charged: charge now
-    assert store.lookup("run", "dpsgd", 3, "abc", charged=True) is None  # charged, not released: release it
+    assert store.lookup("run", "dpsgd", 3, "abc") is None  # charged, not released: release it
     assert store.paid("run", "dpsgd", 3, "abc", terms, charged=True)
     with pytest.raises(ReleaseMismatchError, match="charged under"):
         store.paid("run", "dpsgd", 3, "abc", {**terms, "noise_multiplier": 1.0}, charged=True)
     with pytest.raises(ReleaseMismatchError, match="not recorded as one for this request"):
-        store.lookup("run", "dpsgd", 3, "another request", charged=True)
-    assert not store.paid("run", "dpsgd", 3, "another request", terms, charged=True)
+        store.paid("run", "dpsgd", 3, "another request", terms, charged=True)
     store.save("run", "dpsgd", 3, "abc", {"w": [1.0]})
-    assert store.lookup("run", "dpsgd", 3, "abc", charged=True) == {"w": [1.0]}
-    assert not store.paid("run", "dpsgd", 3, "abc", terms, charged=True)  # the release superseded the record
+    assert store.lookup("run", "dpsgd", 3, "abc") == {"w": [1.0]}
+    assert not list(store.folder.rglob("*.intent.json"))  # the release superseded the record
+    with pytest.raises(ReleaseMismatchError, match="already released for a different request"):
+        store.lookup("run", "dpsgd", 3, "another request")
 
 
 def test_a_secure_real_run_killed_after_the_sites_paid_resumes_on_their_stored_integers(tmp_path):

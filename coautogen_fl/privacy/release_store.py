@@ -76,18 +76,26 @@ class ReleaseStore:
         return write_text_atomic(self._intent_path(run_key, kind, round), json.dumps(payload) + "\n")
 
     def paid(self, run_key: str, kind: str, round: int, fingerprint: str, terms: dict[str, Any], charged: bool) -> bool:
-        """True if the ledger already charged this very request (same fingerprint and terms) and its
-        release never left the site: release it now under that charge, without another.
+        """Whether the ledger's charge for this round (``charged``) already pays for this very
+        request, unreleased: it was recorded (:meth:`intend`) for the same fingerprint and terms, and
+        no release was stored (call after :meth:`lookup` found none). False when nothing is charged.
 
         Raises
         ------
         ReleaseMismatchError
-            The charge was recorded for the same request under other terms (the site's own terms
-            changed since): releasing under it would release more than it paid for.
+            The round is charged but not recorded as a charge for this request, or recorded under
+            other terms (the site's own terms changed since): it cannot tell what the charge paid
+            for, and answering would charge twice.
         """
-        intent = self._intent(run_key, kind, round)
-        if not charged or intent is None or intent.get("fingerprint") != fingerprint:
+        if not charged:
             return False
+        intent = self._intent(run_key, kind, round)
+        if intent is None or intent.get("fingerprint") != fingerprint:
+            raise ReleaseMismatchError(
+                f"round {round} of run {run_key!r} ({kind}) is charged in the ledger "
+                "but its release was not stored, and the charge is not recorded as one for this request: "
+                "it cannot be replayed, and answering again would charge twice"
+            )
         if intent.get("terms") != terms:
             raise ReleaseMismatchError(
                 f"round {round} of run {run_key!r} ({kind}) was charged under {intent.get('terms')}, this request "
@@ -95,24 +103,17 @@ class ReleaseStore:
             )
         return True
 
-    def lookup(self, run_key: str, kind: str, round: int, fingerprint: str, charged: bool) -> dict[str, Any] | None:
-        """The stored release for this exact request, or None when the round was never released.
+    def lookup(self, run_key: str, kind: str, round: int, fingerprint: str) -> dict[str, Any] | None:
+        """The stored release for this exact request, or None when the round was never released
+        (whether a charge already pays for it is :meth:`paid`'s question).
 
         Raises
         ------
         ReleaseMismatchError
-            The round was released for another request, or charged without a stored release and
-            without a record that the charge was for this very request.
+            The round was released for another request.
         """
         path = self._path(run_key, kind, round)
         if not path.is_file():
-            intent = self._intent(run_key, kind, round)
-            if charged and (intent is None or intent.get("fingerprint") != fingerprint):
-                raise ReleaseMismatchError(
-                    f"round {round} of run {run_key!r} ({kind}) is charged in the ledger "
-                    "but its release was not stored, and the charge is not recorded as one for this request: "
-                    "it cannot be replayed, and answering again would charge twice"
-                )
             return None
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored.get("fingerprint") != fingerprint:
