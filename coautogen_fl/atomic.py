@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -18,14 +19,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write`` on a binary file that becomes ``path`` only once whole: a temporary file in
+    the same folder, fsync, rename (e.g. ``lambda fh: np.savez(fh, **arrays)``)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -34,3 +36,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         raise
     fsync_dir(target.parent)
     return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`write_atomic`."""
+    return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))

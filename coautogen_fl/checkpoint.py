@@ -32,7 +32,6 @@ from .atomic import write_text_atomic
 
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_VERSION = 1
-#: Why a -tt real/mix run is refused on resume: asking the sites again would charge them again.
 #: Why a finished run is not resumed: its final stage would ask the sites again.
 RESUME_COMPLETED = (
     "{run_dir} is a completed run (summary.json status completed): there is nothing to resume, and "

@@ -19,7 +19,6 @@ released for a round instead of charging it again.
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from logging import INFO
@@ -34,6 +33,7 @@ from flwr.serverapp import Grid
 
 from clients.wire import from_content, to_content
 from coautogen_fl import protocol as P
+from coautogen_fl.atomic import write_atomic
 from coautogen_fl.checkpoint import CheckpointError, TrainingRecord
 from coautogen_fl.config import RunConfig
 from coautogen_fl.downstream import build_classifier, evaluate_classifier, load_numpy_state_dict, state_dict_to_numpy
@@ -366,20 +366,11 @@ class TrainingRounds:
     def _checkpoint(self, strategy: "CoAutoGenStrategy", server_round: int) -> None:
         """The global weights after the round (and the pooled modes' optimiser state), each written
         whole or not at all, then the run's checkpoint.json that names the round finished."""
-        self._write(self._path("round", server_round, "npz"), lambda fh: np.savez(fh, **self.weights))
+        write_atomic(self._path("round", server_round, "npz"), lambda fh: np.savez(fh, **self.weights))
         if self.pooled and self._optimizer is not None:
-            self._write(
-                self._path("optimizer", server_round, "pt"), lambda fh: torch.save(self._optimizer.state_dict(), fh)
-            )
+            state = self._optimizer.state_dict()
+            write_atomic(self._path("optimizer", server_round, "pt"), lambda fh: torch.save(state, fh))
         checkpoint_of(strategy).save(self.run_dir)
-
-    @staticmethod
-    def _write(target: Path, write: Any) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.tmp")
-        with open(partial, "wb") as fh:
-            write(fh)
-        os.replace(partial, target)
 
     def _metrics(
         self, strategy: "CoAutoGenStrategy", server_round: int, sent: int, valid: int, model: Any, started: float
