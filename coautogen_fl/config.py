@@ -72,6 +72,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("generator.steps", 1, True),
     ("generator.batch_size", 1, True),
     ("embedder.pixel_size", 2, True),
+    ("embedder.appearance", 0, True),
     ("embedder.batch_size", 1, True),
     ("feedback.rounds", 1, True),
     ("feedback.candidates_per_label", 1, True),

@@ -96,6 +96,7 @@ class EmbedderConfig:
     random_weights: bool = False  # resnet18 without pretrained weights (tests only)
     pixel_size: int = 14  # pixels: images are resized to this before flattening
     standardize: bool = True  # pixels: zero mean, unit norm per image (votes by shape, not ink)
+    appearance: float = 0.0  # pixels: weight of 4 appended ink statistics (intensity, contrast, noise); 0 = shape only
     batch_size: int = 256
 
 

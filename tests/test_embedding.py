@@ -18,6 +18,8 @@ from coautogen_fl.embedding import (
     resolve_resnet18_weights,
     to_nchw,
 )
+from coautogen_fl.embedding.pixels import appearance_statistics
+from coautogen_fl.rater import vote_histogram
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,43 @@ def test_weights_file_loads_through_the_real_path(tmp_path, images):
     torch.manual_seed(7)
     other = ResNet18Embedder(random_weights=True).embed(images)
     assert np.abs(other - features).max() > 1e-2
+
+
+def _stroke(intensity: float, width: int) -> np.ndarray:
+    """One 28x28 vertical bar (a "1") of the given ink intensity and width."""
+    image = np.zeros((28, 28), dtype=np.float32)
+    image[4:24, 14 - width // 2 : 14 - width // 2 + width] = intensity
+    return image
+
+
+def test_appearance_statistics_measure_intensity_contrast_ink_share_and_noise():
+    flat = np.full((1, 28, 28), 0.5, dtype=np.float32)
+    checker = (np.indices((28, 28)).sum(0) % 2).astype(np.float32)[None]
+    stats = appearance_statistics(to_nchw(np.concatenate([flat, checker]))).numpy()
+    np.testing.assert_allclose(stats[0], [0.5, 0.0, 0.0, 0.0], atol=1e-6)  # grey: no contrast, no ink, no noise
+    np.testing.assert_allclose(stats[1, :3], [0.5, 0.5, 0.5], atol=1e-6)
+    assert 0.44 < stats[1, 3] < 0.46  # all high frequency: 4/9 from each 3x3 mean inside the frame
+
+
+def test_appearance_lets_votes_follow_ink_that_standardized_shapes_ignore():
+    """A bright, thick private stroke votes for the bright, thick candidate of the same shape only
+    when the appearance statistics are on: standardised shapes cannot tell the two apart."""
+    private = _stroke(1.0, 4)[None]
+    candidates = np.stack([_stroke(0.3, 2), _stroke(1.0, 4)])  # faint and thin first: wins ties
+    shape_only = PixelEmbedder(14)
+    with_ink = build_embedder(EmbedderConfig(name="pixels", appearance=1.0))
+    assert with_ink.embed(private).shape == (1, 14 * 14 + 4)
+    assert shape_only.embed(candidates).shape == (2, 14 * 14)
+    labels = np.zeros(1, dtype=np.int64)
+    votes = vote_histogram(with_ink.embed(private), labels, with_ink.embed(candidates), np.zeros(2, dtype=np.int64))
+    np.testing.assert_array_equal(votes, [0.0, 1.0])
+    distances = ((shape_only.embed(candidates) - shape_only.embed(private)) ** 2).sum(1)
+    assert distances[1] < 1e-6 and distances[0] < 0.3  # shape only: both near, no intensity seen
+
+
+def test_negative_appearance_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="embedder.appearance must be >= 0"):
+        PixelEmbedder(14, appearance=-1.0)
 
 
 def test_a_file_that_is_not_a_resnet18_state_dict_is_refused(tmp_path):

@@ -23,7 +23,7 @@ def build_embedder(cfg: EmbedderConfig, device: str = "cpu") -> Embedder:
     except RegistryError as exc:
         raise EmbedderError(str(exc)) from None
     if resolved.value == "pixels":
-        return PixelEmbedder(cfg.pixel_size, cfg.standardize)
+        return PixelEmbedder(cfg.pixel_size, cfg.standardize, cfg.appearance)
     if resolved.value == "resnet18":
         return ResNet18Embedder(cfg.weights, cfg.random_weights, device, cfg.batch_size)
     if resolved.value == "clip":
