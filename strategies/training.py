@@ -365,12 +365,20 @@ class TrainingRounds:
 
     def _checkpoint(self, strategy: "CoAutoGenStrategy", server_round: int) -> None:
         """The global weights after the round (and the pooled modes' optimiser state), each written
-        whole or not at all, then the run's checkpoint.json that names the round finished."""
+        whole or not at all, then the run's checkpoint.json that names the round finished.
+
+        Every round's weights stay (the run's record); only the newest optimiser state does, since
+        only a resume reads it, and Adam's state is twice the model (a ResNet-18's 100 secure
+        rounds would otherwise leave about 9 GB)."""
         write_atomic(self._path("round", server_round, "npz"), lambda fh: np.savez(fh, **self.weights))
+        newest = self._path("optimizer", server_round, "pt")
         if self.pooled and self._optimizer is not None:
             state = self._optimizer.state_dict()
-            write_atomic(self._path("optimizer", server_round, "pt"), lambda fh: torch.save(state, fh))
+            write_atomic(newest, lambda fh: torch.save(state, fh))
         checkpoint_of(strategy).save(self.run_dir)
+        for stale in newest.parent.glob("optimizer-*.pt"):  # after checkpoint.json names the newest
+            if stale != newest:
+                stale.unlink(missing_ok=True)
 
     def _metrics(
         self, strategy: "CoAutoGenStrategy", server_round: int, sent: int, valid: int, model: Any, started: float

@@ -99,6 +99,9 @@ def test_a_central_real_run_resumes_with_its_optimiser_state(tmp_path):
     assert steps == {4}
     for entries in ledger_entries(cfg, tmp_path):
         assert [r for r, _ in entries] == [1, 2, 3, 4, 5]  # each pooled step once, then the evaluation
+    # Every step's weights stay; of the optimiser only the newest state (all a resume reads).
+    names = sorted(p.name for p in (tmp_path / "run" / "training").iterdir())
+    assert names == ["optimizer-0004.pt"] + [f"round-{r:04d}.npz" for r in range(5)]  # round 0: the start
 
 
 @pytest.mark.parametrize(
