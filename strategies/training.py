@@ -367,9 +367,8 @@ class TrainingRounds:
         """The global weights after the round (and the pooled modes' optimiser state), each written
         whole or not at all, then the run's checkpoint.json that names the round finished.
 
-        Every round's weights stay (the run's record); only the newest optimiser state does, since
-        only a resume reads it, and Adam's state is twice the model (a ResNet-18's 100 secure
-        rounds would otherwise leave about 9 GB)."""
+        Every round's weights stay (the run's record); of the optimiser only the newest state does:
+        only a resume reads it, and Adam's state is twice the model's size every round."""
         write_atomic(self._path("round", server_round, "npz"), lambda fh: np.savez(fh, **self.weights))
         newest = self._path("optimizer", server_round, "pt")
         if self.pooled and self._optimizer is not None:
