@@ -371,13 +371,15 @@ class TrainingRounds:
         only a resume reads it, and Adam's state is twice the model's size every round."""
         write_atomic(self._path("round", server_round, "npz"), lambda fh: np.savez(fh, **self.weights))
         newest = self._path("optimizer", server_round, "pt")
-        if self.pooled and self._optimizer is not None:
+        keeps_state = self.pooled and self._optimizer is not None
+        if keeps_state:
             state = self._optimizer.state_dict()
             write_atomic(newest, lambda fh: torch.save(state, fh))
         checkpoint_of(strategy).save(self.run_dir)
-        for stale in newest.parent.glob("optimizer-*.pt"):  # after checkpoint.json names the newest
-            if stale != newest:
-                stale.unlink(missing_ok=True)
+        if keeps_state:  # only once checkpoint.json names the newest state
+            for stale in newest.parent.glob("optimizer-*.pt"):
+                if stale != newest:
+                    stale.unlink(missing_ok=True)
 
     def _metrics(
         self, strategy: "CoAutoGenStrategy", server_round: int, sent: int, valid: int, model: Any, started: float
