@@ -79,7 +79,8 @@ def test_evolution_distribution_mode_refits_the_generator_and_draws_a_fresh_pool
     votes = np.array([100.0 if c.genotype["font_size"] > np.median(big) else 0.0 for c in pool])
     outcome = evo.advance(1, votes, noise_std=1.0, children_per_label=12)
     assert not evo.generator.distribution.is_prior
-    assert evo.generator.distribution.mean["font_size"] > 0.7  # prior mean is 0.7 on (0.4, 1.0)
+    # every voted candidate lies above the median, so the refit mean (mix 0.8 with the prior's 0.7) must too
+    assert evo.generator.distribution.mean["font_size"] > 0.8 * np.median(big) + 0.2 * 0.7
     assert len(outcome.children) == 24 and all(c.round == 1 and c.parent_id is None for c in outcome.children)
     assert outcome.voted is pool and [c.votes for c in pool] == list(votes)
 

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from coautogen_fl.generation import pen
 from coautogen_fl.generation.base import Candidate, Generator
 from coautogen_fl.generation.fonts import NoUsableFontError, bundled_fonts, font_dir
 from coautogen_fl.generation.glyph import (
@@ -48,6 +49,10 @@ def clean_genotype(**overrides: object) -> dict:
         "elastic_scale": 0.1,
         "stroke_weight": 0.0,
         "levels": 256,
+        "bow_x": 0.0,
+        "bow_y": 0.0,
+        "taper": 0.0,
+        "waist": 0.0,
     }
     genotype.update(overrides)
     return genotype
@@ -310,7 +315,7 @@ def test_schedule_rejects_negative_round() -> None:
 def test_handwriting_parameters_round_trip_through_the_genotype():
     g = GlyphGenerator(DIGITS, 28, seed=5)
     for c in g.random(3, 6) + g.vary(g.random(7, 6), 0.7):
-        for name in ("elastic_alpha", "elastic_scale", "stroke_weight", "levels"):
+        for name in ("elastic_alpha", "elastic_scale", "stroke_weight", "levels", *pen.SHAPE_KEYS):
             low, high = g.parameter_ranges[name]
             assert low <= c.genotype[name] <= high
         assert isinstance(c.genotype["levels"], int)

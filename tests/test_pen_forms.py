@@ -104,3 +104,35 @@ def test_pen_glyphs_carry_ink_and_votes_can_move_the_choice_of_form() -> None:
     weights = np.array([1.0 if c.genotype["font"] == "pen:1" else 0.0 for c in candidates])
     generator.fit(candidates, weights, mix=1.0)
     assert generator.distribution_of(7).describe()["top_font"] == "pen:1"
+
+
+# --- shape coefficients ----------------------------------------------------------------------
+def test_bend_moves_the_points_each_coefficient_names_and_zero_keeps_them() -> None:
+    stem = np.array([[0.5, 0.0], [0.5, 0.5], [0.5, 1.0]])  # a vertical stroke through the middle
+    assert np.array_equal(pen.bend(stem, {key: 0.0 for key in pen.SHAPE_KEYS}), stem)
+    bowed = pen.bend(stem, {"bow_x": 0.1})
+    assert bowed[:, 0].max() == pytest.approx(0.6)  # the middle bows by bow_x ...
+    assert bowed[0, 0] == pytest.approx(0.5) and bowed[-1, 0] == pytest.approx(0.5)  # ... the ends stay
+    base = np.array([[0.0, 1.0], [1.0, 1.0]])  # a bottom bar
+    wide = pen.bend(base, {"taper": 0.4})
+    assert wide[-1, 0] - wide[0, 0] == pytest.approx(1.4)  # taper widens the bottom by 2 * 0.5 * taper
+    raised = pen.bend(stem, {"waist": -0.1})
+    assert 0.4 in raised[:, 1].round(9) and 0.5 not in raised[:, 1].round(9)  # the middle now sits at 0.4
+    assert raised[0, 1] == 0.0 and raised[-1, 1] == 1.0
+
+
+def test_shape_coefficients_change_the_drawn_form_deterministically() -> None:
+    plain = _ink(pen.draw_pen("1", "pen:0", 84, 0.08, seed=3))
+    bowed = _ink(pen.draw_pen("1", "pen:0", 84, 0.08, seed=3, shape={"bow_x": 0.15}))
+    again = _ink(pen.draw_pen("1", "pen:0", 84, 0.08, seed=3, shape={"bow_x": 0.15}))
+    assert np.array_equal(bowed, again)
+    assert bowed.shape[1] > plain.shape[1] + 3  # a bowed stem spans a wider ink box
+
+
+def test_votes_refit_the_shape_of_a_class() -> None:
+    generator = GlyphGenerator(DIGITS, seed=6)
+    candidates = generator.random(label=3, n=200)
+    weights = np.array([1.0 if c.genotype["waist"] > 0.06 else 0.0 for c in candidates])
+    generator.fit(candidates, weights, mix=1.0)
+    redrawn = generator.random(label=3, n=200)
+    assert np.mean([c.genotype["waist"] for c in redrawn]) > 0.06  # prior mean 0

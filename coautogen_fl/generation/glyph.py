@@ -38,6 +38,9 @@ from coautogen_fl.generation.schedule import check_degree
 #:   shift and smoothness, fractions of the side); stroke_weight: pen weight, dilation (> 0) or
 #:   erosion (< 0) as a fraction of the side; levels: the scanner's grey levels (integer), applied
 #:   at the scan resolution (see ``coautogen_fl.generation.handwriting``).
+#: - bow_x / bow_y / taper / waist: the shape of a pen form, low-order bends of its unit box that
+#:   the votes refit like any other parameter (see ``coautogen_fl.generation.pen.bend``); TrueType
+#:   fonts ignore them.
 PARAMETER_RANGES: dict[str, tuple[float, float]] = {
     "font_size": (0.4, 1.0),
     "stroke_width": (0.0, 0.1),
@@ -55,6 +58,10 @@ PARAMETER_RANGES: dict[str, tuple[float, float]] = {
     "elastic_scale": (0.04, 0.2),
     "stroke_weight": (-0.012, 0.03),
     "levels": (4, 64),
+    "bow_x": (-0.15, 0.15),
+    "bow_y": (-0.1, 0.1),
+    "taper": (-0.4, 0.4),
+    "waist": (-0.12, 0.12),
 }
 
 #: Parameters stored as integers (stepped on a continuous scale, then rounded).
@@ -116,7 +123,8 @@ def _draw_text(genotype: dict[str, Any], text: str, em_size: int) -> Image.Image
     ``pen:<n>`` font, see ``coautogen_fl.generation.pen``)."""
     if pen.is_pen_font(str(genotype["font"])):
         width = pen.pen_width(float(genotype["stroke_width"]))
-        return pen.draw_pen(text, str(genotype["font"]), em_size, width, int(genotype["noise_seed"]))
+        shape = {key: float(genotype[key]) for key in pen.SHAPE_KEYS}
+        return pen.draw_pen(text, str(genotype["font"]), em_size, width, int(genotype["noise_seed"]), shape)
     font = load_font(str(genotype["font"]), em_size)
     stroke = float(genotype["stroke_width"]) * em_size
     box = font.getbbox(text, stroke_width=stroke)  # floats when the stroke is fractional

@@ -10,7 +10,9 @@ style) font, and were not fitted to any data set.
 A pen form plays the part of a font in a glyph genotype: its name ``pen:<n>`` is a value of the
 genotype's ``font`` key, so the votes choose between forms exactly as they choose between fonts,
 and everything after drawing (affine map, elastic field, stroke weight, scan) is shared with the
-TrueType path of ``coautogen_fl.generation.glyph``.
+TrueType path of ``coautogen_fl.generation.glyph``. Four shape coefficients (``bend``) change the
+form itself: a bowed stem, a wider base, a higher or lower waist. They are genotype parameters, so
+the votes refit a class's shape as they refit its pose; the elastic field, seeded, cannot be refit.
 """
 
 from __future__ import annotations
@@ -108,7 +110,41 @@ def pen_width(stroke_width: float) -> float:
     return BASE_PEN_WIDTH + PEN_WIDTH_PER_STROKE * float(stroke_width)
 
 
-def draw_pen(text: str, font: str, em_size: int, pen_width: float, seed: int) -> Image.Image:
+#: Keys of a pen shape (see ``bend``): smooth, data-independent deformations of the unit box
+#: whose coefficients the votes refit, so that a class's shape (not only its pose) can move.
+SHAPE_KEYS = ("bow_x", "bow_y", "taper", "waist")
+
+
+def bend(points: np.ndarray, shape: dict[str, float] | None) -> np.ndarray:
+    """Deform unit-box points (x right, y down) by the low-order shape coefficients.
+
+    With u = x - 0.5, v = y - 0.5 and a bump b(t) = 1 - 4 t^2 (1 at the centre, 0 at the edges):
+    ``bow_x`` shifts the middle of vertical strokes sideways (x += bow_x b(v)); ``bow_y`` shifts
+    the middle of horizontal strokes up or down (y += bow_y b(u)); ``taper`` widens the bottom
+    against the top (x += 2 taper u v); ``waist`` moves the middle of the glyph (a loop's join, a
+    bar) up or down (y += waist b(v)). All zero leaves the points as they are.
+    """
+    if not shape or not any(shape.values()):
+        return points
+    points = _densify(points)
+    u, v = points[:, 0] - 0.5, points[:, 1] - 0.5
+    x = points[:, 0] + shape.get("bow_x", 0.0) * (1 - 4 * v * v) + 2 * shape.get("taper", 0.0) * u * v
+    y = points[:, 1] + shape.get("bow_y", 0.0) * (1 - 4 * u * u) + shape.get("waist", 0.0) * (1 - 4 * v * v)
+    return np.stack([x, y], 1)
+
+
+def _densify(points: np.ndarray, step: float = 0.04) -> np.ndarray:
+    """The polyline with extra points on long segments, so that a bend curves straight strokes too."""
+    out = [points[:1]]
+    for start, end in zip(points[:-1], points[1:]):
+        parts = max(1, int(np.ceil(np.hypot(*(end - start)) / step)))
+        out.append(start + (end - start) * (np.arange(1, parts + 1)[:, None] / parts))
+    return np.concatenate(out)
+
+
+def draw_pen(
+    text: str, font: str, em_size: int, pen_width: float, seed: int, shape: dict[str, float] | None = None
+) -> Image.Image:
     """Draw one pen form of ``text``, cropped to its ink box with a 2 px black margin.
 
     Parameters
@@ -124,6 +160,9 @@ def draw_pen(text: str, font: str, em_size: int, pen_width: float, seed: int) ->
     seed : int
         Seeds the hand's wobble: each stroke is shifted a little and its points take small
         correlated steps, so two drawings of a form are never identical.
+    shape : dict or None, default None
+        Shape coefficients (``SHAPE_KEYS``) bending the form before the wobble (see ``bend``);
+        None or all zero draws the form as written.
     """
     if text not in PEN_FORMS or not is_pen_font(font):
         raise ValueError(f"no pen form {font!r} for {text!r}: pen forms exist for {sorted(PEN_FORMS)} ({PEN_FONTS})")
@@ -131,13 +170,13 @@ def draw_pen(text: str, font: str, em_size: int, pen_width: float, seed: int) ->
     strokes = forms[int(font[len(PEN_PREFIX) :]) % len(forms)]
     rng = np.random.default_rng([int(seed), 0x9E7])  # own stream, as the elastic field has
     height, width = em_size, int(em_size * _ASPECT)
-    pad = int(em_size * 0.15) + 2
+    pad = int(em_size * 0.3) + 2  # room for the widest bend and wobble; cropped below
     image = Image.new("L", (width + 2 * pad, height + 2 * pad), 0)
     draw = ImageDraw.Draw(image)
     line_width = max(1, int(round(pen_width * em_size)))
     radius = line_width / 2
     for stroke in strokes:
-        points = np.array(stroke) + rng.normal(0.0, _STROKE_SHIFT, (1, 2))
+        points = bend(np.array(stroke), shape) + rng.normal(0.0, _STROKE_SHIFT, (1, 2))
         points = points + rng.normal(0.0, _WOBBLE_STEP, points.shape).cumsum(0)
         xy = [(pad + x * width, pad + y * height) for x, y in points]
         draw.line(xy, fill=255, width=line_width, joint="curve")
