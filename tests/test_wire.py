@@ -1,6 +1,6 @@
 """The wire check of issue 8: a Flower client mod (clients/wire_log.py) records every reply the
 sites send during whole simulated runs, in local and in central mode, and every field is checked
-against the declaration in coautogen_fl/protocol.py: a release the site's ledger charged, or a
+against the declaration in coautogen_fl/protocol/fields.py: a release the site's ledger charged, or a
 public value that the test recomputes from public inputs alone (node config, the request, the
 noise multipliers charged). Anything undeclared fails the check.
 """
